@@ -1,0 +1,26 @@
+"""Errors → errno names, the only form errors take on the wire (numbers are per-architecture)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+def errno_name(exc: BaseException) -> str:
+    """The errno name for an exception raised by a socket operation."""
+    if isinstance(exc, TimeoutError) and (exc.errno is None or exc.errno == 0):
+        # asyncio.wait_for / socket timeouts carry no errno: a connect that did not
+        # finish in time is what the kernel itself reports as ETIMEDOUT.
+        return "ETIMEDOUT"
+    if isinstance(exc, OSError) and exc.errno:
+        return errno.errorcode.get(exc.errno, "EIO")
+    return "EIO"
+
+
+def describe(exc: BaseException) -> str:
+    """One human line for ``exc`` (strerror where there is one)."""
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno)  # asyncio's strerror texts embed the address; keep it plain
+    if isinstance(exc, TimeoutError):
+        return "connection timed out"
+    return str(exc) or type(exc).__name__

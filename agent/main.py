@@ -1,0 +1,92 @@
+"""``ktrace-agent``: the command line around ``AgentServer``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from . import __version__
+from .listen import ConfigError, read_token_file
+from .server import DEFAULT_CONNECT_TIMEOUT, AgentServer
+
+log = logging.getLogger("ktrace_agent")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ktrace-agent", description="ktrace's in-cluster agent (gRPC).")
+    p.add_argument(
+        "--listen", required=True, metavar="ADDR", help="unix:/path/to.sock, HOST:PORT or [V6]:PORT"
+    )
+    p.add_argument("--token-file", metavar="PATH", help="file whose first line is the session token")
+    p.add_argument("--idle-exit", type=float, metavar="SECONDS", help="exit after this long without any RPC")
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=DEFAULT_CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help="default TCP connect timeout (default %(default)s)",
+    )
+    p.add_argument("--resolv-conf", metavar="PATH", help="resolv.conf to report (default /etc/resolv.conf)")
+    p.add_argument("--hosts", metavar="PATH", help="hosts file to report (default /etc/hosts)")
+    p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    p.add_argument("--version", action="version", version=f"ktrace-agent {__version__}")
+    return p
+
+
+async def _serve(server: AgentServer) -> None:
+    await server.start()
+    log.info("listening on %s", server.address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    idle = asyncio.create_task(server.wait_idle())
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait({idle, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if idle in done:
+            log.info("idle, exiting")
+        else:
+            log.info("signalled, exiting")
+    finally:
+        idle.cancel()
+        stopped.cancel()
+        await server.stop(grace=1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="ktrace-agent: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        token = read_token_file(args.token_file) if args.token_file else None
+        server = AgentServer(
+            args.listen,
+            token=token,
+            idle_exit=args.idle_exit,
+            connect_timeout=args.connect_timeout,
+            resolv_conf_path=args.resolv_conf,
+            hosts_path=args.hosts,
+        )
+        asyncio.run(_serve(server))
+    except ConfigError as exc:
+        print(f"ktrace-agent: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"ktrace-agent: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

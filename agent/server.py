@@ -1,0 +1,177 @@
+"""The agent's gRPC server: auth, handshake, idle exit, and the stream handlers.
+
+``AgentServer`` is also the in-process API ktrace uses for ``--agent local``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from . import __version__, host_info, rpc
+from .listen import ConfigError, TokenCheck, check_policy, parse_listen
+from .tcp_relay import TcpRelay
+from .udp_relay import UdpRelay
+
+log = logging.getLogger("ktrace_agent")
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+# A tunnel channel lives as long as a traced program and is often idle: let the
+# client ping every ~10 s without calls in flight, and never count that as abuse.
+_SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class AgentServer:
+    """A running agent. ``start()``, then ``address``; ``stop()`` when done.
+
+    ``listen``: ``unix:/path`` (created mode 0600) or ``HOST:PORT`` (port 0 picks one).
+    ``token``: when set, every RPC must carry ``authorization: Bearer <token>``.
+    ``idle_exit``: ``wait_idle()`` returns after that many seconds without any RPC.
+    """
+
+    def __init__(
+        self,
+        listen: str,
+        *,
+        token: str | None = None,
+        idle_exit: float | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        resolv_conf_path: str | None = None,
+        hosts_path: str | None = None,
+    ) -> None:
+        self._listen = parse_listen(listen)
+        check_policy(self._listen, token)
+        self._auth = TokenCheck(token)
+        self._idle_exit = idle_exit
+        self._connect_timeout = connect_timeout
+        self._resolv_conf_path = resolv_conf_path
+        self._hosts_path = hosts_path
+        self._server: grpc.aio.Server | None = None
+        self._active = 0
+        self._activity = asyncio.Event()
+        self.address = ""
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        rpc.register(self, server)
+        target = self._listen.grpc_target()
+        path = self._listen.unix_path
+        if path is not None:
+            # The socket file must never exist with looser permissions, not even
+            # briefly: create it under a umask that leaves only the owner's bits.
+            old_umask = os.umask(0o177)
+            try:
+                port = server.add_insecure_port(target)
+                await server.start()
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, 0o600)  # belt and braces, in case the library changes how it binds
+            if stat.S_IMODE(os.stat(path).st_mode) != 0o600:
+                await server.stop(None)
+                raise ConfigError(f"unix socket {path} is not mode 0600")
+            self.address = f"unix:{path}"
+        else:
+            try:
+                port = server.add_insecure_port(target)
+            except RuntimeError:
+                raise ConfigError(f"cannot listen on {target}") from None
+            await server.start()
+            host = f"[{self._listen.host}]" if ":" in self._listen.host else self._listen.host
+            self.address = f"{host}:{port}"
+        if port == 0:
+            await server.stop(None)
+            raise ConfigError(f"cannot listen on {target}")
+        self._server = server
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    async def wait_idle(self) -> None:
+        """Return once no RPC has been in progress or started for ``idle_exit`` seconds."""
+        if self._idle_exit is None:
+            await asyncio.Event().wait()  # never
+            return
+        while True:
+            if self._active:
+                self._activity.clear()
+                await self._activity.wait()
+                continue
+            self._activity.clear()
+            try:
+                await asyncio.wait_for(self._activity.wait(), self._idle_exit)
+            except TimeoutError:
+                if not self._active:
+                    return
+
+    @contextlib.asynccontextmanager
+    async def _call(self, context: grpc.aio.ServicerContext[Any, Any], what: str) -> AsyncIterator[None]:
+        """Authenticate the call and count it as activity while it runs."""
+        if not self._auth.accepts(context.invocation_metadata()):
+            log.warning("rejected %s from %s: missing or wrong token", what, context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
+        self._active += 1
+        self._activity.set()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            self._activity.set()
+
+    # --- rpc.AgentService ---
+
+    async def Handshake(
+        self, request: rpc.HandshakeRequest, context: rpc.HandshakeContext
+    ) -> rpc.HandshakeReply:
+        async with self._call(context, "Handshake"):
+            info = host_info.gather(self._resolv_conf_path, self._hosts_path)
+            log.debug("handshake from %s (client %s)", context.peer(), request.client_version)
+            return rpc.HandshakeReply(
+                agent_version=__version__,
+                protocol_version=rpc.PROTOCOL_VERSION,
+                hostname=info.hostname,
+                addresses=[ip.packed for ip in info.addresses],
+                resolv_conf=info.resolv_conf,
+                hosts=info.hosts,
+                max_message_bytes=MAX_MESSAGE_BYTES,
+            )
+
+    async def Connect(self, request_iterator: object, context: rpc.TcpContext) -> None:
+        async with self._call(context, "Connect"):
+            try:
+                await TcpRelay(context, self._connect_timeout).run()
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                log.warning("Connect stream from %s failed: %s", context.peer(), exc)
+                raise
+
+    async def Datagrams(self, request_iterator: object, context: rpc.UdpContext) -> None:
+        async with self._call(context, "Datagrams"):
+            try:
+                await UdpRelay(context).run()
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                log.warning("Datagrams stream from %s failed: %s", context.peer(), exc)
+                raise

@@ -1,0 +1,182 @@
+"""One ``Connect`` stream: dial the destination, then relay bytes both ways.
+
+Frame order (see the proto): the client sends ``open`` first, then ``data`` and at
+most one ``shutdown_write``; the agent answers ``opened`` or ``failure``, then
+``data``, ``eof`` (remote FIN) and ``reset`` (remote RST or a lost socket).
+
+Backpressure: each direction is a loop that awaits its write (``drain`` on the
+socket side, ``context.write`` on the gRPC side) before reading more, so at most
+one chunk per direction is in flight and nothing buffers without bound.
+
+The stream ends when both directions are finished, or at once on a reset. If the
+client goes away (cancel), the remote connection is reset too (SO_LINGER 0), as a
+program that dies with the socket open would cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+
+import grpc
+
+from . import rpc
+from .errnames import describe, errno_name
+
+log = logging.getLogger("ktrace_agent")
+
+CHUNK = 256 * 1024
+
+
+class _Protocol(Exception):
+    """The client broke the frame order; ends this stream with INVALID_ARGUMENT."""
+
+
+def reset_socket(sock: socket.socket) -> None:
+    """Close with RST instead of FIN (SO_LINGER on, timeout 0)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def dial(ip: rpc.IPAddress, port: int, timeout: float) -> socket.socket:
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (str(ip), port)), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class TcpRelay:
+    def __init__(self, context: rpc.TcpContext, connect_timeout: float) -> None:
+        self._context = context
+        self._connect_timeout = connect_timeout
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._sock: socket.socket | None = None
+
+    async def run(self) -> None:
+        try:
+            first = await self._read_frame()
+            if first is None:
+                return  # client gave up before opening: nothing to do
+            if first.WhichOneof("kind") != "open":
+                raise _Protocol(f"first frame must be 'open', got {first.WhichOneof('kind')!r}")
+            if not await self._open(first.open):
+                return
+            await self._relay()
+        except _Protocol as exc:
+            log.warning("Connect stream from %s: protocol error: %s", self._context.peer(), exc)
+            self._abort_remote()
+            await self._context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except asyncio.CancelledError:
+            self._abort_remote()  # the client cancelled: the remote sees a reset
+            raise
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+
+    async def _read_frame(self) -> rpc.TcpClientFrame | None:
+        msg: object = await self._context.read()
+        if msg is grpc.aio.EOF:
+            return None
+        assert isinstance(msg, rpc.TcpClientFrame)
+        return msg
+
+    async def _open(self, request: rpc.TcpOpen) -> bool:
+        try:
+            ip, port = rpc.decode_address(request.destination)
+        except rpc.AddressError as exc:
+            raise _Protocol(str(exc)) from None
+        timeout = request.timeout_ms / 1000 if request.timeout_ms else self._connect_timeout
+        try:
+            sock = await dial(ip, port, timeout)
+        except (OSError, TimeoutError) as exc:
+            failure = rpc.Failure(
+                errno_name=errno_name(exc), message=f"connect to {ip}:{port}: {describe(exc)}"
+            )
+            await self._context.write(rpc.TcpServerFrame(failure=failure))
+            return False
+        self._sock = sock
+        reader, writer = await asyncio.open_connection(sock=sock, limit=2 * CHUNK)
+        self._reader, self._writer = reader, writer
+        local = sock.getsockname()
+        peer = sock.getpeername()
+        opened = rpc.TcpOpened(
+            local=rpc.encode_address(local[0], local[1]), peer=rpc.encode_address(peer[0], peer[1])
+        )
+        await self._context.write(rpc.TcpServerFrame(opened=opened))
+        return True
+
+    async def _relay(self) -> None:
+        up = asyncio.create_task(self._upstream())
+        down = asyncio.create_task(self._downstream())
+        try:
+            done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # re-raise a protocol error or a reset
+            # Both directions finished normally when no task raised.
+        except _Reset as reset:
+            self._abort_remote()
+            await self._context.write(rpc.TcpServerFrame(reset=reset.failure))
+        finally:
+            for task in (up, down):
+                task.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+
+    async def _upstream(self) -> None:
+        """Client → remote."""
+        assert self._writer is not None
+        while True:
+            frame = await self._read_frame()
+            kind = frame.WhichOneof("kind") if frame is not None else "shutdown_write"
+            if kind == "data":
+                assert frame is not None
+                try:
+                    self._writer.write(frame.data)
+                    await self._writer.drain()
+                except OSError as exc:
+                    raise _Reset(exc) from None
+            elif kind == "shutdown_write":
+                # The request stream ending without shutdown_write means the same: no more data.
+                with contextlib.suppress(OSError):
+                    self._writer.write_eof()  # flushes, then shutdown(SHUT_WR)
+                    await self._writer.drain()
+                # Frames after this point would be a protocol error; we just stop reading.
+                return
+            elif kind == "open":
+                raise _Protocol("second 'open' frame on an open stream")
+            else:
+                raise _Protocol(f"unknown frame kind {kind!r}")
+
+    async def _downstream(self) -> None:
+        """Remote → client."""
+        reader = self._reader
+        assert reader is not None
+        while True:
+            try:
+                data = await reader.read(CHUNK)
+            except OSError as exc:
+                raise _Reset(exc) from None
+            if not data:
+                await self._context.write(rpc.TcpServerFrame(eof=True))
+                return
+            await self._context.write(rpc.TcpServerFrame(data=data))
+
+    def _abort_remote(self) -> None:
+        if self._sock is not None:
+            reset_socket(self._sock)
+        if self._writer is not None:
+            self._writer.transport.abort()
+
+
+class _Reset(Exception):
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(describe(exc))
+        self.failure = rpc.Failure(errno_name=errno_name(exc), message=describe(exc))

@@ -1,0 +1,146 @@
+"""One ``Datagrams`` stream: one UDP socket on the agent for one UDP socket of the program.
+
+The client sends ``open{family}``, then ``datagram{peer=destination}`` frames; the
+agent answers ``opened{local}``, then ``datagram{peer=source}`` for every datagram
+its socket receives and ``failure`` for socket errors (an ICMP port unreachable
+shows up as ECONNREFUSED on the next socket operation). Errors never end the
+stream: a UDP socket survives them too.
+
+Bounded like a socket buffer: received datagrams wait in a queue of fixed size for
+the gRPC side; when it is full they are dropped and counted. Outgoing datagrams are
+dropped when the kernel send buffer is full (the transport's own buffer is kept
+small), which is what a non-blocking sendto with a full buffer amounts to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Any, NoReturn
+
+import grpc
+
+from . import rpc
+from .errnames import describe, errno_name
+
+log = logging.getLogger("ktrace_agent")
+
+QUEUE_DATAGRAMS = 512
+SEND_BUFFER_LIMIT = 1024 * 1024
+
+
+class _Socket(asyncio.DatagramProtocol):
+    def __init__(self, queue: asyncio.Queue[rpc.UdpServerFrame]) -> None:
+        self.queue = queue
+        self.dropped_in = 0
+
+    def _put(self, frame: rpc.UdpServerFrame) -> None:
+        try:
+            self.queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.dropped_in += 1
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        host, port = str(addr[0]), int(addr[1])
+        self._put(
+            rpc.UdpServerFrame(datagram=rpc.Datagram(peer=rpc.encode_address(host, port), payload=data))
+        )
+
+    def error_received(self, exc: Exception) -> None:
+        self._put(rpc.UdpServerFrame(failure=rpc.Failure(errno_name=errno_name(exc), message=describe(exc))))
+
+
+def _buffered(transport: asyncio.DatagramTransport) -> int:
+    """Bytes the transport holds because the kernel buffer was full (selector transports expose it)."""
+    size = getattr(transport, "get_write_buffer_size", None)
+    return int(size()) if callable(size) else 0
+
+
+class UdpRelay:
+    def __init__(self, context: rpc.UdpContext) -> None:
+        self._context = context
+        self.dropped_out = 0
+
+    async def run(self) -> None:
+        first = await self._read_frame()
+        if first is None:
+            return
+        if first.WhichOneof("kind") != "open":
+            await self._protocol_error(f"first frame must be 'open', got {first.WhichOneof('kind')!r}")
+        if first.open.family == rpc.FAMILY_INET:
+            family = socket.AF_INET
+        elif first.open.family == rpc.FAMILY_INET6:
+            family = socket.AF_INET6
+        else:
+            await self._protocol_error(f"unknown address family {first.open.family}")
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            # Bind now rather than on first send so `opened` can tell the source port.
+            sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))  # noqa: S104
+        except OSError as exc:
+            failure = rpc.Failure(errno_name=errno_name(exc), message=f"UDP socket: {describe(exc)}")
+            await self._context.write(rpc.UdpServerFrame(failure=failure))
+            return
+        queue: asyncio.Queue[rpc.UdpServerFrame] = asyncio.Queue(QUEUE_DATAGRAMS)
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_datagram_endpoint(lambda: _Socket(queue), sock=sock)
+        try:
+            host, port = sock.getsockname()[:2]
+            await self._context.write(
+                rpc.UdpServerFrame(opened=rpc.UdpOpened(local=rpc.encode_address(host, port)))
+            )
+            sender = asyncio.create_task(self._send_back(queue))
+            try:
+                await self._forward(transport, family)
+            finally:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sender
+        finally:
+            transport.close()
+            if protocol.dropped_in or self.dropped_out:
+                log.info(
+                    "Datagrams stream from %s: dropped %d incoming, %d outgoing datagrams",
+                    self._context.peer(),
+                    protocol.dropped_in,
+                    self.dropped_out,
+                )
+
+    async def _read_frame(self) -> rpc.UdpClientFrame | None:
+        msg: object = await self._context.read()
+        if msg is grpc.aio.EOF:
+            return None
+        assert isinstance(msg, rpc.UdpClientFrame)
+        return msg
+
+    async def _protocol_error(self, message: str) -> NoReturn:
+        log.warning("Datagrams stream from %s: protocol error: %s", self._context.peer(), message)
+        await self._context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    async def _forward(self, transport: asyncio.DatagramTransport, family: int) -> None:
+        """Client → network, until the client closes its side."""
+        while (frame := await self._read_frame()) is not None:
+            if frame.WhichOneof("kind") != "datagram":
+                await self._protocol_error(f"unexpected {frame.WhichOneof('kind')!r} frame after open")
+            try:
+                ip, port = rpc.decode_address(frame.datagram.peer)
+            except rpc.AddressError as exc:
+                await self._protocol_error(str(exc))
+            if family == socket.AF_INET and ip.version == 6:
+                failure = rpc.Failure(
+                    errno_name="EAFNOSUPPORT", message=f"IPv6 destination {ip} on an IPv4 socket"
+                )
+                await self._context.write(rpc.UdpServerFrame(failure=failure))
+                continue
+            if _buffered(transport) >= SEND_BUFFER_LIMIT:
+                self.dropped_out += 1
+                continue
+            transport.sendto(frame.datagram.payload, rpc.sockaddr_for(ip, port, family))
+
+    async def _send_back(self, queue: asyncio.Queue[rpc.UdpServerFrame]) -> None:
+        """Network → client, one frame at a time (the queue absorbs bursts, then drops)."""
+        while True:
+            frame = await queue.get()
+            await self._context.write(frame)
