@@ -1,0 +1,122 @@
+"""``AgentClient``: one gRPC channel to the agent, shared by every TCP and UDP stream.
+
+``connect`` does the handshake and turns every way it can fail into one
+``AgentUnavailable`` line with a hint; after that, failures of single streams are
+``TunnelError`` with an errno name from the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from .. import __version__
+from . import rpc
+from .tcp_stream import TcpStream
+from .types import AgentUnavailable, Endpoint, IPAddress, TcpStats, TunnelError
+from .udp_session import UdpSession
+
+__all__ = [
+    "AgentClient",
+    "AgentInfo",
+    "AgentUnavailable",
+    "TcpStats",
+    "TcpStream",
+    "TunnelError",
+    "UdpSession",
+]
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    version: str
+    hostname: str
+    addresses: tuple[IPAddress, ...]
+    resolv_conf: str
+    hosts: str
+    max_message_bytes: int
+
+
+def _hint(code: grpc.StatusCode, address: str) -> str:
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return "the agent rejected the session token (hint: the agent was started with another token)"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach the agent at {address} (hint: is it running, and is the port-forward up?)"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"the agent at {address} did not answer in time (hint: is the port-forward up?)"
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return f"{address} is not a ktrace agent, or a too old one (hint: check the agent image version)"
+    return f"agent handshake failed at {address}: {code.name}"
+
+
+def _parse_info(reply: rpc.HandshakeReply) -> AgentInfo:
+    addresses: list[IPAddress] = []
+    for raw in reply.addresses:
+        if len(raw) in (4, 16):
+            addresses.append(ipaddress.ip_address(raw))
+    return AgentInfo(
+        version=reply.agent_version,
+        hostname=reply.hostname,
+        addresses=tuple(addresses),
+        resolv_conf=reply.resolv_conf,
+        hosts=reply.hosts,
+        max_message_bytes=reply.max_message_bytes,
+    )
+
+
+class AgentClient:
+    def __init__(self, channel: grpc.aio.Channel, token: str | None, info: AgentInfo) -> None:
+        self._channel = channel
+        self._stub = rpc.Stub(channel)
+        self._metadata = rpc.bearer_metadata(token)
+        self.info = info
+
+    @classmethod
+    async def connect(cls, address: str, token: str | None, *, timeout: float = 10.0) -> AgentClient:
+        """Open the channel to ``address`` (``unix:/p`` or ``host:port``) and do the handshake."""
+        channel = grpc.aio.insecure_channel(rpc.grpc_target(address), options=rpc.CHANNEL_OPTIONS)
+        try:
+            stub = rpc.Stub(channel)
+            request = rpc.HandshakeRequest(client_version=__version__, protocol_version=rpc.PROTOCOL_VERSION)
+            reply = await stub.handshake(
+                request, metadata=rpc.bearer_metadata(token), timeout=timeout, wait_for_ready=True
+            )
+        except grpc.aio.AioRpcError as exc:
+            await channel.close()
+            raise AgentUnavailable(_hint(exc.code(), address)) from exc
+        except BaseException:
+            await channel.close()
+            raise
+        if reply.protocol_version != rpc.PROTOCOL_VERSION:
+            await channel.close()
+            raise AgentUnavailable(
+                f"the agent at {address} speaks tunnel protocol {reply.protocol_version}, ktrace speaks "
+                f"{rpc.PROTOCOL_VERSION} (hint: use an agent image of the same ktrace version)"
+            )
+        return cls(channel, token, _parse_info(reply))
+
+    async def open_tcp(self, dest: Endpoint, timeout: float | None = None) -> TcpStream:
+        """Have the agent connect to ``dest``; raises ``TunnelError`` with the agent's errno on failure."""
+        return await TcpStream.open(self._stub, self._metadata, dest, timeout)
+
+    async def open_udp(self, family: int) -> UdpSession:
+        """A UDP socket on the agent (``socket.AF_INET`` or ``AF_INET6``)."""
+        return await UdpSession.open(self._stub, self._metadata, family)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def wait_closed(session: UdpSession, timeout: float) -> None:
+    """Wait for a UDP session to end (tests, shutdown)."""
+    await asyncio.wait_for(session.closed.wait(), timeout)

@@ -1,0 +1,153 @@
+"""A TCP connection made by the agent, as one ``Connect`` stream, and its splice to a local socket.
+
+``splice`` runs two loops, each awaiting its write before reading more (``drain``
+locally, ``call.write`` towards the agent), so at most one chunk per direction is
+in flight. Half-closes cross the tunnel (local EOF → ``shutdown_write``; agent
+``eof`` → ``write_eof``) and so do resets (agent ``reset`` → local RST via
+SO_LINGER 0; local reset → the stream is cancelled, which the agent turns into an
+RST on its side).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+
+import grpc
+import grpc.aio
+
+from . import rpc
+from .types import Endpoint, TcpStats, TunnelError
+
+CHUNK = 256 * 1024
+
+
+class _Reset(Exception):
+    def __init__(self, outcome: str) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+
+
+def reset_writer(writer: asyncio.StreamWriter) -> None:
+    """Close the local socket with RST rather than FIN."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+class TcpStream:
+    """An open ``Connect`` stream. ``local``: the agent socket's address; ``peer``: the destination."""
+
+    def __init__(self, call: rpc.TcpCall, local: Endpoint, peer: Endpoint) -> None:
+        self._call = call
+        self.local = local
+        self.peer = peer
+
+    @classmethod
+    async def open(
+        cls, stub: rpc.Stub, metadata: tuple[tuple[str, str], ...], dest: Endpoint, timeout: float | None
+    ) -> TcpStream:
+        call = stub.connect(metadata=metadata)
+        timeout_ms = max(1, round(timeout * 1000)) if timeout is not None else 0
+        try:
+            await call.write(
+                rpc.TcpClientFrame(
+                    open=rpc.TcpOpen(destination=rpc.encode_address(dest), timeout_ms=timeout_ms)
+                )
+            )
+            reply: object = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            call.cancel()
+            raise TunnelError("EIO", f"tunnel: {exc.code().name}: {exc.details()}") from exc
+        except BaseException:
+            call.cancel()
+            raise
+        if reply is grpc.aio.EOF:
+            status = await call.code()
+            raise TunnelError("EIO", f"agent ended the stream without an answer ({status.name})")
+        assert isinstance(reply, rpc.TcpServerFrame)
+        kind = reply.WhichOneof("kind")
+        if kind == "failure":
+            call.cancel()
+            raise TunnelError(reply.failure.errno_name or "EIO", reply.failure.message)
+        if kind != "opened":
+            call.cancel()
+            raise TunnelError("EIO", f"agent answered {kind!r} to open")
+        return cls(call, rpc.decode_address(reply.opened.local), rpc.decode_address(reply.opened.peer))
+
+    async def abort(self) -> None:
+        """End the stream now; the agent resets its connection."""
+        self._call.cancel()
+
+    async def splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> TcpStats:
+        """Relay between the local connection and the stream until both directions end or one resets."""
+        stats = TcpStats()
+        up = asyncio.create_task(self._up(reader, stats))
+        down = asyncio.create_task(self._down(writer, stats))
+        try:
+            done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        except _Reset as reset:
+            stats.outcome = reset.outcome
+            self._call.cancel()
+            reset_writer(writer)
+        except grpc.aio.AioRpcError as exc:
+            stats.outcome = f"error: {exc.code().name}: {exc.details()}"
+            reset_writer(writer)
+        except asyncio.CancelledError:
+            stats.outcome = "aborted"
+            self._call.cancel()
+            reset_writer(writer)
+            raise
+        finally:
+            for task in (up, down):
+                task.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
+            if not writer.transport.is_closing():
+                writer.close()
+        return stats
+
+    async def _up(self, reader: asyncio.StreamReader, stats: TcpStats) -> None:
+        while True:
+            try:
+                data = await reader.read(CHUNK)
+            except OSError as exc:
+                raise _Reset(f"reset: local {type(exc).__name__}") from None
+            if not data:
+                await self._call.write(rpc.TcpClientFrame(shutdown_write=True))
+                await self._call.done_writing()
+                return
+            await self._call.write(rpc.TcpClientFrame(data=data))
+            stats.bytes_up += len(data)
+
+    async def _down(self, writer: asyncio.StreamWriter, stats: TcpStats) -> None:
+        while True:
+            frame: object = await self._call.read()
+            if frame is grpc.aio.EOF:
+                code = await self._call.code()
+                if code != grpc.StatusCode.OK:
+                    details = await self._call.details()
+                    raise _Reset(f"error: {code.name}: {details}")
+                return
+            assert isinstance(frame, rpc.TcpServerFrame)
+            kind = frame.WhichOneof("kind")
+            if kind == "data":
+                writer.write(frame.data)
+                try:
+                    await writer.drain()
+                except OSError as exc:
+                    raise _Reset(f"reset: local {type(exc).__name__}") from None
+                stats.bytes_down += len(frame.data)
+            elif kind == "eof":
+                if writer.can_write_eof():
+                    with contextlib.suppress(OSError):
+                        writer.write_eof()
+            elif kind == "reset":
+                raise _Reset(f"reset: {frame.reset.errno_name or 'ECONNRESET'}")
+            else:
+                raise _Reset(f"error: unexpected {kind!r} frame from agent")
