@@ -16,6 +16,7 @@ dropped without an answer and a connect there times out.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -96,10 +97,9 @@ def _read_line(proc: subprocess.Popen[bytes], deadline: float) -> str:
 
 def _agent_main_available() -> bool:
     try:
-        import ktrace_agent.main  # noqa: F401
+        return importlib.util.find_spec("ktrace_agent.main") is not None
     except ImportError:
         return False
-    return True
 
 
 def _tool(name: str) -> str:

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import socket
 import struct
 import sys
+import typing
 
 BULK_MAGIC = b"KTBULK01"
 BULK_REPLY = b"KTBULKOK"
@@ -56,10 +58,8 @@ def _peer(writer: asyncio.StreamWriter) -> str:
 
 async def _close(writer: asyncio.StreamWriter) -> None:
     writer.close()
-    try:
+    with contextlib.suppress(OSError):
         await writer.wait_closed()
-    except OSError:
-        pass
 
 
 async def hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -137,8 +137,8 @@ async def bulk(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
 
 class UdpEcho(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # Python 3.11's selector datagram transport is not a DatagramTransport subclass.
+        self.transport = typing.cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         self.transport.sendto(data, addr)
@@ -156,7 +156,8 @@ async def serve(args: argparse.Namespace) -> None:
         servers.append(await asyncio.start_server(bulk, host, args.bulk_port, reuse_address=True))
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         await loop.create_datagram_endpoint(UdpEcho, local_addr=(host, args.echo_port), family=family)
-        bound += [f"tcp {host} {args.echo_port}", f"tcp {host} {args.bulk_port}", f"udp {host} {args.echo_port}"]
+        bound += [f"tcp {host} {args.echo_port}", f"tcp {host} {args.bulk_port}"]
+        bound.append(f"udp {host} {args.echo_port}")
     print("READY " + json.dumps(bound), flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 

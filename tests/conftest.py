@@ -1,0 +1,53 @@
+"""Shared fixtures: the namespace cluster (``ns_cluster``) and the fixture programs (``programs``)."""
+
+from __future__ import annotations
+
+import atexit
+from collections.abc import Iterator
+
+import pytest
+from fixture_programs import Programs, ProgramUnavailable
+from nscluster import ClusterError, NamespaceCluster, unavailable_reason
+
+
+class BuiltPrograms:
+    """Session-wide builder; a missing toolchain skips the test that asked for that program."""
+
+    def __init__(self) -> None:
+        self._programs = Programs()
+
+    def __getitem__(self, name: str) -> str:
+        try:
+            return self._programs[name]
+        except ProgramUnavailable as exc:
+            pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def programs() -> BuiltPrograms:
+    return BuiltPrograms()
+
+
+@pytest.fixture(scope="session")
+def ns_cluster() -> Iterator[NamespaceCluster]:
+    """The namespace cluster: set up once per session, always torn down at its end."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        cluster = NamespaceCluster.up()
+    except ClusterError as exc:
+        pytest.fail(f"the namespace cluster could not be set up: {exc}")
+    atexit.register(cluster.teardown)  # also on an interrupted session; teardown is idempotent
+    try:
+        yield cluster
+    finally:
+        cluster.teardown()
+
+
+@pytest.fixture
+def ktrace_cluster(ns_cluster: NamespaceCluster) -> NamespaceCluster:
+    """The namespace cluster, for tests that run ``ktrace run``: fails if its agent is not running."""
+    if ns_cluster.agent_error:
+        pytest.fail(f"the agent is not running in the namespace cluster: {ns_cluster.agent_error}")
+    return ns_cluster

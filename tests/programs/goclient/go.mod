@@ -1,0 +1,3 @@
+module ktrace.test/goclient
+
+go 1.22

@@ -1,0 +1,210 @@
+// goclient is a static Go fixture for ktrace's end-to-end tests (CGO_ENABLED=0, so it
+// uses Go's own resolver and raw syscalls; no libc hook can see it).
+//
+//	goclient [-n N] [-c C] URL          N GETs, C at a time; "ok N/N <first body>" or "failed K/N <err>"
+//	goclient -tcp HOST:PORT             one connect: "ok <remote> <local>" or "error <ERRNO>"
+//	goclient -resolve NAME              "addrs <a> <b> ..." (sorted) or "error <msg>"
+//	goclient -spawn K [-n N] [-c C] URL K copies of itself via os/exec, with an empty environment
+//	goclient -exec CMD [ARG...]         runs CMD via os/exec and exits with its status
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+var errnoNames = map[syscall.Errno]string{
+	syscall.ECONNREFUSED:  "ECONNREFUSED",
+	syscall.ETIMEDOUT:     "ETIMEDOUT",
+	syscall.ENETUNREACH:   "ENETUNREACH",
+	syscall.EHOSTUNREACH:  "EHOSTUNREACH",
+	syscall.ECONNRESET:    "ECONNRESET",
+	syscall.EADDRNOTAVAIL: "EADDRNOTAVAIL",
+	syscall.EACCES:        "EACCES",
+	syscall.EPERM:         "EPERM",
+	syscall.ENOSYS:        "ENOSYS",
+	syscall.EINVAL:        "EINVAL",
+}
+
+func errName(err error) string {
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		if name, ok := errnoNames[errno]; ok {
+			return name
+		}
+		return fmt.Sprintf("E%d", int(errno))
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) {
+		return "TIMEOUT"
+	}
+	return strings.ReplaceAll(err.Error(), "\n", " ")
+}
+
+func fetchAll(url string, n, c int) int {
+	client := &http.Client{
+		Timeout:   60 * time.Second,
+		Transport: &http.Transport{MaxIdleConnsPerHost: c, MaxConnsPerHost: c},
+	}
+	sem := make(chan struct{}, c)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	var firstBody, firstErr string
+	okCount := 0
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			body, err := get(client, url)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				if firstErr == "" {
+					firstErr = errName(err)
+				}
+				return
+			}
+			okCount++
+			if firstBody == "" {
+				firstBody = strings.TrimSpace(body)
+			}
+		}()
+	}
+	wg.Wait()
+	if okCount == n {
+		fmt.Printf("ok %d/%d %s\n", okCount, n, firstBody)
+		return 0
+	}
+	fmt.Printf("failed %d/%d %s\n", n-okCount, n, firstErr)
+	return 1
+}
+
+func get(client *http.Client, url string) (string, error) {
+	resp, err := client.Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("status %d", resp.StatusCode)
+	}
+	return string(body), nil
+}
+
+func dialOnce(addr string) int {
+	conn, err := net.DialTimeout("tcp", addr, 60*time.Second)
+	if err != nil {
+		fmt.Printf("error %s\n", errName(err))
+		return 1
+	}
+	defer conn.Close()
+	fmt.Printf("ok %s %s\n", conn.RemoteAddr(), conn.LocalAddr())
+	return 0
+}
+
+func resolve(name string) int {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	addrs, err := net.DefaultResolver.LookupHost(ctx, name)
+	if err != nil {
+		fmt.Printf("error %s\n", errName(err))
+		return 1
+	}
+	sort.Strings(addrs)
+	fmt.Printf("addrs %s\n", strings.Join(addrs, " "))
+	return 0
+}
+
+func spawn(k, n, c int, url string) int {
+	self, err := os.Executable()
+	if err != nil {
+		fmt.Printf("error %s\n", err)
+		return 1
+	}
+	codes := make([]int, k)
+	outs := make([]string, k)
+	var wg sync.WaitGroup
+	for i := 0; i < k; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			cmd := exec.Command(self, "-n", fmt.Sprint(n), "-c", fmt.Sprint(c), url)
+			cmd.Env = []string{} // children that clear their environment must still be followed
+			out, err := cmd.Output()
+			outs[i] = strings.TrimSpace(string(out))
+			if err != nil {
+				codes[i] = 1
+			}
+		}(i)
+	}
+	wg.Wait()
+	failed := 0
+	for i := 0; i < k; i++ {
+		fmt.Printf("child %d: %s\n", i, outs[i])
+		if codes[i] != 0 {
+			failed++
+		}
+	}
+	if failed > 0 {
+		fmt.Printf("children failed %d/%d\n", failed, k)
+		return 1
+	}
+	fmt.Printf("children ok %d/%d\n", k, k)
+	return 0
+}
+
+func runCmd(argv []string) int {
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
+	err := cmd.Run()
+	var exitErr *exec.ExitError
+	if errors.As(err, &exitErr) {
+		return exitErr.ExitCode()
+	}
+	if err != nil {
+		fmt.Printf("error %s\n", errName(err))
+		return 1
+	}
+	return 0
+}
+
+func main() {
+	n := flag.Int("n", 1, "number of requests")
+	c := flag.Int("c", 1, "concurrency")
+	tcp := flag.String("tcp", "", "connect once to HOST:PORT")
+	name := flag.String("resolve", "", "resolve NAME")
+	k := flag.Int("spawn", 0, "run K copies of this program via os/exec")
+	execMode := flag.Bool("exec", false, "run the remaining arguments as a command via os/exec")
+	flag.Parse()
+	switch {
+	case *tcp != "":
+		os.Exit(dialOnce(*tcp))
+	case *name != "":
+		os.Exit(resolve(*name))
+	case *execMode && flag.NArg() > 0:
+		os.Exit(runCmd(flag.Args()))
+	case *k > 0 && flag.NArg() == 1:
+		os.Exit(spawn(*k, *n, *c, flag.Arg(0)))
+	case flag.NArg() == 1:
+		os.Exit(fetchAll(flag.Arg(0), *n, *c))
+	}
+	fmt.Fprintln(os.Stderr, "usage: goclient [-n N] [-c C] URL | -tcp HOST:PORT | -resolve NAME | -spawn K URL | -exec CMD...")
+	os.Exit(2)
+}
