@@ -1,0 +1,5 @@
+import sys
+
+from ktrace.cli import main
+
+sys.exit(main())

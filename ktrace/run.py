@@ -1,0 +1,165 @@
+"""`ktrace run`: start the program under the tracer with the agent's reach.
+
+Order matters:
+1. fork the program first (it waits on a pipe) so that no gRPC thread exists
+   at fork time;
+2. block the signals the tracer reads from a signalfd, before any thread
+   starts, so every thread inherits the mask;
+3. connect to the agent (handshake), start the loopback endpoint;
+4. seize the child and let it exec under the seccomp filter;
+5. trace until every process of the program has exited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import tempfile
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from ktrace.errors import KtraceError
+from ktrace.tracer import arch, launcher, seccomp
+from ktrace.tracer.launcher import LaunchError
+from ktrace.tracer.network import NetworkHandler
+from ktrace.tracer.tracer import FORWARDED_SIGNALS, Tracer
+from ktrace.tunnel.client import AgentClient
+from ktrace.tunnel.endpoint import LoopbackEndpoint
+from ktrace.tunnel.types import AgentUnavailable
+
+log = logging.getLogger("ktrace.run")
+
+ENOSYS = 38
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    command: Sequence[str]
+    agent: str | None
+    token_file: str | None = None
+    connect_timeout: float | None = None
+
+
+def filter_rules() -> list[seccomp.Rule]:
+    sys = arch.SYSCALLS
+    return [
+        seccomp.trace(sys.connect),
+        seccomp.trace(sys.getpeername),
+        seccomp.trace(sys.getsockname),
+        # io_uring can connect and send without any syscall ktrace could see.
+        seccomp.fail(sys.io_uring_setup, ENOSYS),
+    ]
+
+
+def read_token(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except OSError as exc:
+        raise KtraceError(f"cannot read token file {path}: {exc.strerror}", "check --token-file") from None
+    if not token:
+        raise KtraceError(f"token file {path} is empty", "write the agent's token on its first line")
+    return token
+
+
+def run(options: RunOptions) -> int:
+    if not options.command:
+        raise KtraceError("no command given", "usage: ktrace run [options] -- CMD [ARG...]", exit_code=2)
+    if options.agent is None:
+        raise KtraceError(
+            "no agent given",
+            "pass --agent unix:/path/agent.sock, --agent HOST:PORT, or --agent local",
+            exit_code=2,
+        )
+    token = read_token(options.token_file) if options.token_file else None
+    env = dict(os.environ)
+    try:
+        path = launcher.resolve(options.command[0], env)
+    except LaunchError as exc:
+        raise KtraceError(str(exc), exit_code=exc.exit_code) from None
+    child = launcher.fork_child(path, options.command, env, seccomp.build(filter_rules()))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
+    try:
+        return asyncio.run(_session(options, child, token))
+    finally:
+        launcher.reap(child.pid)
+
+
+@contextlib.asynccontextmanager
+async def _agent_address(options: RunOptions, token: str | None) -> AsyncIterator[tuple[str, str | None]]:
+    assert options.agent is not None
+    if options.agent != "local":
+        yield options.agent, token
+        return
+    # An agent inside this process that dials from this machine: the same
+    # gRPC path as a remote one, on a private unix socket.
+    from ktrace_agent.server import AgentServer
+
+    with tempfile.TemporaryDirectory(prefix="ktrace-") as tmp:
+        local_token = secrets.token_urlsafe(24)
+        server = AgentServer(f"unix:{tmp}/agent.sock", token=local_token)
+        if options.connect_timeout is not None:
+            server = AgentServer(
+                f"unix:{tmp}/agent.sock", token=local_token, connect_timeout=options.connect_timeout
+            )
+        await server.start()
+        try:
+            yield f"unix:{tmp}/agent.sock", local_token
+        finally:
+            await server.stop()
+
+
+async def _session(options: RunOptions, child: launcher.PendingChild, token: str | None) -> int:
+    loop = asyncio.get_running_loop()
+    released = False
+    try:
+        async with _agent_address(options, token) as (address, session_token):
+            try:
+                client = await AgentClient.connect(address, session_token)
+            except AgentUnavailable as exc:
+                raise KtraceError(str(exc)) from None
+            endpoint: LoopbackEndpoint | None = None
+            tracer: Tracer | None = None
+            try:
+                handler = NetworkHandler(client, LoopbackEndpoint(), connect_timeout=options.connect_timeout)
+                endpoint = LoopbackEndpoint(on_closed=lambda stream, _stats: handler.stream_closed(stream))
+                handler.endpoint = endpoint
+                await endpoint.start()
+                launcher_seize(child)
+                released = True
+                try:
+                    launcher.release(child, options.command[0])
+                except LaunchError as exc:
+                    raise KtraceError(str(exc), exit_code=exc.exit_code) from None
+                tracer = Tracer(handler, child.pid, loop)
+                tracer.start()
+                assert tracer.finished is not None
+                result = await tracer.finished
+            finally:
+                if tracer is not None:
+                    tracer.close()
+                if endpoint is not None:
+                    await endpoint.close()
+                await client.close()
+    finally:
+        if not released:
+            launcher.abort(child)
+    if result.signal is not None:
+        return 128 + result.signal
+    return result.exit_code if result.exit_code is not None else 0
+
+
+def launcher_seize(child: launcher.PendingChild) -> None:
+    from ktrace.tracer import kernel
+
+    try:
+        kernel.seize(child.pid)
+    except OSError as exc:
+        raise KtraceError(
+            f"cannot trace the program: ptrace failed: {exc.strerror}",
+            "ptrace may be denied here (container seccomp profile, Yama ptrace_scope); run `ktrace doctor`",
+        ) from None

@@ -1,0 +1,115 @@
+"""Pure decisions about the program's socket syscalls.
+
+Inputs are plain values (the decoded sockaddr, what the socket is, what ktrace
+already knows about it); outputs say what should happen. No ptrace, no
+sockets: `network.py` gathers the inputs and applies the answers, and the
+unit tests drive this module directly.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from enum import Enum
+
+from ktrace.tracer import sockaddr
+from ktrace.tracer.sockaddr import Decoded, InetAddr
+from ktrace.tunnel.types import Endpoint
+
+
+@dataclass(frozen=True)
+class SocketInfo:
+    family: int
+    type: int  # SOCK_STREAM, SOCK_DGRAM, ... without NONBLOCK/CLOEXEC bits
+    inode: int
+
+
+class Route(Enum):
+    LOCAL = "local"
+    REMOTE = "remote"
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """Which destinations go through the agent. Loopback and unspecified
+    addresses always stay on this machine; everything else is remote."""
+
+    def route(self, dest: Endpoint) -> Route:
+        if sockaddr.is_loopback(dest.ip) or sockaddr.is_unspecified(dest.ip):
+            return Route.LOCAL
+        return Route.REMOTE
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """Let the kernel handle it: local destination, not ours, or an error the
+    kernel will report better than we could (EBADF, EINVAL, EAFNOSUPPORT)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class RedirectTcp:
+    dest: Endpoint
+    original: InetAddr
+
+
+ConnectDecision = Passthrough | RedirectTcp
+
+
+def decide_connect(
+    addr: Decoded | None,
+    sock: SocketInfo | None,
+    already_redirected: bool,
+    policy: RoutingPolicy,
+) -> ConnectDecision:
+    if sock is None:
+        return Passthrough("not a socket")
+    if already_redirected:
+        # A second connect() on a tunnelled socket (non-blocking connect
+        # completion check): the kernel answers EISCONN/EALREADY itself.
+        return Passthrough("already redirected")
+    if addr is None:
+        return Passthrough("malformed address")
+    if not isinstance(addr, InetAddr):
+        return Passthrough("not an IP address")
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return Passthrough("not an IP socket")
+    if addr.family != sock.family:
+        return Passthrough("family mismatch")
+    if sock.type != socket.SOCK_STREAM:
+        return Passthrough("not a stream socket")
+    dest = addr.endpoint
+    if policy.route(dest) is Route.LOCAL:
+        return Passthrough("local destination")
+    return RedirectTcp(dest, addr)
+
+
+@dataclass(frozen=True)
+class Redirected:
+    """What ktrace remembers about a tunnelled socket, by inode."""
+
+    family: int
+    peer: InetAddr  # as the program wrote it (v4-mapped stays v4-mapped)
+    local: Endpoint  # the agent socket's own address
+
+
+def peer_name(entry: Redirected) -> bytes:
+    return sockaddr.encode(entry.family, entry.peer.ip, entry.peer.port)
+
+
+def sock_name(entry: Redirected) -> bytes:
+    ip = entry.local.ip
+    if entry.family == socket.AF_INET and ip.version == 6:
+        # An IPv4 socket cannot show an IPv6 name; this cannot happen for a
+        # destination the agent dialled over IPv4, but never crash on it.
+        return sockaddr.encode(socket.AF_INET, ipaddress.IPv4Address(0), entry.local.port)
+    return sockaddr.encode(entry.family, ip, entry.local.port)
+
+
+def connect_result(local_errno: int) -> int:
+    """The program's connect() return value once its socket is connected to
+    ktrace's loopback endpoint: 0, or -EINPROGRESS for a non-blocking socket
+    whose loopback handshake has not completed yet (it completes at once)."""
+    return -local_errno if local_errno else 0

@@ -1,0 +1,348 @@
+"""The one module that talks to the kernel's tracing interfaces.
+
+python-ptrace provides the ptrace(2) binding and the register structure; this
+module adds what it lacks: PTRACE_SEIZE/LISTEN/INTERRUPT and the EXITKILL
+option, seccomp filter installation, process_vm_readv/writev, pidfd_getfd and
+signalfd. Nothing else in ktrace imports python-ptrace or calls ptrace.
+
+Every call that targets a tracee raises `TraceeGone` when the tracee vanished
+(ESRCH): a thread can be killed at any moment, and callers treat that as a
+normal event rather than an error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import struct
+from typing import Any, Final
+
+from ptrace import PtraceError
+from ptrace.binding import func as _pt
+
+from ktrace.tracer import arch
+
+# linux/ptrace.h
+PTRACE_CONT: Final = 7
+PTRACE_SYSCALL: Final = 24
+PTRACE_SETOPTIONS: Final = 0x4200
+PTRACE_GETEVENTMSG: Final = 0x4201
+PTRACE_SEIZE: Final = 0x4206
+PTRACE_INTERRUPT: Final = 0x4207
+PTRACE_LISTEN: Final = 0x4208
+
+PTRACE_O_TRACESYSGOOD: Final = 0x1
+PTRACE_O_TRACEFORK: Final = 0x2
+PTRACE_O_TRACEVFORK: Final = 0x4
+PTRACE_O_TRACECLONE: Final = 0x8
+PTRACE_O_TRACEEXEC: Final = 0x10
+PTRACE_O_TRACESECCOMP: Final = 0x80
+PTRACE_O_EXITKILL: Final = 0x100000
+
+PTRACE_EVENT_FORK: Final = 1
+PTRACE_EVENT_VFORK: Final = 2
+PTRACE_EVENT_CLONE: Final = 3
+PTRACE_EVENT_EXEC: Final = 4
+PTRACE_EVENT_SECCOMP: Final = 7
+PTRACE_EVENT_STOP: Final = 128
+
+TRACE_OPTIONS: Final = (
+    PTRACE_O_TRACESYSGOOD
+    | PTRACE_O_TRACEFORK
+    | PTRACE_O_TRACEVFORK
+    | PTRACE_O_TRACECLONE
+    | PTRACE_O_TRACEEXEC
+    | PTRACE_O_TRACESECCOMP
+    # If ktrace dies, every tracee dies with it: the program must never go on
+    # running (and connecting directly) without its tracer.
+    | PTRACE_O_EXITKILL
+)
+
+WALL: Final = 0x40000000  # __WALL: wait for threads and non-SIGCHLD children too
+
+PR_SET_PDEATHSIG: Final = 1
+PR_SET_NO_NEW_PRIVS: Final = 38
+SYS_SECCOMP: Final = 317
+SECCOMP_SET_MODE_FILTER: Final = 1
+SYS_PIDFD_OPEN: Final = 434
+SYS_PIDFD_GETFD: Final = 438
+PIDFD_THREAD: Final = os.O_EXCL  # linux/pidfd.h, Linux 6.9+
+SFD_NONBLOCK: Final = os.O_NONBLOCK
+SFD_CLOEXEC: Final = os.O_CLOEXEC
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+_libc.process_vm_writev.restype = ctypes.c_ssize_t
+
+
+class TraceeGone(Exception):
+    """The tracee no longer exists (or is not stopped for us any more)."""
+
+
+class Iovec(ctypes.Structure):
+    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def _ptrace(request: int, pid: int, addr: int = 0, data: int = 0) -> int:
+    try:
+        return int(_pt.ptrace(request, pid, addr, data))
+    except PtraceError as exc:
+        if exc.errno == errno.ESRCH:
+            raise TraceeGone(pid) from None
+        raise OSError(exc.errno, f"ptrace({request:#x}, {pid}): {os.strerror(exc.errno or 0)}") from None
+
+
+# ---- attaching and resuming -------------------------------------------------
+
+
+def seize(pid: int, options: int = TRACE_OPTIONS) -> None:
+    _ptrace(PTRACE_SEIZE, pid, 0, options)
+
+
+def cont(tid: int, signal: int = 0) -> None:
+    _ptrace(PTRACE_CONT, tid, 0, signal)
+
+
+def cont_to_exit(tid: int, signal: int = 0) -> None:
+    """Resume and stop again at this syscall's exit (SIGTRAP|0x80)."""
+    _ptrace(PTRACE_SYSCALL, tid, 0, signal)
+
+
+def listen(tid: int) -> None:
+    """Leave a tracee in group-stop so that SIGCONT can wake it (job control)."""
+    _ptrace(PTRACE_LISTEN, tid)
+
+
+def interrupt(tid: int) -> None:
+    _ptrace(PTRACE_INTERRUPT, tid)
+
+
+def event_message(tid: int) -> int:
+    # The kernel stores an unsigned long; python-ptrace's helper passes a 4-byte
+    # int, which the kernel would overrun.
+    value = ctypes.c_ulong()
+    _ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(value))
+    return value.value
+
+
+# ---- registers ----------------------------------------------------------------
+
+
+class Registers:
+    """A tracee's general registers with arch-neutral accessors."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    @property
+    def nr(self) -> int:
+        return int(ctypes.c_long(getattr(self.raw, arch.NR_REGISTER)).value)
+
+    @nr.setter
+    def nr(self, value: int) -> None:
+        setattr(self.raw, arch.NR_REGISTER, value & 0xFFFFFFFFFFFFFFFF)
+
+    @property
+    def retval(self) -> int:
+        return int(ctypes.c_long(getattr(self.raw, arch.RETURN_REGISTER)).value)
+
+    @retval.setter
+    def retval(self, value: int) -> None:
+        setattr(self.raw, arch.RETURN_REGISTER, value & 0xFFFFFFFFFFFFFFFF)
+
+    def arg(self, index: int) -> int:
+        return int(getattr(self.raw, arch.ARG_REGISTERS[index]))
+
+    def set_arg(self, index: int, value: int) -> None:
+        setattr(self.raw, arch.ARG_REGISTERS[index], value & 0xFFFFFFFFFFFFFFFF)
+
+    @property
+    def args(self) -> tuple[int, ...]:
+        return tuple(int(getattr(self.raw, name)) for name in arch.ARG_REGISTERS)
+
+    @property
+    def ip(self) -> int:
+        return int(getattr(self.raw, arch.IP_REGISTER))
+
+    @ip.setter
+    def ip(self, value: int) -> None:
+        setattr(self.raw, arch.IP_REGISTER, value)
+
+    def copy(self) -> Registers:
+        clone = type(self.raw)()
+        ctypes.pointer(clone)[0] = self.raw
+        return Registers(clone)
+
+
+def get_registers(tid: int) -> Registers:
+    try:
+        return Registers(_pt.ptrace_getregs(tid))
+    except PtraceError as exc:
+        if exc.errno == errno.ESRCH:
+            raise TraceeGone(tid) from None
+        raise
+
+
+def set_registers(tid: int, regs: Registers) -> None:
+    try:
+        _pt.ptrace_setregs(tid, regs.raw)
+    except PtraceError as exc:
+        if exc.errno == errno.ESRCH:
+            raise TraceeGone(tid) from None
+        raise
+
+
+# ---- memory -------------------------------------------------------------------
+
+
+def read_memory(tid: int, address: int, size: int) -> bytes:
+    """Read `size` bytes of the tracee's memory; raises OSError(EFAULT) if unmapped."""
+    if size == 0:
+        return b""
+    buf = ctypes.create_string_buffer(size)
+    local = Iovec(ctypes.cast(buf, ctypes.c_void_p), size)
+    remote = Iovec(address, size)
+    got = _libc.process_vm_readv(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if got < 0:
+        err = ctypes.get_errno()
+        if err == errno.ESRCH:
+            raise TraceeGone(tid)
+        raise OSError(err, os.strerror(err))
+    if got != size:
+        raise OSError(errno.EFAULT, "partial read of tracee memory")
+    return buf.raw
+
+
+def read_int(tid: int, address: int) -> int:
+    return int(struct.unpack("=i", read_memory(tid, address, 4))[0])
+
+
+def write_memory(tid: int, address: int, data: bytes) -> None:
+    """Write into the tracee's memory (only where the kernel itself would write)."""
+    if not data:
+        return
+    buf = ctypes.create_string_buffer(data, len(data))
+    local = Iovec(ctypes.cast(buf, ctypes.c_void_p), len(data))
+    remote = Iovec(address, len(data))
+    got = _libc.process_vm_writev(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if got < 0:
+        err = ctypes.get_errno()
+        if err == errno.ESRCH:
+            raise TraceeGone(tid)
+        raise OSError(err, os.strerror(err))
+    if got != len(data):
+        raise OSError(errno.EFAULT, "partial write of tracee memory")
+
+
+def read_c_string(tid: int, address: int, limit: int = 4096) -> bytes:
+    """Read a NUL-terminated string, page by page (it may end near a page end)."""
+    out = b""
+    while len(out) < limit:
+        chunk_len = min(4096 - (address + len(out)) % 4096, limit - len(out))
+        chunk = read_memory(tid, address + len(out), chunk_len)
+        nul = chunk.find(b"\0")
+        if nul >= 0:
+            return out + chunk[:nul]
+        out += chunk
+    raise OSError(errno.ENAMETOOLONG, "string too long")
+
+
+# ---- file descriptors of a tracee -----------------------------------------------
+
+
+def _syscall(*args: int) -> int:
+    result = int(_libc.syscall(*[ctypes.c_long(a) for a in args]))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return result
+
+
+def duplicate_fd(tid: int, fd: int) -> int:
+    """A duplicate of thread `tid`'s descriptor `fd` in ktrace (same open file).
+
+    pidfd_getfd(2) needs Linux 5.6; the PIDFD_THREAD pidfd (6.9) lets a thread
+    id be used directly, else the thread group id is looked up.
+    """
+    try:
+        pidfd = _syscall(SYS_PIDFD_OPEN, tid, PIDFD_THREAD)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            raise TraceeGone(tid) from None
+        if exc.errno != errno.EINVAL:
+            raise
+        pidfd = _syscall(SYS_PIDFD_OPEN, thread_group_of(tid), 0)
+    try:
+        return _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+
+
+def thread_group_of(tid: int) -> int:
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except FileNotFoundError:
+        raise TraceeGone(tid) from None
+    raise TraceeGone(tid)
+
+
+# ---- set-up inside the child, between fork and exec -------------------------------
+
+
+def prepare_child_for_filter() -> None:
+    """NO_NEW_PRIVS lets an unprivileged process install a filter; PDEATHSIG
+    covers the window before ktrace has seized the child."""
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "prctl(PR_SET_NO_NEW_PRIVS)")
+    _libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
+
+
+def install_seccomp(program: bytes) -> None:
+    count = len(program) // 8
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = SockFprog(count, ctypes.cast(buf, ctypes.c_void_p))
+    _syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, 0, ctypes.addressof(prog))
+
+
+# ---- signals ------------------------------------------------------------------------
+
+SIGNALFD_SIGINFO_SIZE: Final = 128
+
+
+def signalfd(signals: set[int]) -> int:
+    """A non-blocking signalfd for `signals` (which the caller has blocked)."""
+    mask = 0
+    for sig in signals:
+        mask |= 1 << (sig - 1)
+    sigset = (ctypes.c_ulong * 16)(mask)
+    fd = int(_libc.signalfd(-1, ctypes.byref(sigset), SFD_NONBLOCK | SFD_CLOEXEC))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "signalfd")
+    return fd
+
+
+def read_signals(fd: int) -> list[tuple[int, int, int]]:
+    """Pending (signo, code, sender pid) from a signalfd."""
+    out: list[tuple[int, int, int]] = []
+    while True:
+        try:
+            data = os.read(fd, SIGNALFD_SIGINFO_SIZE * 16)
+        except BlockingIOError:
+            return out
+        for off in range(0, len(data) - SIGNALFD_SIGINFO_SIZE + 1, SIGNALFD_SIGINFO_SIZE):
+            signo, _errno, code, pid = struct.unpack_from("=IiiI", data, off)
+            out.append((signo, code, pid))

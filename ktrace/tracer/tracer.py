@@ -1,0 +1,281 @@
+"""The stop loop: every ptrace stop of every thread of the program goes here.
+
+The tracer runs inside ktrace's asyncio loop on the main thread, which is the
+only thread that ever calls ptrace (the kernel requires the thread that
+attached). It never blocks: stops arrive as SIGCHLD on a signalfd, are drained
+with waitpid(WNOHANG), and a syscall that must wait for the agent is parked as
+an asyncio task while every other thread keeps running.
+
+Stop kinds (with PTRACE_SEIZE):
+- seccomp stop (PTRACE_EVENT_SECCOMP): a syscall ktrace must see; the handler
+  decides (see `Outcome`).
+- syscall-exit stop (SIGTRAP|0x80): only after a handler asked to see the
+  result of a syscall.
+- fork/vfork/clone/exec events: process-tree bookkeeping, then resume.
+- PTRACE_EVENT_STOP with a stop signal: group-stop; PTRACE_LISTEN keeps the
+  thread stopped until SIGCONT without ktrace having to act (job control).
+- PTRACE_EVENT_STOP otherwise: a new tracee's first stop; resume it.
+- anything else: a signal on its way to the program; pass it on unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ktrace.tracer import kernel
+from ktrace.tracer.kernel import Registers, TraceeGone
+
+log = logging.getLogger("ktrace.tracer")
+
+GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+SYSCALL_EXIT_TRAP = signal.SIGTRAP | 0x80
+SI_KERNEL = 0x80
+FORWARDED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Let the syscall run as the program issued it."""
+
+
+@dataclass(frozen=True)
+class Complete:
+    """Do not run the syscall; it returns `retval` (a negative errno for failure)."""
+
+    retval: int
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """Run the syscall with these registers instead (for instance new arguments)."""
+
+    regs: Registers
+    on_exit: Callable[[int, Registers], None] | None = None
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """Hold the thread at its stop until `outcome` resolves (e.g. the agent dialled)."""
+
+    outcome: Awaitable[Resume | Complete | Rewrite]
+
+
+@dataclass(frozen=True)
+class WatchExit:
+    """Let the syscall run and call `on_exit` at its exit stop (e.g. to rewrite a
+    source address that the kernel wrote)."""
+
+    on_exit: Callable[[int, Registers], None]
+
+
+Outcome = Resume | Complete | Rewrite | Deferred | WatchExit
+
+
+class SyscallHandler(Protocol):
+    def on_syscall(self, tid: int, regs: Registers) -> Outcome: ...
+
+    def on_exec(self, tid: int) -> None: ...
+
+    def on_thread_exit(self, tid: int) -> None: ...
+
+
+@dataclass
+class _Thread:
+    tid: int
+    on_exit: Callable[[int, Registers], None] | None = None
+    parked: asyncio.Task[None] | None = None
+
+
+@dataclass
+class TraceResult:
+    exit_code: int | None = None
+    signal: int | None = None
+
+
+@dataclass
+class Tracer:
+    handler: SyscallHandler
+    main_pid: int
+    loop: asyncio.AbstractEventLoop
+    threads: dict[int, _Thread] = field(default_factory=dict)
+    result: TraceResult = field(default_factory=TraceResult)
+    finished: asyncio.Future[TraceResult] | None = None
+    _signal_fd: int = -1
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start watching; the caller has already blocked the signals below."""
+        self.finished = self.loop.create_future()
+        self.threads[self.main_pid] = _Thread(self.main_pid)
+        self._signal_fd = kernel.signalfd({signal.SIGCHLD, *FORWARDED_SIGNALS})
+        self.loop.add_reader(self._signal_fd, self._on_signals)
+        # A stop may already be waiting (the exec event) before the first SIGCHLD
+        # reaches the signalfd.
+        self._drain()
+
+    def close(self) -> None:
+        if self._signal_fd >= 0:
+            self.loop.remove_reader(self._signal_fd)
+            os.close(self._signal_fd)
+            self._signal_fd = -1
+        for thread in self.threads.values():
+            if thread.parked is not None:
+                thread.parked.cancel()
+
+    def kill_all(self) -> None:
+        for tid in list(self.threads):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(tid, signal.SIGKILL)
+
+    # -- signals ----------------------------------------------------------------
+
+    def _on_signals(self) -> None:
+        for signo, code, _sender in kernel.read_signals(self._signal_fd):
+            if signo == signal.SIGCHLD:
+                continue
+            # A signal typed at the terminal (SI_KERNEL) reached the whole
+            # foreground process group, the program included; one sent to
+            # ktrace alone (kill) is passed on to the program.
+            if code != SI_KERNEL and self.result.exit_code is None and self.result.signal is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.main_pid, signo)
+        self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                tid, status = os.waitpid(-1, os.WNOHANG | kernel.WALL)
+            except ChildProcessError:
+                self._maybe_finish()
+                return
+            if tid == 0:
+                return
+            with contextlib.suppress(TraceeGone):
+                self._on_status(tid, status)
+
+    # -- stops ------------------------------------------------------------------
+
+    def _on_status(self, tid: int, status: int) -> None:
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            self._on_gone(tid, status)
+            return
+        if not os.WIFSTOPPED(status):
+            return
+        thread = self.threads.get(tid)
+        if thread is None:
+            # A new thread or child can report its first stop before its parent's
+            # clone/fork event.
+            thread = self.threads[tid] = _Thread(tid)
+        sig = os.WSTOPSIG(status)
+        event = (status >> 16) & 0xFF
+        if event == kernel.PTRACE_EVENT_SECCOMP:
+            self._on_seccomp(thread)
+        elif sig == SYSCALL_EXIT_TRAP:
+            self._on_syscall_exit(thread)
+        elif event in (kernel.PTRACE_EVENT_FORK, kernel.PTRACE_EVENT_VFORK, kernel.PTRACE_EVENT_CLONE):
+            child = kernel.event_message(tid)
+            self.threads.setdefault(child, _Thread(child))
+            kernel.cont(tid)
+        elif event == kernel.PTRACE_EVENT_EXEC:
+            former = kernel.event_message(tid)
+            if former != tid:
+                # exec from a non-leader thread: it now has the leader's id and
+                # the old id vanishes without an exit report.
+                self.threads.pop(former, None)
+                self.handler.on_thread_exit(former)
+            self.handler.on_exec(tid)
+            kernel.cont(tid)
+        elif event == kernel.PTRACE_EVENT_STOP:
+            if sig in GROUP_STOP_SIGNALS:
+                kernel.listen(tid)
+            else:
+                kernel.cont(tid)
+        else:
+            kernel.cont(tid, sig)
+
+    def _on_gone(self, tid: int, status: int) -> None:
+        thread = self.threads.pop(tid, None)
+        if thread is not None and thread.parked is not None:
+            thread.parked.cancel()
+        self.handler.on_thread_exit(tid)
+        if tid == self.main_pid:
+            if os.WIFEXITED(status):
+                self.result.exit_code = os.WEXITSTATUS(status)
+            else:
+                self.result.signal = os.WTERMSIG(status)
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if not self.threads and self.finished is not None and not self.finished.done():
+            self.finished.set_result(self.result)
+
+    def _on_seccomp(self, thread: _Thread) -> None:
+        regs = kernel.get_registers(thread.tid)
+        try:
+            outcome = self.handler.on_syscall(thread.tid, regs)
+        except TraceeGone:
+            raise
+        except Exception:
+            # A bug in a handler must not wedge the program: run the syscall
+            # unchanged and report loudly.
+            log.exception("syscall handler failed; letting the syscall run unchanged")
+            outcome = Resume()
+        self._apply(thread, regs, outcome)
+
+    def _apply(self, thread: _Thread, regs: Registers, outcome: Outcome) -> None:
+        tid = thread.tid
+        if isinstance(outcome, Resume):
+            kernel.cont(tid)
+        elif isinstance(outcome, Complete):
+            # At a seccomp stop, nr = -1 skips the syscall and the value left in
+            # the return register is what the program sees (seccomp(2)).
+            regs.nr = -1
+            regs.retval = outcome.retval
+            kernel.set_registers(tid, regs)
+            kernel.cont(tid)
+        elif isinstance(outcome, Rewrite):
+            kernel.set_registers(tid, outcome.regs)
+            if outcome.on_exit is not None:
+                thread.on_exit = outcome.on_exit
+                kernel.cont_to_exit(tid)
+            else:
+                kernel.cont(tid)
+        elif isinstance(outcome, WatchExit):
+            thread.on_exit = outcome.on_exit
+            kernel.cont_to_exit(tid)
+        else:
+            thread.parked = self.loop.create_task(self._park(thread, regs, outcome.outcome))
+
+    async def _park(self, thread: _Thread, regs: Registers, pending: Awaitable[Resume | Complete | Rewrite]) -> None:
+        try:
+            outcome: Outcome = await pending
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("deferred syscall failed; returning EIO to the program")
+            outcome = Complete(-5)
+        thread.parked = None
+        if self.threads.get(thread.tid) is not thread:
+            return
+        with contextlib.suppress(TraceeGone):
+            self._apply(thread, regs, outcome)
+
+    def _on_syscall_exit(self, thread: _Thread) -> None:
+        callback, thread.on_exit = thread.on_exit, None
+        if callback is not None:
+            regs = kernel.get_registers(thread.tid)
+            try:
+                callback(thread.tid, regs)
+            except TraceeGone:
+                raise
+            except Exception:
+                log.exception("syscall exit handler failed")
+        kernel.cont(thread.tid)
