@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import struct
@@ -124,7 +125,9 @@ class TcpRelay:
             # Both directions finished normally when no task raised.
         except _Reset as reset:
             self._abort_remote()
-            await self._context.write(rpc.TcpServerFrame(reset=reset.failure))
+            if not self._context.done():
+                with contextlib.suppress(Exception):  # the client may be gone already
+                    await self._context.write(rpc.TcpServerFrame(reset=reset.failure))
         finally:
             for task in (up, down):
                 task.cancel()
@@ -135,7 +138,11 @@ class TcpRelay:
         assert self._writer is not None
         while True:
             frame = await self._read_frame()
-            kind = frame.WhichOneof("kind") if frame is not None else "shutdown_write"
+            if frame is None:
+                # The client always sends shutdown_write before closing its side; a
+                # request stream that just ends means the client went away (cancel).
+                raise _Reset(ConnectionAbortedError(errno.ECONNABORTED, "client went away"))
+            kind = frame.WhichOneof("kind")
             if kind == "data":
                 assert frame is not None
                 try:
@@ -144,7 +151,6 @@ class TcpRelay:
                 except OSError as exc:
                     raise _Reset(exc) from None
             elif kind == "shutdown_write":
-                # The request stream ending without shutdown_write means the same: no more data.
                 with contextlib.suppress(OSError):
                     self._writer.write_eof()  # flushes, then shutdown(SHUT_WR)
                     await self._writer.drain()

@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import socket
 import struct
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import grpc
 import grpc.aio
@@ -22,6 +24,8 @@ from . import rpc
 from .types import Endpoint, TcpStats, TunnelError
 
 CHUNK = 256 * 1024
+
+T = TypeVar("T")
 
 
 class _Reset(Exception):
@@ -112,6 +116,19 @@ class TcpStream:
                 writer.close()
         return stats
 
+    async def _call_op(self, op: Awaitable[T]) -> T:
+        """Await a call operation; after ``abort()`` grpc raises CancelledError in it, which
+        must not look like this task being cancelled (asyncio.wait ignores cancelled tasks)."""
+        try:
+            return await op
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise _Reset("aborted") from None
+        except asyncio.InvalidStateError:
+            raise _Reset("aborted") from None
+
     async def _up(self, reader: asyncio.StreamReader, stats: TcpStats) -> None:
         while True:
             try:
@@ -119,15 +136,15 @@ class TcpStream:
             except OSError as exc:
                 raise _Reset(f"reset: local {type(exc).__name__}") from None
             if not data:
-                await self._call.write(rpc.TcpClientFrame(shutdown_write=True))
-                await self._call.done_writing()
+                await self._call_op(self._call.write(rpc.TcpClientFrame(shutdown_write=True)))
+                await self._call_op(self._call.done_writing())
                 return
-            await self._call.write(rpc.TcpClientFrame(data=data))
+            await self._call_op(self._call.write(rpc.TcpClientFrame(data=data)))
             stats.bytes_up += len(data)
 
     async def _down(self, writer: asyncio.StreamWriter, stats: TcpStats) -> None:
         while True:
-            frame: object = await self._call.read()
+            frame: object = await self._call_op(self._call.read())
             if frame is grpc.aio.EOF:
                 code = await self._call.code()
                 if code != grpc.StatusCode.OK:

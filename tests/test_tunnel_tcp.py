@@ -1,0 +1,229 @@
+"""TCP through a real agent, over a unix socket and over 127.0.0.1, to real loopback servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+import socket
+import struct
+import time
+
+import pytest
+from agent_helpers import (
+    LoopbackServer,
+    agent_and_client,
+    drain_all,
+    local_pair,
+    pump,
+    run,
+    upper_echo,
+)
+
+from ktrace.tunnel.types import Endpoint, TcpStats, TunnelError
+
+
+@pytest.fixture(params=["unix", "tcp"])
+def listen(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> str:
+    return f"unix:{tmp_path}/agent.sock" if request.param == "unix" else "127.0.0.1:0"
+
+
+def test_data_both_ways(listen: str) -> None:
+    async def scenario() -> None:
+        async with LoopbackServer(upper_echo) as target, agent_and_client(listen) as (_, client):
+            stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
+            assert stream.peer == Endpoint.parse(f"127.0.0.1:{target.port}")
+            assert str(stream.local.ip) == "127.0.0.1"
+            assert stream.local.port != 0
+            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            p_writer.write(b"hello tunnel")
+            assert await p_reader.readexactly(12) == b"HELLO TUNNEL"
+            p_writer.write_eof()
+            assert await p_reader.read() == b""  # the server closed after our FIN: EOF came back
+            stats = await splice
+            assert stats == TcpStats(bytes_up=12, bytes_down=12, outcome="closed")
+            p_writer.close()
+
+    run(scenario())
+
+
+def test_ipv6_loopback_target(tmp_path: pathlib.Path) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+
+    async def scenario() -> None:
+        try:
+            target_cm = LoopbackServer(upper_echo, host="::1")
+            await target_cm.__aenter__()
+        except OSError:
+            pytest.skip("no ::1 on this host")
+        try:
+            async with agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
+                stream = await client.open_tcp(Endpoint.parse(f"[::1]:{target_cm.port}"))
+                assert str(stream.local.ip) == "::1"
+                await stream.abort()
+        finally:
+            await target_cm.__aexit__()
+
+    run(scenario())
+
+
+def test_refused(listen: str) -> None:
+    async def scenario() -> None:
+        # A port that was just free: bind, note it, close; nothing listens there.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        async with agent_and_client(listen) as (_, client):
+            with pytest.raises(TunnelError) as info:
+                await client.open_tcp(Endpoint.parse(f"127.0.0.1:{port}"))
+            assert info.value.errno_name == "ECONNREFUSED"
+            assert info.value.errno == 111
+
+    run(scenario())
+
+
+def test_connect_timeout_against_full_backlog(tmp_path: pathlib.Path) -> None:
+    """A listener that never accepts, with its accept queue full, drops SYNs: the dial times out."""
+
+    async def scenario() -> None:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(0)
+            port = listener.getsockname()[1]
+            fillers = []
+            try:
+                # Fill the accept queue (backlog 0 still queues one); stop when a connect no longer completes.
+                for _ in range(8):
+                    s = socket.socket()
+                    s.setblocking(False)
+                    fillers.append(s)
+                    if s.connect_ex(("127.0.0.1", port)) != 0:
+                        break
+                async with agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
+                    started = time.monotonic()
+                    with pytest.raises(TunnelError) as info:
+                        await client.open_tcp(Endpoint.parse(f"127.0.0.1:{port}"), timeout=0.3)
+                    assert info.value.errno_name == "ETIMEDOUT"
+                    assert time.monotonic() - started < 5
+            finally:
+                for s in fillers:
+                    s.close()
+
+    run(scenario())
+
+
+def test_64_mib_each_way(tmp_path: pathlib.Path) -> None:
+    total = 64 * 1024 * 1024
+
+    async def scenario() -> float:
+        results: dict[str, object] = {}
+
+        async def sink_and_source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sent = asyncio.create_task(pump(writer, total, seed=2))
+            results["server_got"] = await drain_all(reader)
+            results["server_sent"] = await sent
+
+        async with (
+            LoopbackServer(sink_and_source) as target,
+            agent_and_client(f"unix:{tmp_path}/a.sock") as (
+                _,
+                client,
+            ),
+        ):
+            stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
+            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
+            started = time.monotonic()
+            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            sent_hash, (got_n, got_hash) = await asyncio.gather(
+                pump(p_writer, total, seed=1), drain_all(p_reader)
+            )
+            stats = await splice
+            elapsed = time.monotonic() - started
+            await asyncio.wait_for(target.handlers_done.wait(), 10)
+            assert results["server_got"] == (total, sent_hash)
+            assert (got_n, got_hash) == (total, results["server_sent"])
+            assert stats == TcpStats(bytes_up=total, bytes_down=total, outcome="closed")
+            p_writer.close()
+            return elapsed
+
+    elapsed = run(scenario(), timeout=110)
+    print(f"64 MiB each way over a unix-socket agent: {elapsed:.2f}s, {2 * 64 / elapsed:.0f} MiB/s total")
+
+
+def test_half_close_server_still_answers(listen: str) -> None:
+    """The client shuts down its sending side; the server reads EOF and only then answers."""
+
+    async def answer_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.read()  # until FIN
+        writer.write(b"got %d bytes" % len(request))
+        await writer.drain()
+
+    async def scenario() -> None:
+        async with LoopbackServer(answer_after_eof) as target, agent_and_client(listen) as (_, client):
+            stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
+            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            p_writer.write(b"x" * 1000)
+            p_writer.write_eof()
+            assert await p_reader.read() == b"got 1000 bytes"
+            assert (await splice).outcome == "closed"
+            p_writer.close()
+
+    run(scenario())
+
+
+def test_remote_reset_becomes_local_reset(listen: str) -> None:
+    async def reset_after_hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async def scenario() -> None:
+        async with LoopbackServer(reset_after_hello) as target, agent_and_client(listen) as (_, client):
+            stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
+            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            p_writer.write(b"hello")
+            stats = await splice
+            assert stats.outcome == "reset: ECONNRESET"
+            # The program side was aborted (a socketpair cannot carry RST, so it sees EOF or a reset).
+            with contextlib.suppress(ConnectionResetError):
+                assert await p_reader.read() == b""
+            p_writer.close()
+
+    run(scenario())
+
+
+def test_local_abort_resets_remote(tmp_path: pathlib.Path) -> None:
+    """When ktrace aborts a stream, the remote side sees a reset, not a clean close."""
+    outcome: asyncio.Future[str]
+
+    async def observe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"ready")
+        await writer.drain()
+        try:
+            data = await reader.read()
+            outcome.set_result(f"eof after {len(data)}")
+        except ConnectionResetError:
+            outcome.set_result("reset")
+
+    async def scenario() -> None:
+        nonlocal outcome
+        outcome = asyncio.get_running_loop().create_future()
+        async with (
+            LoopbackServer(observe) as target,
+            agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client),
+        ):
+            stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
+            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            assert await p_reader.readexactly(5) == b"ready"
+            await stream.abort()
+            assert await asyncio.wait_for(outcome, 10) == "reset"
+            assert (await splice).outcome == "aborted"
+            p_writer.close()
+
+    run(scenario())
