@@ -1,0 +1,81 @@
+"""connect() decisions, without a tracee."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+
+from ktrace.tracer import decide, sockaddr
+from ktrace.tracer.decide import Passthrough, Redirected, RedirectTcp, RoutingPolicy, SocketInfo
+from ktrace.tracer.sockaddr import InetAddr, OtherFamily
+from ktrace.tunnel.types import Endpoint
+
+V4 = ipaddress.IPv4Address
+V6 = ipaddress.IPv6Address
+TCP4 = SocketInfo(socket.AF_INET, socket.SOCK_STREAM, 1)
+TCP6 = SocketInfo(socket.AF_INET6, socket.SOCK_STREAM, 2)
+UDP4 = SocketInfo(socket.AF_INET, socket.SOCK_DGRAM, 3)
+POLICY = RoutingPolicy()
+
+
+def v4(ip: str, port: int = 80) -> InetAddr:
+    return InetAddr(socket.AF_INET, V4(ip), port)
+
+
+def v6(ip: str, port: int = 80) -> InetAddr:
+    return InetAddr(socket.AF_INET6, V6(ip), port)
+
+
+def test_cluster_address_is_redirected() -> None:
+    assert decide.decide_connect(v4("10.96.1.10"), TCP4, False, POLICY) == RedirectTcp(
+        Endpoint(V4("10.96.1.10"), 80), v4("10.96.1.10")
+    )
+
+
+def test_v4_mapped_on_dual_stack_socket_dials_ipv4() -> None:
+    d = decide.decide_connect(v6("::ffff:10.96.1.10"), TCP6, False, POLICY)
+    assert isinstance(d, RedirectTcp)
+    assert d.dest == Endpoint(V4("10.96.1.10"), 80)
+    assert d.original.ip == V6("::ffff:10.96.1.10")
+
+
+@pytest.mark.parametrize(
+    ("addr", "sock", "redirected"),
+    [
+        (v4("127.0.0.1"), TCP4, False),
+        (v4("127.53.0.1"), TCP4, False),
+        (v4("0.0.0.0"), TCP4, False),
+        (v6("::1"), TCP6, False),
+        (v6("::ffff:127.0.0.1"), TCP6, False),
+        (v6("::"), TCP6, False),
+        (OtherFamily(socket.AF_UNIX), TCP4, False),
+        (None, TCP4, False),
+        (v4("10.0.0.1"), None, False),
+        (v4("10.0.0.1"), TCP4, True),
+        (v4("10.0.0.1"), UDP4, False),
+        (v4("10.0.0.1"), TCP6, False),  # family mismatch: the kernel's EAFNOSUPPORT/EINVAL
+        (v6("fd00::1"), TCP4, False),
+    ],
+)
+def test_what_stays_with_the_kernel(addr: object, sock: SocketInfo | None, redirected: bool) -> None:
+    decision = decide.decide_connect(addr, sock, redirected, POLICY)  # type: ignore[arg-type]
+    assert isinstance(decision, Passthrough)
+
+
+def test_names_of_a_redirected_socket() -> None:
+    entry = Redirected(socket.AF_INET, v4("10.96.1.10", 8080), Endpoint(V4("10.244.0.7"), 41000))
+    assert decide.peer_name(entry) == sockaddr.encode(socket.AF_INET, V4("10.96.1.10"), 8080)
+    assert decide.sock_name(entry) == sockaddr.encode(socket.AF_INET, V4("10.244.0.7"), 41000)
+
+
+def test_names_on_a_dual_stack_socket_are_v4_mapped() -> None:
+    entry = Redirected(socket.AF_INET6, v6("::ffff:10.96.1.10", 80), Endpoint(V4("10.244.0.7"), 41000))
+    assert decide.sock_name(entry) == sockaddr.encode(socket.AF_INET6, V6("::ffff:10.244.0.7"), 41000)
+    assert decide.peer_name(entry) == sockaddr.encode(socket.AF_INET6, V6("::ffff:10.96.1.10"), 80)
+
+
+def test_connect_result() -> None:
+    assert decide.connect_result(0) == 0
+    assert decide.connect_result(115) == -115
