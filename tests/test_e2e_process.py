@@ -1,0 +1,155 @@
+"""End-to-end: `ktrace run`'s process contract: exit statuses, signals, job control, io_uring.
+
+The CLI contract: the program's exit status; 128+N when it died of signal N; 126/127 when
+the command cannot be executed / is not found; 125 with one line on stderr for ktrace's own
+failures. Signals sent to ktrace reach the program; if ktrace is killed, so is the program.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from conftest import BuiltPrograms
+from e2e_helpers import proc_state, read_line, wait_exited, wait_until
+from nscluster import NamespaceCluster
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
+
+TRAP = """
+import os, signal, sys
+def handler(signum, frame):
+    print("got", signal.Signals(signum).name, flush=True)
+    sys.exit(40 + signum % 10)
+signal.signal(signal.SIGINT, handler)
+signal.signal(signal.SIGTERM, handler)
+print("ready", os.getpid(), flush=True)
+while True:
+    signal.pause()
+"""
+
+STOPPABLE = """
+import os, sys, urllib.request
+print("ready", os.getpid(), flush=True)
+sys.stdin.readline()
+for _ in range(5):
+    print(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode().strip(), flush=True)
+"""
+
+
+def _ready_pid(proc: subprocess.Popen[str]) -> int:
+    word, pid = read_line(proc, timeout=30).split()
+    assert word == "ready"
+    return int(pid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_ktrace_reaches_the_program(sig: signal.Signals, ktrace_cluster: NamespaceCluster) -> None:
+    proc = ktrace_cluster.popen_laptop(ktrace_cluster.ktrace_argv(sys.executable, "-c", TRAP))
+    try:
+        program = _ready_pid(proc)
+        assert program != proc.pid
+        os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=30)
+        assert out.strip() == f"got {sig.name}", (out, err)
+        assert proc.returncode == 40 + sig % 10
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_kill9_of_ktrace_kills_the_program(ktrace_cluster: NamespaceCluster) -> None:
+    proc = ktrace_cluster.popen_laptop(ktrace_cluster.ktrace_argv(sys.executable, "-c", TRAP))
+    try:
+        program = _ready_pid(proc)
+        assert proc_state(program) not in (None, "Z")
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        wait_exited(program, timeout=10)
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_sigstop_sigcont_of_the_program(ktrace_cluster: NamespaceCluster) -> None:
+    c = ktrace_cluster
+    proc = c.popen_laptop(c.ktrace_argv(sys.executable, "-c", STOPPABLE, c.hello_url), stdin=subprocess.PIPE)
+    try:
+        program = _ready_pid(proc)
+        os.kill(program, signal.SIGSTOP)
+        wait_until(lambda: proc_state(program) in ("T", "t"), 10, "the program to stop")
+        assert proc_state(proc.pid) not in ("T", "t", None, "Z"), "ktrace itself stopped or died"
+        os.kill(program, signal.SIGCONT)
+        wait_until(lambda: proc_state(program) not in ("T", "t"), 10, "the program to continue")
+        out, err = proc.communicate("go\n", timeout=60)
+        assert proc.returncode == 0, (out, err)
+        assert out.count("hello from cluster, you are ") == 5, out
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_io_uring_setup_fails_with_enosys(ktrace_cluster: NamespaceCluster, programs: BuiltPrograms) -> None:
+    c = ktrace_cluster
+    native = c.run_laptop([programs["iouring"]], timeout=30)
+    assert native.stdout.strip() == "ok", native
+    traced = c.run_laptop(c.ktrace_argv(programs["iouring"]), timeout=30)
+    assert traced.stdout.strip() == "ENOSYS", traced
+    assert traced.returncode == 1
+
+
+@pytest.mark.parametrize(("script", "status"), [
+    ("exit 0", 0),
+    ("exit 3", 3),
+    ("kill -USR1 $$", 128 + signal.SIGUSR1),
+    ("kill -KILL $$", 128 + signal.SIGKILL),
+])
+def test_exit_status_is_the_programs(script: str, status: int, ktrace_cluster: NamespaceCluster) -> None:
+    r = ktrace_cluster.run_laptop(ktrace_cluster.ktrace_argv("sh", "-c", script), timeout=60)
+    assert r.returncode == status, r
+
+
+def test_command_not_found_is_127(ktrace_cluster: NamespaceCluster) -> None:
+    for cmd in ("ktrace-no-such-command", "/nonexistent/ktrace-no-such-program"):
+        r = ktrace_cluster.run_laptop(ktrace_cluster.ktrace_argv(cmd), timeout=60)
+        assert r.returncode == 127, r
+
+
+def test_command_not_executable_is_126(ktrace_cluster: NamespaceCluster) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = os.path.join(tmp, "not-executable")
+        with open(plain, "w") as f:
+            f.write("#!/bin/sh\necho ran\n")
+        os.chmod(plain, stat.S_IRUSR | stat.S_IWUSR)
+        for cmd in (plain, tmp):
+            r = ktrace_cluster.run_laptop(ktrace_cluster.ktrace_argv(cmd), timeout=60)
+            assert r.returncode == 126, r
+            assert "ran" not in r.stdout
+
+
+def _one_line_error(r: subprocess.CompletedProcess[str]) -> None:
+    assert r.returncode == 125, r
+    assert "ran" not in r.stdout, "the program ran although ktrace failed"
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ktrace:"), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unreachable_agent_is_125_with_one_line(ktrace_cluster: NamespaceCluster) -> None:
+    argv = ["ktrace", "run", "--agent", "unix:/nonexistent/ktrace-agent.sock", "--", "sh", "-c", "echo ran"]
+    argv[0] = ktrace_cluster.ktrace_argv()[0]
+    _one_line_error(ktrace_cluster.run_laptop(argv, timeout=60))
+
+
+def test_wrong_token_is_125_with_one_line(ktrace_cluster: NamespaceCluster) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".token") as token:
+        token.write("not-the-token\n")
+        token.flush()
+        argv = ktrace_cluster.ktrace_argv("sh", "-c", "echo ran")
+        argv[argv.index("--token-file") + 1] = token.name
+        _one_line_error(ktrace_cluster.run_laptop(argv, timeout=60))
