@@ -1,0 +1,121 @@
+"""The real Kubernetes test cluster (``scripts/cluster``), seen from the tests.
+
+``KubeCluster.ensure()`` reuses a running cluster or starts one (and then owns it: ``teardown`` stops only
+a cluster this session started). ``unavailable_reason()`` says why the cluster cannot run here: the tests
+skip with that reason rather than fail, so engineers without the built binaries are not blocked.
+
+Everything the tests run against the cluster goes through ``kubectl`` with an explicit kubeconfig and a
+timeout; waiting is done by ``kubectl wait``/``rollout status`` or polling with a deadline, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "scripts" / "cluster"
+KUBE_BUILD = REPO / "scripts" / "kube-build"
+BINARIES = (
+    "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy",
+    "kubectl", "coredns",
+)
+HOST_TOOLS = ("containerd", "ctr", "runc", "ip", "iptables", "openssl", "curl", "debootstrap")
+TEST_NS = "ktrace-test"
+UP_TIMEOUT = 600.0
+
+
+class KubeClusterError(RuntimeError):
+    """``scripts/cluster`` failed; the message carries its output."""
+
+
+def bin_dir() -> pathlib.Path:
+    out = subprocess.run([str(KUBE_BUILD), "--print-bindir"], capture_output=True, text=True, check=True)
+    return pathlib.Path(out.stdout.strip())
+
+
+def unavailable_reason() -> str | None:
+    """Why the cluster cannot run on this machine, or None."""
+    if os.geteuid() != 0:
+        return "the Kubernetes test cluster needs root"
+    missing_tools = [t for t in HOST_TOOLS if shutil.which(t) is None]
+    if missing_tools:
+        return f"host tools missing ({', '.join(missing_tools)}): apt-get install containerd runc " \
+               "containernetworking-plugins iptables debootstrap curl"
+    bindir = bin_dir()
+    missing = [b for b in BINARIES if not (bindir / b).is_file()]
+    if missing:
+        return (
+            f"Kubernetes binaries not built ({', '.join(missing)} missing in {bindir}): "
+            "run scripts/kube-build (20-40 minutes cold)"
+        )
+    return None
+
+
+def _env_lines(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+@dataclass
+class KubeCluster:
+    admin_kubeconfig: pathlib.Path
+    ktrace_kubeconfig: pathlib.Path
+    bindir: pathlib.Path
+    laptop_ns: str
+    started: bool
+
+    @classmethod
+    def ensure(cls) -> KubeCluster:
+        """Reuse a running cluster, or bring one up (then this object owns it)."""
+        env = _env_lines(_run_script("env", timeout=30).stdout)
+        status = subprocess.run([str(CLUSTER), "status"], capture_output=True, text=True, timeout=60, check=False)
+        started = status.returncode != 0
+        if started:
+            _run_script("up", timeout=UP_TIMEOUT)
+        return cls(
+            admin_kubeconfig=pathlib.Path(env["KUBECONFIG_ADMIN"]),
+            ktrace_kubeconfig=pathlib.Path(env["KUBECONFIG_KTRACE"]),
+            bindir=pathlib.Path(env["KTRACE_KUBE_BIN"]),
+            laptop_ns=env["KTRACE_LAPTOP_NS"],
+            started=started,
+        )
+
+    def teardown(self) -> None:
+        """Stop the cluster if this session started it (``KTRACE_KUBE_KEEP=1`` keeps it running)."""
+        if self.started and os.environ.get("KTRACE_KUBE_KEEP") != "1":
+            self.started = False
+            _run_script("down", timeout=120)
+
+    def kubectl_argv(self, *args: str, user: str = "admin") -> list[str]:
+        kubeconfig = self.admin_kubeconfig if user == "admin" else self.ktrace_kubeconfig
+        return [str(self.bindir / "kubectl"), "--kubeconfig", str(kubeconfig), *args]
+
+    def kubectl(
+        self, *args: str, user: str = "admin", timeout: float = 60, stdin: str | None = None, check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            self.kubectl_argv(*args, user=user), input=stdin, capture_output=True, text=True, timeout=timeout,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise KubeClusterError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc
+
+    def in_laptop(self, argv: Sequence[str], timeout: float = 30,
+                  env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a program in the "laptop" network namespace (only the API server is reachable)."""
+        return subprocess.run(
+            ["ip", "netns", "exec", self.laptop_ns, *argv], capture_output=True, text=True, timeout=timeout,
+            check=False, env=None if env is None else dict(env),
+        )
+
+
+def _run_script(command: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(CLUSTER), command], capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise KubeClusterError(f"scripts/cluster {command} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
