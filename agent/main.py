@@ -37,12 +37,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(server: AgentServer) -> None:
-    await server.start()
-    log.info("listening on %s", server.address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    # Tests and scripts wait for this line: everything is ready once it is printed.
+    log.info("listening on %s", server.address)
     idle = asyncio.create_task(server.wait_idle())
     stopped = asyncio.create_task(stop.wait())
     try:

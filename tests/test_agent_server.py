@@ -154,7 +154,8 @@ def test_second_open_and_oversized_end_only_their_stream(tmp_path: pathlib.Path)
 
 def _kind(frame: object) -> str | None:
     assert isinstance(frame, rpc.TcpServerFrame)
-    return frame.WhichOneof("kind")
+    kind: str | None = frame.WhichOneof("kind")
+    return kind
 
 
 async def _splice_pair(stream: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Task[Any]]:
