@@ -6,26 +6,14 @@ import atexit
 from collections.abc import Iterator
 
 import pytest
-from fixture_programs import Programs, ProgramUnavailable
+from fixture_programs import Programs, SkippingPrograms
 from nscluster import ClusterError, NamespaceCluster, unavailable_reason
 
 
-class BuiltPrograms:
-    """Session-wide builder; a missing toolchain skips the test that asked for that program."""
-
-    def __init__(self) -> None:
-        self._programs = Programs()
-
-    def __getitem__(self, name: str) -> str:
-        try:
-            return self._programs[name]
-        except ProgramUnavailable as exc:
-            pytest.skip(str(exc))
-
-
 @pytest.fixture(scope="session")
-def programs() -> BuiltPrograms:
-    return BuiltPrograms()
+def programs() -> Programs:
+    """Builds fixture programs on first use (cached across runs); `programs["cconnect"]` is a path."""
+    return SkippingPrograms()
 
 
 @pytest.fixture(scope="session")

@@ -116,3 +116,15 @@ class Programs:
             return str(binary)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+
+class SkippingPrograms(Programs):
+    """For pytest: a missing toolchain skips the test that asked for the program."""
+
+    def __getitem__(self, name: str) -> str:
+        import pytest
+
+        try:
+            return super().__getitem__(name)
+        except ProgramUnavailable as exc:
+            pytest.skip(str(exc))

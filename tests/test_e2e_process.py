@@ -15,8 +15,8 @@ import sys
 import tempfile
 
 import pytest
-from conftest import BuiltPrograms
 from e2e_helpers import proc_state, read_line, wait_exited, wait_until
+from fixture_programs import Programs
 from nscluster import NamespaceCluster
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
@@ -94,7 +94,7 @@ def test_sigstop_sigcont_of_the_program(ktrace_cluster: NamespaceCluster) -> Non
         proc.communicate()
 
 
-def test_io_uring_setup_fails_with_enosys(ktrace_cluster: NamespaceCluster, programs: BuiltPrograms) -> None:
+def test_io_uring_setup_fails_with_enosys(ktrace_cluster: NamespaceCluster, programs: Programs) -> None:
     c = ktrace_cluster
     native = c.run_laptop([programs["iouring"]], timeout=30)
     assert native.stdout.strip() == "ok", native

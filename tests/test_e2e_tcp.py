@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from conftest import BuiltPrograms
 from e2e_helpers import read_line, you_are
+from fixture_programs import Programs
 from nscluster import NamespaceCluster
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "servers"))
@@ -39,7 +39,7 @@ def both(c: NamespaceCluster, argv: list[str], timeout: float = 60,
 
 @dataclass(frozen=True)
 class Client:
-    argv: Callable[[BuiltPrograms, NamespaceCluster], list[str]]
+    argv: Callable[[Programs, NamespaceCluster], list[str]]
     succeeded: Callable[[str], bool]
 
 
@@ -78,18 +78,19 @@ CLIENTS = {
 
 @pytest.mark.parametrize("name", sorted(CLIENTS))
 def test_reaches_cluster_only_service(name: str, ktrace_cluster: NamespaceCluster,
-                                      programs: BuiltPrograms) -> None:
+                                      programs: Programs) -> None:
     client = CLIENTS[name]
     argv = client.argv(programs, ktrace_cluster)
     without, traced = both(ktrace_cluster, argv)
     assert without.returncode != 0 and not client.succeeded(without.stdout), without
     assert traced.returncode == 0, traced
     assert client.succeeded(traced.stdout), traced
+    assert "Traceback" not in traced.stderr, "ktrace printed a traceback without --debug"
 
 
 @pytest.mark.parametrize("mode", ["blocking", "nonblocking", "go"])
 def test_refused_port_is_econnrefused(mode: str, ktrace_cluster: NamespaceCluster,
-                                      programs: BuiltPrograms) -> None:
+                                      programs: Programs) -> None:
     c = ktrace_cluster
     argv = {
         "blocking": [programs["cconnect"], c.refused_v4, "80"],
@@ -104,7 +105,7 @@ def test_refused_port_is_econnrefused(mode: str, ktrace_cluster: NamespaceCluste
 
 @pytest.mark.parametrize("mode", ["blocking", "nonblocking", "go"])
 def test_blackhole_times_out_after_connect_timeout(mode: str, ktrace_cluster: NamespaceCluster,
-                                                   programs: BuiltPrograms) -> None:
+                                                   programs: Programs) -> None:
     c = ktrace_cluster
     argv = {
         "blocking": [programs["cconnect"], c.blackhole_v4, "80"],
@@ -132,7 +133,7 @@ conn.close()
 """
 
 
-def test_loopback_stays_local(ktrace_cluster: NamespaceCluster, programs: BuiltPrograms) -> None:
+def test_loopback_stays_local(ktrace_cluster: NamespaceCluster, programs: Programs) -> None:
     """A server on the laptop's own 127.0.0.1 is reached directly (the cluster has none there)."""
     c = ktrace_cluster
     server = c.popen_laptop([sys.executable, "-c", LOCAL_SERVER])
@@ -151,7 +152,7 @@ def test_loopback_stays_local(ktrace_cluster: NamespaceCluster, programs: BuiltP
 
 @pytest.mark.parametrize(("family", "nonblock"), [("v4", False), ("v4", True), ("v6", False)])
 def test_getpeername_is_destination_getsockname_is_agent_side(
-        family: str, nonblock: bool, ktrace_cluster: NamespaceCluster, programs: BuiltPrograms) -> None:
+        family: str, nonblock: bool, ktrace_cluster: NamespaceCluster, programs: Programs) -> None:
     c = ktrace_cluster
     host = c.hello_v4 if family == "v4" else c.hello_v6
     argv = [programs["cconnect"], *(["--nonblock"] if nonblock else []), host, str(c.hello_port)]
@@ -164,7 +165,7 @@ def test_getpeername_is_destination_getsockname_is_agent_side(
     assert you_are(traced.stdout) == sock
 
 
-def test_ipv6_service(ktrace_cluster: NamespaceCluster, programs: BuiltPrograms) -> None:
+def test_ipv6_service(ktrace_cluster: NamespaceCluster, programs: Programs) -> None:
     c = ktrace_cluster
     for argv in ([programs["goclient"], "-n", "20", "-c", "20", c.hello_url_v6],
                  ["curl", "-sS", "-g", "--max-time", "30", c.hello_url_v6]):
@@ -175,7 +176,7 @@ def test_ipv6_service(ktrace_cluster: NamespaceCluster, programs: BuiltPrograms)
 
 
 @pytest.mark.timeout(600)
-def test_64mib_each_way_with_equal_sha256(ktrace_cluster: NamespaceCluster, programs: BuiltPrograms) -> None:
+def test_64mib_each_way_with_equal_sha256(ktrace_cluster: NamespaceCluster, programs: Programs) -> None:
     c = ktrace_cluster
     size = 64 << 20
     argv = [programs["cbulk"], c.echo_v4, str(c.bulk_port), str(size), str(size)]
@@ -189,7 +190,7 @@ def test_64mib_each_way_with_equal_sha256(ktrace_cluster: NamespaceCluster, prog
     assert lines["received"] == f"{size} {digest}", "the program did not receive exactly what was sent"
 
 
-def test_half_close_server_still_answers(ktrace_cluster: NamespaceCluster, programs: BuiltPrograms) -> None:
+def test_half_close_server_still_answers(ktrace_cluster: NamespaceCluster, programs: Programs) -> None:
     """cconnect sends, shuts down writing, and the echo server answers only then."""
     c = ktrace_cluster
     argv = [programs["cconnect"], "--send", "after half-close\n", c.echo_v4, str(c.echo_port)]

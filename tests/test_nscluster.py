@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import BuiltPrograms
+from fixture_programs import Programs
 from nscluster import NETNS_ETC, NamespaceCluster
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "servers"))
@@ -24,7 +24,7 @@ def _you_are(reply: str) -> str:
     return reply.split("you are ", 1)[1].split(maxsplit=1)[0]
 
 
-def test_hello_reports_the_client_address(ns_cluster: NamespaceCluster, programs: BuiltPrograms) -> None:
+def test_hello_reports_the_client_address(ns_cluster: NamespaceCluster, programs: Programs) -> None:
     for host in (ns_cluster.hello_v4, ns_cluster.hello_v6):
         r = ns_cluster.run_cluster([programs["cconnect"], host, str(ns_cluster.hello_port)], timeout=10)
         assert r.returncode == 0, r
@@ -34,7 +34,7 @@ def test_hello_reports_the_client_address(ns_cluster: NamespaceCluster, programs
         assert _you_are("\n".join(rest)) == sock
 
 
-def test_refused_and_blackhole(ns_cluster: NamespaceCluster, programs: BuiltPrograms) -> None:
+def test_refused_and_blackhole(ns_cluster: NamespaceCluster, programs: Programs) -> None:
     r = ns_cluster.run_cluster([programs["cconnect"], ns_cluster.refused_v4, "80"], timeout=10)
     assert r.stdout.strip() == "error ECONNREFUSED"
     probe = (
@@ -46,7 +46,7 @@ def test_refused_and_blackhole(ns_cluster: NamespaceCluster, programs: BuiltProg
     assert r.stdout.strip() == "timeout", r
 
 
-def test_echo_answers_after_half_close(ns_cluster: NamespaceCluster, programs: BuiltPrograms) -> None:
+def test_echo_answers_after_half_close(ns_cluster: NamespaceCluster, programs: Programs) -> None:
     r = ns_cluster.run_cluster(
         [programs["cconnect"], "--send", "ping half-close\n", ns_cluster.echo_v4, str(ns_cluster.echo_port)],
         timeout=10,
@@ -68,7 +68,7 @@ def test_udp_echo(ns_cluster: NamespaceCluster) -> None:
     assert r.stdout.splitlines() == [f"dgram {ns_cluster.echo_v4} 7", f"dgram {ns_cluster.echo_v6} 7"], r
 
 
-def test_bulk_sha256_both_ways(ns_cluster: NamespaceCluster, programs: BuiltPrograms) -> None:
+def test_bulk_sha256_both_ways(ns_cluster: NamespaceCluster, programs: Programs) -> None:
     size = 4 << 20
     r = ns_cluster.run_cluster(
         [programs["cbulk"], ns_cluster.echo_v4, str(ns_cluster.bulk_port), str(size), str(size + 1)],
@@ -82,7 +82,7 @@ def test_bulk_sha256_both_ways(ns_cluster: NamespaceCluster, programs: BuiltProg
     assert lines["received"] == f"{size + 1} {hashlib.sha256(pattern(size + 1)).hexdigest()}"
 
 
-def test_laptop_reaches_nothing(ns_cluster: NamespaceCluster, programs: BuiltPrograms) -> None:
+def test_laptop_reaches_nothing(ns_cluster: NamespaceCluster, programs: Programs) -> None:
     assert ns_cluster.run_laptop(["ip", "-4", "route"], timeout=10).stdout.strip() == ""
     assert ns_cluster.run_laptop(["ip", "-6", "route"], timeout=10).stdout.strip() == ""
     assert ns_cluster.run_laptop(["cat", "/etc/resolv.conf"], timeout=10).stdout == "nameserver 127.0.0.1\n"
@@ -91,7 +91,7 @@ def test_laptop_reaches_nothing(ns_cluster: NamespaceCluster, programs: BuiltPro
     assert r.stdout.strip() == "error ENETUNREACH"
 
 
-def test_io_uring_works_natively(programs: BuiltPrograms) -> None:
+def test_io_uring_works_natively(programs: Programs) -> None:
     """The e2e ENOSYS check means something only if io_uring works without ktrace."""
     r = subprocess.run([programs["iouring"]], capture_output=True, text=True, timeout=10, check=False)
     assert r.stdout.strip() == "ok", r
