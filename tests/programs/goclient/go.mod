@@ -1,3 +1,3 @@
 module ktrace.test/goclient
 
-go 1.22
+go 1.19
