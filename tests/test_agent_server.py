@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pathlib
 import socket
@@ -74,7 +75,9 @@ def test_bad_token_is_rejected_and_nothing_is_dialled(tmp_path: pathlib.Path, pr
                 stub = rpc.Stub(channel)
                 call = stub.connect(metadata=rpc.bearer_metadata(presented))
                 dest = rpc.encode_address(Endpoint.parse(f"127.0.0.1:{target.port}"))
-                await call.write(rpc.TcpClientFrame(open=rpc.TcpOpen(destination=dest)))
+                # The agent may reject the call before the write lands: then the write fails.
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    await call.write(rpc.TcpClientFrame(open=rpc.TcpOpen(destination=dest)))
                 assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
             assert target.accepted == 0
 
@@ -105,8 +108,9 @@ def test_malformed_first_frame(
     async def scenario() -> None:
         async with agent(f"unix:{tmp_path}/a.sock", token=TOKEN) as server:
             channel, call = await _raw_call(server.address)
-            for frame in frames:
-                await call.write(frame)
+            with contextlib.suppress(grpc.aio.AioRpcError):  # may already be rejected
+                for frame in frames:
+                    await call.write(frame)
             assert await call.code() == status
             await channel.close()
 
@@ -130,13 +134,15 @@ def test_second_open_and_oversized_end_only_their_stream(tmp_path: pathlib.Path)
             open_frame = rpc.TcpClientFrame(open=rpc.TcpOpen(destination=rpc.encode_address(dest)))
             await call.write(open_frame)
             assert _kind(await call.read()) == "opened"
-            await call.write(rpc.TcpClientFrame(data=b"x" * (5 * 1024 * 1024)))
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call.write(rpc.TcpClientFrame(data=b"x" * (5 * 1024 * 1024)))
             assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
             channel2, call2 = await _raw_call(server.address)
             await call2.write(open_frame)
             assert _kind(await call2.read()) == "opened"
-            await call2.write(open_frame)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call2.write(open_frame)
             assert await call2.code() == grpc.StatusCode.INVALID_ARGUMENT
             await channel.close()
             await channel2.close()
