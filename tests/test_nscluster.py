@@ -111,3 +111,23 @@ def test_teardown_removes_everything() -> None:
     assert cluster.laptop not in names and cluster.cluster not in names
     assert not (NETNS_ETC / cluster.laptop).exists() and not (NETNS_ETC / cluster.cluster).exists()
     assert not os.path.exists(cluster.tmpdir)
+
+
+@pytest.mark.parametrize("mode", ["connected", "sendto", "mmsg", "cmmsg"])
+def test_udp_fixture_sees_the_service_as_source(mode: str, ns_cluster: NamespaceCluster,
+                                                programs: Programs) -> None:
+    for host in (ns_cluster.echo_v4, ns_cluster.echo_v6):
+        r = ns_cluster.run_cluster([programs["cudp"], mode, host, str(ns_cluster.echo_port), "4"], timeout=20)
+        assert r.returncode == 0, r
+        replies = [line.split(" ", 2) for line in r.stdout.splitlines() if line.startswith("reply ")]
+        assert len(replies) == (1 if mode in ("connected", "sendto") else 4), r.stdout
+        assert {source for _, source, _ in replies} == {f"{host}:{ns_cluster.echo_port}"}
+        assert all(payload.startswith("cudp ") for _, _, payload in replies)
+
+
+def test_musl_static_client_connects(ns_cluster: NamespaceCluster, programs: Programs) -> None:
+    r = ns_cluster.run_cluster([programs["mresolve"], ns_cluster.hello_v4, str(ns_cluster.hello_port)],
+                               timeout=20)
+    assert r.returncode == 0, r
+    assert r.stdout.startswith(f"addr {ns_cluster.hello_v4}:{ns_cluster.hello_port}\n")
+    assert "hello from cluster, you are " in r.stdout
