@@ -54,6 +54,32 @@ CLUSTER_RESOLV = (
     "options ndots:5\n"
 )
 LAPTOP_RESOLV = "nameserver 127.0.0.1\n"
+LARGE_ANSWER = 120  # A records of big.default.svc.cluster.local: too many for one UDP answer (TC)
+
+# The cluster's DNS records, as a hosts file served by dnsmasq (authoritative for cluster.local).
+CLUSTER_HOSTS = [
+    ("10.96.0.1", "kubernetes.default.svc.cluster.local"),
+    (DNS_V4, "kube-dns.kube-system.svc.cluster.local"),
+    (HELLO_V4, "hello.default.svc.cluster.local"),
+    (HELLO_V6, "hello.default.svc.cluster.local"),
+    (HELLO_V6, "hello6.default.svc.cluster.local"),
+    (ECHO_V4, "echo.default.svc.cluster.local"),
+    (ECHO_V6, "echo.default.svc.cluster.local"),
+    (ECHO_V4, "echo.other-ns.svc.cluster.local"),
+    (HELLO_V4, "hello.other-ns.svc.cluster.local"),
+    (REFUSED_V4, "refused.default.svc.cluster.local"),
+    (BLACKHOLE_V4, "blackhole.default.svc.cluster.local"),
+    *((f"10.96.3.{i}", "big.default.svc.cluster.local") for i in range(1, LARGE_ANSWER + 1)),
+]
+
+
+def dnsmasq_conf(hosts_file: str, log_file: str) -> str:
+    """dnsmasq answering only from ``hosts_file``; never forwards anything (no upstream)."""
+    return "\n".join([
+        "no-resolv", "no-hosts", "no-poll", "keep-in-foreground", "bind-interfaces", "user=root",
+        f"listen-address={DNS_V4}", "port=53", "local=/cluster.local/", "domain-needed", "bogus-priv",
+        f"addn-hosts={hosts_file}", f"log-facility={log_file}", "log-queries", "pid-file=", "",
+    ])
 
 
 class ClusterError(RuntimeError):
@@ -117,6 +143,7 @@ class NamespaceCluster:
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
     tmpdir: str = ""
     agent_error: str | None = None
+    dns_error: str | None = None
     pids: list[int] = field(default_factory=list)
 
     # --- names and addresses -------------------------------------------------------------
@@ -192,13 +219,22 @@ class NamespaceCluster:
             self._start_agent(deadline)
 
     def _start_services(self, deadline: float) -> None:
+        dns: list[str] = []
+        if shutil.which("dnsmasq"):
+            hosts = os.path.join(self.tmpdir, "cluster-hosts")
+            conf = os.path.join(self.tmpdir, "dnsmasq.conf")
+            pathlib.Path(hosts).write_text("".join(f"{a} {n}\n" for a, n in CLUSTER_HOSTS))
+            pathlib.Path(conf).write_text(dnsmasq_conf(hosts, os.path.join(self.tmpdir, "dnsmasq.log")))
+            dns = ["--dnsmasq-conf", conf, "--dns", DNS_V4]
+        else:
+            self.dns_error = "dnsmasq is not installed (scripts/test installs dnsmasq-base)"
         log = open(os.path.join(self.tmpdir, "services.log"), "wb")  # noqa: SIM115
         with log:
             proc = subprocess.Popen(
                 [*self.netns_argv(self.cluster), sys.executable, str(SERVICES),
                  "--hello", HELLO_V4, "--hello", HELLO_V6, "--echo", ECHO_V4, "--echo", ECHO_V6,
                  "--hello-port", str(HELLO_PORT), "--echo-port", str(ECHO_PORT),
-                 "--bulk-port", str(BULK_PORT)],
+                 "--bulk-port", str(BULK_PORT), *dns],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
             )
         self.pids.append(proc.pid)

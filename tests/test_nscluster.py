@@ -131,3 +131,34 @@ def test_musl_static_client_connects(ns_cluster: NamespaceCluster, programs: Pro
     assert r.returncode == 0, r
     assert r.stdout.startswith(f"addr {ns_cluster.hello_v4}:{ns_cluster.hello_port}\n")
     assert "hello from cluster, you are " in r.stdout
+
+
+def test_cluster_dns(ns_cluster: NamespaceCluster) -> None:
+    if ns_cluster.dns_error:
+        pytest.skip(ns_cluster.dns_error)
+
+    def dig(*args: str) -> str:
+        r = ns_cluster.run_cluster(["dig", "+time=2", "+tries=1", f"@{ns_cluster.dns_v4}", *args], timeout=20)
+        return r.stdout
+
+    assert dig("+short", "hello.default.svc.cluster.local").split() == [ns_cluster.hello_v4]
+    assert dig("+short", "hello.default.svc.cluster.local", "AAAA").split() == [ns_cluster.hello_v6]
+    assert dig("+short", "echo.other-ns.svc.cluster.local").split() == [ns_cluster.echo_v4]
+    assert "status: NXDOMAIN" in dig("nope.default.svc.cluster.local")
+    assert "status: REFUSED" in dig("example.com"), "names outside cluster.local must never be forwarded"
+    big = dig("big.default.svc.cluster.local")
+    assert "Truncated, retrying in TCP mode" in big and "ANSWER: 120," in big
+
+
+@pytest.mark.parametrize("argv", [
+    ["getent", "hosts", "hello.default.svc.cluster.local"],
+    ["dig", "+time=1", "+tries=1", "hello.default.svc.cluster.local"],
+])
+def test_laptop_cannot_resolve_cluster_names(argv: list[str], ns_cluster: NamespaceCluster) -> None:
+    r = ns_cluster.run_laptop(argv, timeout=20)
+    assert r.returncode != 0 and "10.96.1.10" not in r.stdout, r
+
+
+def test_laptop_go_resolver_cannot_resolve(ns_cluster: NamespaceCluster, programs: Programs) -> None:
+    r = ns_cluster.run_laptop([programs["goclient"], "-resolve", "hello.default.svc.cluster.local"], timeout=40)
+    assert r.returncode == 1 and r.stdout.startswith("error "), r

@@ -15,6 +15,8 @@ Services (addresses are arguments so the fixture stays the single source of trut
   ``b"KTBULKOK" + uploaded length (u64 BE) + sha256(uploaded)`` followed by N bytes of
   :func:`pattern` and closes. Both directions can be checked with sha256.
 * echo (UDP): every datagram is sent back to its source, unchanged.
+* DNS (optional, ``--dnsmasq-conf``): a dnsmasq child authoritative for cluster.local, started
+  here so that READY also means "it answers a query".
 """
 
 from __future__ import annotations
@@ -158,8 +160,36 @@ async def serve(args: argparse.Namespace) -> None:
         await loop.create_datagram_endpoint(UdpEcho, local_addr=(host, args.echo_port), family=family)
         bound += [f"tcp {host} {args.echo_port}", f"tcp {host} {args.bulk_port}"]
         bound.append(f"udp {host} {args.echo_port}")
+    if args.dnsmasq_conf:
+        await start_dnsmasq(args.dnsmasq_conf, args.dns)
+        bound.append(f"dns {args.dns} 53")
     print("READY " + json.dumps(bound), flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
+
+
+def _dns_query(qid: int, name: str) -> bytes:
+    labels = b"".join(bytes([len(part)]) + part.encode() for part in name.split("."))
+    return struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + b"\0" + struct.pack(">HH", 1, 1)
+
+
+async def start_dnsmasq(conf: str, addr: str) -> None:
+    """Start dnsmasq and return once it answers a query on ``addr`` (retried until a deadline)."""
+    await asyncio.create_subprocess_exec("dnsmasq", f"--conf-file={conf}", stdin=asyncio.subprocess.DEVNULL)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        query = _dns_query(0x4B54, "kubernetes.default.svc.cluster.local")
+        while loop.time() < deadline:
+            await loop.sock_sendto(sock, query, (addr, 53))
+            try:
+                reply = await asyncio.wait_for(loop.sock_recv(sock, 4096), 0.2)
+            except (TimeoutError, ConnectionRefusedError):
+                continue
+            if reply[:2] == query[:2]:
+                return
+    raise SystemExit("dnsmasq did not answer in time")
 
 
 def main() -> None:
@@ -169,6 +199,8 @@ def main() -> None:
     parser.add_argument("--echo", action="append", default=[], help="address of the echo/bulk services")
     parser.add_argument("--echo-port", type=int, default=7)
     parser.add_argument("--bulk-port", type=int, default=9000)
+    parser.add_argument("--dnsmasq-conf", help="start dnsmasq with this configuration file")
+    parser.add_argument("--dns", default="10.96.0.10", help="the address dnsmasq listens on")
     asyncio.run(serve(parser.parse_args()))
 
 
