@@ -24,8 +24,10 @@ from dataclasses import dataclass
 
 from ktrace.errors import KtraceError
 from ktrace.tracer import arch, launcher, seccomp
+from ktrace.tracer.files import FileViews
 from ktrace.tracer.launcher import LaunchError
 from ktrace.tracer.network import NetworkHandler
+from ktrace.tracer.session import SessionHandler
 from ktrace.tracer.tracer import FORWARDED_SIGNALS, Tracer
 from ktrace.tunnel.client import AgentClient
 from ktrace.tunnel.endpoint import LoopbackEndpoint
@@ -50,6 +52,10 @@ def filter_rules() -> list[seccomp.Rule]:
         seccomp.trace(sys.connect),
         seccomp.trace(sys.getpeername),
         seccomp.trace(sys.getsockname),
+        # The resolver view: opening /etc/resolv.conf opens the agent's copy.
+        seccomp.trace(sys.open),
+        seccomp.trace(sys.openat),
+        seccomp.trace(sys.openat2),
         # io_uring can connect and send without any syscall ktrace could see.
         seccomp.fail(sys.io_uring_setup, ENOSYS),
     ]
@@ -117,7 +123,10 @@ async def _session(options: RunOptions, child: launcher.PendingChild, token: str
     loop = asyncio.get_running_loop()
     released = False
     try:
-        async with _agent_address(options, token) as (address, session_token):
+        async with (
+            _agent_address(options, token) as (address, session_token),
+            _private_dir() as views_dir,
+        ):
             try:
                 client = await AgentClient.connect(address, session_token)
             except AgentUnavailable as exc:
@@ -129,13 +138,15 @@ async def _session(options: RunOptions, child: launcher.PendingChild, token: str
                 endpoint = LoopbackEndpoint(on_closed=lambda stream, _stats: handler.stream_closed(stream))
                 handler.endpoint = endpoint
                 await endpoint.start()
+                files = FileViews(served=_serve_resolver_files(views_dir, client.info.resolv_conf))
+                session = SessionHandler(handler, files)
                 launcher_seize(child)
                 released = True
                 try:
                     launcher.release(child, options.command[0])
                 except LaunchError as exc:
                     raise KtraceError(str(exc), exit_code=exc.exit_code) from None
-                tracer = Tracer(handler, child.pid, loop)
+                tracer = Tracer(session, child.pid, loop)
                 tracer.start()
                 assert tracer.finished is not None
                 result = await tracer.finished
@@ -151,6 +162,23 @@ async def _session(options: RunOptions, child: launcher.PendingChild, token: str
     if result.signal is not None:
         return 128 + result.signal
     return result.exit_code if result.exit_code is not None else 0
+
+
+@contextlib.asynccontextmanager
+async def _private_dir() -> AsyncIterator[str]:
+    with tempfile.TemporaryDirectory(prefix="ktrace-view-") as path:
+        # The program may run as another user after a setuid-less privilege
+        # drop; the files it is shown must stay readable.
+        os.chmod(path, 0o755)  # noqa: S103 - world-readable on purpose, nothing secret
+        yield path
+
+
+def _serve_resolver_files(directory: str, resolv_conf: str) -> dict[bytes, bytes]:
+    path = os.path.join(directory, "resolv.conf")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(resolv_conf)
+    os.chmod(path, 0o644)
+    return {b"/etc/resolv.conf": path.encode()}
 
 
 def launcher_seize(child: launcher.PendingChild) -> None:

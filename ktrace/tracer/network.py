@@ -17,10 +17,11 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ktrace.tracer import arch, decide, kernel, sockaddr
+from ktrace.tracer import arch, decide, kernel, msghdr, sockaddr
 from ktrace.tracer.decide import Passthrough, Redirected, RedirectTcp, RoutingPolicy, SocketInfo
 from ktrace.tracer.kernel import Registers, TraceeGone
 from ktrace.tracer.tracer import Complete, Deferred, Outcome, Resume
+from ktrace.tracer.udp import UdpRedirector
 from ktrace.tunnel.client import AgentClient, TcpStream
 from ktrace.tunnel.endpoint import LoopbackEndpoint
 from ktrace.tunnel.types import Endpoint, TunnelError
@@ -28,6 +29,15 @@ from ktrace.tunnel.types import Endpoint, TunnelError
 log = logging.getLogger("ktrace.network")
 
 SYS = arch.SYSCALLS
+MSG_FASTOPEN = 0x20000000
+BYPASS_RESOLVER_SOCKETS = frozenset(
+    {
+        b"/var/run/nscd/socket",
+        b"/run/nscd/socket",
+        b"/run/systemd/resolve/io.systemd.Resolve",
+        b"/run/systemd/resolve/io.systemd.Resolve.Monitor",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,7 @@ class NetworkHandler:
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)
     connect_timeout: float | None = None
     on_event: Callable[[ConnectEvent], None] | None = None
+    udp: UdpRedirector | None = None
     redirected: dict[int, Redirected] = field(default_factory=dict)
     _streams: dict[int, int] = field(default_factory=dict)  # id(stream) -> inode
 
@@ -57,10 +68,79 @@ class NetworkHandler:
         if nr == SYS.connect:
             return self._connect(tid, regs)
         if nr == SYS.getpeername:
-            return self._name(tid, regs, decide.peer_name)
+            return self._name(tid, regs, decide.peer_name, peer=True)
         if nr == SYS.getsockname:
-            return self._name(tid, regs, decide.sock_name)
+            return self._name(tid, regs, decide.sock_name, peer=False)
+        if self.udp is None:
+            return Resume()
+        if nr in (SYS.recvfrom, SYS.recvmsg, SYS.recvmmsg):
+            return self._receive(tid, regs)
+        if nr in (SYS.sendto, SYS.sendmsg, SYS.sendmmsg):
+            return self._send(tid, regs)
         return Resume()
+
+    # -- UDP ------------------------------------------------------------------------------
+
+    def _receive(self, tid: int, regs: Registers) -> Outcome:
+        assert self.udp is not None
+        inode = socket_inode(tid, regs.arg(0))
+        family = self.udp.sockets.get(inode) if inode is not None else None
+        if inode is None or family is None:
+            return Resume()
+        info = SocketInfo(family, socket.SOCK_DGRAM, inode)
+        if regs.nr == SYS.recvfrom:
+            return self.udp.recvfrom(tid, regs, info)
+        if regs.nr == SYS.recvmsg:
+            return self.udp.recvmsg(tid, regs, info)
+        return self.udp.recvmmsg(tid, regs, info)
+
+    def _send(self, tid: int, regs: Registers) -> Outcome:
+        assert self.udp is not None
+        if regs.nr == SYS.sendmsg:
+            # Most sendmsg() calls carry no address: decide that before
+            # duplicating the descriptor.
+            try:
+                if not msghdr.decode_msghdr(kernel.read_memory(tid, regs.arg(1), msghdr.MSGHDR_SIZE)).name:
+                    return Resume()
+            except TraceeGone:
+                raise
+            except (OSError, ValueError):
+                return Resume()
+        sock = self._socket(tid, regs.arg(0))
+        if sock is None:
+            return Resume()
+        try:
+            info = self._info(sock)
+            if info.family not in (socket.AF_INET, socket.AF_INET6):
+                return Resume()
+            if info.type == socket.SOCK_STREAM:
+                if regs.nr == SYS.sendto and regs.arg(3) & MSG_FASTOPEN:
+                    return self._fast_open(tid, regs, sock, info)
+                return Resume()
+            if info.type != socket.SOCK_DGRAM:
+                return Resume()
+            if regs.nr == SYS.sendto:
+                return self.udp.sendto(tid, regs, sock, info)
+            if regs.nr == SYS.sendmsg:
+                return self.udp.sendmsg(tid, regs, sock, info)
+            return self.udp.sendmmsg(tid, regs, sock, info)
+        finally:
+            sock.close()
+
+    def _fast_open(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo) -> Outcome:
+        """sendto(MSG_FASTOPEN) on a TCP socket is connect() followed by send()."""
+        try:
+            raw = kernel.read_memory(tid, regs.arg(4), min(regs.arg(5) & 0xFFFFFFFF, sockaddr.MAX_SOCKADDR_LEN))
+            payload = kernel.read_memory(tid, regs.arg(1), min(regs.arg(2), 1 << 20))
+        except TraceeGone:
+            raise
+        except OSError:
+            return Resume()
+        decision = decide.decide_connect(sockaddr.decode(raw), info, info.inode in self.redirected, self.policy)
+        if isinstance(decision, Passthrough):
+            return Resume()
+        kept = socket.socket(fileno=os.dup(sock.fileno()))
+        return Deferred(self._redirect_tcp(tid, kept, info, decision, payload))
 
     def on_exec(self, tid: int) -> None:
         pass
@@ -85,18 +165,37 @@ class NetworkHandler:
             return Resume()  # the kernel reports EFAULT itself
         addr = sockaddr.decode(raw)
         if not isinstance(addr, sockaddr.InetAddr):
-            return Resume()
+            if isinstance(addr, sockaddr.OtherFamily) and addr.family == sockaddr.AF_UNIX:
+                return self._connect_unix(raw)
+            if not (isinstance(addr, sockaddr.OtherFamily) and addr.family == sockaddr.AF_UNSPEC):
+                return Resume()
         sock = self._socket(tid, fd)
         if sock is None:
             return Resume()
         info = self._info(sock)
+        if info.type == socket.SOCK_DGRAM and self.udp is not None and info.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                return self.udp.connect(tid, sock, info, addr)
+            finally:
+                sock.close()
         decision = decide.decide_connect(addr, info, info.inode in self.redirected, self.policy)
         if isinstance(decision, Passthrough):
             sock.close()
             return Resume()
         return Deferred(self._redirect_tcp(tid, sock, info, decision))
 
-    async def _redirect_tcp(self, tid: int, sock: socket.socket, info: SocketInfo, decision: RedirectTcp) -> Complete:
+    def _connect_unix(self, raw: bytes) -> Outcome:
+        """Local caching resolvers (nscd, systemd-resolved) would answer from
+        this machine's view: refusing their sockets makes glibc ask the
+        nameserver of the resolv.conf it reads, which is the cluster's."""
+        path = raw[2:].split(b"\0", 1)[0]
+        if path in BYPASS_RESOLVER_SOCKETS:
+            return Complete(-errno.ECONNREFUSED)
+        return Resume()
+
+    async def _redirect_tcp(
+        self, tid: int, sock: socket.socket, info: SocketInfo, decision: RedirectTcp, payload: bytes | None = None
+    ) -> Complete:
         try:
             try:
                 stream = await self.client.open_tcp(decision.dest, self.connect_timeout)
@@ -114,17 +213,27 @@ class NetworkHandler:
             self.redirected[info.inode] = Redirected(info.family, decision.original, stream.local)
             self._streams[id(stream)] = info.inode
             self._emit(ConnectEvent(tid, decision.dest, "ok", stream.local))
+            if payload is not None:
+                try:
+                    return Complete(sock.send(payload))
+                except OSError as exc:
+                    return Complete(-(exc.errno or errno.EIO))
             return Complete(decide.connect_result(err))
         finally:
             sock.close()
 
     # -- getpeername / getsockname ------------------------------------------------------
 
-    def _name(self, tid: int, regs: Registers, render: Callable[[Redirected], bytes]) -> Outcome:
+    def _name(self, tid: int, regs: Registers, render: Callable[[Redirected], bytes], *, peer: bool) -> Outcome:
         fd, name_ptr, len_ptr = regs.arg(0), regs.arg(1), regs.arg(2)
         inode = socket_inode(tid, fd)
-        entry = self.redirected.get(inode) if inode is not None else None
-        if entry is None:
+        if inode is None:
+            return Resume()
+        entry = self.redirected.get(inode)
+        name: bytes | None = render(entry) if entry is not None else None
+        if name is None and peer and self.udp is not None and inode in self.udp.sockets:
+            name = self.udp.peer_name(inode, self.udp.sockets[inode])
+        if name is None:
             return Resume()
         try:
             buffer_len = kernel.read_int(tid, len_ptr)
@@ -134,7 +243,7 @@ class NetworkHandler:
             return Complete(-errno.EFAULT)
         if buffer_len < 0:
             return Complete(-errno.EINVAL)
-        data, full = sockaddr.fill_name_buffer(render(entry), buffer_len)
+        data, full = sockaddr.fill_name_buffer(name, buffer_len)
         try:
             kernel.write_memory(tid, name_ptr, data)
             kernel.write_memory(tid, len_ptr, struct.pack("=i", full))

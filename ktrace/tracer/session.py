@@ -1,0 +1,33 @@
+"""The syscall handler of one `ktrace run`: routes each stop to its concern."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ktrace.tracer import arch
+from ktrace.tracer.files import FileViews
+from ktrace.tracer.kernel import Registers
+from ktrace.tracer.network import NetworkHandler
+from ktrace.tracer.tracer import Outcome
+
+SYS = arch.SYSCALLS
+_FILE_SYSCALLS = frozenset({SYS.open, SYS.openat, SYS.openat2})
+
+
+@dataclass
+class SessionHandler:
+    network: NetworkHandler
+    files: FileViews
+
+    def on_syscall(self, tid: int, regs: Registers) -> Outcome:
+        if regs.nr in _FILE_SYSCALLS:
+            return self.files.on_open(tid, regs)
+        return self.network.on_syscall(tid, regs)
+
+    def on_exec(self, tid: int) -> None:
+        self.files.scratch.exec_happened(tid)
+        self.network.on_exec(tid)
+
+    def on_thread_exit(self, tid: int) -> None:
+        self.files.scratch.forget_thread(tid)
+        self.network.on_thread_exit(tid)

@@ -1,0 +1,266 @@
+"""UDP through the agent, and faithful sources on the way back.
+
+Outgoing: a datagram for a remote peer is delivered to the loopback relay that
+ktrace keeps for (this program socket, that peer); the relay forwards it
+through the socket's UDP session in the agent. A connected UDP socket is simply
+connected to its relay, so plain send()/write() need no stop at all. For an
+unconnected sendto/sendmsg/sendmmsg ktrace sends the payload itself, from its
+duplicate of the program's socket (so the source port is the program's own),
+and completes the syscall with the byte count: the program's memory is never
+edited.
+
+Incoming: the relay sends the reply to the program's socket, so it arrives
+from 127.0.0.1:<relay port>. At the exit of recvfrom/recvmsg/recvmmsg, ktrace
+replaces that source with the remote peer the relay stands for (musl and glibc
+drop DNS answers whose source is not the server they asked).
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ktrace.tracer import kernel, msghdr, sockaddr
+from ktrace.tracer.decide import Route, RoutingPolicy, SocketInfo
+from ktrace.tracer.kernel import Registers, TraceeGone
+from ktrace.tracer.sockaddr import InetAddr
+from ktrace.tracer.tracer import Complete, Outcome, Resume, WatchExit
+from ktrace.tunnel.types import Endpoint
+
+MAX_DATAGRAM = 65536
+
+
+class RelayTable(Protocol):
+    def relay_for(self, sock_key: int, family: int, peer: Endpoint) -> tuple[str, int]: ...
+
+    def peer_of(self, family: int, relay_port: int) -> Endpoint | None: ...
+
+
+@dataclass(frozen=True)
+class UdpEvent:
+    pid: int
+    dest: Endpoint
+    kind: str  # "connect" | "send"
+
+
+@dataclass
+class UdpRedirector:
+    relays: RelayTable
+    policy: RoutingPolicy
+    on_event: Callable[[UdpEvent], None] | None = None
+    sockets: dict[int, int] = field(default_factory=dict)  # inode -> family, program sockets with relays
+    connected: dict[int, InetAddr] = field(default_factory=dict)  # inode -> peer as the program wrote it
+    _seen: set[tuple[int, Endpoint]] = field(default_factory=set)
+
+    # -- connect ---------------------------------------------------------------------
+
+    def connect(self, tid: int, sock: socket.socket, info: SocketInfo, addr: sockaddr.Decoded | None) -> Outcome:
+        """connect() on a UDP socket: to a remote peer means to its relay."""
+        if not isinstance(addr, InetAddr) or addr.family != info.family:
+            # AF_UNSPEC disconnects; anything else is the kernel's business.
+            self.connected.pop(info.inode, None)
+            return Resume()
+        dest = addr.endpoint
+        if self.policy.route(dest) is Route.LOCAL:
+            self.connected.pop(info.inode, None)
+            return Resume()
+        relay = self.relays.relay_for(info.inode, info.family, dest)
+        err = sock.connect_ex(relay)
+        if err:
+            return Complete(-err)
+        self.sockets[info.inode] = info.family
+        self.connected[info.inode] = addr
+        self._note(tid, dest, "connect")
+        return Complete(0)
+
+    # -- sending -----------------------------------------------------------------------
+
+    def _remote(self, info: SocketInfo, raw: bytes) -> tuple[InetAddr, Endpoint] | None:
+        addr = sockaddr.decode(raw)
+        if not isinstance(addr, InetAddr) or addr.family != info.family:
+            return None
+        dest = addr.endpoint
+        if self.policy.route(dest) is Route.LOCAL:
+            return None
+        return addr, dest
+
+    def _send_one(
+        self, tid: int, sock: socket.socket, info: SocketInfo, dest: Endpoint, payload: bytes, flags: int
+    ) -> int:
+        relay = self.relays.relay_for(info.inode, info.family, dest)
+        self.sockets[info.inode] = info.family
+        self._note(tid, dest, "send")
+        try:
+            return sock.sendto(payload, flags, relay)
+        except OSError as exc:
+            return -(exc.errno or errno.EIO)
+
+    def sendto(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo) -> Outcome:
+        buf, length, flags, addr_ptr, addr_len = regs.arg(1), regs.arg(2), regs.arg(3), regs.arg(4), regs.arg(5)
+        try:
+            raw = kernel.read_memory(tid, addr_ptr, min(addr_len & 0xFFFFFFFF, sockaddr.MAX_SOCKADDR_LEN))
+        except TraceeGone:
+            raise
+        except OSError:
+            return Resume()
+        remote = self._remote(info, raw)
+        if remote is None:
+            return Resume()
+        try:
+            payload = kernel.read_memory(tid, buf, min(length, MAX_DATAGRAM))
+        except TraceeGone:
+            raise
+        except OSError:
+            return Complete(-errno.EFAULT)
+        if length > MAX_DATAGRAM:
+            return Complete(-errno.EMSGSIZE)
+        return Complete(self._send_one(tid, sock, info, remote[1], payload, flags & 0xFFFFFFFF))
+
+    def _gather(self, tid: int, hdr: msghdr.MsgHdr) -> bytes:
+        iovecs = msghdr.decode_iovecs(kernel.read_memory(tid, hdr.iov, hdr.iovlen * msghdr.IOVEC_SIZE), hdr.iovlen)
+        total = sum(length for _base, length in iovecs)
+        if total > MAX_DATAGRAM:
+            raise OverflowError
+        return b"".join(kernel.read_memory(tid, base, length) for base, length in iovecs)
+
+    def sendmsg(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo) -> Outcome:
+        try:
+            hdr = msghdr.decode_msghdr(kernel.read_memory(tid, regs.arg(1), msghdr.MSGHDR_SIZE))
+            if not hdr.name:
+                return Resume()
+            remote = self._remote(info, kernel.read_memory(tid, hdr.name, min(hdr.namelen, sockaddr.MAX_SOCKADDR_LEN)))
+            if remote is None:
+                return Resume()
+            payload = self._gather(tid, hdr)
+        except TraceeGone:
+            raise
+        except OverflowError:
+            return Complete(-errno.EMSGSIZE)
+        except (OSError, ValueError):
+            return Resume()
+        return Complete(self._send_one(tid, sock, info, remote[1], payload, regs.arg(2) & 0xFFFFFFFF))
+
+    def sendmmsg(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo) -> Outcome:
+        base, vlen, flags = regs.arg(1), min(regs.arg(2) & 0xFFFFFFFF, msghdr.IOV_MAX), regs.arg(3) & 0xFFFFFFFF
+        try:
+            raw = kernel.read_memory(tid, base, vlen * msghdr.MMSGHDR_SIZE)
+            headers = [msghdr.decode_msghdr(raw[i * 64 : i * 64 + 56]) for i in range(vlen)]
+            names = [
+                self._remote(info, kernel.read_memory(tid, h.name, min(h.namelen, sockaddr.MAX_SOCKADDR_LEN)))
+                if h.name
+                else None
+                for h in headers
+            ]
+        except TraceeGone:
+            raise
+        except (OSError, ValueError):
+            return Resume()
+        if all(name is None for name in names):
+            return Resume()  # nothing remote by address: the kernel (and the relay, if connected) does it
+        sent = 0
+        for index, (hdr, remote) in enumerate(zip(headers, names, strict=True)):
+            try:
+                payload = self._gather(tid, hdr)
+            except (OverflowError, OSError, ValueError):
+                result = -errno.EMSGSIZE
+            else:
+                if remote is not None:
+                    result = self._send_one(tid, sock, info, remote[1], payload, flags)
+                else:
+                    try:
+                        result = sock.send(payload, flags)
+                    except OSError as exc:
+                        result = -(exc.errno or errno.EIO)
+            if result < 0:
+                return Complete(sent if sent else result)
+            kernel.write_memory(tid, base + index * 64 + msghdr.MSG_LEN_OFFSET, struct.pack("=I", result))
+            sent += 1
+        return Complete(sent)
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _true_source(self, family: int, raw: bytes) -> bytes | None:
+        addr = sockaddr.decode(raw)
+        if not isinstance(addr, InetAddr) or not sockaddr.is_loopback(addr.ip):
+            return None
+        peer = self.relays.peer_of(family, addr.port)
+        if peer is None:
+            return None
+        return sockaddr.encode(family, peer.ip, peer.port)
+
+    def _rewrite_name(self, tid: int, family: int, name_ptr: int, buffer_len: int, len_ptr: int, len_size: int) -> None:
+        written = kernel.read_memory(tid, name_ptr, min(buffer_len, sockaddr.MAX_SOCKADDR_LEN))
+        true = self._true_source(family, written)
+        if true is None:
+            return
+        data, full = sockaddr.fill_name_buffer(true, buffer_len)
+        kernel.write_memory(tid, name_ptr, data)
+        kernel.write_memory(tid, len_ptr, full.to_bytes(len_size, "little"))
+
+    def recvfrom(self, tid: int, regs: Registers, info: SocketInfo) -> Outcome:
+        name_ptr, len_ptr = regs.arg(4), regs.arg(5)
+        if not name_ptr or not len_ptr:
+            return Resume()
+        try:
+            buffer_len = kernel.read_int(tid, len_ptr)
+        except TraceeGone:
+            raise
+        except OSError:
+            return Resume()
+
+        def at_exit(tid: int, exit_regs: Registers) -> None:
+            if exit_regs.retval >= 0 and buffer_len > 0:
+                self._rewrite_name(tid, info.family, name_ptr, buffer_len, len_ptr, 4)
+
+        return WatchExit(at_exit)
+
+    def recvmsg(self, tid: int, regs: Registers, info: SocketInfo) -> Outcome:
+        hdr_ptr = regs.arg(1)
+        try:
+            hdr = msghdr.decode_msghdr(kernel.read_memory(tid, hdr_ptr, msghdr.MSGHDR_SIZE))
+        except TraceeGone:
+            raise
+        except (OSError, ValueError):
+            return Resume()
+        if not hdr.name or not hdr.namelen:
+            return Resume()
+
+        def at_exit(tid: int, exit_regs: Registers) -> None:
+            if exit_regs.retval >= 0:
+                self._rewrite_name(tid, info.family, hdr.name, hdr.namelen, hdr_ptr + msghdr.NAMELEN_OFFSET, 4)
+
+        return WatchExit(at_exit)
+
+    def recvmmsg(self, tid: int, regs: Registers, info: SocketInfo) -> Outcome:
+        base, vlen = regs.arg(1), min(regs.arg(2) & 0xFFFFFFFF, msghdr.IOV_MAX)
+        try:
+            raw = kernel.read_memory(tid, base, vlen * msghdr.MMSGHDR_SIZE)
+            headers = [msghdr.decode_msghdr(raw[i * 64 : i * 64 + 56]) for i in range(vlen)]
+        except TraceeGone:
+            raise
+        except (OSError, ValueError):
+            return Resume()
+
+        def at_exit(tid: int, exit_regs: Registers) -> None:
+            for index in range(max(0, min(exit_regs.retval, vlen))):
+                hdr = headers[index]
+                if hdr.name and hdr.namelen:
+                    entry = base + index * msghdr.MMSGHDR_SIZE
+                    self._rewrite_name(tid, info.family, hdr.name, hdr.namelen, entry + msghdr.NAMELEN_OFFSET, 4)
+
+        return WatchExit(at_exit)
+
+    def peer_name(self, inode: int, family: int) -> bytes | None:
+        peer = self.connected.get(inode)
+        if peer is None:
+            return None
+        return sockaddr.encode(family, peer.ip, peer.port)
+
+    def _note(self, tid: int, dest: Endpoint, kind: str) -> None:
+        if self.on_event is not None and (tid, dest) not in self._seen:
+            self._seen.add((tid, dest))
+            self.on_event(UdpEvent(tid, dest, kind))
