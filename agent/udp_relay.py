@@ -31,9 +31,34 @@ QUEUE_DATAGRAMS = 512
 SEND_BUFFER_LIMIT = 1024 * 1024
 
 
+# Linux reports ICMP errors on an *unconnected* UDP socket only with IP_RECVERR /
+# IPV6_RECVERR (include/uapi/linux/in.h: 11, in6.h: 25). They then also land on the
+# socket's error queue, which must be drained: it is charged to the receive buffer
+# and keeps epoll reporting EPOLLERR, which would spin the event loop.
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+IPV6_RECVERR = getattr(socket, "IPV6_RECVERR", 25)
+
+
+def enable_icmp_errors(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+    if sock.family == socket.AF_INET6:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
+
+
+def drain_error_queue(sock: socket.socket, limit: int = 64) -> None:
+    for _ in range(limit):
+        try:
+            sock.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+        except OSError:
+            return  # EAGAIN: empty
+
+
 class _Socket(asyncio.DatagramProtocol):
-    def __init__(self, queue: asyncio.Queue[rpc.UdpServerFrame]) -> None:
+    def __init__(self, queue: asyncio.Queue[rpc.UdpServerFrame], sock: socket.socket) -> None:
         self.queue = queue
+        self.sock = sock
         self.dropped_in = 0
 
     def _put(self, frame: rpc.UdpServerFrame) -> None:
@@ -44,11 +69,10 @@ class _Socket(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         host, port = str(addr[0]), int(addr[1])
-        self._put(
-            rpc.UdpServerFrame(datagram=rpc.Datagram(peer=rpc.encode_address(host, port), payload=data))
-        )
+        self._put(rpc.UdpServerFrame(datagram=rpc.Datagram(peer=rpc.encode_address(host, port), payload=data)))
 
     def error_received(self, exc: Exception) -> None:
+        drain_error_queue(self.sock)
         self._put(rpc.UdpServerFrame(failure=rpc.Failure(errno_name=errno_name(exc), message=describe(exc))))
 
 
@@ -79,18 +103,17 @@ class UdpRelay:
             sock = socket.socket(family, socket.SOCK_DGRAM)
             # Bind now rather than on first send so `opened` can tell the source port.
             sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))  # noqa: S104
+            enable_icmp_errors(sock)
         except OSError as exc:
             failure = rpc.Failure(errno_name=errno_name(exc), message=f"UDP socket: {describe(exc)}")
             await self._context.write(rpc.UdpServerFrame(failure=failure))
             return
         queue: asyncio.Queue[rpc.UdpServerFrame] = asyncio.Queue(QUEUE_DATAGRAMS)
         loop = asyncio.get_running_loop()
-        transport, protocol = await loop.create_datagram_endpoint(lambda: _Socket(queue), sock=sock)
+        transport, protocol = await loop.create_datagram_endpoint(lambda: _Socket(queue, sock), sock=sock)
         try:
             host, port = sock.getsockname()[:2]
-            await self._context.write(
-                rpc.UdpServerFrame(opened=rpc.UdpOpened(local=rpc.encode_address(host, port)))
-            )
+            await self._context.write(rpc.UdpServerFrame(opened=rpc.UdpOpened(local=rpc.encode_address(host, port))))
             sender = asyncio.create_task(self._send_back(queue))
             try:
                 await self._forward(transport, family)
@@ -129,9 +152,7 @@ class UdpRelay:
             except rpc.AddressError as exc:
                 await self._protocol_error(str(exc))
             if family == socket.AF_INET and ip.version == 6:
-                failure = rpc.Failure(
-                    errno_name="EAFNOSUPPORT", message=f"IPv6 destination {ip} on an IPv4 socket"
-                )
+                failure = rpc.Failure(errno_name="EAFNOSUPPORT", message=f"IPv6 destination {ip} on an IPv4 socket")
                 await self._context.write(rpc.UdpServerFrame(failure=failure))
                 continue
             if _buffered(transport) >= SEND_BUFFER_LIMIT:

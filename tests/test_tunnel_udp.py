@@ -1,0 +1,102 @@
+"""UDP sessions through a real agent to a loopback UDP echo server."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import socket
+from typing import Any, cast
+
+import pytest
+from agent_helpers import agent_and_client, run
+
+from ktrace.tunnel.types import Endpoint, TunnelError
+
+
+class _Echo(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.sources: list[tuple[Any, ...]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.sources.append(addr)
+        self.transport.sendto(data.upper(), addr)
+
+
+async def _echo_server(host: str) -> tuple[asyncio.DatagramTransport, _Echo, int]:
+    transport, protocol = await asyncio.get_running_loop().create_datagram_endpoint(_Echo, local_addr=(host, 0))
+    return transport, protocol, transport.get_extra_info("sockname")[1]
+
+
+@pytest.mark.parametrize(("family", "host"), [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_udp_echo(tmp_path: pathlib.Path, family: int, host: str) -> None:
+    async def scenario() -> None:
+        try:
+            transport, echo, port = await _echo_server(host)
+        except OSError:
+            pytest.skip(f"no {host}")
+        try:
+            async with agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
+                session = await client.open_udp(family)
+                assert session.local.port != 0
+                received: asyncio.Queue[tuple[Endpoint, bytes]] = asyncio.Queue()
+                session.set_receiver(lambda source, payload: received.put_nowait((source, payload)))
+                dest = Endpoint.parse(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+                for i in range(3):
+                    assert session.send(dest, b"ping %d" % i)
+                got = [await received.get() for _ in range(3)]
+                assert sorted(payload for _, payload in got) == [b"PING 0", b"PING 1", b"PING 2"]
+                assert all(source == dest for source, _ in got)
+                # One agent socket: the server saw a single, stable source port.
+                assert {addr[1] for addr in echo.sources} == {session.local.port}
+                await session.close()
+                assert not session.send(dest, b"after close")
+        finally:
+            transport.close()
+
+    run(scenario())
+
+
+def test_udp_port_unreachable_is_a_failure_frame(tmp_path: pathlib.Path) -> None:
+    async def scenario() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            closed_port = s.getsockname()[1]
+        transport, _, port = await _echo_server("127.0.0.1")
+        try:
+            async with agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
+                session = await client.open_udp(socket.AF_INET)
+                errors: asyncio.Queue[TunnelError] = asyncio.Queue()
+                received: asyncio.Queue[bytes] = asyncio.Queue()
+                session.set_error_receiver(errors.put_nowait)
+                session.set_receiver(lambda _source, payload: received.put_nowait(payload))
+                session.send(Endpoint.parse(f"127.0.0.1:{closed_port}"), b"nobody home")
+                assert (await errors.get()).errno_name == "ECONNREFUSED"
+                # The session survives the error.
+                session.send(Endpoint.parse(f"127.0.0.1:{port}"), b"still here")
+                assert await received.get() == b"STILL HERE"
+                await session.close()
+        finally:
+            transport.close()
+
+    run(scenario())
+
+
+def test_send_queue_is_bounded(tmp_path: pathlib.Path) -> None:
+    async def scenario() -> None:
+        transport, _, port = await _echo_server("127.0.0.1")
+        try:
+            async with agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
+                session = await client.open_udp(socket.AF_INET)
+                dest = Endpoint.parse(f"127.0.0.1:{port}")
+                # Without yielding to the loop nothing drains the queue: the excess is dropped.
+                results = [session.send(dest, b"x") for _ in range(2000)]
+                assert not all(results)
+                assert session.dropped == results.count(False) > 0
+                await session.close()
+        finally:
+            transport.close()
+
+    run(scenario())
