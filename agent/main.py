@@ -17,9 +17,7 @@ log = logging.getLogger("ktrace_agent")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ktrace-agent", description="ktrace's in-cluster agent (gRPC).")
-    p.add_argument(
-        "--listen", required=True, metavar="ADDR", help="unix:/path/to.sock, HOST:PORT or [V6]:PORT"
-    )
+    p.add_argument("--listen", required=True, metavar="ADDR", help="unix:/path/to.sock, HOST:PORT or [V6]:PORT")
     p.add_argument("--token-file", metavar="PATH", help="file whose first line is the session token")
     p.add_argument("--idle-exit", type=float, metavar="SECONDS", help="exit after this long without any RPC")
     p.add_argument(

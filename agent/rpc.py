@@ -50,9 +50,7 @@ HandshakeContext = grpc.aio.ServicerContext[pb.HandshakeRequest, pb.HandshakeRep
 class AgentService(Protocol):
     """What the generated ``add_AgentServicer_to_server`` calls, method by method."""
 
-    async def Handshake(
-        self, request: pb.HandshakeRequest, context: HandshakeContext
-    ) -> pb.HandshakeReply: ...
+    async def Handshake(self, request: pb.HandshakeRequest, context: HandshakeContext) -> pb.HandshakeReply: ...
 
     async def Connect(self, request_iterator: Any, context: TcpContext) -> None: ...
 

@@ -140,9 +140,7 @@ class AgentServer:
 
     # --- rpc.AgentService ---
 
-    async def Handshake(
-        self, request: rpc.HandshakeRequest, context: rpc.HandshakeContext
-    ) -> rpc.HandshakeReply:
+    async def Handshake(self, request: rpc.HandshakeRequest, context: rpc.HandshakeContext) -> rpc.HandshakeReply:
         async with self._call(context, "Handshake"):
             info = host_info.gather(self._resolv_conf_path, self._hosts_path)
             log.debug("handshake from %s (client %s)", context.peer(), request.client_version)

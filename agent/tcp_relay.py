@@ -99,9 +99,7 @@ class TcpRelay:
         try:
             sock = await dial(ip, port, timeout)
         except (OSError, TimeoutError) as exc:
-            failure = rpc.Failure(
-                errno_name=errno_name(exc), message=f"connect to {ip}:{port}: {describe(exc)}"
-            )
+            failure = rpc.Failure(errno_name=errno_name(exc), message=f"connect to {ip}:{port}: {describe(exc)}")
             await self._context.write(rpc.TcpServerFrame(failure=failure))
             return False
         self._sock = sock
@@ -109,9 +107,7 @@ class TcpRelay:
         self._reader, self._writer = reader, writer
         local = sock.getsockname()
         peer = sock.getpeername()
-        opened = rpc.TcpOpened(
-            local=rpc.encode_address(local[0], local[1]), peer=rpc.encode_address(peer[0], peer[1])
-        )
+        opened = rpc.TcpOpened(local=rpc.encode_address(local[0], local[1]), peer=rpc.encode_address(peer[0], peer[1]))
         await self._context.write(rpc.TcpServerFrame(opened=opened))
         return True
 

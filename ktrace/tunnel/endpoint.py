@@ -93,6 +93,10 @@ class LoopbackEndpoint:
         self._splices.add(task)
         try:
             stats = await stream.splice(reader, writer)
+        except asyncio.CancelledError:
+            # This is the top of a task asyncio started for the connection; a
+            # cancelled one would be reported as an error by asyncio itself.
+            return
         finally:
             self._splices.discard(task)
         if self._on_closed is not None:
@@ -106,8 +110,13 @@ class LoopbackEndpoint:
         self._splices.add(task)
         task.add_done_callback(self._splices.discard)
 
-    async def close(self) -> None:
-        """Stop listening and abort every stream, spliced or still expected."""
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop listening and abort every stream, spliced or still expected.
+
+        With ``grace``, streams first get that long to finish by themselves:
+        when the program exits, the kernel closes its sockets, and what it
+        wrote just before must still reach the remote side.
+        """
         self._closing = True
         for server in self._servers.values():
             server.close()
@@ -115,6 +124,8 @@ class LoopbackEndpoint:
         self._expected.clear()
         for stream in expected:
             await stream.abort()
+        if grace > 0 and self._splices:
+            await asyncio.wait(list(self._splices), timeout=grace)
         for task in list(self._splices):
             task.cancel()
         for task in list(self._splices):

@@ -56,13 +56,9 @@ class Stub:
 
     def __init__(self, channel: grpc.aio.Channel) -> None:
         stub = _pb_grpc.AgentStub(channel)  # type: ignore[no-untyped-call]
-        self.handshake: grpc.aio.UnaryUnaryMultiCallable[pb.HandshakeRequest, pb.HandshakeReply] = (
-            stub.Handshake
-        )
+        self.handshake: grpc.aio.UnaryUnaryMultiCallable[pb.HandshakeRequest, pb.HandshakeReply] = stub.Handshake
         self.connect: grpc.aio.StreamStreamMultiCallable[pb.TcpClientFrame, pb.TcpServerFrame] = stub.Connect
-        self.datagrams: grpc.aio.StreamStreamMultiCallable[pb.UdpClientFrame, pb.UdpServerFrame] = (
-            stub.Datagrams
-        )
+        self.datagrams: grpc.aio.StreamStreamMultiCallable[pb.UdpClientFrame, pb.UdpServerFrame] = stub.Datagrams
 
 
 def decode_address(address: pb.Address) -> Endpoint:

@@ -59,9 +59,7 @@ class TcpStream:
         timeout_ms = max(1, round(timeout * 1000)) if timeout is not None else 0
         try:
             await call.write(
-                rpc.TcpClientFrame(
-                    open=rpc.TcpOpen(destination=rpc.encode_address(dest), timeout_ms=timeout_ms)
-                )
+                rpc.TcpClientFrame(open=rpc.TcpOpen(destination=rpc.encode_address(dest), timeout_ms=timeout_ms))
             )
             reply: object = await call.read()
         except grpc.aio.AioRpcError as exc:
