@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import signal
 from collections.abc import Iterator
+from types import FrameType
 
 import pytest
 from fixture_programs import Programs, SkippingPrograms
@@ -16,21 +18,31 @@ def programs() -> Programs:
     return SkippingPrograms()
 
 
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture(scope="session")
 def ns_cluster() -> Iterator[NamespaceCluster]:
     """The namespace cluster: set up once per session, always torn down at its end."""
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
+    # A SIGTERM (e.g. a CI time limit) becomes KeyboardInterrupt, so set-up and the finally
+    # below still tear the namespaces down; atexit covers an interrupted session as well.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        cluster = NamespaceCluster.up()
-    except ClusterError as exc:
-        pytest.fail(f"the namespace cluster could not be set up: {exc}")
-    atexit.register(cluster.teardown)  # also on an interrupted session; teardown is idempotent
-    try:
-        yield cluster
+        try:
+            cluster = NamespaceCluster.up()  # tears down what it made if it fails
+        except ClusterError as exc:
+            pytest.fail(f"the namespace cluster could not be set up: {exc}")
+        atexit.register(cluster.teardown)  # teardown is idempotent
+        try:
+            yield cluster
+        finally:
+            cluster.teardown()
     finally:
-        cluster.teardown()
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture
