@@ -243,3 +243,25 @@ def test_cli_sigterm_is_clean(tmp_path: pathlib.Path) -> None:
             proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        rpc.UdpClientFrame(datagram=rpc.Datagram(peer=rpc.Address(ip=bytes(4), port=1), payload=b"x")),
+        rpc.UdpClientFrame(open=rpc.UdpOpen(family="FAMILY_UNSPECIFIED")),
+        rpc.UdpClientFrame(),
+    ],
+)
+def test_malformed_datagrams_stream(tmp_path: pathlib.Path, first: rpc.UdpClientFrame) -> None:
+    async def scenario() -> None:
+        async with (
+            agent(f"unix:{tmp_path}/a.sock", token=TOKEN) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            call = rpc.Stub(channel).datagrams(metadata=rpc.bearer_metadata(TOKEN))
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call.write(first)
+            assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    run(scenario())

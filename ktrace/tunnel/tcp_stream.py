@@ -24,6 +24,7 @@ from . import rpc
 from .types import Endpoint, TcpStats, TunnelError
 
 CHUNK = 256 * 1024
+OPEN_MARGIN = 10.0  # seconds past the dial timeout before giving up on the agent
 
 T = TypeVar("T")
 
@@ -61,10 +62,15 @@ class TcpStream:
             await call.write(
                 rpc.TcpClientFrame(open=rpc.TcpOpen(destination=rpc.encode_address(dest), timeout_ms=timeout_ms))
             )
-            reply: object = await call.read()
+            # The agent answers within its dial timeout; a margin covers the round trip.
+            deadline = timeout + OPEN_MARGIN if timeout is not None else None
+            reply: object = await asyncio.wait_for(call.read(), deadline)
         except grpc.aio.AioRpcError as exc:
             call.cancel()
             raise TunnelError("EIO", f"tunnel: {exc.code().name}: {exc.details()}") from exc
+        except TimeoutError:
+            call.cancel()
+            raise TunnelError("ETIMEDOUT", f"no answer from the agent for {dest} in time") from None
         except BaseException:
             call.cancel()
             raise
