@@ -138,6 +138,14 @@ def test_cluster_networks_stay_on_this_machine(kube_cluster: KubeCluster) -> Non
         route = subprocess.run(["ip", "-o", "route", "get", address], capture_output=True, text=True,
                                timeout=10, check=True).stdout
         assert " dev ktcni0 " in route, route
+    # The root netns forwards only bridge -> bridge (the CNI bridge plugin turns ip_forward on).
+    forward = subprocess.run(["iptables", "-t", "mangle", "-S", "FORWARD"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.splitlines()
+    assert forward[1] == "-A FORWARD -j KTRACE-FORWARD", forward
+    chain = subprocess.run(["iptables", "-t", "mangle", "-S", "KTRACE-FORWARD"], capture_output=True, text=True,
+                           timeout=10, check=True).stdout.splitlines()
+    assert chain[1] == "-A KTRACE-FORWARD -i ktcni0 -o ktcni0 -j RETURN", chain
+    assert chain[-1].endswith("-j DROP"), chain
 
 
 def test_agent_image_handshake(kube_cluster: KubeCluster) -> None:
