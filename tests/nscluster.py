@@ -129,7 +129,11 @@ def _agent_main_available() -> bool:
 
 
 def _tool(name: str) -> str:
-    """Absolute path of a console script installed next to this Python, else found on PATH."""
+    """$KTRACE_BIN / $KTRACE_AGENT_BIN, else the console script installed next to this Python,
+    else ``name`` on PATH."""
+    override = os.environ.get({"ktrace": "KTRACE_BIN", "ktrace-agent": "KTRACE_AGENT_BIN"}.get(name, ""))
+    if override:
+        return override
     beside = pathlib.Path(sys.executable).parent / name
     if beside.exists():
         return str(beside)

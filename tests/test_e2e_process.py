@@ -67,6 +67,7 @@ def test_kill9_of_ktrace_kills_the_program(ktrace_cluster: NamespaceCluster) -> 
     proc = ktrace_cluster.popen_laptop(ktrace_cluster.ktrace_argv(sys.executable, "-c", TRAP))
     try:
         program = _ready_pid(proc)
+        assert program != proc.pid, "the program must be a process of its own, traced by ktrace"
         assert proc_state(program) not in (None, "Z")
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=10) == -signal.SIGKILL
@@ -110,7 +111,10 @@ def test_io_uring_setup_fails_with_enosys(ktrace_cluster: NamespaceCluster, prog
     ("kill -KILL $$", 128 + signal.SIGKILL),
 ])
 def test_exit_status_is_the_programs(script: str, status: int, ktrace_cluster: NamespaceCluster) -> None:
-    r = ktrace_cluster.run_laptop(ktrace_cluster.ktrace_argv("sh", "-c", script), timeout=60)
+    # Reaching the cluster first shows the program really ran under ktrace.
+    c = ktrace_cluster
+    reach = f"curl -sf -o /dev/null --max-time 30 {c.hello_url} || exit 99; "
+    r = c.run_laptop(c.ktrace_argv("sh", "-c", reach + script), timeout=60)
     assert r.returncode == status, r
 
 

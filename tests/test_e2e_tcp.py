@@ -139,11 +139,14 @@ def test_loopback_stays_local(ktrace_cluster: NamespaceCluster, programs: Progra
     server = c.popen_laptop([sys.executable, "-c", LOCAL_SERVER])
     try:
         port = read_line(server, timeout=20)
-        traced = c.run_laptop(c.ktrace_argv(programs["cconnect"], "127.0.0.1", port), timeout=60)
+        # Then the cluster, in the same traced tree: shows ktrace was really redirecting.
+        script = f'"$1" 127.0.0.1 {port} && "$1" {c.hello_v4} {c.hello_port}'
+        traced = c.run_laptop(c.ktrace_argv("sh", "-c", script, "sh", programs["cconnect"]), timeout=60)
         assert traced.returncode == 0, traced
         status, peer, sock = traced.stdout.splitlines()[0].split()
         assert (status, peer) == ("ok", f"127.0.0.1:{port}")
         assert f"laptop local server, you are {sock}" in traced.stdout
+        assert "hello from cluster, you are " in traced.stdout
         assert server.wait(timeout=20) == 0
     finally:
         server.kill()
