@@ -156,3 +156,25 @@ def test_agent_image_handshake(kube_cluster: KubeCluster) -> None:
     if "ktrace.local/agent:dev" not in images:
         pytest.skip("no agent image: scripts/cluster images builds ktrace.local/agent:dev once ./Dockerfile exists")
     pytest.skip("agent handshake test not written yet (needs the agent's handshake client)")
+
+
+@pytest.mark.parametrize(("verb", "resource", "namespace", "allowed"), [
+    ("create", "pods", TEST_NS, True),
+    ("delete", "pods", TEST_NS, True),
+    ("list", "pods", TEST_NS, True),
+    ("create", "pods/portforward", TEST_NS, True),
+    ("patch", "pods/ephemeralcontainers", TEST_NS, True),
+    ("get", "deployments.apps", TEST_NS, True),
+    ("create", "pods/exec", TEST_NS, False),
+    ("get", "secrets", TEST_NS, False),
+    ("create", "pods", "default", False),
+    ("list", "nodes", "", False),
+])
+def test_restricted_user_has_exactly_the_documented_rights(
+    kube_cluster: KubeCluster, verb: str, resource: str, namespace: str, allowed: bool,
+) -> None:
+    scope = ["-n", namespace] if namespace else []
+    kind, _, sub = resource.partition("/")  # `can-i VERB pods/x` would mean the pod named x
+    subresource = [f"--subresource={sub}"] if sub else []
+    answer = kube_cluster.kubectl("auth", "can-i", verb, kind, *subresource, *scope, user="ktrace", check=False)
+    assert answer.stdout.strip() == ("yes" if allowed else "no"), answer.stderr
