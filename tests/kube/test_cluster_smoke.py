@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
@@ -86,29 +87,70 @@ def test_pod_resolves_and_fetches_service(kube_cluster: KubeCluster, pod_name: s
     assert "00000000" not in report["routes"], "a pod must have no default route"
 
 
-def test_port_forward_from_root_namespace(kube_cluster: KubeCluster) -> None:
+def hello_pod(kube_cluster: KubeCluster) -> str:
     pods = json.loads(kube_cluster.kubectl(
-        "-n", TEST_NS, "get", "pods", "-l", "app=hello", "-o", "json", user="ktrace",
+        "-n", TEST_NS, "get", "pods", "-l", "app=hello", "--field-selector=status.phase=Running", "-o", "json",
+        user="ktrace",
     ).stdout)["items"]
-    assert pods, "the hello Deployment has no pod"
-    name = pods[0]["metadata"]["name"]
-    proc = subprocess.Popen(
-        kube_cluster.kubectl_argv(
-            "-n", TEST_NS, "port-forward", "--address", "127.0.0.1", f"pod/{name}", ":8080", user="ktrace",
-        ),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    assert pods, "the hello Deployment has no running pod"
+    return str(pods[0]["metadata"]["name"])
+
+
+@contextlib.contextmanager
+def port_forward(kube_cluster: KubeCluster, pod: str, *, netns: str | None = None) -> Iterator[int]:
+    """``kubectl port-forward`` (restricted user) to the pod's 8080 on 127.0.0.1; yields the local port."""
+    argv = kube_cluster.kubectl_argv(
+        "-n", TEST_NS, "port-forward", "--address", "127.0.0.1", f"pod/{pod}", ":8080", user="ktrace",
     )
+    if netns is not None:
+        argv = ["ip", "netns", "exec", netns, *argv]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stderr is not None
         line = proc.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8080"; the pipe closes on exit
         match = re.search(r"127\.0\.0\.1:(\d+)", line)
         assert match, f"port-forward did not start: {line!r} {'' if proc.poll() is None else proc.stderr.read()}"
-        url = f"http://127.0.0.1:{match.group(1)}/bytes/1000000"
-        with urllib.request.urlopen(url, timeout=30) as response:
-            assert len(response.read()) == 1_000_000
+        yield int(match.group(1))
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_port_forward_from_root_namespace(kube_cluster: KubeCluster) -> None:
+    with port_forward(kube_cluster, hello_pod(kube_cluster)) as port, urllib.request.urlopen(
+        f"http://127.0.0.1:{port}/bytes/1000000", timeout=30,
+    ) as response:
+        assert len(response.read()) == 1_000_000
+
+
+def test_port_forward_from_the_laptop(kube_cluster: KubeCluster) -> None:
+    """What ktrace does on a developer's machine: only the API server is reachable, port-forward works."""
+    fetch = (
+        "import sys, urllib.request\n"
+        "print(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())\n"
+    )
+    with port_forward(kube_cluster, hello_pod(kube_cluster), netns=kube_cluster.laptop_ns) as port:
+        out = kube_cluster.in_laptop(["python3", "-c", fetch, f"http://127.0.0.1:{port}/"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("hello from hello-")
+
+
+def test_ephemeral_container_as_restricted_user(kube_cluster: KubeCluster) -> None:
+    """ktrace's other way in: an ephemeral container in the target pod, admitted under "restricted"."""
+    pod = hello_pod(kube_cluster)
+    name = f"dbg{secrets.token_hex(3)}"
+    kube_cluster.kubectl(
+        "-n", TEST_NS, "debug", f"pod/{pod}", "--profile=restricted", f"--container={name}",
+        "--image=ktrace.local/base:1", "--image-pull-policy=Never", "--",
+        "python3", "-c", "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/').read())",
+        user="ktrace",
+    )
+    # (Each run leaves its finished ephemeral container in the hello pod: they cannot be removed.)
+    exit_code = "{.status.ephemeralContainerStatuses[?(@.name==\"" + name + "\")].state.terminated.exitCode}"
+    kube_cluster.kubectl("-n", TEST_NS, "wait", f"pod/{pod}", f"--for=jsonpath={exit_code}=0", "--timeout=60s",
+                         timeout=70)
+    logs = kube_cluster.kubectl("-n", TEST_NS, "logs", pod, "-c", name).stdout
+    assert "hello from" in logs
 
 
 def test_laptop_reaches_only_the_api_server(kube_cluster: KubeCluster) -> None:
