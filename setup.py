@@ -7,6 +7,7 @@ hand; it is (re)generated on every build, editable installs included.
 from __future__ import annotations
 
 import pathlib
+from typing import ClassVar
 
 from setuptools import Command, setup
 from setuptools.command.build_py import build_py
@@ -18,8 +19,8 @@ OUT = ROOT / "ktrace_proto"
 
 
 def generate() -> None:
-    from grpc_tools import protoc  # build-time dependency (pyproject.toml)
     import grpc_tools
+    from grpc_tools import protoc  # build-time dependency (pyproject.toml)
 
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
@@ -41,7 +42,7 @@ def generate() -> None:
 
 class GenerateProtos(Command):
     description = "generate ktrace_proto from protos/"
-    user_options: list[tuple[str, str | None, str]] = []
+    user_options: ClassVar[list[tuple[str, str | None, str]]] = []
 
     def initialize_options(self) -> None:
         pass

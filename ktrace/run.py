@@ -36,6 +36,8 @@ from ktrace.tunnel.types import AgentUnavailable
 log = logging.getLogger("ktrace.run")
 
 ENOSYS = 38
+# After the program exits: how long its last bytes get to reach the agent.
+SHUTDOWN_GRACE = 2.0
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ async def _session(options: RunOptions, child: launcher.PendingChild, token: str
                 if tracer is not None:
                     tracer.close()
                 if endpoint is not None:
-                    await endpoint.close()
+                    await endpoint.close(grace=SHUTDOWN_GRACE)
                 await client.close()
     finally:
         if not released:

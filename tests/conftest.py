@@ -1,14 +1,19 @@
-"""Shared fixtures: the namespace cluster (``ns_cluster``) and the fixture programs (``programs``)."""
+"""Shared fixtures: the namespace cluster (``ns_cluster``), the Kubernetes test cluster (``kube_cluster``)
+and the fixture programs (``programs``)."""
 
 from __future__ import annotations
 
 import atexit
+import os
 import signal
+import sys
 from collections.abc import Iterator
 from types import FrameType
 
 import pytest
 from fixture_programs import Programs, SkippingPrograms
+from kubecluster import KubeCluster, KubeClusterError
+from kubecluster import unavailable_reason as kube_unavailable_reason
 from nscluster import ClusterError, NamespaceCluster, unavailable_reason
 
 
@@ -51,3 +56,26 @@ def ktrace_cluster(ns_cluster: NamespaceCluster) -> NamespaceCluster:
     if ns_cluster.agent_error:
         pytest.fail(f"the agent is not running in the namespace cluster: {ns_cluster.agent_error}")
     return ns_cluster
+
+
+@pytest.fixture(scope="session")
+def kube_cluster() -> Iterator[KubeCluster]:
+    """The Kubernetes test cluster: reused if running, else started once and stopped at the session's end."""
+    if os.environ.get("KTRACE_SKIP_KUBE") == "1":
+        pytest.skip("KTRACE_SKIP_KUBE=1")
+    reason = kube_unavailable_reason()
+    if reason and os.environ.get("CI") and os.environ.get("KTRACE_SKIP_KUBE") != "1":
+        pytest.fail(f"CI must run the kube tests: {reason}")
+    if reason:
+        # Loud on purpose: a skipped kube suite is easy to miss in a green run.
+        print(f"\n*** kube tests SKIPPED: {reason} ***", file=sys.stderr)
+        pytest.skip(reason)
+    try:
+        cluster = KubeCluster.ensure()
+    except KubeClusterError as exc:
+        pytest.fail(f"the Kubernetes test cluster could not be started: {exc}")
+    atexit.register(cluster.teardown)  # also on an interrupted session; teardown is idempotent
+    try:
+        yield cluster
+    finally:
+        cluster.teardown()

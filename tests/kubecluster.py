@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+REPO = pathlib.Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "scripts" / "cluster"
 KUBE_BUILD = REPO / "scripts" / "kube-build"
 BINARIES = (
