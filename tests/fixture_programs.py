@@ -35,6 +35,7 @@ class Spec:
     compiler: str  # "go", "gcc" or "musl-gcc"
     source: str  # a .c file, or a directory holding a Go module
     flags: tuple[str, ...] = ()
+    static: bool = True  # C only: a dynamic binary is for LD_PRELOAD peers (proxychains)
 
 
 SPECS: dict[str, Spec] = {
@@ -46,6 +47,10 @@ SPECS: dict[str, Spec] = {
     "iouring": Spec("gcc", "iouring.c"),
     "cudp": Spec("gcc", "cudp.c"),
     "mresolve": Spec("musl-gcc", "mresolve.c"),
+    # scripts/bench: a syscall loop, the benchmark server, and a dynamic client
+    "csysloop": Spec("gcc", "csysloop.c"),
+    "cbenchsrv": Spec("gcc", "cbenchsrv.c", ("-pthread",)),
+    "cnetbench": Spec("gcc", "cnetbench.c", static=False),
 }
 
 
@@ -101,11 +106,10 @@ class Programs:
                 env = {**os.environ, **GO_ENV}
                 cwd = SOURCES / spec.source
             else:
-                argv = [spec.compiler, *C_FLAGS, "-static", *spec.flags, "-o", str(out),
-                        str(SOURCES / spec.source)]
+                link = ["-static"] if spec.static else []
+                argv = [spec.compiler, *C_FLAGS, *link, *spec.flags, "-o", str(out), str(SOURCES / spec.source)]
                 env, cwd = dict(os.environ), SOURCES
-            proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False,
-                                  timeout=600)
+            proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=600)
             if proc.returncode != 0 or not out.exists():
                 raise BuildError(f"building {name} failed: {' '.join(argv)}\n{proc.stdout}{proc.stderr}")
             try:

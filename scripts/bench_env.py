@@ -1,0 +1,210 @@
+"""scripts/bench: the environment the figures run in.
+
+The tests' namespace cluster (tests/nscluster.py: agent on a Unix socket in the cluster netns,
+programs in the laptop netns), plus what only the benchmark needs:
+
+* ``cbenchsrv`` (tests/programs/cbenchsrv.c) on ``BENCH_ADDR`` in the cluster: a threaded C
+  server for echo, upload and download, so the server is never what is measured.
+* For the peer (proxychains-ng): a veth pair between the two namespaces carrying only
+  ``PEER_NET`` (no other route on either side, no forwarding), and microsocks listening on the
+  cluster end of it. proxychains-ng on the laptop side reaches the SOCKS server over the veth,
+  and microsocks dials from inside the cluster, like the agent. Nothing leaves these namespaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+
+from e2e_helpers import read_line
+from fixture_programs import Programs
+from nscluster import NamespaceCluster, ip
+
+BENCH_ADDR = "10.96.1.13"
+BENCH_PORT = 9100
+PEER_LAPTOP = "10.97.0.1"
+PEER_CLUSTER = "10.97.0.2"
+PEER_PREFIX = 30
+SOCKS_PORT = 1080
+
+
+class BenchError(RuntimeError):
+    """Something the benchmark needs is missing or did not start."""
+
+
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def load_text() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError), open("/proc/meminfo") as f:
+        mem_kb = int(f.readline().split()[1])
+    try:
+        import grpc
+
+        grpc_version = grpc.__version__
+    except ImportError:
+        grpc_version = "?"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "grpcio": grpc_version,
+        "load_before": load_text(),
+    }
+
+
+@dataclass
+class BenchEnv:
+    cluster: NamespaceCluster
+    programs: Programs
+    ktrace: str
+    proxychains_conf: str | None = None
+    peer_error: str | None = None
+    _procs: list[subprocess.Popen[Any]] = field(default_factory=list)
+
+    # -- set-up ------------------------------------------------------------------------
+    @classmethod
+    @contextlib.contextmanager
+    def up(cls, programs: Programs, ktrace: str) -> Iterator[BenchEnv]:
+        cluster = NamespaceCluster.up()
+        env = cls(cluster, programs, ktrace)
+        try:
+            if cluster.agent_error:
+                raise BenchError(f"the agent is not running: {cluster.agent_error}")
+            env._start_server()
+            try:
+                env._start_peer()
+            except BenchError as exc:
+                env.peer_error = str(exc)
+            yield env
+        finally:
+            for proc in env._procs:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                    proc.wait(5)
+            cluster.teardown()  # deletes both namespaces, the veth pair with them
+
+    def _start_server(self) -> None:
+        ip("-n", self.cluster.cluster, "addr", "add", f"{BENCH_ADDR}/32", "dev", "lo")
+        proc = subprocess.Popen(
+            [*self.cluster.netns_argv(self.cluster.cluster), self.programs["cbenchsrv"], BENCH_ADDR, str(BENCH_PORT)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            text=True,
+        )
+        self._procs.append(proc)
+        self.cluster.pids.append(proc.pid)
+        line = read_line(proc, 10)
+        if line != "READY":
+            raise BenchError(f"cbenchsrv said {line!r}")
+
+    def _start_peer(self) -> None:
+        if shutil.which("proxychains4") is None or shutil.which("microsocks") is None:
+            raise BenchError("proxychains4 or microsocks is not installed (scripts/setup installs them)")
+        laptop_if, cluster_if = f"ktb{self.cluster.run_id}l", f"ktb{self.cluster.run_id}c"
+        ip(
+            "-n",
+            self.cluster.laptop,
+            "link",
+            "add",
+            laptop_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            cluster_if,
+            "netns",
+            self.cluster.cluster,
+        )
+        ip("-n", self.cluster.laptop, "addr", "add", f"{PEER_LAPTOP}/{PEER_PREFIX}", "dev", laptop_if)
+        ip("-n", self.cluster.cluster, "addr", "add", f"{PEER_CLUSTER}/{PEER_PREFIX}", "dev", cluster_if)
+        ip("-n", self.cluster.laptop, "link", "set", laptop_if, "up")
+        ip("-n", self.cluster.cluster, "link", "set", cluster_if, "up")
+        proc = subprocess.Popen(
+            [*self.cluster.netns_argv(self.cluster.cluster), "microsocks", "-i", PEER_CLUSTER, "-p", str(SOCKS_PORT)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self._procs.append(proc)
+        self.cluster.pids.append(proc.pid)
+        deadline = time.monotonic() + 10
+        while not self._listening(PEER_CLUSTER, SOCKS_PORT):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError("microsocks did not start listening")
+            time.sleep(0.02)  # polling a kernel state with a deadline
+        conf = os.path.join(self.cluster.tmpdir, "proxychains.conf")
+        pathlib.Path(conf).write_text(
+            "strict_chain\nquiet_mode\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n"
+            f"[ProxyList]\nsocks5 {PEER_CLUSTER} {SOCKS_PORT}\n"
+        )
+        self.proxychains_conf = conf
+
+    def _listening(self, addr: str, port: int) -> bool:
+        out = self.cluster.run_cluster(["ss", "-Hltn", f"src {addr}:{port}"], timeout=10)
+        return bool(out.stdout.strip())
+
+    # -- running -----------------------------------------------------------------------
+    def ktrace_argv(self, *cmd: str) -> list[str]:
+        c = self.cluster
+        return [self.ktrace, "run", "--agent", c.agent_addr, "--token-file", c.token_file, "--", *cmd]
+
+    def proxychains_argv(self, *cmd: str) -> list[str]:
+        if self.proxychains_conf is None:
+            raise BenchError(self.peer_error or "no peer")
+        return ["proxychains4", "-q", "-f", self.proxychains_conf, *cmd]
+
+    def run(self, where: str, argv: Sequence[str], timeout: float = 300) -> str:
+        """Run in ``where`` ("laptop" or "cluster"); its stdout, or BenchError with what it said."""
+        ns = self.cluster.laptop if where == "laptop" else self.cluster.cluster
+        proc = self.cluster.run_in(ns, argv, timeout=timeout)
+        if proc.returncode != 0:
+            raise BenchError(
+                f"{' '.join(argv[:4])}... exited {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-300:]}"
+            )
+        return proc.stdout
+
+    def agent_pid(self) -> int | None:
+        # NamespaceCluster starts the services first, then the agent (ip netns exec execs it).
+        return self.cluster.pids[1] if len(self.cluster.pids) > 1 else None
+
+
+def status_kib(pid: int, key: str) -> int | None:
+    """``VmHWM``/``VmRSS`` of ``pid`` in KiB, None if gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None

@@ -1,0 +1,292 @@
+"""scripts/bench: how each figure is measured. Every run measures the baseline, ktrace and the
+peer (if any) one after the other, so slow drifts of the machine's load hit all of them alike.
+
+Programs time themselves where they can (csysloop's loop, cnetbench's connect → first byte,
+transfers, lookups), so ktrace's start-up is not smeared into the other figures; start-up is
+its own figure.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bench_env import BENCH_ADDR, BENCH_PORT, BenchEnv, BenchError, load, status_kib
+from bench_report import Figure
+from e2e_helpers import Deadline, read_line
+
+MB = 1_000_000
+DNS_NAME = "hello.default.svc.cluster.local."  # absolute: no search-list expansion
+
+
+@dataclass(frozen=True)
+class Sizes:
+    runs: int
+    getppid_calls: int
+    dd_bytes: int
+    open_calls: int
+    connects: int  # per run
+    bulk_bytes: int
+    concurrent: int
+    concurrent_bytes: int
+    concurrent_runs: int
+    lookups: int  # per run
+    startup_runs: int
+
+
+QUICK = Sizes(
+    runs=3,
+    getppid_calls=300_000,
+    dd_bytes=200_000,
+    open_calls=2_000,
+    connects=20,
+    bulk_bytes=64 * MB,
+    concurrent=1000,
+    concurrent_bytes=4096,
+    concurrent_runs=1,
+    lookups=20,
+    startup_runs=3,
+)
+FULL = Sizes(
+    runs=7,
+    getppid_calls=3_000_000,
+    dd_bytes=2_000_000,
+    open_calls=20_000,
+    connects=200,
+    bulk_bytes=1000 * MB,
+    concurrent=1000,
+    concurrent_bytes=64 * 1024,
+    concurrent_runs=3,
+    lookups=200,
+    startup_runs=10,
+)
+
+
+def _field(out: str, name: str) -> float:
+    m = re.search(rf"\b{name} (\d+(?:\.\d+)?)", out)
+    if m is None:
+        raise BenchError(f"no {name!r} in {out.strip()[-200:]!r}")
+    return float(m.group(1))
+
+
+def _samples(out: str) -> list[float]:
+    for line in out.splitlines():
+        if line.startswith("lat_ns "):
+            return [int(x) / 1000 for x in line.split()[1:]]  # microseconds
+    raise BenchError(f"no samples in {out.strip()[-200:]!r}")
+
+
+def _runs(fig: Figure, runs: int, one: Callable[[], None]) -> Figure:
+    for _ in range(runs):
+        fig.loads.append(load())
+        try:
+            one()
+        except (BenchError, subprocess.TimeoutExpired, Deadline) as exc:
+            fig.errors.append(str(exc))
+            break
+    return fig
+
+
+# -- no network ---------------------------------------------------------------------------
+
+
+def syscall_getppid(env: BenchEnv, s: Sizes) -> Figure:
+    fig = Figure("syscall_getppid", f"getppid loop ({s.getppid_calls:,} calls)", "ms", "ratio", 1.10, "no ktrace")
+    prog = env.programs["csysloop"]
+    argv = [prog, "getppid", str(s.getppid_calls)]
+
+    def one() -> None:
+        fig.baseline_samples.append(_field(env.run("laptop", argv), "elapsed_ns") / 1e6)
+        fig.samples.append(_field(env.run("laptop", env.ktrace_argv(*argv)), "elapsed_ns") / 1e6)
+
+    fig.notes.append("the program's own loop time (ktrace's start-up is its own figure)")
+    return _runs(fig, s.runs, one)
+
+
+def syscall_dd(env: BenchEnv, s: Sizes) -> Figure:
+    fig = Figure("syscall_dd", f"dd bs=1 ({s.dd_bytes:,} bytes)", "ms", "ratio", 1.10, "no ktrace")
+    argv = ["dd", "if=/dev/zero", "of=/dev/null", "bs=1", f"count={s.dd_bytes}"]
+
+    def seconds(where_argv: list[str]) -> float:
+        proc = env.cluster.run_in(env.cluster.laptop, where_argv, timeout=300)
+        m = re.search(r"copied, ([0-9.e-]+) s", proc.stderr)
+        if proc.returncode != 0 or m is None:
+            raise BenchError(f"dd: {proc.stderr.strip()[-200:]}")
+        return float(m.group(1)) * 1000
+
+    def one() -> None:
+        fig.baseline_samples.append(seconds(argv))
+        fig.samples.append(seconds(env.ktrace_argv(*argv)))
+
+    fig.notes.append("dd's own copy time")
+    return _runs(fig, s.runs, one)
+
+
+def open_loop(env: BenchEnv, s: Sizes) -> Figure:
+    fig = Figure("open_loop", f"open+close loop ({s.open_calls:,} opens)", "ms", "none", None, "no ktrace")
+    argv = [env.programs["csysloop"], "open", str(s.open_calls), "/etc/hostname"]
+
+    def one() -> None:
+        fig.baseline_samples.append(_field(env.run("laptop", argv), "elapsed_ns") / 1e6)
+        fig.samples.append(_field(env.run("laptop", env.ktrace_argv(*argv)), "elapsed_ns") / 1e6)
+
+    _runs(fig, s.runs, one)
+    if fig.value is not None and fig.baseline is not None:
+        per_open = (fig.value - fig.baseline) * 1000 / s.open_calls
+        fig.extra["added_us_per_open"] = per_open
+        fig.notes.append(f"open/openat stop for the resolv.conf view: +{per_open:.1f} µs per open")
+    return fig
+
+
+# -- TCP ----------------------------------------------------------------------------------
+
+
+def connect_latency(env: BenchEnv, s: Sizes) -> Figure:
+    fig = Figure("connect_latency", "connect → first byte (median)", "µs", "delta", 250, "direct, in the cluster")
+    argv = [env.programs["cnetbench"], "latency", BENCH_ADDR, str(BENCH_PORT), str(s.connects)]
+    fig.peer_name = "proxychains-ng + microsocks" if env.proxychains_conf else None
+
+    def one() -> None:
+        fig.baseline_samples += _samples(env.run("cluster", argv))
+        fig.samples += _samples(env.run("laptop", env.ktrace_argv(*argv)))
+        if env.proxychains_conf:
+            fig.peer_samples += _samples(env.run("laptop", env.proxychains_argv(*argv)))
+
+    _runs(fig, s.runs, one)
+    _peer_note(env, fig)
+    return fig
+
+
+def _throughput(env: BenchEnv, s: Sizes, direction: str) -> Figure:
+    title = "bulk TCP, program → cluster" if direction == "up" else "bulk TCP, cluster → program"
+    fig = Figure(f"throughput_{direction}", title, "MB/s", "at_least", 400, "direct, in the cluster")
+    argv = [env.programs["cnetbench"], direction, BENCH_ADDR, str(BENCH_PORT), str(s.bulk_bytes)]
+    fig.peer_name = "proxychains-ng + microsocks" if env.proxychains_conf else None
+
+    def rate(out: str) -> float:
+        return _field(out, "bytes") / (_field(out, "elapsed_ns") / 1e9) / MB
+
+    def one() -> None:
+        fig.baseline_samples.append(rate(env.run("cluster", argv)))
+        fig.samples.append(rate(env.run("laptop", env.ktrace_argv(*argv))))
+        if env.proxychains_conf:
+            fig.peer_samples.append(rate(env.run("laptop", env.proxychains_argv(*argv))))
+
+    _runs(fig, s.runs, one)
+    fig.notes.append(f"{s.bulk_bytes // MB} MB per transfer, timed from the connect() call to the last byte")
+    _peer_note(env, fig)
+    return fig
+
+
+def throughput_up(env: BenchEnv, s: Sizes) -> Figure:
+    return _throughput(env, s, "up")
+
+
+def throughput_down(env: BenchEnv, s: Sizes) -> Figure:
+    return _throughput(env, s, "down")
+
+
+def concurrent_1000(env: BenchEnv, s: Sizes) -> Figure:
+    fig = Figure(
+        "concurrent_1000", f"{s.concurrent:,} concurrent connections, ktrace peak RSS", "MB", "at_most", 250, ""
+    )
+    argv = [
+        env.programs["cnetbench"],
+        "concurrent",
+        BENCH_ADDR,
+        str(BENCH_PORT),
+        str(s.concurrent),
+        str(s.concurrent_bytes),
+    ]
+    completed: list[bool] = []
+    times: list[float] = []
+
+    def one() -> None:
+        proc = env.cluster.popen_laptop(env.ktrace_argv(*argv, "--hold"), stdin=subprocess.PIPE)
+        try:
+            line = read_line(proc, 300)
+            # `ip netns exec` execs ktrace: proc.pid is ktrace's. The program holds its
+            # connections' results until stdin closes, so ktrace is alive to be measured.
+            hwm = status_kib(proc.pid, "VmHWM")
+            agent = env.agent_pid()
+            agent_rss = status_kib(agent, "VmRSS") if agent is not None else None
+        finally:
+            try:
+                _, err = proc.communicate(input="", timeout=60)  # EOF on stdin: the program exits
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+        m = re.match(r"ok (\d+) of (\d+) elapsed_ns (\d+)", line)
+        if m is None or hwm is None:
+            raise BenchError(f"concurrent: {line!r} {err.strip()[-300:]}")
+        completed.append(m.group(1) == m.group(2) and proc.returncode == 0)
+        fig.samples.append(hwm / 1024)
+        times.append(int(m.group(3)) / 1e9)
+        if agent_rss is not None:
+            fig.extra["agent_rss_mb"] = agent_rss / 1024
+        if not completed[-1]:
+            fig.notes.append(f"run {len(completed)}: only {m.group(1)} of {m.group(2)} completed")
+
+    _runs(fig, s.concurrent_runs, one)
+    fig.condition_ok = bool(completed) and all(completed)
+    if times:
+        fig.extra["elapsed_s"] = min(times)
+        fig.notes.append(
+            f"{s.concurrent_bytes:,} bytes echoed on each; all complete: {fig.condition_ok}; "
+            f"fastest run {min(times):.2f} s; agent RSS {fig.extra.get('agent_rss_mb', 0):.0f} MB"
+        )
+    return fig
+
+
+def _peer_note(env: BenchEnv, fig: Figure) -> None:
+    if env.peer_error:
+        fig.notes.append(f"peer not measured: {env.peer_error}")
+
+
+# -- DNS and start-up -----------------------------------------------------------------------
+
+
+def dns_lookup(env: BenchEnv, s: Sizes) -> Figure:
+    fig = Figure(
+        "dns_lookup", "getaddrinfo through the agent (median)", "µs", "delta", 1000, "same server, in the cluster"
+    )
+    argv = [env.programs["cnetbench"], "dns", DNS_NAME, str(s.lookups)]
+
+    def one() -> None:
+        fig.baseline_samples += _samples(env.run("cluster", argv))
+        fig.samples += _samples(env.run("laptop", env.ktrace_argv(*argv)))
+
+    fig.notes.append(f"glibc getaddrinfo({DNS_NAME}), A and AAAA, against the cluster's dnsmasq")
+    return _runs(fig, s.runs, one)
+
+
+def startup_true(env: BenchEnv, s: Sizes) -> Figure:
+    fig = Figure("startup_true", "`ktrace run --agent local -- /bin/true` wall", "ms", "at_most", 400, "/bin/true")
+
+    def wall(argv: list[str]) -> float:
+        t0 = time.perf_counter()
+        env.run("laptop", argv, timeout=60)
+        return (time.perf_counter() - t0) * 1000
+
+    def one() -> None:
+        fig.baseline_samples.append(wall(["/bin/true"]))
+        fig.samples.append(wall([env.ktrace, "run", "--agent", "local", "--", "/bin/true"]))
+
+    fig.notes.append("wall time from the benchmark, both through `ip netns exec` into the laptop namespace")
+    return _runs(fig, s.startup_runs, one)
+
+
+FIGURES: dict[str, Callable[[BenchEnv, Sizes], Figure]] = {
+    "syscall_getppid": syscall_getppid,
+    "syscall_dd": syscall_dd,
+    "open_loop": open_loop,
+    "connect_latency": connect_latency,
+    "throughput_up": throughput_up,
+    "throughput_down": throughput_down,
+    "concurrent_1000": concurrent_1000,
+    "dns_lookup": dns_lookup,
+    "startup_true": startup_true,
+}
