@@ -47,7 +47,8 @@ async def dial(ip: rpc.IPAddress, port: int, timeout: float) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (str(ip), port)), timeout)
+        async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
+            await asyncio.get_running_loop().sock_connect(sock, (str(ip), port))
     except BaseException:
         sock.close()
         raise
@@ -82,6 +83,8 @@ class TcpRelay:
         finally:
             if self._writer is not None:
                 self._writer.close()
+            elif self._sock is not None:
+                self._sock.close()  # the client went away before the socket got its streams
 
     async def _read_frame(self) -> rpc.TcpClientFrame | None:
         msg: object = await self._context.read()
@@ -103,12 +106,13 @@ class TcpRelay:
             await self._context.write(rpc.TcpServerFrame(failure=failure))
             return False
         self._sock = sock
-        reader, writer = await asyncio.open_connection(sock=sock, limit=2 * CHUNK)
-        self._reader, self._writer = reader, writer
         local = sock.getsockname()
         peer = sock.getpeername()
         opened = rpc.TcpOpened(local=rpc.encode_address(local[0], local[1]), peer=rpc.encode_address(peer[0], peer[1]))
+        # The answer first: the program's connect() waits for it; the socket buffers meanwhile.
         await self._context.write(rpc.TcpServerFrame(opened=opened))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=2 * CHUNK)
+        self._reader, self._writer = reader, writer
         return True
 
     async def _relay(self) -> None:

@@ -16,6 +16,7 @@ import grpc.aio
 
 from .. import __version__
 from . import rpc
+from .call_pool import CallPool
 from .tcp_stream import TcpStream
 from .types import AgentUnavailable, Endpoint, IPAddress, TcpStats, TunnelError
 from .udp_session import UdpSession
@@ -29,6 +30,10 @@ __all__ = [
     "TunnelError",
     "UdpSession",
 ]
+
+
+# Streams kept started ahead of need, per kind (see call_pool.py).
+SPARE_CALLS = 2
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,9 @@ class AgentClient:
         self._stub = rpc.Stub(channel)
         self._metadata = rpc.bearer_metadata(token)
         self.info = info
+        metadata = self._metadata
+        self._tcp_calls = CallPool(lambda: self._stub.connect(metadata=metadata), SPARE_CALLS)
+        self._udp_calls = CallPool(lambda: self._stub.datagrams(metadata=metadata), SPARE_CALLS)
 
     @classmethod
     async def connect(cls, address: str, token: str | None, *, timeout: float = 10.0) -> AgentClient:
@@ -97,17 +105,26 @@ class AgentClient:
                 f"the agent at {address} speaks tunnel protocol {reply.protocol_version}, ktrace speaks "
                 f"{rpc.PROTOCOL_VERSION} (hint: use an agent image of the same ktrace version)"
             )
-        return cls(channel, token, _parse_info(reply))
+        client = cls(channel, token, _parse_info(reply))
+        client.prime()
+        return client
+
+    def prime(self) -> None:
+        """Start the spare streams (needs the running loop)."""
+        self._tcp_calls.fill()
+        self._udp_calls.fill()
 
     async def open_tcp(self, dest: Endpoint, timeout: float | None = None) -> TcpStream:
         """Have the agent connect to ``dest``; raises ``TunnelError`` with the agent's errno on failure."""
-        return await TcpStream.open(self._stub, self._metadata, dest, timeout)
+        return await TcpStream.open(self._tcp_calls, dest, timeout)
 
     async def open_udp(self, family: int) -> UdpSession:
         """A UDP socket on the agent (``socket.AF_INET`` or ``AF_INET6``)."""
-        return await UdpSession.open(self._stub, self._metadata, family)
+        return await UdpSession.open(self._udp_calls, family)
 
     async def close(self) -> None:
+        self._tcp_calls.close()
+        self._udp_calls.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AgentClient:

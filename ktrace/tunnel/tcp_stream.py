@@ -21,12 +21,17 @@ import grpc
 import grpc.aio
 
 from . import rpc
+from .call_pool import CallPool
 from .types import Endpoint, TcpStats, TunnelError
 
 CHUNK = 256 * 1024
 OPEN_MARGIN = 10.0  # seconds past the dial timeout before giving up on the agent
 
 T = TypeVar("T")
+
+
+class _CallLost(TunnelError):
+    """The stream failed before the agent answered ``open``: nothing was dialled on it."""
 
 
 class _Reset(Exception):
@@ -55,30 +60,49 @@ class TcpStream:
         self.observe_down: Callable[[bytes], None] | None = None
 
     @classmethod
-    async def open(
-        cls, stub: rpc.Stub, metadata: tuple[tuple[str, str], ...], dest: Endpoint, timeout: float | None
-    ) -> TcpStream:
-        call = stub.connect(metadata=metadata)
-        timeout_ms = max(1, round(timeout * 1000)) if timeout is not None else 0
+    async def open(cls, calls: CallPool[rpc.TcpCall], dest: Endpoint, timeout: float | None) -> TcpStream:
+        call, spare = calls.take()
         try:
-            await call.write(
-                rpc.TcpClientFrame(open=rpc.TcpOpen(destination=rpc.encode_address(dest), timeout_ms=timeout_ms))
-            )
+            return await cls._open_on(call, dest, timeout)
+        except _CallLost:
+            if not spare:
+                raise
+        # The spare had ended before anything reached the agent on it (channel
+        # re-established, agent restarted): one retry on a call started now.
+        return await cls._open_on(calls.fresh(), dest, timeout)
+
+    @classmethod
+    async def _open_on(cls, call: rpc.TcpCall, dest: Endpoint, timeout: float | None) -> TcpStream:
+        timeout_ms = max(1, round(timeout * 1000)) if timeout is not None else 0
+        frame = rpc.TcpClientFrame(open=rpc.TcpOpen(destination=rpc.encode_address(dest), timeout_ms=timeout_ms))
+        # The read is in flight while the write completes: the answer is taken as soon
+        # as it arrives instead of one event-loop hand-off after the write's completion.
+        reading = asyncio.ensure_future(call.read())
+        try:
+            await call.write(frame)
             # The agent answers within its dial timeout; a margin covers the round trip.
             deadline = timeout + OPEN_MARGIN if timeout is not None else None
-            reply: object = await asyncio.wait_for(call.read(), deadline)
+            reply: object = await asyncio.wait_for(reading, deadline)
         except grpc.aio.AioRpcError as exc:
             call.cancel()
-            raise TunnelError("EIO", f"tunnel: {exc.code().name}: {exc.details()}") from exc
+            raise _CallLost("EIO", f"tunnel: {exc.code().name}: {exc.details()}") from exc
+        except (asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+            call.cancel()  # the call had already finished
+            raise _CallLost("EIO", f"tunnel: stream ended before open ({exc})") from None
         except TimeoutError:
             call.cancel()
             raise TunnelError("ETIMEDOUT", f"no answer from the agent for {dest} in time") from None
         except BaseException:
             call.cancel()
             raise
+        finally:
+            if not reading.done():
+                reading.cancel()
+            elif not reading.cancelled():
+                reading.exception()  # retrieved: an error here was handled above
         if reply is grpc.aio.EOF:
             status = await call.code()
-            raise TunnelError("EIO", f"agent ended the stream without an answer ({status.name})")
+            raise _CallLost("EIO", f"agent ended the stream without an answer ({status.name})")
         assert isinstance(reply, rpc.TcpServerFrame)
         kind = reply.WhichOneof("kind")
         if kind == "failure":

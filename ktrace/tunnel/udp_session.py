@@ -18,6 +18,7 @@ import grpc
 import grpc.aio
 
 from . import rpc
+from .call_pool import CallPool
 from .types import Endpoint, TunnelError
 
 log = logging.getLogger("ktrace.tunnel")
@@ -25,6 +26,10 @@ log = logging.getLogger("ktrace.tunnel")
 QUEUE_DATAGRAMS = 512
 
 Receiver = Callable[[Endpoint, bytes], None]
+
+
+class _CallLost(TunnelError):
+    """The stream failed before the agent answered ``open``."""
 
 
 class UdpSession:
@@ -39,20 +44,38 @@ class UdpSession:
         self._tasks = (asyncio.create_task(self._write_loop()), asyncio.create_task(self._read_loop()))
 
     @classmethod
-    async def open(cls, stub: rpc.Stub, metadata: tuple[tuple[str, str], ...], family: int) -> UdpSession:
+    async def open(cls, calls: CallPool[rpc.UdpCall], family: int) -> UdpSession:
+        call, spare = calls.take()
+        try:
+            return await cls._open_on(call, family)
+        except _CallLost:
+            if not spare:
+                raise
+        return await cls._open_on(calls.fresh(), family)  # the spare had ended: one retry
+
+    @classmethod
+    async def _open_on(cls, call: rpc.UdpCall, family: int) -> UdpSession:
         wire_family = rpc.FAMILY_INET6 if family == socket.AF_INET6 else rpc.FAMILY_INET
-        call = stub.datagrams(metadata=metadata)
+        reading = asyncio.ensure_future(call.read())  # in flight while the write completes
         try:
             await call.write(rpc.UdpClientFrame(open=rpc.UdpOpen(family=wire_family)))
-            reply: object = await call.read()
+            reply: object = await reading
         except grpc.aio.AioRpcError as exc:
             call.cancel()
-            raise TunnelError("EIO", f"tunnel: {exc.code().name}: {exc.details()}") from exc
+            raise _CallLost("EIO", f"tunnel: {exc.code().name}: {exc.details()}") from exc
+        except (asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+            call.cancel()
+            raise _CallLost("EIO", f"tunnel: stream ended before open ({exc})") from None
         except BaseException:
             call.cancel()
             raise
+        finally:
+            if not reading.done():
+                reading.cancel()
+            elif not reading.cancelled():
+                reading.exception()  # retrieved: an error here was handled above
         if reply is grpc.aio.EOF:
-            raise TunnelError("EIO", f"agent ended the stream without an answer ({(await call.code()).name})")
+            raise _CallLost("EIO", f"agent ended the stream without an answer ({(await call.code()).name})")
         assert isinstance(reply, rpc.UdpServerFrame)
         if reply.WhichOneof("kind") == "failure":
             call.cancel()
