@@ -1,3 +1,5 @@
 """ktrace agent: makes the real DNS lookups and connections where it runs (a pod)."""
 
+from . import grpc_setup as _grpc_setup  # noqa: F401  # before anything imports grpc
+
 __version__ = "0.1.0"

@@ -22,6 +22,8 @@ import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+from ktrace_agent import grpc_setup
+
 from ktrace.errors import KtraceError
 from ktrace.tracer import arch, launcher, seccomp
 from ktrace.tracer.decide import RoutingPolicy, nameservers_of
@@ -102,7 +104,8 @@ def run(options: RunOptions) -> int:
             exit_code=2,
         )
     token = read_token(options.token_file) if options.token_file else None
-    env = dict(os.environ)
+    # The program's environment is the user's: without what ktrace set for its own gRPC.
+    env = {k: v for k, v in os.environ.items() if k not in grpc_setup.ADDED}
     try:
         path = launcher.resolve(options.command[0], env)
     except LaunchError as exc:

@@ -1,0 +1,45 @@
+"""ktrace's own gRPC core settings: applied only where measured, never over the user's, and never
+passed on to the traced program."""
+
+from __future__ import annotations
+
+import pytest
+from ktrace_agent import grpc_setup
+from nscluster import NamespaceCluster
+
+
+def test_sets_experiments_on_a_measured_version() -> None:
+    env: dict[str, str] = {}
+    assert grpc_setup.apply(env, "1.85.3") == {"GRPC_EXPERIMENTS": grpc_setup.EXPERIMENTS_OFF}
+    assert env == {"GRPC_EXPERIMENTS": grpc_setup.EXPERIMENTS_OFF}
+
+
+@pytest.mark.parametrize("version", ["1.99.0", "2.0.0", None])
+def test_leaves_unmeasured_versions_alone(version: str | None) -> None:
+    env: dict[str, str] = {}
+    assert grpc_setup.apply(env, version) == {}
+    assert env == {}
+
+
+def test_never_overrides_the_user() -> None:
+    env = {"GRPC_EXPERIMENTS": "mine"}
+    assert grpc_setup.apply(env, "1.85.3") == {}
+    assert env == {"GRPC_EXPERIMENTS": "mine"}
+
+
+def test_reads_the_installed_version_without_importing_grpc() -> None:
+    version = grpc_setup.grpc_version()
+    assert version is not None and version[0].isdigit()
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(60)
+def test_the_program_gets_the_users_environment(ktrace_cluster: NamespaceCluster) -> None:
+    c = ktrace_cluster
+    r = c.run_laptop(c.ktrace_argv("env"), timeout=30, env={"PATH": "/usr/bin:/bin", "KEEP": "1"})
+    assert r.returncode == 0, r.stderr
+    lines = set(r.stdout.splitlines())
+    assert "KEEP=1" in lines
+    assert not any(line.startswith("GRPC_EXPERIMENTS=") for line in lines), r.stdout
+    r = c.run_laptop(c.ktrace_argv("env"), timeout=30, env={"PATH": "/usr/bin:/bin", "GRPC_EXPERIMENTS": "mine"})
+    assert "GRPC_EXPERIMENTS=mine" in r.stdout.splitlines(), r.stdout
