@@ -156,6 +156,7 @@ class AgentServer:
 
     async def Connect(self, request_iterator: object, context: rpc.TcpContext) -> None:
         async with self._call(context, "Connect"):
+            await _headers_now(context)
             try:
                 await TcpRelay(context, self._connect_timeout).run()
             except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -166,6 +167,7 @@ class AgentServer:
 
     async def Datagrams(self, request_iterator: object, context: rpc.UdpContext) -> None:
         async with self._call(context, "Datagrams"):
+            await _headers_now(context)
             try:
                 await UdpRelay(context).run()
             except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -173,3 +175,10 @@ class AgentServer:
             except Exception as exc:
                 log.warning("Datagrams stream from %s failed: %s", context.peer(), exc)
                 raise
+
+
+async def _headers_now(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Send the response headers when the stream starts, not with the first answer: ktrace
+    starts streams ahead of need, so the answer to ``open`` is then a bare message, which
+    reaches the client in about half the time (measured: ~150 µs instead of ~350 µs)."""
+    await context.send_initial_metadata(())

@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
+import select
 import socket
 import struct
 
@@ -46,13 +48,30 @@ async def dial(ip: rpc.IPAddress, port: int, timeout: float) -> socket.socket:
     family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
+    address = (str(ip), port)
     try:
+        # A connect to a nearby host (the same node, often) has its answer by the time
+        # connect() returns EINPROGRESS: take it now rather than one event-loop turn later.
+        err = sock.connect_ex(address)
+        if err == errno.EINPROGRESS and _writable_now(sock):
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err == 0:
+            return sock
+        if err != errno.EINPROGRESS:
+            raise OSError(err, os.strerror(err))
         async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
-            await asyncio.get_running_loop().sock_connect(sock, (str(ip), port))
+            # connect() again sees EALREADY and waits for the same attempt to finish.
+            await asyncio.get_running_loop().sock_connect(sock, address)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _writable_now(sock: socket.socket) -> bool:
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
 
 
 class TcpRelay:
