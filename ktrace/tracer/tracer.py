@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -38,6 +39,12 @@ GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, 
 SYSCALL_EXIT_TRAP = signal.SIGTRAP | 0x80
 SI_KERNEL = 0x80
 FORWARDED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
+# After a stop ktrace resumed at once, poll this long for the next stop before going
+# back to the event loop. A tracee that stops again soon (an open() loop, a burst of
+# UDP sends) is then seen without a SIGCHLD → signalfd → epoll wake-up of ktrace, which
+# costs tens of µs on a VM whose idle vCPUs halt. Measured (docs/performance.md): an
+# open() under ktrace 80 → 37 µs. Bounded, so a lone stop costs at most this much CPU.
+SPIN_SECONDS = 30e-6
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,7 @@ class Tracer:
     result: TraceResult = field(default_factory=TraceResult)
     finished: asyncio.Future[TraceResult] | None = None
     _signal_fd: int = -1
+    _resumed_now: bool = False  # the last stop was resumed synchronously (not parked)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -150,6 +158,7 @@ class Tracer:
         self._drain()
 
     def _drain(self) -> None:
+        spin_until = 0.0
         while True:
             try:
                 tid, status = os.waitpid(-1, os.WNOHANG | kernel.WALL)
@@ -157,9 +166,13 @@ class Tracer:
                 self._maybe_finish()
                 return
             if tid == 0:
-                return
+                if spin_until == 0.0 or time.monotonic() > spin_until:
+                    return
+                continue
+            self._resumed_now = False
             with contextlib.suppress(TraceeGone):
                 self._on_status(tid, status)
+            spin_until = time.monotonic() + SPIN_SECONDS if self._resumed_now else 0.0
 
     # -- stops ------------------------------------------------------------------
 
@@ -232,6 +245,7 @@ class Tracer:
 
     def _apply(self, thread: _Thread, regs: Registers, outcome: Outcome) -> None:
         tid = thread.tid
+        self._resumed_now = not isinstance(outcome, Deferred)
         if isinstance(outcome, Resume):
             kernel.cont(tid)
         elif isinstance(outcome, Complete):
