@@ -31,7 +31,10 @@ from .errnames import describe, errno_name
 
 log = logging.getLogger("ktrace_agent")
 
-CHUNK = 256 * 1024
+CHUNK = 1024 * 1024  # bytes per data frame at most (see ktrace/tunnel/tcp_stream.py)
+# The socket reader pauses the socket past twice this much buffered: with the frame in
+# flight, what one connection can hold here is bounded by ~2 MiB.
+READ_LIMIT = 512 * 1024
 
 
 class _Protocol(Exception):
@@ -130,7 +133,7 @@ class TcpRelay:
         opened = rpc.TcpOpened(local=rpc.encode_address(local[0], local[1]), peer=rpc.encode_address(peer[0], peer[1]))
         # The answer first: the program's connect() waits for it; the socket buffers meanwhile.
         await self._context.write(rpc.TcpServerFrame(opened=opened))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=2 * CHUNK)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=READ_LIMIT)
         self._reader, self._writer = reader, writer
         return True
 

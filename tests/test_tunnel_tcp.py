@@ -227,3 +227,48 @@ def test_local_abort_resets_remote(tmp_path: pathlib.Path) -> None:
             p_writer.close()
 
     run(scenario())
+
+
+def test_backpressure_bounds_what_a_stalled_reader_buffers(tmp_path: pathlib.Path) -> None:
+    """A program that stops reading stops the remote sender: nothing in between buffers
+    without bound. The server offers 1 GiB; it must get stuck after a few MiB (kernel socket
+    buffers on three connections, one frame per direction in flight, the streams' readers and
+    HTTP/2 flow control), and every byte must still arrive once the program reads again."""
+    offered = 1024 * 1024 * 1024
+    bound = 64 * 1024 * 1024
+
+    async def scenario() -> None:
+        written = 0
+        blocked = asyncio.Event()
+
+        async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal written
+            block = b"x" * (1 << 20)
+            while written < offered:
+                writer.write(block)
+                written += len(block)
+                if writer.transport.get_write_buffer_size() > 0:
+                    blocked.set()  # the kernel's send buffer is full: the drain below waits
+                await writer.drain()
+            writer.write_eof()
+
+        async with LoopbackServer(source) as target, agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
+            stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
+            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            # The program reads nothing. Wait until the server's writes stop making progress.
+            await asyncio.wait_for(blocked.wait(), 30)
+            deadline = time.monotonic() + 30
+            last = -1
+            while written != last:
+                assert time.monotonic() < deadline, f"the server kept writing: {written} bytes"
+                last = written
+                await asyncio.sleep(0.2)  # polling the progress of a stalled sender, bounded above
+            assert written < bound, f"{written} bytes buffered between a stalled reader and the server"
+            p_writer.write_eof()
+            got, _ = await drain_all(p_reader)  # reading again resumes the sender: nothing was lost
+            assert got == offered
+            await splice
+            p_writer.close()
+
+    run(scenario(), timeout=110)
