@@ -118,6 +118,10 @@ class AgentClient:
         """Have the agent connect to ``dest``; raises ``TunnelError`` with the agent's errno on failure."""
         return await TcpStream.open(self._tcp_calls, dest, timeout)
 
+    def start_udp(self, family: int) -> UdpSession:
+        """A UDP socket on the agent whose datagrams may be sent before the agent answered."""
+        return UdpSession.start(self._udp_calls, family)
+
     async def open_udp(self, family: int) -> UdpSession:
         """A UDP socket on the agent (``socket.AF_INET`` or ``AF_INET6``)."""
         return await UdpSession.open(self._udp_calls, family)

@@ -17,7 +17,6 @@ counted, as a full socket buffer would drop them. Sessions idle for
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import socket
@@ -27,12 +26,11 @@ from dataclasses import dataclass, field
 
 from .client import AgentClient
 from .dns_answers import addresses_in_answer
-from .types import Endpoint, IPAddress, TunnelError
+from .types import Endpoint, IPAddress
 from .udp_session import UdpSession
 
 log = logging.getLogger("ktrace.tunnel")
 
-PENDING_DATAGRAMS = 64  # queued per program socket while its session opens
 READS_PER_WAKEUP = 64  # bound the work one readable relay can do per loop iteration
 MAX_DATAGRAM = 65536
 DNS_PORT = 53
@@ -58,8 +56,6 @@ class _ProgramSocket:
     family: int
     relays: dict[Endpoint, _Relay] = field(default_factory=dict)
     session: UdpSession | None = None
-    opening: asyncio.Task[None] | None = None
-    pending: collections.deque[tuple[Endpoint, bytes]] = field(default_factory=collections.deque)
     program_address: tuple[str, int] | None = None  # where replies go: the last source seen
     last_used: float = field(default_factory=time.monotonic)
 
@@ -179,38 +175,21 @@ class UdpRelays:
             self._forward(state, relay.peer, payload)
 
     def _forward(self, state: _ProgramSocket, peer: Endpoint, payload: bytes) -> None:
-        if state.session is not None and not state.session.closed.is_set():
-            if not state.session.send(peer, payload):
-                self.dropped += 1
-            return
-        if len(state.pending) >= PENDING_DATAGRAMS:
+        session = state.session
+        if session is None or session.closed.is_set():
+            session = state.session = self._start_session(state)
+        if not session.send(peer, payload):
             self.dropped += 1
-            return
-        state.pending.append((peer, payload))
-        if state.opening is None:
-            state.session = None
-            state.opening = asyncio.create_task(self._open_session(state))
 
-    async def _open_session(self, state: _ProgramSocket) -> None:
+    def _start_session(self, state: _ProgramSocket) -> UdpSession:
+        # Pipelined: the datagram follows the session's open frame on the stream, so a
+        # DNS query does not wait a round trip for the agent's answer to open first.
         session_family = socket.AF_INET6 if state.family == socket.AF_INET6 else socket.AF_INET
-        try:
-            session = await self._client.open_udp(session_family)
-        except (TunnelError, OSError) as exc:
-            log.warning("UDP session for socket %d failed: %s", state.key, exc)
-            self.dropped += len(state.pending)
-            state.pending.clear()
-            state.opening = None
-            return
-        if self._sockets.get(state.key) is not state:  # closed meanwhile
-            await session.close()
-            return
+        session = self._client.start_udp(session_family)
         session.set_receiver(lambda source, payload: self._from_remote(state, source, payload))
-        state.session = session
-        state.opening = None
-        while state.pending:
-            peer, payload = state.pending.popleft()
-            if not session.send(peer, payload):
-                self.dropped += 1
+        # Agent socket errors (ICMP) and a refused open: the datagrams are lost, as UDP's are.
+        session.set_error_receiver(lambda exc: log.debug("UDP session for socket %d: %s", state.key, exc))
+        return session
 
     # --- remote → program ---
 
@@ -269,9 +248,6 @@ class UdpRelays:
                 self._arm_sweeper()
 
     def _end_session(self, state: _ProgramSocket) -> None:
-        if state.opening is not None:
-            state.opening.cancel()
-            state.opening = None
         session, state.session = state.session, None
         if session is not None:
             task = asyncio.create_task(session.close())

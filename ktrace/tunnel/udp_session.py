@@ -33,57 +33,58 @@ class _CallLost(TunnelError):
 
 
 class UdpSession:
-    def __init__(self, call: rpc.UdpCall, local: Endpoint) -> None:
+    """Start with ``start`` (datagrams may be sent at once: they follow the ``open`` frame
+    on the stream, so the first one does not wait for the agent's answer) or ``open``
+    (returns once the agent has answered)."""
+
+    def __init__(self, call: rpc.UdpCall, family: int) -> None:
         self._call = call
-        self.local = local
+        self._local: Endpoint | None = None
+        self._answered = asyncio.Event()
+        self._open_error: TunnelError | None = None
         self._queue: asyncio.Queue[rpc.UdpClientFrame] = asyncio.Queue(QUEUE_DATAGRAMS)
+        wire_family = rpc.FAMILY_INET6 if family == socket.AF_INET6 else rpc.FAMILY_INET
+        self._queue.put_nowait(rpc.UdpClientFrame(open=rpc.UdpOpen(family=wire_family)))
         self._receiver: Receiver | None = None
         self._on_error: Callable[[TunnelError], None] | None = None
         self.dropped = 0
         self.closed = asyncio.Event()
+        self._closing = False
         self._tasks = (asyncio.create_task(self._write_loop()), asyncio.create_task(self._read_loop()))
+
+    @classmethod
+    def start(cls, calls: CallPool[rpc.UdpCall], family: int) -> UdpSession:
+        """A session whose ``open`` is on its way; ``send`` works at once. If the agent
+        refuses it, the error receiver hears why and the session closes."""
+        return cls(calls.take()[0], family)
 
     @classmethod
     async def open(cls, calls: CallPool[rpc.UdpCall], family: int) -> UdpSession:
         call, spare = calls.take()
         try:
-            return await cls._open_on(call, family)
+            return await cls(call, family)._opened()
         except _CallLost:
             if not spare:
                 raise
-        return await cls._open_on(calls.fresh(), family)  # the spare had ended: one retry
+        return await cls(calls.fresh(), family)._opened()  # the spare had ended: one retry
 
-    @classmethod
-    async def _open_on(cls, call: rpc.UdpCall, family: int) -> UdpSession:
-        wire_family = rpc.FAMILY_INET6 if family == socket.AF_INET6 else rpc.FAMILY_INET
-        reading = asyncio.ensure_future(call.read())  # in flight while the write completes
+    async def _opened(self) -> UdpSession:
         try:
-            await call.write(rpc.UdpClientFrame(open=rpc.UdpOpen(family=wire_family)))
-            reply: object = await reading
-        except grpc.aio.AioRpcError as exc:
-            call.cancel()
-            raise _CallLost("EIO", f"tunnel: {exc.code().name}: {exc.details()}") from exc
-        except (asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
-            call.cancel()
-            raise _CallLost("EIO", f"tunnel: stream ended before open ({exc})") from None
+            await self._answered.wait()
         except BaseException:
-            call.cancel()
+            await self.close()
             raise
-        finally:
-            if not reading.done():
-                reading.cancel()
-            elif not reading.cancelled():
-                reading.exception()  # retrieved: an error here was handled above
-        if reply is grpc.aio.EOF:
-            raise _CallLost("EIO", f"agent ended the stream without an answer ({(await call.code()).name})")
-        assert isinstance(reply, rpc.UdpServerFrame)
-        if reply.WhichOneof("kind") == "failure":
-            call.cancel()
-            raise TunnelError(reply.failure.errno_name or "EIO", reply.failure.message)
-        if reply.WhichOneof("kind") != "opened":
-            call.cancel()
-            raise TunnelError("EIO", f"agent answered {reply.WhichOneof('kind')!r} to open")
-        return cls(call, rpc.decode_address(reply.opened.local))
+        if self._open_error is not None:
+            await self.close()
+            raise self._open_error
+        return self
+
+    @property
+    def local(self) -> Endpoint:
+        """The agent socket's address (known once the agent answered)."""
+        if self._local is None:
+            raise RuntimeError("the UDP session is not open yet")
+        return self._local
 
     def send(self, dest: Endpoint, payload: bytes) -> bool:
         """Queue one datagram for ``dest``; False when dropped (queue full or session closed)."""
@@ -105,6 +106,7 @@ class UdpSession:
         self._on_error = callback
 
     async def close(self) -> None:
+        self._closing = True
         self.closed.set()
         self._call.cancel()
         for task in self._tasks:
@@ -138,10 +140,35 @@ class UdpSession:
                             self._receiver(source, frame.datagram.payload)
                         except Exception:
                             log.exception("UDP receiver callback failed")
-                elif kind == "failure" and self._on_error is not None:
-                    self._on_error(TunnelError(frame.failure.errno_name or "EIO", frame.failure.message))
+                elif kind == "opened" and not self._answered.is_set():
+                    self._local = rpc.decode_address(frame.opened.local)
+                    self._answered.set()
+                elif kind == "failure":
+                    error = TunnelError(frame.failure.errno_name or "EIO", frame.failure.message)
+                    if not self._answered.is_set():
+                        self._refused(error)
+                        return  # the agent ends the stream after refusing to open
+                    if self._on_error is not None:
+                        self._on_error(error)
+                elif not self._answered.is_set():
+                    self._refused(TunnelError("EIO", f"agent answered {kind!r} to open"))
+                    return
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
+            if not self._answered.is_set():
+                self._refused(_CallLost("EIO", f"tunnel: {exc.code().name}: {exc.details()}"))
+            elif exc.code() != grpc.StatusCode.CANCELLED:
                 log.warning("UDP session ended: %s: %s", exc.code().name, exc.details())
         finally:
+            if not self._answered.is_set():
+                self._refused(_CallLost("EIO", "agent ended the stream without an answer"), notify=not self._closing)
             self.closed.set()
+
+    def _refused(self, error: TunnelError, notify: bool = True) -> None:
+        self._open_error = error
+        self._answered.set()
+        self.closed.set()
+        if notify and self._on_error is not None:
+            try:
+                self._on_error(error)
+            except Exception:
+                log.exception("UDP error callback failed")
