@@ -109,14 +109,16 @@ class UdpRelay:
             await self._context.write(rpc.UdpServerFrame(failure=failure))
             return
         queue: asyncio.Queue[rpc.UdpServerFrame] = asyncio.Queue(QUEUE_DATAGRAMS)
+        # `opened` is the first frame the one writer (_send_back) sends; datagrams the client
+        # sent right behind its open frame are forwarded meanwhile, not one write later.
+        host, port = sock.getsockname()[:2]
+        queue.put_nowait(rpc.UdpServerFrame(opened=rpc.UdpOpened(local=rpc.encode_address(host, port))))
         loop = asyncio.get_running_loop()
         transport, protocol = await loop.create_datagram_endpoint(lambda: _Socket(queue, sock), sock=sock)
         try:
-            host, port = sock.getsockname()[:2]
-            await self._context.write(rpc.UdpServerFrame(opened=rpc.UdpOpened(local=rpc.encode_address(host, port))))
             sender = asyncio.create_task(self._send_back(queue))
             try:
-                await self._forward(transport, family)
+                await self._forward(transport, family, queue)
             finally:
                 sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -142,7 +144,9 @@ class UdpRelay:
         log.warning("Datagrams stream from %s: protocol error: %s", self._context.peer(), message)
         await self._context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
 
-    async def _forward(self, transport: asyncio.DatagramTransport, family: int) -> None:
+    async def _forward(
+        self, transport: asyncio.DatagramTransport, family: int, replies: asyncio.Queue[rpc.UdpServerFrame]
+    ) -> None:
         """Client → network, until the client closes its side."""
         while (frame := await self._read_frame()) is not None:
             if frame.WhichOneof("kind") != "datagram":
@@ -153,7 +157,7 @@ class UdpRelay:
                 await self._protocol_error(str(exc))
             if family == socket.AF_INET and ip.version == 6:
                 failure = rpc.Failure(errno_name="EAFNOSUPPORT", message=f"IPv6 destination {ip} on an IPv4 socket")
-                await self._context.write(rpc.UdpServerFrame(failure=failure))
+                await replies.put(rpc.UdpServerFrame(failure=failure))  # through the one writer
                 continue
             if _buffered(transport) >= SEND_BUFFER_LIMIT:
                 self.dropped_out += 1

@@ -195,6 +195,10 @@ class UdpRelays:
 
     def _from_remote(self, state: _ProgramSocket, source: Endpoint, payload: bytes) -> None:
         state.last_used = time.monotonic()
+        self._deliver(state, source, payload)
+        # After delivering: parsing an answer costs ~100s of µs that the program need not
+        # wait for. The map is still up to date before ktrace sees the program's next
+        # syscall, which this same (single-threaded) loop handles after this callback.
         if source.port == DNS_PORT and self._on_dns_answer is not None:
             answer = addresses_in_answer(payload)
             if answer is not None and answer[1]:
@@ -202,6 +206,8 @@ class UdpRelays:
                     self._on_dns_answer(*answer)
                 except Exception:
                     log.exception("on_dns_answer callback failed")
+
+    def _deliver(self, state: _ProgramSocket, source: Endpoint, payload: bytes) -> None:
         if self._sockets.get(state.key) is not state or state.program_address is None:
             self.dropped += 1
             return
