@@ -3,7 +3,10 @@
 Pairing is by source port. The tracer connects its duplicate of the program's
 socket here, learns the source port, and calls ``expect()`` synchronously, all
 before the event loop gets to run the accept callback; so by the time a connection
-is accepted, the stream for it is registered. A connection nobody expects is
+is accepted, the stream for it is registered. ``expect()`` itself accepts what is
+queued (a loopback handshake is done when connect() returns), so the splice is
+ready before the program runs on; the listener's reader callback takes the rest
+(a non-blocking connect still in progress). A connection nobody expects is
 closed at once: any local process could connect here, and must not reach a tunnel
 stream meant for someone else.
 
@@ -21,7 +24,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from .tcp_stream import TcpStream, reset_writer
+from .tcp_stream import TcpStream, reset_socket
 from .types import TcpStats
 
 log = logging.getLogger("ktrace.tunnel")
@@ -35,7 +38,7 @@ OnClosed = Callable[[TcpStream, TcpStats], None]
 class LoopbackEndpoint:
     def __init__(self, on_closed: OnClosed | None = None) -> None:
         self._on_closed = on_closed
-        self._servers: dict[int, asyncio.Server] = {}
+        self._listeners: dict[int, socket.socket] = {}
         self._ports: dict[int, int] = {}
         self._expected: dict[tuple[int, int], TcpStream] = {}
         self._splices: set[asyncio.Task[None]] = set()
@@ -43,25 +46,32 @@ class LoopbackEndpoint:
 
     async def start(self) -> None:
         """Listen on 127.0.0.1:0 and, where the host has IPv6, on [::1]:0."""
-        self._servers[socket.AF_INET] = await asyncio.start_server(
-            self._accepted, "127.0.0.1", 0, family=socket.AF_INET, backlog=BACKLOG, limit=_READ_LIMIT
-        )
+        self._listen(socket.AF_INET, "127.0.0.1")
         try:
-            self._servers[socket.AF_INET6] = await asyncio.start_server(
-                self._accepted, "::1", 0, family=socket.AF_INET6, backlog=BACKLOG, limit=_READ_LIMIT
-            )
+            self._listen(socket.AF_INET6, "::1")
         except OSError as exc:
             log.debug("no IPv6 loopback (%s); AF_INET6 sockets use v4-mapped addresses", exc)
-        for family, server in self._servers.items():
-            self._ports[family] = server.sockets[0].getsockname()[1]
+
+    def _listen(self, family: int, host: str) -> None:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((host, 0))
+            sock.listen(BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+        self._listeners[family] = sock
+        self._ports[family] = sock.getsockname()[1]
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._accept_pending, family)
 
     def _listener_family(self, family: int) -> int:
-        return family if family in self._servers else socket.AF_INET
+        return family if family in self._listeners else socket.AF_INET
 
     def address(self, family: int) -> tuple[str, int]:
         """Where a socket of ``family`` should be connected."""
         if family == socket.AF_INET6:
-            if socket.AF_INET6 in self._servers:
+            if socket.AF_INET6 in self._listeners:
                 return "::1", self._ports[socket.AF_INET6]
             return "::ffff:127.0.0.1", self._ports[socket.AF_INET]
         return "127.0.0.1", self._ports[socket.AF_INET]
@@ -74,31 +84,41 @@ class LoopbackEndpoint:
             stale = self._expected.pop(key)
             self._spawn(stale.abort())
         self._expected[key] = stream
+        # A loopback connect has completed its handshake by the time connect() returns: the
+        # connection is usually queued already. Taking it now starts the splice before the
+        # program is even resumed, instead of a few event-loop turns after its first write.
+        self._accept_pending(key[0])
 
     def forget(self, family: int, source_port: int) -> None:
         """Drop an expectation (the tracer's connect failed); the stream is not touched."""
         self._expected.pop((self._listener_family(family), source_port), None)
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sock = writer.get_extra_info("socket")
-        peer = writer.get_extra_info("peername")
-        family = sock.family if sock is not None else socket.AF_INET
-        stream = self._expected.pop((family, peer[1]), None) if peer else None
-        if stream is None or self._closing:
-            log.warning("closed an unexpected loopback connection from %s", peer)
-            reset_writer(writer)
-            return
-        task = asyncio.current_task()
-        assert task is not None
-        self._splices.add(task)
+    def _accept_pending(self, family: int) -> None:
+        listener = self._listeners.get(family)
+        while listener is not None:
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ECONNABORTED, EMFILE...: this connection is lost, not the listener
+                log.warning("accepting a loopback connection failed: %s", exc)
+                return
+            stream = self._expected.pop((family, peer[1]), None)
+            if stream is None or self._closing:
+                log.warning("closed an unexpected loopback connection from %s", peer)
+                reset_socket(sock)
+                sock.close()
+                continue
+            self._spawn(self._serve(sock, stream))
+
+    async def _serve(self, sock: socket.socket, stream: TcpStream) -> None:
         try:
-            stats = await stream.splice(reader, writer)
-        except asyncio.CancelledError:
-            # This is the top of a task asyncio started for the connection; a
-            # cancelled one would be reported as an error by asyncio itself.
-            return
-        finally:
-            self._splices.discard(task)
+            reader, writer = await asyncio.open_connection(sock=sock, limit=_READ_LIMIT)
+        except BaseException:
+            sock.close()
+            await stream.abort()
+            raise
+        stats = await stream.splice(reader, writer)
         if self._on_closed is not None:
             try:
                 self._on_closed(stream, stats)
@@ -118,8 +138,11 @@ class LoopbackEndpoint:
         wrote just before must still reach the remote side.
         """
         self._closing = True
-        for server in self._servers.values():
-            server.close()
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners.values():
+            loop.remove_reader(listener.fileno())
+            listener.close()
+        self._listeners.clear()
         expected = list(self._expected.values())
         self._expected.clear()
         for stream in expected:
@@ -131,6 +154,3 @@ class LoopbackEndpoint:
         for task in list(self._splices):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for server in self._servers.values():
-            with contextlib.suppress(Exception):
-                await server.wait_closed()

@@ -43,12 +43,17 @@ class _Reset(Exception):
         self.outcome = outcome
 
 
+def reset_socket(sock: socket.socket) -> None:
+    """Make the socket's close send RST rather than FIN (SO_LINGER on, timeout 0)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 def reset_writer(writer: asyncio.StreamWriter) -> None:
     """Close the local socket with RST rather than FIN."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset_socket(sock)
     writer.transport.abort()
 
 
