@@ -1,5 +1,5 @@
 """ktrace agent: makes the real DNS lookups and connections where it runs (a pod)."""
 
-from . import grpc_setup as _grpc_setup  # noqa: F401  # before anything imports grpc
+from . import tuning as _tuning  # noqa: F401  # before anything imports grpc
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from ktrace_agent import grpc_setup
+from ktrace_agent import tuning
 
 from ktrace.errors import KtraceError
 from ktrace.tracer import arch, launcher, seccomp
@@ -105,7 +105,7 @@ def run(options: RunOptions) -> int:
         )
     token = read_token(options.token_file) if options.token_file else None
     # The program's environment is the user's: without what ktrace set for its own gRPC.
-    env = {k: v for k, v in os.environ.items() if k not in grpc_setup.ADDED}
+    env = {k: v for k, v in os.environ.items() if k not in tuning.ADDED}
     try:
         path = launcher.resolve(options.command[0], env)
     except LaunchError as exc:

@@ -1,3 +1,3 @@
 """The tunnel to the agent: one gRPC channel, a stream per TCP connection and UDP socket."""
 
-import ktrace_agent.grpc_setup as _grpc_setup  # noqa: F401  # gRPC core settings, before grpc is imported
+import ktrace_agent.tuning as _tuning  # noqa: F401  # gRPC and malloc settings, before grpc is imported

@@ -1,35 +1,43 @@
-"""ktrace's own gRPC core settings: applied only where measured, never over the user's, and never
-passed on to the traced program."""
+"""ktrace's own process settings (agent/tuning.py): gRPC core settings applied only where measured,
+never over the user's and never passed on to the traced program; malloc kept from page-faulting."""
 
 from __future__ import annotations
 
 import pytest
-from ktrace_agent import grpc_setup
+from ktrace_agent import tuning
 from nscluster import NamespaceCluster
 
 
 def test_sets_experiments_on_a_measured_version() -> None:
     env: dict[str, str] = {}
-    assert grpc_setup.apply(env, "1.85.3") == {"GRPC_EXPERIMENTS": grpc_setup.EXPERIMENTS_OFF}
-    assert env == {"GRPC_EXPERIMENTS": grpc_setup.EXPERIMENTS_OFF}
+    assert tuning.apply(env, "1.85.3") == {"GRPC_EXPERIMENTS": tuning.EXPERIMENTS_OFF}
+    assert env == {"GRPC_EXPERIMENTS": tuning.EXPERIMENTS_OFF}
 
 
 @pytest.mark.parametrize("version", ["1.99.0", "2.0.0", None])
 def test_leaves_unmeasured_versions_alone(version: str | None) -> None:
     env: dict[str, str] = {}
-    assert grpc_setup.apply(env, version) == {}
+    assert tuning.apply(env, version) == {}
     assert env == {}
 
 
 def test_never_overrides_the_user() -> None:
     env = {"GRPC_EXPERIMENTS": "mine"}
-    assert grpc_setup.apply(env, "1.85.3") == {}
+    assert tuning.apply(env, "1.85.3") == {}
     assert env == {"GRPC_EXPERIMENTS": "mine"}
 
 
 def test_reads_the_installed_version_without_importing_grpc() -> None:
-    version = grpc_setup.grpc_version()
+    version = tuning.grpc_version()
     assert version is not None and version[0].isdigit()
+
+
+def test_malloc_is_tuned_on_glibc() -> None:
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert tuning.tune_malloc()
 
 
 @pytest.mark.netns
