@@ -8,8 +8,10 @@ its own figure.
 
 from __future__ import annotations
 
+import pathlib
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from bench_report import Figure
 from e2e_helpers import Deadline, read_line
 
 MB = 1_000_000
+FLOOR = pathlib.Path(__file__).resolve().parent / "seccomp_floor.py"
 DNS_NAME = "hello.default.svc.cluster.local."  # absolute: no search-list expansion
 
 
@@ -101,9 +104,23 @@ def syscall_getppid(env: BenchEnv, s: Sizes) -> Figure:
     def one() -> None:
         fig.baseline_samples.append(_field(env.run("laptop", argv), "elapsed_ns") / 1e6)
         fig.samples.append(_field(env.run("laptop", env.ktrace_argv(*argv)), "elapsed_ns") / 1e6)
+        fig.floor_samples.append(_field(env.run("laptop", _floor_argv(argv)), "elapsed_ns") / 1e6)
 
     fig.notes.append("the program's own loop time (ktrace's start-up is its own figure)")
-    return _runs(fig, s.runs, one)
+    return _with_floor_note(_runs(fig, s.runs, one))
+
+
+def _floor_argv(argv: list[str]) -> list[str]:
+    return [sys.executable, str(FLOOR), *argv]
+
+
+def _with_floor_note(fig: Figure) -> Figure:
+    if fig.floor_ratio is not None:
+        fig.notes.append(
+            f"floor: the same program under a 1-instruction allow-all seccomp filter and no tracer runs "
+            f"{fig.floor_ratio:.2f}x its native time (the kernel's syscall-entry cost for any seccomp'd task)"
+        )
+    return fig
 
 
 def syscall_dd(env: BenchEnv, s: Sizes) -> Figure:
@@ -120,9 +137,10 @@ def syscall_dd(env: BenchEnv, s: Sizes) -> Figure:
     def one() -> None:
         fig.baseline_samples.append(seconds(argv))
         fig.samples.append(seconds(env.ktrace_argv(*argv)))
+        fig.floor_samples.append(seconds(_floor_argv(argv)))
 
     fig.notes.append("dd's own copy time")
-    return _runs(fig, s.runs, one)
+    return _with_floor_note(_runs(fig, s.runs, one))
 
 
 def open_loop(env: BenchEnv, s: Sizes) -> Figure:

@@ -55,6 +55,8 @@ class Figure:
     extra: dict[str, float] = field(default_factory=dict)
     # For "at_least"/"at_most" figures that also have a condition (all connections complete).
     condition_ok: bool | None = None
+    # The program under a seccomp filter alone (no tracer): the floor of any seccomp-based tool.
+    floor_samples: list[float] = field(default_factory=list)
 
     @property
     def value(self) -> float | None:
@@ -72,6 +74,11 @@ class Figure:
     def ratio(self) -> float | None:
         v, b = self.value, self.baseline
         return v / b if v is not None and b else None
+
+    @property
+    def floor_ratio(self) -> float | None:
+        f, b = median(self.floor_samples), self.baseline
+        return f / b if f is not None and b else None
 
     @property
     def delta(self) -> float | None:
@@ -105,7 +112,7 @@ class Figure:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for name in ("value", "baseline", "peer", "ratio", "delta", "peer_ratio", "met"):
+        for name in ("value", "baseline", "peer", "ratio", "delta", "peer_ratio", "floor_ratio", "met"):
             data[name] = getattr(self, name)
         return data
 
