@@ -174,8 +174,9 @@ class TcpStream:
             except OSError as exc:
                 raise _Reset(f"reset: local {type(exc).__name__}") from None
             if not data:
+                # No done_writing(): the agent reads nothing after this frame, and the call
+                # ends with its status; one gRPC operation less per connection.
                 await self._call_op(self._call.write(rpc.TcpClientFrame(shutdown_write=True)))
-                await self._call_op(self._call.done_writing())
                 return
             await self._call_op(self._call.write(rpc.TcpClientFrame(data=data)))
             stats.bytes_up += len(data)
