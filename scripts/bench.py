@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -75,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     machine["load_after"] = load_text()
     machine["duration_s"] = round(time.monotonic() - started, 1)
     machine["ktrace"] = ktrace
+    machine["agent"] = os.environ.get("KTRACE_AGENT_BIN", "ktrace-agent (installed)")
+    git = subprocess.run(
+        ["git", "-C", str(pathlib.Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    machine["commit"] = git.stdout.strip() or "?"
     table = markdown(figures, machine, mode)
     os.makedirs(args.out, exist_ok=True)
     pathlib.Path(args.out, "bench.md").write_text(table)
