@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 
 from . import __version__, host_info, rpc
+from .budget import SendBudget
 from .listen import ConfigError, TokenCheck, check_policy, parse_listen
 from .tcp_relay import TcpRelay
 from .udp_relay import UdpRelay
@@ -25,6 +26,10 @@ log = logging.getLogger("ktrace_agent")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 10.0
+# TCP data queued in gRPC by all streams together, and how long a write waits for it
+# (budget.py): bounds the agent's memory with many busy connections.
+SEND_BUDGET_BYTES = 16 * 1024 * 1024
+SEND_BUDGET_WAIT = 0.5
 
 # A tunnel channel lives as long as a traced program and is often idle: let the
 # client ping every ~10 s without calls in flight, and never count that as abuse.
@@ -66,6 +71,7 @@ class AgentServer:
         self._resolv_conf_path = resolv_conf_path
         self._hosts_path = hosts_path
         self._server: grpc.aio.Server | None = None
+        self._send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
         self._active = 0
         self._activity = asyncio.Event()
         self.address = ""
@@ -158,7 +164,7 @@ class AgentServer:
         async with self._call(context, "Connect"):
             await _headers_now(context)
             try:
-                await TcpRelay(context, self._connect_timeout).run()
+                await TcpRelay(context, self._connect_timeout, self._send_budget).run()
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:

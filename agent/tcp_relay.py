@@ -27,6 +27,7 @@ import struct
 import grpc
 
 from . import rpc
+from .budget import SendBudget
 from .errnames import describe, errno_name
 
 log = logging.getLogger("ktrace_agent")
@@ -78,8 +79,9 @@ def _writable_now(sock: socket.socket) -> bool:
 
 
 class TcpRelay:
-    def __init__(self, context: rpc.TcpContext, connect_timeout: float) -> None:
+    def __init__(self, context: rpc.TcpContext, connect_timeout: float, budget: SendBudget | None = None) -> None:
         self._context = context
+        self._budget = budget
         self._connect_timeout = connect_timeout
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -195,7 +197,13 @@ class TcpRelay:
             if not data:
                 await self._context.write(rpc.TcpServerFrame(eof=True))
                 return
-            await self._context.write(rpc.TcpServerFrame(data=data))
+            taken = await self._budget.take(len(data)) if self._budget is not None else 0
+            try:
+                await self._context.write(rpc.TcpServerFrame(data=data))
+            finally:
+                if taken:
+                    assert self._budget is not None
+                    self._budget.give(taken)
 
     def _abort_remote(self) -> None:
         if self._sock is not None:

@@ -272,3 +272,46 @@ def test_backpressure_bounds_what_a_stalled_reader_buffers(tmp_path: pathlib.Pat
             p_writer.close()
 
     run(scenario(), timeout=110)
+
+
+def test_backpressure_bounds_what_a_stalled_server_leaves_buffered(tmp_path: pathlib.Path) -> None:
+    """The other direction: a server that stops reading stops the program's writes."""
+    offered = 1024 * 1024 * 1024
+    bound = 64 * 1024 * 1024
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def stalled_sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await release.wait()
+            await drain_all(reader)
+
+        async with LoopbackServer(stalled_sink) as target, agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
+            stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
+            (_, p_writer), (k_reader, k_writer) = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            written = 0
+            block = b"y" * (1 << 20)
+
+            async def program() -> None:
+                nonlocal written
+                while written < offered:
+                    p_writer.write(block)
+                    written += len(block)
+                    await p_writer.drain()
+                p_writer.write_eof()
+
+            writing = asyncio.create_task(program())
+            deadline = time.monotonic() + 30
+            last = -1
+            while written != last:
+                assert time.monotonic() < deadline, f"the program kept writing: {written} bytes"
+                last = written
+                await asyncio.sleep(0.2)  # polling the progress of a stalled writer, bounded above
+            assert written < bound, f"{written} bytes buffered between the program and a stalled server"
+            release.set()
+            await asyncio.wait_for(writing, 60)  # the server reads again: the program's writes resume
+            await splice
+            p_writer.close()
+
+    run(scenario(), timeout=110)

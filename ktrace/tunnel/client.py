@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from ktrace_agent.budget import SendBudget
 
 from .. import __version__
 from . import rpc
@@ -34,6 +35,10 @@ __all__ = [
 
 # Streams kept started ahead of need, per kind (see call_pool.py).
 SPARE_CALLS = 2
+# TCP data queued in gRPC by all streams together, and how long a write waits for it
+# (ktrace_agent/budget.py): bounds memory with many busy connections.
+SEND_BUDGET_BYTES = 16 * 1024 * 1024
+SEND_BUDGET_WAIT = 0.5
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class AgentClient:
         metadata = self._metadata
         self._tcp_calls = CallPool(lambda: self._stub.connect(metadata=metadata), SPARE_CALLS)
         self._udp_calls = CallPool(lambda: self._stub.datagrams(metadata=metadata), SPARE_CALLS)
+        self._send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
 
     @classmethod
     async def connect(cls, address: str, token: str | None, *, timeout: float = 10.0) -> AgentClient:
@@ -116,7 +122,7 @@ class AgentClient:
 
     async def open_tcp(self, dest: Endpoint, timeout: float | None = None) -> TcpStream:
         """Have the agent connect to ``dest``; raises ``TunnelError`` with the agent's errno on failure."""
-        return await TcpStream.open(self._tcp_calls, dest, timeout)
+        return await TcpStream.open(self._tcp_calls, dest, timeout, self._send_budget)
 
     def start_udp(self, family: int) -> UdpSession:
         """A UDP socket on the agent whose datagrams may be sent before the agent answered."""

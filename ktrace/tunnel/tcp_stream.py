@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import grpc
 import grpc.aio
+from ktrace_agent.budget import SendBudget
 
 from . import rpc
 from .call_pool import CallPool
@@ -60,24 +61,29 @@ def reset_writer(writer: asyncio.StreamWriter) -> None:
 class TcpStream:
     """An open ``Connect`` stream. ``local``: the agent socket's address; ``peer``: the destination."""
 
-    def __init__(self, call: rpc.TcpCall, local: Endpoint, peer: Endpoint) -> None:
+    def __init__(self, call: rpc.TcpCall, local: Endpoint, peer: Endpoint, budget: SendBudget | None = None) -> None:
         self._call = call
+        self._budget = budget
         self.local = local
         self.peer = peer
         # Sees every chunk the remote side sends (DNS over TCP answers, for the DNS map).
         self.observe_down: Callable[[bytes], None] | None = None
 
     @classmethod
-    async def open(cls, calls: CallPool[rpc.TcpCall], dest: Endpoint, timeout: float | None) -> TcpStream:
+    async def open(
+        cls, calls: CallPool[rpc.TcpCall], dest: Endpoint, timeout: float | None, budget: SendBudget | None = None
+    ) -> TcpStream:
         call, spare = calls.take()
         try:
-            return await cls._open_on(call, dest, timeout)
+            stream = await cls._open_on(call, dest, timeout)
         except _CallLost:
             if not spare:
                 raise
-        # The spare had ended before anything reached the agent on it (channel
-        # re-established, agent restarted): one retry on a call started now.
-        return await cls._open_on(calls.fresh(), dest, timeout)
+            # The spare had ended before anything reached the agent on it (channel
+            # re-established, agent restarted): one retry on a call started now.
+            stream = await cls._open_on(calls.fresh(), dest, timeout)
+        stream._budget = budget
+        return stream
 
     @classmethod
     async def _open_on(cls, call: rpc.TcpCall, dest: Endpoint, timeout: float | None) -> TcpStream:
@@ -178,7 +184,13 @@ class TcpStream:
                 # ends with its status; one gRPC operation less per connection.
                 await self._call_op(self._call.write(rpc.TcpClientFrame(shutdown_write=True)))
                 return
-            await self._call_op(self._call.write(rpc.TcpClientFrame(data=data)))
+            taken = await self._budget.take(len(data)) if self._budget is not None else 0
+            try:
+                await self._call_op(self._call.write(rpc.TcpClientFrame(data=data)))
+            finally:
+                if taken:
+                    assert self._budget is not None
+                    self._budget.give(taken)
             stats.bytes_up += len(data)
 
     async def _down(self, writer: asyncio.StreamWriter, stats: TcpStats) -> None:
