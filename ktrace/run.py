@@ -35,7 +35,7 @@ from ktrace.tunnel.client import AgentClient, AgentInfo
 from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.endpoint import LoopbackEndpoint
 from ktrace.tunnel.socket_table import live_udp_inodes
-from ktrace.tunnel.types import AgentUnavailable
+from ktrace.tunnel.types import AgentUnavailable, Endpoint
 from ktrace.tunnel.udp_relay import UdpRelays
 
 log = logging.getLogger("ktrace.run")
@@ -166,8 +166,15 @@ async def _session(options: RunOptions, child: launcher.PendingChild, token: str
                 def socket_gone(inode: int) -> None:
                     udp.forget(inode)
 
+                def peer_error(inode: int, peer: Endpoint, errno_name: str) -> None:
+                    udp.peer_error(inode, peer, errno_name)
+
                 relays = UdpRelays(
-                    client, on_dns_answer=dns_map.record, live_sockets=live_udp_inodes, on_socket_gone=socket_gone
+                    client,
+                    on_dns_answer=dns_map.record,
+                    live_sockets=live_udp_inodes,
+                    on_socket_gone=socket_gone,
+                    on_peer_error=peer_error,
                 )
                 udp = UdpRedirector(relays, policy)
                 handler.udp = udp

@@ -178,7 +178,7 @@ class NetworkHandler:
         info = self._info(sock)
         if info.type == socket.SOCK_DGRAM and self.udp is not None and info.family in (socket.AF_INET, socket.AF_INET6):
             try:
-                return self.udp.connect(tid, sock, info, addr)
+                return self.udp.connect(tid, fd, sock, info, addr)
             finally:
                 sock.close()
         decision = decide.decide_connect(addr, info, info.inode in self.redirected, self.policy)

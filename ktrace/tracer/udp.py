@@ -18,6 +18,7 @@ drop DNS answers whose source is not the server they asked).
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -39,6 +40,8 @@ class RelayTable(Protocol):
 
     def peer_of(self, family: int, relay_port: int) -> Endpoint | None: ...
 
+    def refuse(self, sock_key: int, peer: Endpoint, program: socket.socket) -> bool: ...
+
 
 @dataclass(frozen=True)
 class UdpEvent:
@@ -54,11 +57,16 @@ class UdpRedirector:
     on_event: Callable[[UdpEvent], None] | None = None
     sockets: dict[int, int] = field(default_factory=dict)  # inode -> family, program sockets with relays
     connected: dict[int, InetAddr] = field(default_factory=dict)  # inode -> peer as the program wrote it
+    # inode -> (thread group, descriptor) the program connected it with: where to find the
+    # socket again when the peer turns out to refuse datagrams.
+    descriptors: dict[int, tuple[int, int]] = field(default_factory=dict)
     _seen: set[tuple[int, Endpoint]] = field(default_factory=set)
 
     # -- connect ---------------------------------------------------------------------
 
-    def connect(self, tid: int, sock: socket.socket, info: SocketInfo, addr: sockaddr.Decoded | None) -> Outcome:
+    def connect(
+        self, tid: int, fd: int, sock: socket.socket, info: SocketInfo, addr: sockaddr.Decoded | None
+    ) -> Outcome:
         """connect() on a UDP socket: to a remote peer means to its relay."""
         if not isinstance(addr, InetAddr) or addr.family != info.family:
             # AF_UNSPEC disconnects; anything else is the kernel's business.
@@ -74,6 +82,7 @@ class UdpRedirector:
             return Complete(-err)
         self.sockets[info.inode] = info.family
         self.connected[info.inode] = addr
+        self.descriptors[info.inode] = (kernel.thread_group_of(tid), fd)
         self._note(tid, dest, "connect")
         return Complete(0)
 
@@ -258,6 +267,28 @@ class UdpRedirector:
         """The program's socket ``inode`` is gone (found by the relays' sweep)."""
         self.sockets.pop(inode, None)
         self.connected.pop(inode, None)
+        self.descriptors.pop(inode, None)
+
+    def peer_error(self, inode: int, peer: Endpoint, errno_name: str) -> None:
+        """The agent got an ICMP error from ``peer`` for a datagram of socket ``inode``.
+
+        Only a socket *connected* to that peer hears of it (as on Linux without
+        IP_RECVERR), and only ECONNREFUSED can be reproduced locally (see
+        ``UdpRelays.refuse``); other ICMP errors leave the program waiting, as if lost.
+        """
+        addr = self.connected.get(inode)
+        where = self.descriptors.get(inode)
+        if errno_name != "ECONNREFUSED" or addr is None or addr.endpoint != peer or where is None:
+            return
+        tgid, fd = where
+        try:
+            dup = kernel.duplicate_fd(tgid, fd)
+        except OSError:  # TraceeGone included: the process or descriptor is gone
+            return
+        with socket.socket(fileno=dup) as program:
+            if os.fstat(program.fileno()).st_ino != inode:
+                return  # the descriptor now names another file
+            self.relays.refuse(inode, peer, program)
 
     def peer_name(self, inode: int, family: int) -> bytes | None:
         peer = self.connected.get(inode)

@@ -72,6 +72,7 @@ class UdpRelays:
         idle_timeout: float = 120.0,
         live_sockets: Callable[[], set[int] | None] | None = None,
         on_socket_gone: Callable[[int], None] | None = None,
+        on_peer_error: Callable[[int, Endpoint, str], None] | None = None,
     ) -> None:
         self._client = client
         self._on_dns_answer = on_dns_answer
@@ -80,6 +81,8 @@ class UdpRelays:
         # see close(), so this is how relays of closed sockets are reclaimed.
         self._live_sockets = live_sockets
         self._on_socket_gone = on_socket_gone
+        # (program socket, peer, errno name) for ICMP errors the agent got from that peer.
+        self._on_peer_error = on_peer_error
         self._sockets: dict[int, _ProgramSocket] = {}
         self._by_port: dict[tuple[int, int], _Relay] = {}
         self._ipv6: bool | None = None
@@ -205,6 +208,7 @@ class UdpRelays:
             await session.close()
             return
         session.set_receiver(lambda source, payload: self._from_remote(state, source, payload))
+        session.set_peer_error_receiver(lambda peer, error: self._peer_error(state, peer, error))
         state.session = session
         state.opening = None
         while state.pending:
@@ -238,6 +242,44 @@ class UdpRelays:
             relay.sock.sendto(payload, state.program_address)
         except OSError:
             self.dropped += 1  # the program's receive buffer is full, or its socket is gone
+
+    def _peer_error(self, state: _ProgramSocket, peer: Endpoint, error: TunnelError) -> None:
+        if self._on_peer_error is not None and self._sockets.get(state.key) is state:
+            self._on_peer_error(state.key, peer, error.errno_name)
+
+    def refuse(self, sock_key: int, peer: Endpoint, program: socket.socket) -> bool:
+        """Make the program's socket, connected to the relay of ``peer``, fail with
+        ECONNREFUSED as a socket connected to ``peer`` itself would after a port unreachable.
+
+        The relay's socket is closed, an empty datagram is sent from ``program`` (a duplicate
+        of the program's socket) to the relay's now closed port, so the kernel's own ICMP port
+        unreachable sets the error on the program's socket; then a new relay socket takes the
+        same port, so the program's connection leads somewhere again. Loopback ICMP is not rate
+        limited and is handled before send() returns.
+        """
+        state = self._sockets.get(sock_key)
+        relay = state.relays.get(peer) if state is not None else None
+        if state is None or relay is None:
+            return False
+        address = relay.sock.getsockname()[:2]
+        family = relay.sock.family
+        self._close_relay(relay)
+        del state.relays[peer]
+        with contextlib.suppress(OSError):  # already failing: what the program should see anyway
+            program.send(b"")
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setblocking(False)
+            sock.bind(address)
+        except OSError as exc:
+            log.warning("UDP relay for %s could not take its port back: %s", peer, exc)
+            return True
+        replacement = _Relay(sock, peer, state)
+        state.relays[peer] = replacement
+        self._by_port[(family, replacement.port)] = replacement
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, replacement)
+        return True
 
     # --- idle sessions ---
 
