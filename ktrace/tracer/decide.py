@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
-from enum import Enum
+from dataclasses import dataclass, field
 
+from ktrace.dnsmap import DnsMap
+from ktrace.rules import Route as Route  # noqa: PLC0414 - re-exported for udp.py
+from ktrace.rules import RouteDecision, RuleSet
 from ktrace.tracer import sockaddr
 from ktrace.tracer.sockaddr import Decoded, InetAddr
 from ktrace.tunnel.types import Endpoint
@@ -25,20 +27,29 @@ class SocketInfo:
     inode: int
 
 
-class Route(Enum):
-    LOCAL = "local"
-    REMOTE = "remote"
-
-
 @dataclass(frozen=True)
 class RoutingPolicy:
-    """Which destinations go through the agent. Loopback and unspecified
-    addresses always stay on this machine; everything else is remote."""
+    """Which destinations go through the agent: the most specific rule of ``rules``
+    (loopback and unspecified addresses stay local by default, everything else is
+    remote). ``names`` (the DNS map) lets name rules match an address.
 
-    def route(self, dest: Endpoint) -> Route:
-        if sockaddr.is_loopback(dest.ip) or sockaddr.is_unspecified(dest.ip):
-            return Route.LOCAL
-        return Route.REMOTE
+    ``nameservers`` are the cluster's DNS servers the program was shown: datagrams to
+    them always go to ktrace's DNS handling, which routes each question by its name,
+    so an address rule can never cut the program off from its resolver.
+    """
+
+    rules: RuleSet = field(default_factory=RuleSet)
+    names: DnsMap | None = None
+    nameservers: frozenset[Endpoint] = frozenset()
+
+    def decide(self, dest: Endpoint, proto: str = "tcp") -> RouteDecision:
+        if dest in self.nameservers:
+            return RouteDecision(Route.REMOTE)
+        names = self.names.names(dest.ip) if self.names is not None else ()
+        return self.rules.decide(dest.ip, dest.port, proto, names)
+
+    def route(self, dest: Endpoint, proto: str = "tcp") -> Route:
+        return self.decide(dest, proto).route
 
 
 @dataclass(frozen=True)
@@ -47,12 +58,14 @@ class Passthrough:
     kernel will report better than we could (EBADF, EINVAL, EAFNOSUPPORT)."""
 
     reason: str
+    decision: RouteDecision | None = None  # set for a destination a rule keeps local
 
 
 @dataclass(frozen=True)
 class RedirectTcp:
     dest: Endpoint
     original: InetAddr
+    decision: RouteDecision = field(default_factory=lambda: RouteDecision(Route.REMOTE))
 
 
 ConnectDecision = Passthrough | RedirectTcp
@@ -81,9 +94,10 @@ def decide_connect(
     if sock.type != socket.SOCK_STREAM:
         return Passthrough("not a stream socket")
     dest = addr.endpoint
-    if policy.route(dest) is Route.LOCAL:
-        return Passthrough("local destination")
-    return RedirectTcp(dest, addr)
+    decision = policy.decide(dest, "tcp")
+    if decision.route is Route.LOCAL:
+        return Passthrough("local destination", decision)
+    return RedirectTcp(dest, addr, decision)
 
 
 @dataclass(frozen=True)
