@@ -254,6 +254,7 @@ class RuleSet:
         specificity a rule matching a more recent name wins.
         """
         address = _unmapped(ip)
+        names = [normalize_name(name) for name in names]
         best: tuple[tuple[int, ...], Rule] | None = None
         for rule in (*self.rules, *self.defaults):
             if not rule.matches_port(port, proto):

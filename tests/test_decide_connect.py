@@ -7,11 +7,11 @@ import socket
 
 import pytest
 
-from ktrace.dnsmap import DnsMap
 from ktrace.rules import Route, RuleSet
 from ktrace.tracer import decide, sockaddr
 from ktrace.tracer.decide import Passthrough, Redirected, RedirectTcp, RoutingPolicy, SocketInfo
 from ktrace.tracer.sockaddr import InetAddr, OtherFamily
+from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.types import Endpoint
 
 V4 = ipaddress.IPv4Address
@@ -85,7 +85,7 @@ def test_connect_result() -> None:
 
 def test_rules_and_the_dns_map_decide_the_route() -> None:
     names = DnsMap()
-    names.add("db.corp.example", [V4("10.9.0.5")])
+    names.record("db.corp.example", [V4("10.9.0.5")])
     rules = RuleSet.parse(local=[("10.96.2.0/24", "--local"), ("db.corp.example", "--local")])
     policy = RoutingPolicy(rules, names)
     kept = decide.decide_connect(v4("10.96.2.1"), TCP4, False, policy)

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ktrace.dnsmap import DnsMap
 from ktrace.rules import DEFAULT_LOCAL, Route, RuleError, RuleSet, parse_rule
+from ktrace.tunnel.dns_map import DnsMap
 
 L, R = Route.LOCAL, Route.REMOTE
 ip = ipaddress.ip_address
@@ -198,13 +198,16 @@ def test_describe_names_the_source() -> None:
 
 
 def test_dns_map_most_recent_first_and_bounded() -> None:
-    m = DnsMap(limit=2)
-    m.add("hello.default.svc.cluster.local.", [ip("10.96.1.10")])
-    m.add("hello.other-ns.svc.cluster.local", [ip("10.96.1.10"), ip("::ffff:10.96.1.11")])
-    assert m.names(ip("::ffff:10.96.1.10")) == ("hello.other-ns.svc.cluster.local", "hello.default.svc.cluster.local")
-    assert m.name(ip("10.96.1.11")) == "hello.other-ns.svc.cluster.local"
-    m.add("x.corp", [ip("10.0.0.1")])
-    assert len(m) == 2 and m.name(ip("10.96.1.10")) is None
+    m = DnsMap(capacity=2)
+    m.record("hello.default.svc.cluster.local", [ip("10.96.1.10")])
+    m.record("hello.other-ns.svc.cluster.local", [ip("10.96.1.10"), ip("::ffff:10.96.1.11")])
+    assert m.names_of(ip("::ffff:10.96.1.10")) == (
+        "hello.other-ns.svc.cluster.local",
+        "hello.default.svc.cluster.local",
+    )
+    assert m.name_of(ip("10.96.1.11")) == "hello.other-ns.svc.cluster.local"
+    m.record("x.corp", [ip("10.0.0.1")])
+    assert len(m) == 2 and m.name_of(ip("10.96.1.10")) is None
 
 
 # -- fuzzing ------------------------------------------------------------------------------

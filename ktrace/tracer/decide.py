@@ -12,11 +12,11 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 
-from ktrace.dnsmap import DnsMap
 from ktrace.rules import Route as Route  # noqa: PLC0414 - re-exported for udp.py
 from ktrace.rules import RouteDecision, RuleSet
 from ktrace.tracer import sockaddr
 from ktrace.tracer.sockaddr import Decoded, InetAddr
+from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.types import Endpoint
 
 
@@ -33,9 +33,11 @@ class RoutingPolicy:
     (loopback and unspecified addresses stay local by default, everything else is
     remote). ``names`` (the DNS map) lets name rules match an address.
 
-    ``nameservers`` are the cluster's DNS servers the program was shown: datagrams to
-    them always go to ktrace's DNS handling, which routes each question by its name,
-    so an address rule can never cut the program off from its resolver.
+    ``nameservers`` (the agent's resolv.conf, port 53) are always remote, whatever
+    the rules: the program reads the agent's resolv.conf, so a node-local resolver
+    such as ``nameserver 127.0.0.53`` means the agent's loopback, not this
+    machine's, and an address rule must not cut the program off from its resolver
+    (name rules decide where each question is answered instead).
     """
 
     rules: RuleSet = field(default_factory=RuleSet)
@@ -45,11 +47,25 @@ class RoutingPolicy:
     def decide(self, dest: Endpoint, proto: str = "tcp") -> RouteDecision:
         if dest in self.nameservers:
             return RouteDecision(Route.REMOTE)
-        names = self.names.names(dest.ip) if self.names is not None else ()
+        names = self.names.names_of(dest.ip) if self.names is not None and self.rules.has_name_rules else ()
         return self.rules.decide(dest.ip, dest.port, proto, names)
 
     def route(self, dest: Endpoint, proto: str = "tcp") -> Route:
         return self.decide(dest, proto).route
+
+
+def nameservers_of(resolv_conf: str) -> frozenset[Endpoint]:
+    """The ``nameserver`` addresses of a resolv.conf text, as port-53 endpoints
+    (IPv6 zone suffixes dropped; malformed lines ignored, as resolvers do)."""
+    found: set[Endpoint] = set()
+    for line in resolv_conf.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                found.add(Endpoint(ipaddress.ip_address(fields[1].split("%", 1)[0]), 53))
+            except ValueError:
+                continue
+    return frozenset(found)
 
 
 @dataclass(frozen=True)
