@@ -17,9 +17,10 @@ SCHEMA_VERSION = 1
 
 # connect() outcomes that are not failures.
 CONNECT_OK = frozenset({"ok", "EINPROGRESS"})
-# DNS outcomes: "answer" (addresses), "NODATA" (the name exists, no record of that
-# type), an rcode name (NXDOMAIN, SERVFAIL, REFUSED, ...), or "timeout".
-DNS_OK = frozenset({"answer", "NODATA"})
+# DNS outcomes: "answer" (records), "NODATA" (the name exists, no record of that
+# type), "truncated" (retried over TCP), "unanswered" (the program exited first),
+# an rcode name (NXDOMAIN, SERVFAIL, REFUSED, ...), or "timeout".
+DNS_OK = frozenset({"answer", "NODATA", "truncated", "unanswered"})
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from ktrace.report.events import Closed, Connect, DnsQuery, Event, UdpFlow
 from ktrace.report.searchlist import SearchList
 
+# DNS outcomes that show the name exists.
+FOUND = frozenset({"answer", "NODATA", "truncated"})
+
 
 @dataclass
 class Row:
@@ -65,7 +68,7 @@ class Summary:
 def failed_lookups(queries: Sequence[DnsQuery], search: SearchList) -> dict[str, list[DnsQuery]]:
     """Failed DNS questions grouped by the name the program looked up, leaving out
     those a later (or earlier) search-list candidate answered."""
-    found = {q.name for q in queries if not q.failed}
+    found = {q.name for q in queries if q.outcome in FOUND}
     groups: dict[str, list[DnsQuery]] = {}
     for query in queries:
         if not query.failed:
