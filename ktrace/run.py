@@ -155,6 +155,7 @@ async def _session(options: RunOptions, child: launcher.PendingChild, token: str
             try:
                 policy = RoutingPolicy(nameservers=nameservers_of(client.info.resolv_conf))
                 dns_map = DnsMap()
+                dns_map.listeners.append(lambda name, found: log.debug("dns answer %s -> %s", name, found))
                 handler = NetworkHandler(
                     client, LoopbackEndpoint(), policy, connect_timeout=options.connect_timeout, dns_map=dns_map
                 )
