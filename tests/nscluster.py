@@ -77,6 +77,7 @@ CLUSTER_HOSTS = [
     (ECHO_V6, "echo.default.svc.cluster.local"),
     (ECHO_V4, "echo.other-ns.svc.cluster.local"),
     (HELLO_V4, "hello.other-ns.svc.cluster.local"),
+    (HELLO_V4, "orders.other-ns.svc.cluster.local"),  # only in other-ns: a short name `orders` fails
     (REFUSED_V4, "refused.default.svc.cluster.local"),
     (BLACKHOLE_V4, "blackhole.default.svc.cluster.local"),
     *((f"10.96.3.{i}", "big.default.svc.cluster.local") for i in range(1, LARGE_ANSWER + 1)),

@@ -22,7 +22,8 @@ EVENTS: list[Event] = [
     Connect(1.7, 42, "[fd00::1]:80", "ECONNREFUSED", "local", rule="--local fd00::/64"),
     UdpFlow(1.8, None, "10.96.1.11:7", "remote", "send"),
     Closed(2.0, "10.96.1.10:8080", 77, 1024, "reset: ECONNRESET", None, 0.3),
-    Exit(2.1, 0, 6),
+    Closed(2.0, "10.96.1.11:7", 10, 10, "closed", "echo.default.svc.cluster.local", None, "udp", 2, 2),
+    Exit(2.1, 0, 7),
 ]
 
 
@@ -53,6 +54,7 @@ def test_event_validates(event: Event) -> None:
         {**to_json(EVENTS[3]), "dest": "hello:80"},
         {**to_json(EVENTS[6]), "bytes_up": -1},
         {**to_json(EVENTS[0]), "event": "dns"},
+        {**to_json(EVENTS[6]), "proto": "sctp"},
     ],
 )
 def test_schema_rejects_what_it_should(broken: dict[str, object]) -> None:

@@ -137,7 +137,7 @@ class UdpFlow:
 
 @dataclass(frozen=True)
 class Closed:
-    """A connection through the cluster ended: bytes each way."""
+    """A connection (or a UDP flow) through the cluster ended: bytes each way."""
 
     time: float
     dest: str
@@ -147,6 +147,8 @@ class Closed:
     name: str | None = None
     duration: float | None = None  # since the connect completed
     proto: str = "tcp"
+    datagrams_up: int | None = None  # UDP only
+    datagrams_down: int | None = None
     kind = "close"
 
     @property
@@ -160,6 +162,8 @@ class Closed:
             "name": self.name,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
+            "datagrams_up": self.datagrams_up,
+            "datagrams_down": self.datagrams_down,
             "outcome": self.outcome,
             "duration_ms": _ms(self.duration),
         }

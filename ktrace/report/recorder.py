@@ -12,24 +12,33 @@ the search list tried. ``-v`` shows every event; the summary has the counts.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import TextIO
 
+from ktrace import __version__
 from ktrace.report.dns_tracker import DnsTracker
 from ktrace.report.events import Closed, Connect, DnsQuery, Event, Exit, Start, UdpFlow, to_json
 from ktrace.report.render import Renderer
 from ktrace.report.searchlist import SearchList
-from ktrace.report.summary import FOUND, Summary, failed_lookups, summarize
+from ktrace.report.summary import Summary, failed_lookups, summarize
 from ktrace.rules import RouteDecision
+from ktrace.tracer.network import ConnectEvent
+from ktrace.tracer.udp import UdpEvent
 from ktrace.tunnel.dns_map import DnsMap
+from ktrace.tunnel.tcp_stream import TcpStream
 from ktrace.tunnel.types import Endpoint, TcpStats
+from ktrace.tunnel.udp_relay import RelayTotals
 
 log = logging.getLogger("ktrace.report")
 
 EXPIRY_INTERVAL = 1.0
+# DNS failures shown as they happen; the others once the whole lookup failed.
+TIMEOUTS = frozenset({"timeout", "SERVFAIL"})
+MAX_SOCKETS = 65536
 
 
 def rule_text(decision: RouteDecision | None) -> str | None:
@@ -54,9 +63,10 @@ class Recorder:
         self.events: list[Event] = []
         self.dns = DnsTracker(route_of_name)
         self._log_file = log_file
-        self._nameservers = nameservers
+        self.nameservers = nameservers
         self._shown: set[tuple[str, str]] = set()
-        self._found: set[str] = set()
+        self._pids: dict[int, int] = {}  # program socket inode -> pid
+        self._how: dict[tuple[int, Endpoint], str] = {}  # how a UDP flow started
         self._queries: list[DnsQuery] = []
         self._expiry: asyncio.TimerHandle | None = None
 
@@ -73,27 +83,29 @@ class Recorder:
                 self._log_file = None
         if isinstance(event, DnsQuery):
             self._queries.append(event)
-            if event.outcome in FOUND:
-                self._found.add(event.name.lower())
-        self.renderer.live(event, self._worth_showing(event))
+            self.renderer.live(event, event.failed and self._first(event.name.lower(), event.outcome, only=TIMEOUTS))
+            self._show_failed_lookup(event)
+        elif isinstance(event, Connect | Closed):
+            self.renderer.live(event, event.failed and self._first(event.dest, event.outcome))
+        else:
+            self.renderer.live(event, False)
 
-    def _worth_showing(self, event: Event) -> bool:
-        """Whether a failure is new enough to show by default."""
-        if isinstance(event, Connect):
-            return event.failed and self._first(event.dest, event.outcome)
-        if isinstance(event, Closed):
-            return event.failed and self._first(event.dest, event.outcome)
-        if isinstance(event, DnsQuery) and event.failed:
-            if event.outcome in ("timeout", "SERVFAIL"):
-                return self._first(event.name.lower(), event.outcome)
-            stem = self.search.looked_up(event.name)
-            if event.name.lower() != stem:
-                return False  # a search-list candidate: the next one may still find it
-            group = failed_lookups(self._queries, self.search).get(stem)
-            return group is not None and self._first(stem, "lookup")
-        return False
+    def _show_failed_lookup(self, query: DnsQuery) -> None:
+        """Once the program's resolver asked a name as it was written (after the search
+        domains) and nothing was found, the lookup failed: say so once."""
+        if not query.failed:
+            return
+        stem = self.search.looked_up(query.name)
+        if query.name.lower() != stem:
+            return  # a search-list candidate: the next one may still find it
+        group = failed_lookups(self._queries, self.search).get(stem)
+        if group is not None and self._first(stem, "lookup"):
+            self.renderer.lookup_failed(stem, group)
 
-    def _first(self, subject: str, reason: str) -> bool:
+    def _first(self, subject: str, reason: str, only: frozenset[str] | None = None) -> bool:
+        """True the first time ``subject`` fails for ``reason`` (and ``reason`` is in ``only``)."""
+        if only is not None and reason not in only:
+            return False
         if (subject, reason) in self._shown:
             return False
         self._shown.add((subject, reason))
@@ -101,7 +113,7 @@ class Recorder:
 
     # -- callbacks -------------------------------------------------------------------------
 
-    def start(self, command: Sequence[str], agent: str, version: str) -> None:
+    def start(self, command: Sequence[str], agent: str, version: str = __version__) -> None:
         self.record(Start(time.time(), command, agent, version))
 
     def connect(
@@ -129,7 +141,7 @@ class Recorder:
         )
 
     def udp(self, pid: int | None, dest: Endpoint, how: str, decision: RouteDecision | None = None) -> None:
-        if dest in self._nameservers:
+        if dest in self.nameservers:
             return  # the DNS events say more
         route = decision.route.value if decision is not None else "remote"
         self.record(
@@ -150,14 +162,52 @@ class Recorder:
             )
         )
 
-    def dns_sent(self, sock: int, server: Endpoint, payload: bytes) -> None:
-        self.dns.sent(sock, server, payload, time.time(), time.monotonic())
+    def on_connect(self, event: ConnectEvent) -> None:
+        """``NetworkHandler.on_event``."""
+        self.connect(event.pid, event.dest, event.outcome, event.decision, event.duration, event.local)
+
+    def on_udp(self, event: UdpEvent) -> None:
+        """``UdpRedirector.on_event``: which process uses a socket (the flow starts with its first datagram)."""
+        if len(self._pids) >= MAX_SOCKETS:
+            self._pids.clear()
+            self._how.clear()
+        self._pids[event.sock] = event.pid
+        self._how[(event.sock, event.dest)] = event.kind
+
+    def on_stream_closed(self, stream: TcpStream, stats: TcpStats) -> None:
+        """``LoopbackEndpoint(on_closed=...)``."""
+        self.closed(stream.peer, stats, stream.opened_at)
+
+    # UdpObserver (UdpRelays)
+
+    def sent(self, sock_key: int, server: Endpoint, payload: bytes) -> None:
+        self.dns.sent(sock_key, server, payload, time.time(), time.monotonic())
         self._arm_expiry()
 
-    def dns_received(self, sock: int, server: Endpoint, payload: bytes) -> None:
-        event = self.dns.received(sock, server, payload, time.time(), time.monotonic())
+    def received(self, sock_key: int, server: Endpoint, payload: bytes) -> None:
+        event = self.dns.received(sock_key, server, payload, time.time(), time.monotonic())
         if event is not None:
-            self.record(event)
+            self.record(dataclasses.replace(event, pid=self._pids.get(sock_key)))
+
+    def flow_started(self, sock_key: int, peer: Endpoint) -> None:
+        self.udp(self._pids.get(sock_key), peer, self._how.get((sock_key, peer), "send"))
+
+    def flow_ended(self, sock_key: int, peer: Endpoint, totals: RelayTotals) -> None:
+        if peer in self.nameservers:
+            return
+        self.record(
+            Closed(
+                time.time(),
+                str(peer),
+                totals.bytes_up,
+                totals.bytes_down,
+                "closed",
+                self.dns_map.name_of(peer.ip),
+                proto="udp",
+                datagrams_up=totals.datagrams_up,
+                datagrams_down=totals.datagrams_down,
+            )
+        )
 
     def _arm_expiry(self) -> None:
         if self._expiry is not None:

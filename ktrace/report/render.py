@@ -71,9 +71,12 @@ def describe(event: Event) -> str | None:
         pid = f" pid {event.pid}" if event.pid else ""
         return f"udp {_named(event.dest, event.name)} first {event.how} {_route(event.route, event.rule)}{pid}"
     if isinstance(event, Closed):
+        counts = ""
+        if event.datagrams_up is not None:
+            counts = f" ({event.datagrams_up} up, {event.datagrams_down} down)"
         return (
-            f"close {_named(event.dest, event.name)} up {human_bytes(event.bytes_up)} "
-            f"down {human_bytes(event.bytes_down)} {event.outcome}{_duration(event.duration)}"
+            f"close {event.proto} {_named(event.dest, event.name)} up {human_bytes(event.bytes_up)} "
+            f"down {human_bytes(event.bytes_down)}{counts} {event.outcome}{_duration(event.duration)}"
         )
     return None
 
@@ -82,7 +85,7 @@ COLUMNS = ("NAME", "ADDRESS", "PROTO", "ROUTE", "ATTEMPTS", "OK", "FAILED", "UP"
 
 
 def row_cells(row: Row) -> tuple[str, ...]:
-    has_bytes = row.proto == "tcp"
+    has_bytes = row.proto == "tcp" or (row.proto == "udp" and bool(row.bytes_up or row.bytes_down))
     route = f"{row.route} ({row.rule})" if row.rule else row.route
     return (
         row.name or "-",
@@ -128,6 +131,20 @@ class Renderer:
         text = describe(event)
         if text is not None:
             self._line(text, "red" if failed else "dim")
+
+    def lookup_failed(self, name: str, queries: list[DnsQuery]) -> None:
+        """A name the program looked up was found nowhere its search list tried."""
+        if self.verbosity is Verbosity.QUIET:
+            return
+        outcomes: dict[str, int] = {}
+        asked: list[str] = []
+        for query in queries:
+            outcomes[query.outcome] = outcomes.get(query.outcome, 0) + 1
+            if query.name not in asked:
+                asked.append(query.name)
+        reasons = ", ".join(f"{o} x{n}" if n > 1 else o for o, n in outcomes.items())
+        route = _route(queries[-1].route, queries[-1].rule)
+        self._line(f"dns lookup of {name} failed: {reasons} (asked {', '.join(asked)}) {route}", "red")
 
     def summary(self, summary: Summary) -> None:
         if self.verbosity is Verbosity.QUIET or not summary.rows:

@@ -9,18 +9,21 @@ running it.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ktrace.rules import RouteDecision
 from ktrace.tracer import arch, decide, kernel, msghdr, sockaddr
 from ktrace.tracer.decide import Passthrough, Redirected, RedirectTcp, RoutingPolicy, SocketInfo
 from ktrace.tracer.kernel import Registers, TraceeGone
-from ktrace.tracer.tracer import Complete, Deferred, Outcome, Resume
+from ktrace.tracer.tracer import Complete, Deferred, Outcome, Resume, WatchExit
 from ktrace.tracer.udp import UdpRedirector
 from ktrace.tunnel.client import AgentClient, TcpStream
 from ktrace.tunnel.dns_map import DnsMap, DnsTcpTap
@@ -44,12 +47,14 @@ BYPASS_RESOLVER_SOCKETS = frozenset(
 
 @dataclass(frozen=True)
 class ConnectEvent:
-    """One connect() the program made to a remote destination, and its outcome."""
+    """One connect() the program made to an IP destination, and its outcome."""
 
     pid: int
     dest: Endpoint
-    outcome: str  # "ok" or an errno name
-    local: Endpoint | None = None
+    outcome: str  # "ok", "EINPROGRESS" or an errno name
+    local: Endpoint | None = None  # the agent socket's address
+    decision: RouteDecision | None = None  # the route and the rule that chose it
+    duration: float | None = None  # seconds from the stop to the outcome
 
 
 @dataclass
@@ -184,8 +189,23 @@ class NetworkHandler:
         decision = decide.decide_connect(addr, info, info.inode in self.redirected, self.policy)
         if isinstance(decision, Passthrough):
             sock.close()
+            if decision.decision is not None and self.on_event is not None and isinstance(addr, sockaddr.InetAddr):
+                return self._watch_local(addr.endpoint, decision.decision)
             return Resume()
         return Deferred(self._redirect_tcp(tid, sock, info, decision))
+
+    def _watch_local(self, dest: Endpoint, route: RouteDecision) -> Outcome:
+        """A connect() that stays on this machine: report how the kernel answered it."""
+        started = time.monotonic()
+
+        def at_exit(tid: int, regs: Registers) -> None:
+            result = regs.retval
+            if -516 <= result <= -512:
+                return  # ERESTART*: the restarted connect() stops again
+            outcome = "ok" if result >= 0 else errno.errorcode.get(-result, str(-result))
+            self._emit(ConnectEvent(tid, dest, outcome, decision=route, duration=time.monotonic() - started))
+
+        return WatchExit(at_exit)
 
     def _connect_unix(self, raw: bytes) -> Outcome:
         """Local caching resolvers (nscd, systemd-resolved) would answer from
@@ -199,17 +219,23 @@ class NetworkHandler:
     async def _redirect_tcp(
         self, tid: int, sock: socket.socket, info: SocketInfo, decision: RedirectTcp, payload: bytes | None = None
     ) -> Complete:
+        started = time.monotonic()
+        route = decision.decision
+
+        def event(outcome: str, local: Endpoint | None = None) -> ConnectEvent:
+            return ConnectEvent(tid, decision.dest, outcome, local, route, time.monotonic() - started)
+
         try:
             try:
                 stream = await self.client.open_tcp(decision.dest, self.connect_timeout)
             except TunnelError as exc:
-                self._emit(ConnectEvent(tid, decision.dest, exc.errno_name))
+                self._emit(event(exc.errno_name))
                 return Complete(-exc.errno)
             host, port = self.endpoint.address(info.family)
             err = sock.connect_ex((host, port))
             if err not in (0, errno.EINPROGRESS):
                 await stream.abort()
-                self._emit(ConnectEvent(tid, decision.dest, errno.errorcode.get(err, str(err))))
+                self._emit(event(errno.errorcode.get(err, str(err))))
                 return Complete(-err)
             if self.dns_map is not None and decision.dest.port == DNS_PORT:
                 stream.observe_down = DnsTcpTap(self.dns_map).feed
@@ -217,7 +243,7 @@ class NetworkHandler:
             self.endpoint.expect(info.family, source_port, stream)
             self.redirected[info.inode] = Redirected(info.family, decision.original, stream.local)
             self._streams[id(stream)] = info.inode
-            self._emit(ConnectEvent(tid, decision.dest, "ok", stream.local))
+            self._emit(event("ok", stream.local))
             if payload is not None:
                 try:
                     return Complete(sock.send(payload))
@@ -283,7 +309,11 @@ class NetworkHandler:
     def _emit(self, event: ConnectEvent) -> None:
         log.debug("connect %s", event)
         if self.on_event is not None:
-            self.on_event(event)
+            try:
+                pid = kernel.thread_group_of(event.pid)
+            except TraceeGone:
+                pid = event.pid
+            self.on_event(dataclasses.replace(event, pid=pid))
 
 
 def socket_inode(tid: int, fd: int) -> int | None:
