@@ -9,7 +9,7 @@ from typing import Any
 from ktrace import config
 from ktrace.errors import KtraceError
 from ktrace.report.render import Verbosity
-from ktrace.rules import RuleError, RuleSet
+from ktrace.rules import Route, Rule, RuleError, RuleSet, parse_rule
 from ktrace.run import RunOptions
 
 USAGE = 2
@@ -33,12 +33,19 @@ def load_settings(
 
 
 def rules_of(settings: config.Settings) -> RuleSet:
-    local = [(text, settings.source("local") or "") for text in settings.get("local", [])]
-    remote = [(text, settings.source("remote") or "") for text in settings.get("remote", [])]
+    rules: list[Rule] = []
+    for key, route in (("local", Route.LOCAL), ("remote", Route.REMOTE)):
+        source = settings.source(key) or ""
+        for text in settings.get(key, []):
+            try:
+                rules.append(parse_rule(text, route, source))
+            except RuleError as exc:
+                where = source if source.startswith("-") else f"{key} in {source}"
+                raise KtraceError(f"bad rule for {where}: {exc}", "see docs/filters.md", exit_code=USAGE) from None
     try:
-        return RuleSet.parse(local, remote)
+        return RuleSet(tuple(rules))
     except RuleError as exc:
-        raise KtraceError(f"bad rule: {exc}", "see docs/filters.md", exit_code=USAGE) from None
+        raise KtraceError(str(exc), "see docs/filters.md", exit_code=USAGE) from None
 
 
 def run_options(

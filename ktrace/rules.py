@@ -139,6 +139,10 @@ def _split_host_port(rest: str, rule: str) -> tuple[str, str | None, bool]:
     return rest, None, False
 
 
+def _in(part: str, rule: str) -> str:
+    return repr(part) if part == rule else f"{part!r} in rule {rule!r}"
+
+
 def _parse_network(host: str, rule: str) -> IPNetwork | None:
     try:
         return ipaddress.ip_network(host, strict=True)
@@ -147,10 +151,10 @@ def _parse_network(host: str, rule: str) -> IPNetwork | None:
             try:
                 loose = ipaddress.ip_network(host, strict=False)
             except ValueError:
-                raise RuleError(f"bad network {host!r} in rule {rule!r}: {exc}") from None
-            raise RuleError(f"{host!r} in rule {rule!r} has host bits set: did you mean {loose}?") from None
+                raise RuleError(f"bad network {_in(host, rule)}: {exc}") from None
+            raise RuleError(f"{_in(host, rule)} has host bits set: did you mean {loose}?") from None
         if ":" in host:
-            raise RuleError(f"bad IPv6 address {host!r} in rule {rule!r}") from None
+            raise RuleError(f"bad IPv6 address {_in(host, rule)}") from None
         return None
 
 
@@ -162,7 +166,7 @@ def _check_name(name: str, rule: str) -> None:
         if not _LABEL.match(label):
             raise RuleError(f"bad host name {name!r} in rule {rule!r}: label {label!r}")
     if all(label.isdigit() for label in labels):
-        raise RuleError(f"{name!r} in rule {rule!r} is neither an IP address nor a host name")
+        raise RuleError(f"{_in(name, rule)} is neither an IP address nor a host name")
 
 
 def parse_rule(text: str, route: Route, source: str = "") -> Rule:

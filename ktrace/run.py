@@ -26,7 +26,7 @@ from typing import TextIO
 from ktrace import reporting
 from ktrace.errors import KtraceError
 from ktrace.report.render import Verbosity
-from ktrace.rules import RuleSet
+from ktrace.rules import Route, RuleSet
 from ktrace.tracer import arch, launcher, seccomp
 from ktrace.tracer.decide import RoutingPolicy, nameservers_of
 from ktrace.tracer.files import FileViews
@@ -46,6 +46,7 @@ from ktrace.tunnel.udp_relay import UdpRelays
 log = logging.getLogger("ktrace.run")
 
 ENOSYS = 38
+SOL_SOCKET, SO_ERROR = 1, 4
 # After the program exits: how long its last bytes get to reach the agent.
 SHUTDOWN_GRACE = 2.0
 
@@ -65,9 +66,14 @@ class RunOptions:
     hint_namespaces: tuple[str, ...] = ()
 
 
-def filter_rules() -> list[seccomp.Rule]:
+def filter_rules(local_outcomes: bool = False) -> list[seccomp.Rule]:
+    """``local_outcomes``: also stop at getsockopt(SOL_SOCKET, SO_ERROR), where a program
+    learns how its non-blocking connect() to a destination kept local by a rule ended
+    (only then: it costs a stop per such call)."""
     sys = arch.SYSCALLS
+    extra = [seccomp.trace(sys.getsockopt, only_if_args=((1, SOL_SOCKET), (2, SO_ERROR)))] if local_outcomes else []
     return [
+        *extra,
         seccomp.trace(sys.connect),
         seccomp.trace(sys.getpeername),
         seccomp.trace(sys.getsockname),
@@ -117,7 +123,8 @@ def run(options: RunOptions) -> int:
         path = launcher.resolve(options.command[0], env)
     except LaunchError as exc:
         raise KtraceError(str(exc), exit_code=exc.exit_code) from None
-    child = launcher.fork_child(path, options.command, env, seccomp.build(filter_rules()))
+    local_outcomes = any(rule.route is Route.LOCAL for rule in options.rules.rules)
+    child = launcher.fork_child(path, options.command, env, seccomp.build(filter_rules(local_outcomes)))
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
     try:
         return asyncio.run(_session(options, child, token, log_json))
@@ -224,6 +231,7 @@ async def _session(
                 if relays is not None:
                     await relays.close()
                 if status is not None:
+                    handler.finish()
                     await reporting.finish(recorder, client, options, status)
                 await client.close()
     finally:
@@ -264,6 +272,6 @@ def launcher_seize(child: launcher.PendingChild) -> None:
         kernel.seize(child.pid)
     except OSError as exc:
         raise KtraceError(
-            f"cannot trace the program: ptrace failed: {exc.strerror}",
+            f"cannot trace the program: ptrace failed: {os.strerror(exc.errno) if exc.errno else exc}",
             "ptrace may be denied here (container seccomp profile, Yama ptrace_scope); run `ktrace doctor`",
         ) from None

@@ -57,6 +57,20 @@ class ConnectEvent:
     duration: float | None = None  # seconds from the stop to the outcome
 
 
+MAX_PENDING_LOCAL = 4096
+
+
+@dataclass(frozen=True)
+class _PendingLocal:
+    tid: int  # the thread that connected
+    dest: Endpoint
+    route: RouteDecision
+    started: float
+
+    def event(self, outcome: str) -> ConnectEvent:
+        return ConnectEvent(self.tid, self.dest, outcome, decision=self.route, duration=time.monotonic() - self.started)
+
+
 @dataclass
 class NetworkHandler:
     client: AgentClient
@@ -68,6 +82,9 @@ class NetworkHandler:
     dns_map: DnsMap | None = None
     redirected: dict[int, Redirected] = field(default_factory=dict)
     _streams: dict[int, int] = field(default_factory=dict)  # id(stream) -> inode
+    # Non-blocking connect()s kept local, by socket inode, until the program learns
+    # how they ended (getsockopt SO_ERROR, or connect() again): for the report only.
+    _pending_local: dict[int, _PendingLocal] = field(default_factory=dict)
 
     # -- SyscallHandler ------------------------------------------------------------
 
@@ -75,6 +92,8 @@ class NetworkHandler:
         nr = regs.nr
         if nr == SYS.connect:
             return self._connect(tid, regs)
+        if nr == SYS.getsockopt:
+            return self._so_error(tid, regs)
         if nr == SYS.getpeername:
             return self._name(tid, regs, decide.peer_name, peer=True)
         if nr == SYS.getsockname:
@@ -190,22 +209,67 @@ class NetworkHandler:
         if isinstance(decision, Passthrough):
             sock.close()
             if decision.decision is not None and self.on_event is not None and isinstance(addr, sockaddr.InetAddr):
-                return self._watch_local(addr.endpoint, decision.decision)
+                return self._watch_local(addr.endpoint, decision.decision, info.inode)
             return Resume()
         return Deferred(self._redirect_tcp(tid, sock, info, decision))
 
-    def _watch_local(self, dest: Endpoint, route: RouteDecision) -> Outcome:
+    def _watch_local(self, dest: Endpoint, route: RouteDecision, inode: int) -> Outcome:
         """A connect() that stays on this machine: report how the kernel answered it."""
         started = time.monotonic()
+        pending = self._pending_local.get(inode)
 
         def at_exit(tid: int, regs: Registers) -> None:
             result = regs.retval
-            if -516 <= result <= -512:
-                return  # ERESTART*: the restarted connect() stops again
+            if -516 <= result <= -512 or result == -errno.EALREADY:
+                return  # ERESTART*: the restarted connect() stops again; EALREADY: still going
+            if pending is not None:  # connect() again to learn the outcome
+                self._pending_local.pop(inode, None)
+                outcome = "ok" if result in (0, -errno.EISCONN) else errno.errorcode.get(-result, str(-result))
+                self._emit(pending.event(outcome))
+                return
+            if result == -errno.EINPROGRESS:
+                self._remember_local(inode, _PendingLocal(tid, dest, route, started))
+                return
             outcome = "ok" if result >= 0 else errno.errorcode.get(-result, str(-result))
             self._emit(ConnectEvent(tid, dest, outcome, decision=route, duration=time.monotonic() - started))
 
         return WatchExit(at_exit)
+
+    def _remember_local(self, inode: int, pending: _PendingLocal) -> None:
+        if len(self._pending_local) >= MAX_PENDING_LOCAL:
+            # A program that never asks how its connects ended: report the oldest as still pending.
+            oldest = next(iter(self._pending_local))
+            self._emit(self._pending_local.pop(oldest).event("EINPROGRESS"))
+        self._pending_local[inode] = pending
+
+    def _so_error(self, tid: int, regs: Registers) -> Outcome:
+        """getsockopt(SOL_SOCKET, SO_ERROR) (the filter stops only that): the outcome of a
+        pending local connect, read at the exit from what the kernel wrote."""
+        if not self._pending_local:
+            return Resume()
+        inode = socket_inode(tid, regs.arg(0))
+        if inode is None or inode not in self._pending_local:
+            return Resume()
+        value_ptr = regs.arg(3)
+
+        def at_exit(tid: int, exit_regs: Registers) -> None:
+            if exit_regs.retval != 0:
+                return
+            try:
+                err = kernel.read_int(tid, value_ptr)
+            except OSError:
+                return
+            pending = self._pending_local.pop(inode, None)
+            if pending is not None:
+                self._emit(pending.event("ok" if err == 0 else errno.errorcode.get(err, str(err))))
+
+        return WatchExit(at_exit)
+
+    def finish(self) -> None:
+        """The program ended: local connects whose outcome it never asked for stay "EINPROGRESS"."""
+        for pending in self._pending_local.values():
+            self._emit(pending.event("EINPROGRESS"))
+        self._pending_local.clear()
 
     def _connect_unix(self, raw: bytes) -> Outcome:
         """Local caching resolvers (nscd, systemd-resolved) would answer from
@@ -312,7 +376,7 @@ class NetworkHandler:
             try:
                 pid = kernel.thread_group_of(event.pid)
             except TraceeGone:
-                pid = event.pid
+                pid = event.pid  # the thread is gone (reported at exit): its id is what is known
             self.on_event(dataclasses.replace(event, pid=pid))
 
 
