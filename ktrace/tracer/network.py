@@ -23,6 +23,7 @@ from ktrace.rules import RouteDecision
 from ktrace.tracer import arch, decide, kernel, msghdr, sockaddr
 from ktrace.tracer.decide import Passthrough, Redirected, RedirectTcp, RoutingPolicy, SocketInfo
 from ktrace.tracer.kernel import Registers, TraceeGone
+from ktrace.tracer.sockaddr import InetAddr
 from ktrace.tracer.tracer import Complete, Deferred, Outcome, Resume, WatchExit
 from ktrace.tracer.udp import UdpRedirector
 from ktrace.tunnel.client import AgentClient, TcpStream
@@ -208,8 +209,11 @@ class NetworkHandler:
         decision = decide.decide_connect(addr, info, info.inode in self.redirected, self.policy)
         if isinstance(decision, Passthrough):
             sock.close()
-            if decision.decision is not None and self.on_event is not None and isinstance(addr, sockaddr.InetAddr):
-                return self._watch_local(addr.endpoint, decision.decision, info.inode)
+            # Only destinations a user rule kept local are reported: loopback is the
+            # program's own business, and watching it would add a stop to every such connect.
+            route = decision.decision
+            if route is not None and route.by_user_rule and self.on_event is not None and isinstance(addr, InetAddr):
+                return self._watch_local(addr.endpoint, route, info.inode)
             return Resume()
         return Deferred(self._redirect_tcp(tid, sock, info, decision))
 
