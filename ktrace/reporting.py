@@ -11,11 +11,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from ktrace.errors import KtraceError
-from ktrace.report.probe import find_elsewhere, namespaces_seen
+from ktrace.report.probe import find_elsewhere
 from ktrace.report.recorder import Recorder
 from ktrace.report.render import Renderer
 from ktrace.report.searchlist import SearchList
-from ktrace.report.summary import names_to_probe
 from ktrace.rules import Route, RuleSet
 from ktrace.tracer.decide import RoutingPolicy
 from ktrace.tunnel.client import AgentClient, AgentInfo
@@ -61,7 +60,7 @@ def local_resolver(rules: RuleSet) -> LocalResolver | None:
 
 
 async def _namespaces(recorder: Recorder, options: RunOptions, source: NamespaceSource | None) -> list[str]:
-    found = [*options.hint_namespaces, *namespaces_seen(recorder.events, recorder.search)]
+    found = [*options.hint_namespaces, *recorder.tally.namespaces_seen(recorder.search)]
     if source is not None:
         try:
             found += await asyncio.wait_for(source(), 5.0)
@@ -91,7 +90,7 @@ async def finish(
     try:
         recorder.finish_dns()
         elsewhere: dict[str, list[str]] = {}
-        names = names_to_probe(recorder.events, recorder.search)
+        names = recorder.tally.names_to_probe(recorder.search)
         server = _first_nameserver(recorder.search)
         if names and server is not None:
             candidates = await _namespaces(recorder, options, namespaces)

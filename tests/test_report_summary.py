@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
+from ktrace.report import summary as summary_module
 from ktrace.report.events import Closed, Connect, DnsQuery, Event, UdpFlow
 from ktrace.report.searchlist import SearchList
-from ktrace.report.summary import failed_lookups, names_to_probe, summarize
+from ktrace.report.summary import Tally, failed_lookups, names_to_probe, summarize
 
 SEARCH = SearchList.parse(
     "nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
@@ -117,3 +120,16 @@ def test_timeout_and_unreachable_hints() -> None:
     hints = summarize(events, SEARCH).hints
     assert hints[0].startswith("10.96.2.1:80 (blackhole.default.svc.cluster.local): the cluster got no answer")
     assert hints[1] == "10.1.0.1:80: the cluster has no route to that address"
+
+
+def test_the_tally_is_bounded_by_distinct_destinations_not_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(summary_module, "MAX_ROWS", 2)
+    monkeypatch.setattr(summary_module, "MAX_NAMES", 1)
+    counted = Tally()
+    for i in range(1000):
+        counted.add(Connect(1.0, 10, f"10.0.0.{i % 3}:80", "ok", "remote"))
+        counted.add(q(f"n{i % 2}.example", "NXDOMAIN"))
+    assert counted.events == 2000 and len(counted.rows) == 2 and len(counted.names) == 1
+    assert counted.rows["tcp", "10.0.0.0:80"].attempts == 334
+    assert counted.untracked == 333 + 500
+    assert counted.summary(SEARCH).untracked == 833

@@ -17,11 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-from ktrace.report.events import DnsQuery, Event
 from ktrace.report.searchlist import SearchList
-from ktrace.report.summary import FOUND
 from ktrace.tunnel.client import AgentClient
 from ktrace.tunnel.dns_answers import build_query, parse_response
 from ktrace.tunnel.types import Endpoint, TunnelError
@@ -30,17 +28,6 @@ log = logging.getLogger("ktrace.report")
 
 MAX_QUESTIONS = 64
 PROBE_TIMEOUT = 2.0
-
-
-def namespaces_seen(events: Iterable[Event], search: SearchList) -> list[str]:
-    """Namespaces of the services the program resolved during the run."""
-    found: list[str] = []
-    for event in events:
-        if isinstance(event, DnsQuery) and event.outcome in FOUND:
-            namespace = search.namespace_of(event.name)
-            if namespace and namespace not in found:
-                found.append(namespace)
-    return found
 
 
 def questions(search: SearchList, names: Sequence[str], namespaces: Sequence[str]) -> dict[str, str]:

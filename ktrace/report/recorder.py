@@ -24,7 +24,7 @@ from ktrace.report.dns_tracker import DnsTracker
 from ktrace.report.events import Closed, Connect, DnsQuery, Event, Exit, Start, UdpFlow, to_json
 from ktrace.report.render import Renderer
 from ktrace.report.searchlist import SearchList
-from ktrace.report.summary import Summary, failed_lookups, summarize
+from ktrace.report.summary import Summary, Tally
 from ktrace.rules import RouteDecision
 from ktrace.tracer.network import ConnectEvent
 from ktrace.tracer.udp import UdpEvent
@@ -60,20 +60,19 @@ class Recorder:
         self.renderer = renderer
         self.search = search
         self.dns_map = dns_map
-        self.events: list[Event] = []
+        self.tally = Tally()
         self.dns = DnsTracker(route_of_name)
         self._log_file = log_file
         self.nameservers = nameservers
         self._shown: set[tuple[str, str]] = set()
         self._pids: dict[int, int] = {}  # program socket inode -> pid
         self._how: dict[tuple[int, Endpoint], str] = {}  # how a UDP flow started
-        self._queries: list[DnsQuery] = []
         self._expiry: asyncio.TimerHandle | None = None
 
     # -- the record ------------------------------------------------------------------------
 
     def record(self, event: Event) -> None:
-        self.events.append(event)
+        self.tally.add(event)
         if self._log_file is not None:
             try:
                 self._log_file.write(json.dumps(to_json(event), separators=(",", ":")) + "\n")
@@ -82,7 +81,6 @@ class Recorder:
                 self.renderer.message(f"cannot write the JSON log any more: {exc}; it stops here")
                 self._log_file = None
         if isinstance(event, DnsQuery):
-            self._queries.append(event)
             self.renderer.live(event, event.failed and self._first(event.name.lower(), event.outcome, only=TIMEOUTS))
             self._show_failed_lookup(event)
         elif isinstance(event, Connect | Closed):
@@ -98,7 +96,9 @@ class Recorder:
         stem = self.search.looked_up(query.name)
         if query.name.lower() != stem:
             return  # a search-list candidate: the next one may still find it
-        group = failed_lookups(self._queries, self.search).get(stem)
+        if (stem, "lookup") in self._shown:
+            return
+        group = self.tally.failed_lookups(self.search).get(stem)
         if group is not None and self._first(stem, "lookup"):
             self.renderer.lookup_failed(stem, group)
 
@@ -236,12 +236,12 @@ class Recorder:
             self.record(event)
 
     def summary(self, elsewhere: dict[str, list[str]] | None = None) -> Summary:
-        return summarize(self.events, self.search, elsewhere)
+        return self.tally.summary(self.search, elsewhere)
 
     def finish(self, status: int, elsewhere: dict[str, list[str]] | None = None) -> Summary:
         summary = self.summary(elsewhere)
         self.renderer.summary(summary)
-        self.record(Exit(time.time(), status, len(self.events)))
+        self.record(Exit(time.time(), status, self.tally.events))
         if self._log_file is not None:
             try:
                 self._log_file.close()

@@ -8,10 +8,11 @@ of the program's own stderr.
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from typing import TextIO
 
 from ktrace.report.events import Closed, Connect, DnsQuery, Event, UdpFlow
-from ktrace.report.summary import Row, Summary
+from ktrace.report.summary import AskedName, Row, Summary
 
 PREFIX = "ktrace: "
 
@@ -132,19 +133,18 @@ class Renderer:
         if text is not None:
             self._line(text, "red" if failed else "dim")
 
-    def lookup_failed(self, name: str, queries: list[DnsQuery]) -> None:
+    def lookup_failed(self, name: str, asked: list[AskedName]) -> None:
         """A name the program looked up was found nowhere its search list tried."""
         if self.verbosity is Verbosity.QUIET:
             return
-        outcomes: dict[str, int] = {}
-        asked: list[str] = []
-        for query in queries:
-            outcomes[query.outcome] = outcomes.get(query.outcome, 0) + 1
-            if query.name not in asked:
-                asked.append(query.name)
+        outcomes: Counter[str] = Counter()
+        for entry in asked:
+            outcomes.update(entry.failures)
         reasons = ", ".join(f"{o} x{n}" if n > 1 else o for o, n in outcomes.items())
-        route = _route(queries[-1].route, queries[-1].rule)
-        self._line(f"dns lookup of {name} failed: {reasons} (asked {', '.join(asked)}) {route}", "red")
+        names = ", ".join(entry.name for entry in asked)
+        self._line(
+            f"dns lookup of {name} failed: {reasons} (asked {names}) {_route(asked[-1].route, asked[-1].rule)}", "red"
+        )
 
     def summary(self, summary: Summary) -> None:
         if self.verbosity is Verbosity.QUIET or not summary.rows:
@@ -154,11 +154,16 @@ class Renderer:
         rows = sorted(summary.rows, key=lambda r: (not r.failed, r.proto == "dns", r.name or "", r.dest or ""))
         if self._console is not None:
             self._rich_summary(rows, summary.hints)
-            return
+        else:
+            self._plain_summary(rows, summary.hints)
+        if summary.untracked:
+            self._line(f"{summary.untracked} more event(s) to other destinations and names are counted in no row")
+
+    def _plain_summary(self, rows: list[Row], hints: list[str]) -> None:
         self._line(f"summary: {len(rows)} destination(s), {sum(r.failed for r in rows)} with failures")
         for line in plain_table([COLUMNS, *(row_cells(r) for r in rows)]):
             self._line("  " + line)
-        for hint in summary.hints:
+        for hint in hints:
             self._line("hint: " + hint)
 
     def _rich_summary(self, rows: list[Row], hints: list[str]) -> None:

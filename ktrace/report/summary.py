@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ktrace.report.events import Closed, Connect, DnsQuery, Event, UdpFlow
+from ktrace.report.events import DNS_OK, Closed, Connect, DnsQuery, Event, UdpFlow
 from ktrace.report.searchlist import SearchList
 
 # DNS outcomes that show the name exists.
@@ -59,78 +59,160 @@ class Row:
 class Summary:
     rows: list[Row]
     hints: list[str]
+    untracked: int = 0  # events past the bounds, counted but not itemised
 
     @property
     def failed(self) -> bool:
         return any(row.failed for row in self.rows)
 
 
-def failed_lookups(queries: Sequence[DnsQuery], search: SearchList) -> dict[str, list[DnsQuery]]:
-    """Failed DNS questions grouped by the name the program looked up, leaving out
-    those a later (or earlier) search-list candidate answered."""
-    found = {q.name for q in queries if q.outcome in FOUND}
-    groups: dict[str, list[DnsQuery]] = {}
-    for query in queries:
-        if not query.failed:
-            continue
-        if any(candidate in found for stem in search.stems(query.name) for candidate in search.candidates(stem)):
-            continue
-        groups.setdefault(search.looked_up(query.name), []).append(query)
-    return groups
+@dataclass
+class AskedName:
+    """Every question for one name (as asked on the wire): outcome counts, where it was answered."""
+
+    name: str
+    route: str
+    rule: str | None
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def found(self) -> bool:
+        return any(outcome in FOUND for outcome in self.outcomes)
+
+    @property
+    def failures(self) -> Counter[str]:
+        return Counter({o: n for o, n in self.outcomes.items() if o not in DNS_OK})
+
+
+# Bounds for a program that reaches millions of destinations or names: past them, new ones are
+# counted but not itemised.
+MAX_ROWS = 10000
+MAX_NAMES = 65536
+
+
+class Tally:
+    """The summary's numbers, kept as events arrive (memory grows with distinct destinations
+    and names, not with events)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], Row] = {}
+        self.names: dict[str, AskedName] = {}  # lower-case name -> its questions
+        self.events = 0
+        self.untracked = 0
+
+    def add(self, event: Event) -> None:
+        self.events += 1
+        if isinstance(event, DnsQuery):
+            key = event.name.lower()
+            asked = self.names.get(key)
+            if asked is None:
+                if len(self.names) >= MAX_NAMES:
+                    self.untracked += 1
+                    return
+                asked = self.names[key] = AskedName(event.name, event.route, event.rule)
+            asked.outcomes[event.outcome] += 1
+            asked.route, asked.rule = event.route, event.rule
+        elif isinstance(event, Connect | UdpFlow):
+            proto = event.proto if isinstance(event, Connect) else "udp"
+            row = self._row(proto, event.dest, event.name, event.route)
+            if row is None:
+                return
+            row.name = event.name or row.name
+            row.route = event.route
+            row.rule = event.rule
+            row.attempts += 1
+            if isinstance(event, Connect) and event.failed:
+                row.failures[event.outcome] += 1
+            else:
+                row.ok += 1
+        elif isinstance(event, Closed):
+            row = self._row(event.proto, event.dest, event.name, "remote")
+            if row is None:
+                return
+            row.name = row.name or event.name
+            row.bytes_up += event.bytes_up
+            row.bytes_down += event.bytes_down
+            if event.failed:
+                row.failures[event.outcome] += 1
+
+    def _row(self, proto: str, dest: str, name: str | None, route: str) -> Row | None:
+        row = self.rows.get((proto, dest))
+        if row is None:
+            if len(self.rows) >= MAX_ROWS:
+                self.untracked += 1
+                return None
+            row = self.rows[(proto, dest)] = Row(proto, dest, name, route)
+        return row
+
+    def failed_lookups(self, search: SearchList) -> dict[str, list[AskedName]]:
+        """Names never found, grouped by the name the program looked up, leaving out those a
+        later (or earlier) search-list candidate found."""
+        groups: dict[str, list[AskedName]] = {}
+        for key, asked in self.names.items():
+            if not asked.failures or asked.found:
+                continue
+            candidates = (c for stem in search.stems(key) for c in search.candidates(stem))
+            if any(c in self.names and self.names[c].found for c in candidates):
+                continue
+            groups.setdefault(search.looked_up(key), []).append(asked)
+        return groups
+
+    def names_to_probe(self, search: SearchList) -> list[str]:
+        """Short names the cluster answered NXDOMAIN for: candidates for "exists in another namespace"."""
+        return [
+            name
+            for name, group in self.failed_lookups(search).items()
+            if "." not in name and any(a.outcomes["NXDOMAIN"] and a.route == "remote" for a in group)
+        ]
+
+    def namespaces_seen(self, search: SearchList) -> list[str]:
+        """Namespaces of the services the program resolved."""
+        found: list[str] = []
+        for asked in self.names.values():
+            namespace = search.namespace_of(asked.name) if asked.found else None
+            if namespace and namespace not in found:
+                found.append(namespace)
+        return found
+
+    def summary(
+        self, search: SearchList | None = None, elsewhere: Mapping[str, Sequence[str]] | None = None
+    ) -> Summary:
+        search = search or SearchList()
+        result = list(self.rows.values())
+        for name, group in self.failed_lookups(search).items():
+            last = group[-1]
+            row = Row("dns", None, name, last.route, rule=last.rule, asked=[a.name for a in group])
+            for asked in group:
+                row.failures.update(asked.failures)
+            row.attempts = sum(row.failures.values())
+            result.append(row)
+        hints: list[str] = []
+        for row in result:
+            hint = hint_for(row, search, (elsewhere or {}).get(row.name or "", ()))
+            if hint:
+                hints.append(hint)
+        return Summary(result, hints, self.untracked)
+
+
+def tally(events: Iterable[Event]) -> Tally:
+    counted = Tally()
+    for event in events:
+        counted.add(event)
+    return counted
+
+
+def failed_lookups(events: Iterable[Event], search: SearchList) -> dict[str, list[AskedName]]:
+    return tally(events).failed_lookups(search)
 
 
 def names_to_probe(events: Iterable[Event], search: SearchList) -> list[str]:
-    """Short names the cluster answered NXDOMAIN for: candidates for "exists in another namespace"."""
-    queries = [e for e in events if isinstance(e, DnsQuery)]
-    found: list[str] = []
-    for name, group in failed_lookups(queries, search).items():
-        if "." in name or not any(q.outcome == "NXDOMAIN" and q.route == "remote" for q in group):
-            continue
-        found.append(name)
-    return found
+    return tally(events).names_to_probe(search)
 
 
 def summarize(
     events: Iterable[Event], search: SearchList | None = None, elsewhere: Mapping[str, Sequence[str]] | None = None
 ) -> Summary:
-    events = list(events)
-    search = search or SearchList()
-    rows: dict[tuple[str, str], Row] = {}
-    for event in events:
-        if isinstance(event, Connect | UdpFlow):
-            proto = event.proto if isinstance(event, Connect) else "udp"
-            row = rows.setdefault((proto, event.dest), Row(proto, event.dest, event.name, event.route))
-            row.name = event.name or row.name
-            row.route = event.route
-            row.rule = event.rule
-            row.attempts += 1
-            if event.failed:
-                assert isinstance(event, Connect)
-                row.failures[event.outcome] += 1
-            else:
-                row.ok += 1
-        elif isinstance(event, Closed):
-            row = rows.setdefault((event.proto, event.dest), Row(event.proto, event.dest, event.name, "remote"))
-            row.bytes_up += event.bytes_up
-            row.bytes_down += event.bytes_down
-            if event.failed:
-                row.failures[event.outcome] += 1
-    result = list(rows.values())
-    queries = [e for e in events if isinstance(e, DnsQuery)]
-    for name, group in failed_lookups(queries, search).items():
-        last = group[-1]
-        row = Row("dns", None, name, last.route, attempts=len(group), rule=last.rule)
-        for query in group:
-            row.failures[query.outcome] += 1
-            if query.name not in row.asked:
-                row.asked.append(query.name)
-        result.append(row)
-    hints: list[str] = []
-    for row in result:
-        hint = hint_for(row, search, (elsewhere or {}).get(row.name or "", ()))
-        if hint:
-            hints.append(hint)
-    return Summary(result, hints)
+    return tally(events).summary(search, elsewhere)
 
 
 # -- hints --------------------------------------------------------------------------------
