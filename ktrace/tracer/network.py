@@ -86,6 +86,7 @@ class NetworkHandler:
     # Non-blocking connect()s kept local, by socket inode, until the program learns
     # how they ended (getsockopt SO_ERROR, or connect() again): for the report only.
     _pending_local: dict[int, _PendingLocal] = field(default_factory=dict)
+    _tgids: dict[int, int] = field(default_factory=dict)  # thread -> process, for events
 
     # -- SyscallHandler ------------------------------------------------------------
 
@@ -174,7 +175,7 @@ class NetworkHandler:
         pass
 
     def on_thread_exit(self, tid: int) -> None:
-        pass
+        self._tgids.pop(tid, None)
 
     def stream_closed(self, stream: TcpStream) -> None:
         inode = self._streams.pop(id(stream), None)
@@ -377,10 +378,12 @@ class NetworkHandler:
     def _emit(self, event: ConnectEvent) -> None:
         log.debug("connect %s", event)
         if self.on_event is not None:
-            try:
-                pid = kernel.thread_group_of(event.pid)
-            except TraceeGone:
-                pid = event.pid  # the thread is gone (reported at exit): its id is what is known
+            pid = self._tgids.get(event.pid)
+            if pid is None:
+                try:
+                    pid = self._tgids[event.pid] = kernel.thread_group_of(event.pid)
+                except TraceeGone:
+                    pid = event.pid  # the thread is gone (reported at exit): its id is what is known
             self.on_event(dataclasses.replace(event, pid=pid))
 
 

@@ -4,6 +4,7 @@ messages ktrace makes itself."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -23,19 +24,10 @@ def addresses_in_answer(payload: bytes) -> tuple[str, list[IPAddress]] | None:
     The name is the question's, without the final dot; CNAME chains are followed
     implicitly (every A/AAAA record of the answer section is returned).
     """
-    try:
-        message = dns.message.from_wire(payload, ignore_trailing=True)
-    except (dns.exception.DNSException, ValueError):
+    response = parse_response(payload)
+    if response is None:
         return None
-    if not message.flags & dns.flags.QR or not message.question:
-        return None
-    name = message.question[0].name.to_text(omit_final_dot=True)
-    found: list[IPAddress] = []
-    for rrset in message.answer:
-        if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            for rdata in rrset:
-                found.append(ipaddress.ip_address(rdata.address))
-    return name, found
+    return response.question.name, list(response.addresses)
 
 
 @dataclass(frozen=True)
@@ -70,11 +62,13 @@ def parse_question(payload: bytes) -> Question | None:
     return _question(message)
 
 
+@functools.lru_cache(maxsize=128)
 def parse_response(payload: bytes) -> Response | None:
     """A DNS response's question, outcome and A/AAAA addresses, or None when it is not one.
 
     A truncated answer (TC) that carries no records is "truncated": the resolver
-    retries over TCP, so it is not a failure.
+    retries over TCP, so it is not a failure. Cached: the DNS map and the report
+    both read each answer the program receives.
     """
     try:
         message = dns.message.from_wire(payload, ignore_trailing=True)
