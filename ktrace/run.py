@@ -117,12 +117,12 @@ def run(options: RunOptions) -> int:
             exit_code=2,
         )
     token = read_token(options.token_file) if options.token_file else None
-    log_json = reporting.open_log(options.log_json)
     env = dict(os.environ)
     try:
         path = launcher.resolve(options.command[0], env)
     except LaunchError as exc:
         raise KtraceError(str(exc), exit_code=exc.exit_code) from None
+    log_json = reporting.open_log(options.log_json)
     local_outcomes = any(rule.route is Route.LOCAL for rule in options.rules.rules)
     child = launcher.fork_child(path, options.command, env, seccomp.build(filter_rules(local_outcomes)))
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
