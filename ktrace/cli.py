@@ -41,6 +41,8 @@ def build_parser(prog: str = "ktrace") -> argparse.ArgumentParser:
         help="run a program with the cluster's network view",
         usage=f"{prog} run [options] -- CMD [ARG...]",
         argument_default=argparse.SUPPRESS,
+        epilog="Every option can also be set in ktrace.toml or a KTRACE_* variable (flags > environment > file). "
+        "Network events and the summary go to stderr.",
     )
     run.add_argument("-f", "--config", metavar="FILE", help="settings file (default: ./ktrace.toml if it exists)")
     run.add_argument(
