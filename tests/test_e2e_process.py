@@ -104,12 +104,15 @@ def test_io_uring_setup_fails_with_enosys(ktrace_cluster: NamespaceCluster, prog
     assert traced.returncode == 1
 
 
-@pytest.mark.parametrize(("script", "status"), [
-    ("exit 0", 0),
-    ("exit 3", 3),
-    ("kill -USR1 $$", 128 + signal.SIGUSR1),
-    ("kill -KILL $$", 128 + signal.SIGKILL),
-])
+@pytest.mark.parametrize(
+    ("script", "status"),
+    [
+        ("exit 0", 0),
+        ("exit 3", 3),
+        ("kill -USR1 $$", 128 + signal.SIGUSR1),
+        ("kill -KILL $$", 128 + signal.SIGKILL),
+    ],
+)
 def test_exit_status_is_the_programs(script: str, status: int, ktrace_cluster: NamespaceCluster) -> None:
     # Reaching the cluster first shows the program really ran under ktrace.
     c = ktrace_cluster

@@ -48,6 +48,7 @@ class UdpEvent:
     pid: int
     dest: Endpoint
     kind: str  # "connect" | "send"
+    sock: int = 0  # the program socket's inode (the relays' key)
 
 
 @dataclass
@@ -60,7 +61,7 @@ class UdpRedirector:
     # inode -> (thread group, descriptor) the program connected it with: where to find the
     # socket again when the peer turns out to refuse datagrams.
     descriptors: dict[int, tuple[int, int]] = field(default_factory=dict)
-    _seen: set[tuple[int, Endpoint]] = field(default_factory=set)
+    _seen: dict[int, set[Endpoint]] = field(default_factory=dict)  # inode -> destinations reported
 
     # -- connect ---------------------------------------------------------------------
 
@@ -73,7 +74,7 @@ class UdpRedirector:
             self.connected.pop(info.inode, None)
             return Resume()
         dest = addr.endpoint
-        if self.policy.route(dest) is Route.LOCAL:
+        if self.policy.route(dest, "udp") is Route.LOCAL:
             self.connected.pop(info.inode, None)
             return Resume()
         relay = self.relays.relay_for(info.inode, info.family, dest)
@@ -83,7 +84,7 @@ class UdpRedirector:
         self.sockets[info.inode] = info.family
         self.connected[info.inode] = addr
         self.descriptors[info.inode] = (kernel.thread_group_of(tid), fd)
-        self._note(tid, dest, "connect")
+        self._note(tid, dest, "connect", info.inode)
         return Complete(0)
 
     # -- sending -----------------------------------------------------------------------
@@ -93,7 +94,7 @@ class UdpRedirector:
         if not isinstance(addr, InetAddr) or addr.family != info.family:
             return None
         dest = addr.endpoint
-        if self.policy.route(dest) is Route.LOCAL:
+        if self.policy.route(dest, "udp") is Route.LOCAL:
             return None
         return addr, dest
 
@@ -102,7 +103,7 @@ class UdpRedirector:
     ) -> int:
         relay = self.relays.relay_for(info.inode, info.family, dest)
         self.sockets[info.inode] = info.family
-        self._note(tid, dest, "send")
+        self._note(tid, dest, "send", info.inode)
         try:
             return sock.sendto(payload, flags, relay)
         except OSError as exc:
@@ -267,6 +268,7 @@ class UdpRedirector:
         """The program's socket ``inode`` is gone (found by the relays' sweep)."""
         self.sockets.pop(inode, None)
         self.connected.pop(inode, None)
+        self._seen.pop(inode, None)
         self.descriptors.pop(inode, None)
 
     def peer_error(self, inode: int, peer: Endpoint, errno_name: str) -> None:
@@ -296,7 +298,16 @@ class UdpRedirector:
             return None
         return sockaddr.encode(family, peer.ip, peer.port)
 
-    def _note(self, tid: int, dest: Endpoint, kind: str) -> None:
-        if self.on_event is not None and (tid, dest) not in self._seen:
-            self._seen.add((tid, dest))
-            self.on_event(UdpEvent(tid, dest, kind))
+    def _note(self, tid: int, dest: Endpoint, kind: str, inode: int) -> None:
+        """Once per (socket, destination): who uses it (the report names flows by process)."""
+        if self.on_event is None:
+            return
+        seen = self._seen.setdefault(inode, set())
+        if dest in seen:
+            return
+        seen.add(dest)
+        try:
+            pid = kernel.thread_group_of(tid)
+        except TraceeGone:
+            pid = tid
+        self.on_event(UdpEvent(pid, dest, kind, inode))

@@ -24,9 +24,11 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .client import AgentClient
 from .dns_answers import addresses_in_answer
+from .local_dns import LocalResolver
 from .types import Endpoint, IPAddress, TunnelError
 from .udp_session import UdpSession
 
@@ -41,10 +43,37 @@ DnsCallback = Callable[[str, list[IPAddress]], None]
 
 
 @dataclass
+class RelayTotals:
+    """What crossed one relay (program socket, peer): datagrams and bytes each way."""
+
+    datagrams_up: int = 0
+    bytes_up: int = 0
+    datagrams_down: int = 0
+    bytes_down: int = 0
+
+
+class UdpObserver(Protocol):
+    """The report's view of the relays (called on the event loop; must not raise)."""
+
+    def sent(self, sock_key: int, server: Endpoint, payload: bytes) -> None:
+        """A datagram to port 53 (a DNS question)."""
+
+    def received(self, sock_key: int, server: Endpoint, payload: bytes) -> None:
+        """A datagram from port 53 (a DNS answer), before the program gets it."""
+
+    def flow_started(self, sock_key: int, peer: Endpoint) -> None:
+        """The first datagram of a program socket to ``peer``."""
+
+    def flow_ended(self, sock_key: int, peer: Endpoint, totals: RelayTotals) -> None:
+        """The relay of (socket, peer) is gone (the socket closed, or ktrace ends)."""
+
+
+@dataclass
 class _Relay:
     sock: socket.socket
     peer: Endpoint
     owner: _ProgramSocket
+    totals: RelayTotals = field(default_factory=RelayTotals)
 
     @property
     def port(self) -> int:
@@ -73,8 +102,14 @@ class UdpRelays:
         live_sockets: Callable[[], set[int] | None] | None = None,
         on_socket_gone: Callable[[int], None] | None = None,
         on_peer_error: Callable[[int, Endpoint, str], None] | None = None,
+        observer: UdpObserver | None = None,
+        local_dns: LocalResolver | None = None,
     ) -> None:
         self._client = client
+        # The report: flows, their totals, and every DNS message to and from port 53.
+        self._observer = observer
+        # Answers the questions whose names the rules keep local, instead of the cluster.
+        self._local_dns = local_dns
         self._on_dns_answer = on_dns_answer
         self._idle_timeout = idle_timeout
         # Which program sockets still exist (inodes), checked at each sweep: ktrace does not
@@ -124,6 +159,8 @@ class UdpRelays:
         self._end_session(state)
 
     async def close(self) -> None:
+        if self._local_dns is not None:
+            self._local_dns.close()
         for key in list(self._sockets):
             self.close_socket(key)
         if self._sweeper is not None:
@@ -160,6 +197,8 @@ class UdpRelays:
         return relay
 
     def _close_relay(self, relay: _Relay) -> None:
+        if self._observer is not None and (relay.totals.datagrams_up or relay.totals.datagrams_down):
+            self._observer.flow_ended(relay.owner.key, relay.peer, relay.totals)
         self._by_port.pop((relay.sock.family, relay.port), None)
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(relay.sock.fileno())
@@ -179,9 +218,19 @@ class UdpRelays:
                 continue
             state.program_address = source[:2]
             state.last_used = time.monotonic()
+            if self._observer is not None and not relay.totals.datagrams_up:
+                self._observer.flow_started(state.key, relay.peer)
+            relay.totals.datagrams_up += 1
+            relay.totals.bytes_up += len(payload)
             self._forward(state, relay.peer, payload)
 
     def _forward(self, state: _ProgramSocket, peer: Endpoint, payload: bytes) -> None:
+        if peer.port == DNS_PORT:
+            if self._observer is not None:
+                self._observer.sent(state.key, peer, payload)
+            if self._local_dns is not None and self._local_dns.wants(payload):
+                self._local_dns.forward(payload, lambda answer: self._from_remote(state, peer, answer))
+                return
         if state.session is not None and not state.session.closed.is_set():
             if not state.session.send(peer, payload):
                 self.dropped += 1
@@ -220,6 +269,8 @@ class UdpRelays:
 
     def _from_remote(self, state: _ProgramSocket, source: Endpoint, payload: bytes) -> None:
         state.last_used = time.monotonic()
+        if source.port == DNS_PORT and self._observer is not None:
+            self._observer.received(state.key, source, payload)
         if source.port == DNS_PORT and self._on_dns_answer is not None:
             answer = addresses_in_answer(payload)
             if answer is not None and answer[1]:
@@ -242,6 +293,9 @@ class UdpRelays:
             relay.sock.sendto(payload, state.program_address)
         except OSError:
             self.dropped += 1  # the program's receive buffer is full, or its socket is gone
+            return
+        relay.totals.datagrams_down += 1
+        relay.totals.bytes_down += len(payload)
 
     def _peer_error(self, state: _ProgramSocket, peer: Endpoint, error: TunnelError) -> None:
         if self._on_peer_error is not None and self._sockets.get(state.key) is state:
@@ -263,7 +317,10 @@ class UdpRelays:
             return False
         address = relay.sock.getsockname()[:2]
         family = relay.sock.family
-        self._close_relay(relay)
+        # Not _close_relay: the flow goes on (with a new socket), its totals with it.
+        self._by_port.pop((family, relay.port), None)
+        asyncio.get_running_loop().remove_reader(relay.sock.fileno())
+        relay.sock.close()
         del state.relays[peer]
         with contextlib.suppress(OSError):  # already failing: what the program should see anyway
             program.send(b"")
@@ -275,7 +332,7 @@ class UdpRelays:
         except OSError as exc:
             log.warning("UDP relay for %s could not take its port back: %s", peer, exc)
             return True
-        replacement = _Relay(sock, peer, state)
+        replacement = _Relay(sock, peer, state, relay.totals)
         state.relays[peer] = replacement
         self._by_port[(family, replacement.port)] = replacement
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, replacement)
