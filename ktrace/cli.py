@@ -25,18 +25,26 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "ktrace") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ktrace",
+        prog=prog,
         description="Run a local program whose DNS queries and connections happen inside a cluster.",
     )
     parser.add_argument("--version", action="version", version=f"ktrace {__version__}")
     parser.add_argument("--debug", action="store_true", help="show debug logs and tracebacks")
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND")
 
+    # Run options default to SUPPRESS: absent ones stay absent, so ktrace.toml and
+    # KTRACE_* can supply them (ktrace/config.py has the precedence).
     run = sub.add_parser(
-        "run", help="run a program with the cluster's network view", usage="ktrace run [options] -- CMD [ARG...]"
+        "run",
+        help="run a program with the cluster's network view",
+        usage=f"{prog} run [options] -- CMD [ARG...]",
+        argument_default=argparse.SUPPRESS,
+        epilog="Every option can also be set in ktrace.toml or a KTRACE_* variable (flags > environment > file). "
+        "Network events and the summary go to stderr.",
     )
+    run.add_argument("-f", "--config", metavar="FILE", help="settings file (default: ./ktrace.toml if it exists)")
     run.add_argument(
         "--agent",
         metavar="ADDR",
@@ -52,25 +60,62 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--hosts",
         choices=("local", "cluster"),
-        default="local",
         help="whose /etc/hosts the program reads: this machine's (default: localhost keeps working) "
         "or the agent's, as a pod sees it",
     )
-    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    run.add_argument(
+        "--local",
+        metavar="RULE",
+        action="append",
+        help="keep matching destinations on this machine (repeatable); RULE: [tcp://|udp://]CIDR|IP|NAME|*.DOMAIN[:PORT]",
+    )
+    run.add_argument(
+        "--remote",
+        metavar="RULE",
+        action="append",
+        help="send matching destinations through the cluster (repeatable); the most specific rule wins",
+    )
+    run.add_argument("--log-json", metavar="FILE", help="write one JSON object per network event to FILE")
+    shown = run.add_mutually_exclusive_group()
+    shown.add_argument(
+        "-v", "--verbose", dest="output", action="store_const", const="all", help="show every network event"
+    )
+    shown.add_argument(
+        "-q", "--quiet", dest="output", action="store_const", const="quiet", help="show no network events or summary"
+    )
+    run.add_argument(
+        "--hint-namespace",
+        dest="hint_namespaces",
+        metavar="NS",
+        action="append",
+        help="a namespace to look in for a same-named service when a short name is not found (repeatable)",
+    )
+    run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    doctor = sub.add_parser("doctor", help="check that ktrace can work here, with a fix for each problem")
+    doctor.add_argument("-f", "--config", metavar="FILE", help="settings file (default: ./ktrace.toml)")
+
+    completion = sub.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=("bash", "zsh", "tcsh", "fish"))
 
     agent = sub.add_parser("agent", help="run the agent (same as ktrace-agent)", add_help=False)
     agent.add_argument("agent_args", nargs=argparse.REMAINDER)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def kubectl_main() -> int:
+    """``kubectl ktrace ...``: kubectl runs the ``kubectl-ktrace`` executable on PATH."""
+    return main(prog="kubectl ktrace")
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "ktrace") -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
     if "run" in args_in and "--" in args_in:
         split = args_in.index("--")
         if args_in.index("run") < split:
             args_in, command = args_in[:split], args_in[split + 1 :]
-    parser = build_parser()
+    parser = build_parser(prog)
     if args_in[:1] == ["agent"]:
         from ktrace_agent.main import main as agent_main
 
@@ -86,17 +131,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command_name == "run":
-            from ktrace.run import RunOptions, run
+            from ktrace.options import run_options
+            from ktrace.run import run
 
-            return run(
-                RunOptions(
-                    command=command,
-                    agent=args.agent,
-                    token_file=args.token_file,
-                    connect_timeout=args.connect_timeout,
-                    hosts=args.hosts,
-                )
-            )
+            return run(run_options(vars(args), command))
+        if args.command_name == "doctor":
+            from ktrace.doctor import run_doctor
+
+            return run_doctor(getattr(args, "config", None))
+        if args.command_name == "completion":
+            from ktrace.completion import script
+
+            sys.stdout.write(script(parser, args.shell))
+            return 0
     except KtraceError as exc:
         if debug:
             raise

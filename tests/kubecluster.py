@@ -21,8 +21,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "scripts" / "cluster"
 KUBE_BUILD = REPO / "scripts" / "kube-build"
 BINARIES = (
-    "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy",
-    "kubectl", "coredns",
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "kube-proxy",
+    "kubectl",
+    "coredns",
 )
 HOST_TOOLS = ("ip", "apt-get")  # scripts/cluster up installs the rest from Debian when missing
 TEST_NS = "ktrace-test"
@@ -94,22 +100,36 @@ class KubeCluster:
         return [str(self.bindir / "kubectl"), "--kubeconfig", str(kubeconfig), *args]
 
     def kubectl(
-        self, *args: str, user: str = "admin", timeout: float = 60, stdin: str | None = None, check: bool = True,
+        self,
+        *args: str,
+        user: str = "admin",
+        timeout: float = 60,
+        stdin: str | None = None,
+        check: bool = True,
     ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            self.kubectl_argv(*args, user=user), input=stdin, capture_output=True, text=True, timeout=timeout,
+            self.kubectl_argv(*args, user=user),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
             check=False,
         )
         if check and proc.returncode != 0:
             raise KubeClusterError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
 
-    def in_laptop(self, argv: Sequence[str], timeout: float = 30,
-                  env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def in_laptop(
+        self, argv: Sequence[str], timeout: float = 30, env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run a program in the "laptop" network namespace (only the API server is reachable)."""
         return subprocess.run(
-            ["ip", "netns", "exec", self.laptop_ns, *argv], capture_output=True, text=True, timeout=timeout,
-            check=False, env=None if env is None else dict(env),
+            ["ip", "netns", "exec", self.laptop_ns, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            env=None if env is None else dict(env),
         )
 
 

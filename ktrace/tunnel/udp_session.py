@@ -3,7 +3,8 @@
 ``send`` never blocks: datagrams wait in a bounded queue for the stream and are
 dropped (and counted) when it is full, as a full socket buffer would drop them.
 Received datagrams go to the receiver callback; agent socket errors (ICMP) go to
-the error callback, and the session stays open.
+the error callback, or to the peer error callback when the agent knows which
+destination they are about; the session stays open.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class UdpSession:
         self._queue.put_nowait(rpc.UdpClientFrame(open=rpc.UdpOpen(family=wire_family)))
         self._receiver: Receiver | None = None
         self._on_error: Callable[[TunnelError], None] | None = None
+        self._on_peer_error: Callable[[Endpoint, TunnelError], None] | None = None
         self.dropped = 0
         self.closed = asyncio.Event()
         self._closing = False
@@ -105,6 +107,10 @@ class UdpSession:
     def set_error_receiver(self, callback: Callable[[TunnelError], None]) -> None:
         self._on_error = callback
 
+    def set_peer_error_receiver(self, callback: Callable[[Endpoint, TunnelError], None]) -> None:
+        """ICMP errors the agent's socket got for datagrams to a known peer."""
+        self._on_peer_error = callback
+
     async def close(self) -> None:
         self._closing = True
         self.closed.set()
@@ -150,6 +156,14 @@ class UdpSession:
                         return  # the agent ends the stream after refusing to open
                     if self._on_error is not None:
                         self._on_error(error)
+                elif kind == "peer_failure":
+                    if self._on_peer_error is not None:
+                        failure = frame.peer_failure.failure
+                        try:
+                            peer = rpc.decode_address(frame.peer_failure.peer)
+                            self._on_peer_error(peer, TunnelError(failure.errno_name or "EIO", failure.message))
+                        except Exception:
+                            log.exception("UDP peer error callback failed")
                 elif not self._answered.is_set():
                     self._refused(TunnelError("EIO", f"agent answered {kind!r} to open"))
                     return
