@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import pathlib
 import socket
+import subprocess
+import sys
 
 import pytest
 from agent_helpers import LoopbackServer, agent_and_client, run, upper_echo
@@ -96,3 +98,58 @@ def test_forget_and_close_abort_streams(tmp_path: pathlib.Path) -> None:
             await asyncio.wait_for(target.handlers_done.wait(), 10)
 
     run(scenario())
+
+
+_OUT_OF_DESCRIPTORS = r"""
+import asyncio, os, resource, socket
+from ktrace.tunnel import endpoint as ep
+
+ep.ACCEPT_RETRY = 0.2
+
+
+async def main() -> None:
+    endpoint = ep.LoopbackEndpoint()
+    calls = 0
+    accept_pending = endpoint._accept_pending
+
+    def counting(family: int) -> None:
+        nonlocal calls
+        calls += 1
+        accept_pending(family)
+
+    endpoint._accept_pending = counting  # the listener's reader callback, from start() on
+    await endpoint.start()
+    client = socket.create_connection(endpoint.address(socket.AF_INET))  # queued, nobody expects it
+    highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    hogs = []
+    while True:
+        try:
+            hogs.append(os.dup(0))
+        except OSError:
+            break
+    await asyncio.sleep(0.5)  # the listener stays readable all along; accept keeps failing
+    during = calls
+    for fd in hogs:
+        os.close(fd)
+    client.setblocking(False)
+    try:  # accepted after the pause and reset: nobody expects it
+        data = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(client, 1), 5)
+    except ConnectionResetError:
+        data = b"reset"
+    print(during, data)
+
+
+asyncio.run(main())
+"""
+
+
+def test_running_out_of_descriptors_pauses_accepting_instead_of_spinning() -> None:
+    # In a child process: it exhausts its own descriptor table.
+    proc = subprocess.run(
+        [sys.executable, "-c", _OUT_OF_DESCRIPTORS], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    during, outcome = proc.stdout.split()
+    assert int(during) <= 5, f"accept was retried {during} times in 0.5 s"
+    assert outcome in ("b'reset'", "b''"), proc.stdout

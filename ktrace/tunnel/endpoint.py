@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 from collections.abc import Callable, Coroutine
@@ -30,6 +31,8 @@ from .types import TcpStats
 log = logging.getLogger("ktrace.tunnel")
 
 BACKLOG = 4096
+ACCEPT_RETRY = 1.0  # seconds without accepting after running out of descriptors or memory
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _READ_LIMIT = 512 * 1024
 
 OnClosed = Callable[[TcpStream, TcpStats], None]
@@ -100,8 +103,14 @@ class LoopbackEndpoint:
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # ECONNABORTED, EMFILE...: this connection is lost, not the listener
-                log.warning("accepting a loopback connection failed: %s", exc)
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    # The connection stays queued and the listener readable: stop watching it
+                    # for a while instead of spinning (what asyncio's own servers do).
+                    log.warning("accepting a loopback connection failed: %s; retrying in %ss", exc, ACCEPT_RETRY)
+                    self._pause_accepting(family)
+                else:  # ECONNABORTED...: that connection is gone, the listener is fine
+                    log.debug("accepting a loopback connection failed: %s", exc)
                 return
             stream = self._expected.pop((family, peer[1]), None)
             if stream is None or self._closing:
@@ -110,6 +119,19 @@ class LoopbackEndpoint:
                 sock.close()
                 continue
             self._spawn(self._serve(sock, stream))
+
+    def _pause_accepting(self, family: int) -> None:
+        listener = self._listeners.get(family)
+        if listener is None:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(listener.fileno())
+
+        def resume() -> None:
+            if self._listeners.get(family) is listener:
+                loop.add_reader(listener.fileno(), self._accept_pending, family)
+
+        loop.call_later(ACCEPT_RETRY, resume)
 
     async def _serve(self, sock: socket.socket, stream: TcpStream) -> None:
         try:
