@@ -11,6 +11,7 @@ import sys
 from . import __version__
 from .listen import ConfigError, read_token_file
 from .server import DEFAULT_CONNECT_TIMEOUT, AgentServer
+from .tuning import raise_fd_limit
 
 log = logging.getLogger("ktrace_agent")
 
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         format="ktrace-agent: %(message)s",
         stream=sys.stderr,
     )
+    raise_fd_limit()  # a socket per tunnelled connection
     try:
         token = read_token_file(args.token_file) if args.token_file else None
         server = AgentServer(

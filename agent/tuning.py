@@ -36,6 +36,7 @@ import importlib.util
 import os
 import pathlib
 import re
+import resource
 
 EXPERIMENTS_OFF = "-event_engine_client,-event_engine_listener"
 MEASURED_VERSIONS = ("1.85.",)
@@ -86,3 +87,22 @@ def tune_malloc() -> bool:
 
 
 tune_malloc()
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; returns the new soft limit.
+
+    Every tunnelled connection holds a socket in ktrace and one in the agent, and the
+    common default soft limit (1,024) ends a program's 1,000th connection with EMFILE in
+    ktrace rather than in the program. ktrace calls this after forking the program, which
+    keeps the user's limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+        except (ValueError, OSError):
+            pass
+    return soft

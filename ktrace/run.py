@@ -128,6 +128,7 @@ def run(options: RunOptions) -> int:
     log_json = reporting.open_log(options.log_json)
     local_outcomes = any(rule.route is Route.LOCAL for rule in options.rules.rules)
     child = launcher.fork_child(path, options.command, env, seccomp.build(filter_rules(local_outcomes)))
+    tuning.raise_fd_limit()  # for ktrace only: the program, forked already, keeps the user's limit
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
     try:
         return asyncio.run(_session(options, child, token, log_json))

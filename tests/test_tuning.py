@@ -3,7 +3,10 @@ never over the user's and never passed on to the traced program; malloc kept fro
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
+from fixture_programs import Programs
 from ktrace_agent import tuning
 from nscluster import NamespaceCluster
 
@@ -51,3 +54,23 @@ def test_the_program_gets_the_users_environment(ktrace_cluster: NamespaceCluster
     assert not any(line.startswith("GRPC_EXPERIMENTS=") for line in lines), r.stdout
     r = c.run_laptop(c.ktrace_argv("env"), timeout=30, env={"PATH": "/usr/bin:/bin", "GRPC_EXPERIMENTS": "mine"})
     assert "GRPC_EXPERIMENTS=mine" in r.stdout.splitlines(), r.stdout
+
+
+@pytest.mark.netns
+@pytest.mark.timeout(120)
+def test_ktrace_raises_its_own_descriptor_limit_not_the_programs(
+    ktrace_cluster: NamespaceCluster, programs: Programs
+) -> None:
+    """With a soft limit of 200, a program making 185 concurrent connections fits (it holds 185
+    sockets); ktrace, holding one socket per connection plus its own ~25, would not without
+    raising its limit. The program still sees the user's limit."""
+    c = ktrace_cluster
+    ktrace = " ".join(shlex.quote(a) for a in c.ktrace_argv())
+    r = c.run_laptop(["sh", "-c", f"ulimit -Sn 200 && exec {ktrace} sh -c 'ulimit -Sn'"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "200"
+    bench = programs["cnetbench"]
+    cmd = f"ulimit -Sn 200 && exec {ktrace} {bench} concurrent {c.echo_v4} {c.echo_port} 185 1000"
+    r = c.run_laptop(["sh", "-c", cmd], timeout=100)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("ok 185 of 185"), r.stdout
