@@ -99,6 +99,12 @@ class AgentClient:
             )
         return cls(channel, token, _parse_info(reply))
 
+    async def ping(self, timeout: float = 10.0) -> None:
+        """A handshake on the open channel: proves the path to the agent works and keeps an agent
+        started with ``--idle-exit`` from exiting while ktrace runs."""
+        request = rpc.HandshakeRequest(client_version=__version__, protocol_version=rpc.PROTOCOL_VERSION)
+        await self._stub.handshake(request, metadata=self._metadata, timeout=timeout)
+
     async def open_tcp(self, dest: Endpoint, timeout: float | None = None) -> TcpStream:
         """Have the agent connect to ``dest``; raises ``TunnelError`` with the agent's errno on failure."""
         return await TcpStream.open(self._stub, self._metadata, dest, timeout)
