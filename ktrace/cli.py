@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         help="how long the agent tries to connect before the program's connect() fails with ETIMEDOUT",
     )
+    run.add_argument(
+        "--hosts",
+        choices=("local", "cluster"),
+        default="local",
+        help="whose /etc/hosts the program reads: this machine's (default: localhost keeps working) "
+        "or the agent's, as a pod sees it",
+    )
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     agent = sub.add_parser("agent", help="run the agent (same as ktrace-agent)", add_help=False)
@@ -87,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     agent=args.agent,
                     token_file=args.token_file,
                     connect_timeout=args.connect_timeout,
+                    hosts=args.hosts,
                 )
             )
     except KtraceError as exc:

@@ -24,14 +24,19 @@ from dataclasses import dataclass
 
 from ktrace.errors import KtraceError
 from ktrace.tracer import arch, launcher, seccomp
+from ktrace.tracer.decide import RoutingPolicy, nameservers_of
 from ktrace.tracer.files import FileViews
 from ktrace.tracer.launcher import LaunchError
 from ktrace.tracer.network import NetworkHandler
 from ktrace.tracer.session import SessionHandler
 from ktrace.tracer.tracer import FORWARDED_SIGNALS, Tracer
-from ktrace.tunnel.client import AgentClient
+from ktrace.tracer.udp import UdpRedirector
+from ktrace.tunnel.client import AgentClient, AgentInfo
+from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.endpoint import LoopbackEndpoint
+from ktrace.tunnel.socket_table import live_udp_inodes
 from ktrace.tunnel.types import AgentUnavailable
+from ktrace.tunnel.udp_relay import UdpRelays
 
 log = logging.getLogger("ktrace.run")
 
@@ -46,6 +51,9 @@ class RunOptions:
     agent: str | None
     token_file: str | None = None
     connect_timeout: float | None = None
+    # Whose /etc/hosts the program reads: "local" (this machine's, so localhost and
+    # names pinned here keep working) or "cluster" (the agent's, as in the pod).
+    hosts: str = "local"
 
 
 def filter_rules() -> list[seccomp.Rule]:
@@ -54,6 +62,16 @@ def filter_rules() -> list[seccomp.Rule]:
         seccomp.trace(sys.connect),
         seccomp.trace(sys.getpeername),
         seccomp.trace(sys.getsockname),
+        # UDP: a send with a destination, and receives whose source ktrace may have to
+        # restore. sendto/recvfrom without an address (a connected socket, or a TCP
+        # send/recv) never stop; sendmsg/recvmsg carry the address inside struct msghdr,
+        # out of the filter's reach, so they always stop.
+        seccomp.trace(sys.sendto, unless_arg_zero=4),
+        seccomp.trace(sys.recvfrom, unless_arg_zero=4),
+        seccomp.trace(sys.sendmsg),
+        seccomp.trace(sys.recvmsg),
+        seccomp.trace(sys.sendmmsg),
+        seccomp.trace(sys.recvmmsg),
         # The resolver view: opening /etc/resolv.conf opens the agent's copy.
         seccomp.trace(sys.open),
         seccomp.trace(sys.openat),
@@ -111,9 +129,7 @@ async def _agent_address(options: RunOptions, token: str | None) -> AsyncIterato
         local_token = secrets.token_urlsafe(24)
         server = AgentServer(f"unix:{tmp}/agent.sock", token=local_token)
         if options.connect_timeout is not None:
-            server = AgentServer(
-                f"unix:{tmp}/agent.sock", token=local_token, connect_timeout=options.connect_timeout
-            )
+            server = AgentServer(f"unix:{tmp}/agent.sock", token=local_token, connect_timeout=options.connect_timeout)
         await server.start()
         try:
             yield f"unix:{tmp}/agent.sock", local_token
@@ -134,13 +150,28 @@ async def _session(options: RunOptions, child: launcher.PendingChild, token: str
             except AgentUnavailable as exc:
                 raise KtraceError(str(exc)) from None
             endpoint: LoopbackEndpoint | None = None
+            relays: UdpRelays | None = None
             tracer: Tracer | None = None
             try:
-                handler = NetworkHandler(client, LoopbackEndpoint(), connect_timeout=options.connect_timeout)
+                policy = RoutingPolicy(nameservers=nameservers_of(client.info.resolv_conf))
+                dns_map = DnsMap()
+                dns_map.listeners.append(lambda name, found: log.debug("dns answer %s -> %s", name, found))
+                handler = NetworkHandler(
+                    client, LoopbackEndpoint(), policy, connect_timeout=options.connect_timeout, dns_map=dns_map
+                )
                 endpoint = LoopbackEndpoint(on_closed=lambda stream, _stats: handler.stream_closed(stream))
                 handler.endpoint = endpoint
                 await endpoint.start()
-                files = FileViews(served=_serve_resolver_files(views_dir, client.info.resolv_conf))
+
+                def socket_gone(inode: int) -> None:
+                    udp.forget(inode)
+
+                relays = UdpRelays(
+                    client, on_dns_answer=dns_map.record, live_sockets=live_udp_inodes, on_socket_gone=socket_gone
+                )
+                udp = UdpRedirector(relays, policy)
+                handler.udp = udp
+                files = FileViews(served=_serve_resolver_files(views_dir, client.info, options.hosts))
                 session = SessionHandler(handler, files)
                 launcher_seize(child)
                 released = True
@@ -157,6 +188,8 @@ async def _session(options: RunOptions, child: launcher.PendingChild, token: str
                     tracer.close()
                 if endpoint is not None:
                     await endpoint.close(grace=SHUTDOWN_GRACE)
+                if relays is not None:
+                    await relays.close()
                 await client.close()
     finally:
         if not released:
@@ -175,12 +208,19 @@ async def _private_dir() -> AsyncIterator[str]:
         yield path
 
 
-def _serve_resolver_files(directory: str, resolv_conf: str) -> dict[bytes, bytes]:
-    path = os.path.join(directory, "resolv.conf")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(resolv_conf)
-    os.chmod(path, 0o644)
-    return {b"/etc/resolv.conf": path.encode()}
+def _serve_resolver_files(directory: str, info: AgentInfo, hosts: str) -> dict[bytes, bytes]:
+    """Write the agent's resolver files where the program will be shown them."""
+    files = {b"/etc/resolv.conf": info.resolv_conf}
+    if hosts == "cluster":
+        files[b"/etc/hosts"] = info.hosts
+    served: dict[bytes, bytes] = {}
+    for target, text in files.items():
+        path = os.path.join(directory, os.path.basename(target.decode()))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(path, 0o644)
+        served[target] = path.encode()
+    return served
 
 
 def launcher_seize(child: launcher.PendingChild) -> None:

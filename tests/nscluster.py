@@ -3,7 +3,10 @@
 * ``ktc<id>-cluster``: loopback only, with the service addresses on ``lo``, the services of
   tests/servers/cluster_services.py, a blackhole route and the ktrace agent.
 * ``ktc<id>-laptop``: loopback only, no routes, and a resolv.conf that names 127.0.0.1 (where
-  nothing listens), so nothing run there can reach this machine's resolver or network.
+  nothing listens), so nothing run there can reach this machine's resolver or network. Like a real
+  laptop it has an address of its own (``LAPTOP_V4``/``LAPTOP_V6``, documentation prefixes, on
+  ``lo`` without a prefix route): glibc's getaddrinfo with AI_ADDRCONFIG finds nothing on a host
+  whose only addresses are loopback ones. It still routes nowhere.
 
 The two are joined only by the agent's Unix socket in a temporary directory (the
 filesystem is shared). Nothing here sends a packet outside loopback and these namespaces.
@@ -54,6 +57,13 @@ CLUSTER_RESOLV = (
     "options ndots:5\n"
 )
 LAPTOP_RESOLV = "nameserver 127.0.0.1\n"
+LAPTOP_V4 = "192.0.2.10"
+LAPTOP_V6 = "2001:db8::10"
+# The agent's /etc/hosts, like a pod's (the kubelet writes the pod's own name there). Only a
+# program run with `ktrace run --hosts cluster` sees it.
+AGENT_POD_NAME = "ktrace-agent-pod"
+AGENT_POD_IP = "10.96.9.9"
+CLUSTER_ETC_HOSTS = f"127.0.0.1 localhost\n::1 localhost\n{AGENT_POD_IP} {AGENT_POD_NAME}\n"
 LARGE_ANSWER = 120  # A records of big.default.svc.cluster.local: too many for one UDP answer (TC)
 
 # The cluster's DNS records, as a hosts file served by dnsmasq (authoritative for cluster.local).
@@ -211,8 +221,12 @@ class NamespaceCluster:
         for ns, resolv in ((self.cluster, CLUSTER_RESOLV), (self.laptop, LAPTOP_RESOLV)):
             (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
             (NETNS_ETC / ns / "resolv.conf").write_text(resolv)
+            if ns == self.cluster:  # `ip netns exec` bind-mounts these files over /etc/...
+                (NETNS_ETC / ns / "hosts").write_text(CLUSTER_ETC_HOSTS)
             ip("netns", "add", ns)
             ip("-n", ns, "link", "set", "lo", "up")
+        ip("-n", self.laptop, "addr", "add", f"{LAPTOP_V4}/32", "dev", "lo", "noprefixroute")
+        ip("-n", self.laptop, "addr", "add", f"{LAPTOP_V6}/128", "dev", "lo", "nodad", "noprefixroute")
         for addr in (DNS_V4, HELLO_V4, ECHO_V4, REFUSED_V4):
             ip("-n", self.cluster, "addr", "add", f"{addr}/32", "dev", "lo")
         for addr in (HELLO_V6, ECHO_V6):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import pathlib
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ import pytest
 from agent_helpers import agent_and_client, run
 
 from ktrace.tunnel.dns_answers import addresses_in_answer
+from ktrace.tunnel.socket_table import live_udp_inodes
 from ktrace.tunnel.types import Endpoint, IPAddress
 from ktrace.tunnel.udp_relay import UdpRelays
 
@@ -200,6 +202,40 @@ def test_idle_session_is_reclaimed_and_reopened(tmp_path: pathlib.Path) -> None:
             finally:
                 asyncio.get_running_loop().remove_reader(sock.fileno())
                 sock.close()
+                await relays.close()
+
+    run(scenario())
+
+
+def test_relays_of_closed_program_sockets_are_reclaimed(tmp_path: pathlib.Path) -> None:
+    """ktrace never sees close(): the sweep finds program sockets that left the kernel's UDP table."""
+
+    async def scenario() -> None:
+        async with udp_server(_echo) as port, agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
+            gone: list[int] = []
+            relays = UdpRelays(client, live_sockets=live_udp_inodes, on_socket_gone=gone.append)
+            peer = Endpoint.parse(f"127.0.0.1:{port}")
+            kept, kept_received = await program_socket()
+            closed, closed_received = await program_socket()
+            keys = {name: os.fstat(s.fileno()).st_ino for name, s in (("kept", kept), ("closed", closed))}
+            try:
+                relay_kept = relays.relay_for(keys["kept"], socket.AF_INET, peer)
+                relay_closed = relays.relay_for(keys["closed"], socket.AF_INET, peer)
+                pairs = ((kept, relay_kept, kept_received), (closed, relay_closed, closed_received))
+                for sock, relay, received in pairs:
+                    sock.sendto(b"ping", relay)
+                    assert (await received.get())[0] == b"PING"
+                asyncio.get_running_loop().remove_reader(closed.fileno())
+                closed.close()
+                relays.sweep()
+                assert gone == [keys["closed"]]
+                assert relays.peer_of(socket.AF_INET, relay_closed[1]) is None
+                assert relays.peer_of(socket.AF_INET, relay_kept[1]) == peer
+                kept.sendto(b"still", relay_kept)
+                assert (await kept_received.get())[0] == b"STILL"
+            finally:
+                asyncio.get_running_loop().remove_reader(kept.fileno())
+                kept.close()
                 await relays.close()
 
     run(scenario())

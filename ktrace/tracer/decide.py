@@ -33,12 +33,35 @@ class Route(Enum):
 @dataclass(frozen=True)
 class RoutingPolicy:
     """Which destinations go through the agent. Loopback and unspecified
-    addresses always stay on this machine; everything else is remote."""
+    addresses stay on this machine; everything else is remote.
+
+    ``nameservers`` (the agent's resolv.conf, port 53) are always remote: the
+    program reads the agent's resolv.conf, so a node-local resolver such as
+    ``nameserver 127.0.0.53`` means the agent's loopback, not this machine's.
+    """
+
+    nameservers: frozenset[Endpoint] = frozenset()
 
     def route(self, dest: Endpoint) -> Route:
+        if dest in self.nameservers:
+            return Route.REMOTE
         if sockaddr.is_loopback(dest.ip) or sockaddr.is_unspecified(dest.ip):
             return Route.LOCAL
         return Route.REMOTE
+
+
+def nameservers_of(resolv_conf: str) -> frozenset[Endpoint]:
+    """The ``nameserver`` addresses of a resolv.conf text, as port-53 endpoints
+    (IPv6 zone suffixes dropped; malformed lines ignored, as resolvers do)."""
+    found: set[Endpoint] = set()
+    for line in resolv_conf.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                found.add(Endpoint(ipaddress.ip_address(fields[1].split("%", 1)[0]), 53))
+            except ValueError:
+                continue
+    return frozenset(found)
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,16 @@
 """Pure codec for struct msghdr / struct mmsghdr (x86_64 LP64 layout).
 
-    struct msghdr {            offset
-        void *msg_name;          0
-        socklen_t msg_namelen;   8   (u32, then 4 bytes padding)
-        struct iovec *msg_iov;   16
-        size_t msg_iovlen;       24
-        void *msg_control;       32
-        size_t msg_controllen;   40
-        int msg_flags;           48  (then 4 bytes padding)
-    };                           56
-    struct mmsghdr { struct msghdr msg_hdr; unsigned int msg_len; };  64 with padding
-    struct iovec { void *iov_base; size_t iov_len; };                 16
+struct msghdr {            offset
+    void *msg_name;          0
+    socklen_t msg_namelen;   8   (u32, then 4 bytes padding)
+    struct iovec *msg_iov;   16
+    size_t msg_iovlen;       24
+    void *msg_control;       32
+    size_t msg_controllen;   40
+    int msg_flags;           48  (then 4 bytes padding)
+};                           56
+struct mmsghdr { struct msghdr msg_hdr; unsigned int msg_len; };  64 with padding
+struct iovec { void *iov_base; size_t iov_len; };                 16
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from ktrace.tracer.kernel import Registers, TraceeGone
 from ktrace.tracer.tracer import Complete, Deferred, Outcome, Resume
 from ktrace.tracer.udp import UdpRedirector
 from ktrace.tunnel.client import AgentClient, TcpStream
+from ktrace.tunnel.dns_map import DnsMap, DnsTcpTap
 from ktrace.tunnel.endpoint import LoopbackEndpoint
 from ktrace.tunnel.types import Endpoint, TunnelError
 
@@ -30,6 +31,7 @@ log = logging.getLogger("ktrace.network")
 
 SYS = arch.SYSCALLS
 MSG_FASTOPEN = 0x20000000
+DNS_PORT = 53
 BYPASS_RESOLVER_SOCKETS = frozenset(
     {
         b"/var/run/nscd/socket",
@@ -58,6 +60,7 @@ class NetworkHandler:
     connect_timeout: float | None = None
     on_event: Callable[[ConnectEvent], None] | None = None
     udp: UdpRedirector | None = None
+    dns_map: DnsMap | None = None
     redirected: dict[int, Redirected] = field(default_factory=dict)
     _streams: dict[int, int] = field(default_factory=dict)  # id(stream) -> inode
 
@@ -208,6 +211,8 @@ class NetworkHandler:
                 await stream.abort()
                 self._emit(ConnectEvent(tid, decision.dest, errno.errorcode.get(err, str(err))))
                 return Complete(-err)
+            if self.dns_map is not None and decision.dest.port == DNS_PORT:
+                stream.observe_down = DnsTcpTap(self.dns_map).feed
             source_port = sock.getsockname()[1]
             self.endpoint.expect(info.family, source_port, stream)
             self.redirected[info.inode] = Redirected(info.family, decision.original, stream.local)

@@ -254,6 +254,11 @@ class UdpRedirector:
 
         return WatchExit(at_exit)
 
+    def forget(self, inode: int) -> None:
+        """The program's socket ``inode`` is gone (found by the relays' sweep)."""
+        self.sockets.pop(inode, None)
+        self.connected.pop(inode, None)
+
     def peer_name(self, inode: int, family: int) -> bytes | None:
         peer = self.connected.get(inode)
         if peer is None:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
@@ -51,6 +51,8 @@ class TcpStream:
         self._call = call
         self.local = local
         self.peer = peer
+        # Sees every chunk the remote side sends (DNS over TCP answers, for the DNS map).
+        self.observe_down: Callable[[bytes], None] | None = None
 
     @classmethod
     async def open(
@@ -158,6 +160,8 @@ class TcpStream:
             assert isinstance(frame, rpc.TcpServerFrame)
             kind = frame.WhichOneof("kind")
             if kind == "data":
+                if self.observe_down is not None:
+                    self.observe_down(frame.data)
                 writer.write(frame.data)
                 try:
                     await writer.drain()

@@ -70,10 +70,16 @@ class UdpRelays:
         client: AgentClient,
         on_dns_answer: DnsCallback | None = None,
         idle_timeout: float = 120.0,
+        live_sockets: Callable[[], set[int] | None] | None = None,
+        on_socket_gone: Callable[[int], None] | None = None,
     ) -> None:
         self._client = client
         self._on_dns_answer = on_dns_answer
         self._idle_timeout = idle_timeout
+        # Which program sockets still exist (inodes), checked at each sweep: ktrace does not
+        # see close(), so this is how relays of closed sockets are reclaimed.
+        self._live_sockets = live_sockets
+        self._on_socket_gone = on_socket_gone
         self._sockets: dict[int, _ProgramSocket] = {}
         self._by_port: dict[tuple[int, int], _Relay] = {}
         self._ipv6: bool | None = None
@@ -240,14 +246,27 @@ class UdpRelays:
             loop = asyncio.get_running_loop()
             self._sweeper = loop.call_later(self._idle_timeout / 4, self._sweep)
 
-    def _sweep(self) -> None:
-        self._sweeper = None
+    def sweep(self) -> None:
+        """Reclaim relays of closed program sockets and sessions idle for ``idle_timeout``
+        (runs every quarter of it while there are relays)."""
+        live = self._live_sockets() if self._live_sockets is not None else None
+        if live is not None:
+            for key in [key for key in self._sockets if key not in live]:
+                self.close_socket(key)
+                if self._on_socket_gone is not None:
+                    self._on_socket_gone(key)
         deadline = time.monotonic() - self._idle_timeout
         for state in self._sockets.values():
             if state.session is not None and state.last_used < deadline:
                 self._end_session(state)
-        if self._sockets:
-            self._arm_sweeper()
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        try:
+            self.sweep()
+        finally:
+            if self._sockets:
+                self._arm_sweeper()
 
     def _end_session(self, state: _ProgramSocket) -> None:
         if state.opening is not None:

@@ -1,0 +1,359 @@
+"""End-to-end: under `ktrace run`, programs resolve names as a pod would and reach UDP services.
+
+Every program runs in the laptop namespace, whose resolv.conf names 127.0.0.1 where nothing
+listens and which has no route anywhere: without ktrace no cluster name resolves (checked for
+each client). Under ktrace the program reads the agent's resolv.conf (the cluster's dnsmasq at
+10.96.0.10, a pod's search list, ndots:5) and its queries travel through the agent.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+from e2e_helpers import you_are
+from fixture_programs import Programs
+from nscluster import AGENT_POD_IP, AGENT_POD_NAME, LARGE_ANSWER, NamespaceCluster
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
+
+HELLO_V4 = "10.96.1.10"
+HELLO_V6 = "fd00:96::1:10"
+HELLO = "hello from cluster, you are "
+
+
+def both(
+    c: NamespaceCluster, argv: list[str], *, ktrace_opts: tuple[str, ...] = (), timeout: float = 60
+) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    """(without ktrace, with ktrace), both run in the laptop namespace."""
+    without = c.run_laptop(argv, timeout=timeout)
+    cmd = c.ktrace_argv(*argv)
+    split = cmd.index("--")
+    traced = c.run_laptop([*cmd[:split], *ktrace_opts, *cmd[split:]], timeout=timeout)
+    return without, traced
+
+
+@dataclass(frozen=True)
+class Lookup:
+    argv: Callable[[Programs], list[str]]
+    expected: Callable[[str], bool]
+
+
+def _go(name: str) -> Callable[[Programs], list[str]]:
+    return lambda p: [p["goclient"], "-resolve", name]
+
+
+LOOKUPS = {
+    # Go's own resolver (static binary, no libc): reads resolv.conf itself, queries over UDP.
+    "go-short-name": Lookup(_go("hello"), lambda out: out.strip() == f"addrs {HELLO_V4} {HELLO_V6}"),
+    "go-fqdn": Lookup(
+        _go("hello.default.svc.cluster.local."), lambda out: out.strip() == f"addrs {HELLO_V4} {HELLO_V6}"
+    ),
+    "go-other-namespace": Lookup(_go("echo.other-ns"), lambda out: out.strip() == "addrs 10.96.1.11"),
+    "go-aaaa-only": Lookup(_go("hello6"), lambda out: out.strip() == f"addrs {HELLO_V6}"),
+    "go-stripped-short-name": Lookup(
+        lambda p: [p["goclient-stripped"], "-resolve", "hello"],
+        lambda out: out.strip() == f"addrs {HELLO_V4} {HELLO_V6}",
+    ),
+    # glibc: getent, Python's getaddrinfo, curl (resolve and connect).
+    "glibc-getent-hosts": Lookup(
+        lambda p: ["getent", "hosts", "hello"],
+        lambda out: (
+            out.split()[:2]
+            in ([HELLO_V6, "hello.default.svc.cluster.local"], [HELLO_V4, "hello.default.svc.cluster.local"])
+        ),
+    ),
+    "glibc-getent-ahostsv4-other-ns": Lookup(
+        lambda p: ["getent", "ahostsv4", "hello.other-ns"],
+        lambda out: out.split()[:3] == [HELLO_V4, "STREAM", "hello.other-ns.svc.cluster.local"],
+    ),
+    "python-getaddrinfo": Lookup(
+        lambda p: [
+            sys.executable,
+            "-c",
+            "import socket; print(sorted({a[4][0] for a in socket.getaddrinfo('hello', 8080)}))",
+        ],
+        lambda out: out.strip() == repr(sorted([HELLO_V4, HELLO_V6])),
+    ),
+    "curl-short-name": Lookup(
+        lambda p: ["curl", "-sS", "-4", "--max-time", "30", "http://hello:8080/"], lambda out: out.startswith(HELLO)
+    ),
+    # musl, static: its own resolver sends A and AAAA in parallel and checks the answer's source.
+    "musl-static-resolve-and-connect": Lookup(
+        lambda p: [p["mresolve"], "hello", "8080"], lambda out: f"addr {HELLO_V4}:8080" in out and HELLO in out
+    ),
+    # dig / nslookup (bind9's own resolver library).
+    "dig-fqdn": Lookup(
+        lambda p: ["dig", "+short", "+tries=1", "+time=5", "hello.default.svc.cluster.local", "A"],
+        lambda out: out.strip() == HELLO_V4,
+    ),
+    "dig-search-list": Lookup(
+        lambda p: ["dig", "+short", "+search", "+tries=1", "+time=5", "echo.other-ns", "A"],
+        lambda out: out.strip() == "10.96.1.11",
+    ),
+    "nslookup-short-name": Lookup(
+        lambda p: ["nslookup", "-timeout=5", "hello"],
+        lambda out: "Name:\thello.default.svc.cluster.local" in out and HELLO_V4 in out,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOOKUPS))
+def test_resolves_cluster_names(name: str, ktrace_cluster: NamespaceCluster, programs: Programs) -> None:
+    lookup = LOOKUPS[name]
+    without, traced = both(ktrace_cluster, lookup.argv(programs))
+    assert not lookup.expected(without.stdout), f"resolved on the laptop without ktrace: {without}"
+    assert traced.returncode == 0, traced
+    assert lookup.expected(traced.stdout), traced
+    assert "Traceback" not in traced.stderr
+
+
+def test_nxdomain_is_nxdomain_not_a_timeout(ktrace_cluster: NamespaceCluster, programs: Programs) -> None:
+    c = ktrace_cluster
+    _, dig = both(c, ["dig", "+tries=1", "+time=5", "nosuch.default.svc.cluster.local"])
+    assert "status: NXDOMAIN" in dig.stdout, dig
+    _, go = both(c, [programs["goclient"], "-resolve", "nosuch"])
+    assert go.stdout.startswith("error ") and "no such host" in go.stdout, go
+    # getaddrinfo: EAI_NONAME (the name does not exist), not EAI_AGAIN (no answer).
+    script = (
+        "import socket\ntry:\n socket.getaddrinfo('nosuch', 80)\nexcept socket.gaierror as e:\n"
+        " print(e.errno == socket.EAI_NONAME, e)"
+    )
+    _, py = both(c, [sys.executable, "-c", script])
+    assert py.stdout.startswith("True"), py
+
+
+def test_other_answers_reach_the_program_unchanged(ktrace_cluster: NamespaceCluster) -> None:
+    """The cluster's DNS server refuses names outside cluster.local (it has no upstream):
+    the program sees REFUSED, exactly what a pod of this cluster would see."""
+    _, dig = both(ktrace_cluster, ["dig", "+tries=1", "+time=5", "example.org"])
+    assert "status: REFUSED" in dig.stdout, dig
+
+
+def test_truncated_answer_is_retried_over_tcp_and_arrives_complete(ktrace_cluster: NamespaceCluster) -> None:
+    c = ktrace_cluster
+    traced = c.run_laptop([*c.ktrace_argv("dig", "+tries=1", "+time=5", "big.default.svc.cluster.local")], timeout=60)
+    assert "Truncated, retrying in TCP mode" in traced.stdout, traced
+    answers = [
+        line
+        for line in traced.stdout.splitlines()
+        if line.startswith("big.default.svc.cluster.local.") and "\tA\t" in line
+    ]
+    assert len(answers) == LARGE_ANSWER, traced.stdout
+    # glibc does the same switch to TCP by itself.
+    getent = c.run_laptop(c.ktrace_argv("getent", "ahostsv4", "big"), timeout=60)
+    assert len({line.split()[0] for line in getent.stdout.splitlines()}) == LARGE_ANSWER, getent
+
+
+def test_dns_map_records_answers_over_udp_and_tcp(ktrace_cluster: NamespaceCluster) -> None:
+    c = ktrace_cluster
+    cmd = c.ktrace_argv("sh", "-c", "getent hosts hello && dig +tries=1 +time=5 big.default.svc.cluster.local")
+    traced = c.run_laptop([cmd[0], "--debug", *cmd[1:]], timeout=60)
+    assert traced.returncode == 0, traced
+    assert (
+        "dns answer hello.default.svc.cluster.local -> [IPv6Address('fd00:96::1:10')]" in traced.stderr
+        or "dns answer hello.default.svc.cluster.local -> [IPv4Address('10.96.1.10')]" in traced.stderr
+    ), traced.stderr
+    big = [line for line in traced.stderr.splitlines() if "dns answer big.default.svc.cluster.local" in line]
+    assert any(line.count("IPv4Address") == LARGE_ANSWER for line in big), big  # the TCP answer
+
+
+NSCD = r"""
+import os, socket, sys
+os.makedirs("/var/run/nscd", exist_ok=True)
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind("/var/run/nscd/socket")
+srv.listen(8)
+srv.setblocking(False)
+result = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+accepted = 0
+while True:
+    try:
+        srv.accept()[0].close()
+        accepted += 1
+    except BlockingIOError:
+        break
+print("nscd connections", accepted)
+print(result.stdout, end="")
+"""
+
+
+def test_nscd_socket_is_refused_so_glibc_asks_the_cluster(ktrace_cluster: NamespaceCluster) -> None:
+    """A local nscd would answer from this machine's view. In a private mount namespace (so the
+    machine's /var/run is untouched) a listener stands for nscd; under ktrace glibc must not reach it."""
+    c = ktrace_cluster
+    script = "import subprocess\n" + NSCD
+    # unshare -m: a private mount namespace with a tmpfs over /var/run/nscd.
+    wrapper = [
+        "unshare",
+        "-m",
+        "sh",
+        "-c",
+        'mkdir -p /var/run/nscd && mount -t tmpfs none /var/run/nscd && exec "$@"',
+        "sh",
+    ]
+    traced = c.run_laptop(
+        [*wrapper, sys.executable, "-c", script, *c.ktrace_argv("getent", "hosts", "hello")], timeout=60
+    )
+    assert traced.stdout.splitlines()[0] == "nscd connections 0", traced
+    assert "hello.default.svc.cluster.local" in traced.stdout, traced
+    # Without ktrace glibc does connect to it (the listener is real).
+    plain = c.run_laptop([*wrapper, sys.executable, "-c", script, "getent", "hosts", "hello"], timeout=60)
+    assert plain.stdout.splitlines()[0] != "nscd connections 0", plain
+
+
+def test_hosts_file_is_local_by_default_and_the_agents_on_request(ktrace_cluster: NamespaceCluster) -> None:
+    c = ktrace_cluster
+    local = c.run_laptop(c.ktrace_argv("getent", "hosts", AGENT_POD_NAME), timeout=60)
+    assert local.returncode != 0 and AGENT_POD_IP not in local.stdout, local
+    localhost = c.run_laptop(c.ktrace_argv("getent", "ahostsv4", "localhost"), timeout=60)
+    assert localhost.stdout.split()[:1] == ["127.0.0.1"], localhost
+    _, cluster = both(c, ["getent", "hosts", AGENT_POD_NAME], ktrace_opts=("--hosts", "cluster"))
+    assert cluster.stdout.split() == [AGENT_POD_IP, AGENT_POD_NAME], cluster
+
+
+# --- UDP -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "host"),
+    [
+        ("connected", "10.96.1.11"),
+        ("sendto", "10.96.1.11"),
+        ("mmsg", "10.96.1.11"),
+        ("cmmsg", "10.96.1.11"),
+        ("sendto", "fd00:96::1:11"),
+        ("connected", "fd00:96::1:11"),
+    ],
+)
+def test_udp_echo_with_faithful_sources(
+    mode: str, host: str, ktrace_cluster: NamespaceCluster, programs: Programs
+) -> None:
+    c = ktrace_cluster
+    count = 5
+    without, traced = both(c, [programs["cudp"], mode, host, "7", str(count)])
+    assert without.returncode != 0 and "reply" not in without.stdout, without
+    assert traced.returncode == 0, traced
+    peer = f"{host}:7"  # cudp prints addr:port, brackets or not
+    replies = [line.split(" ", 2) for line in traced.stdout.splitlines() if line.startswith("reply ")]
+    assert len(replies) == (count if "mmsg" in mode else 1), traced.stdout
+    assert {source for _, source, _ in replies} == {peer}, traced.stdout
+    if mode in ("connected", "cmmsg"):
+        assert f"peer {peer}" in traced.stdout.splitlines(), traced.stdout
+
+
+UDP_LIFECYCLE = r"""
+import socket, sys
+echo = (sys.argv[1], 7)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.connect(echo)
+s.send(b"connected send")
+print("1", s.recv(100).decode(), s.getpeername())
+s.connect(("127.0.0.1", 9))               # re-connect to a local address: stays local
+print("2", s.getpeername())
+s.connect(echo)                           # and back to the cluster
+s.send(b"reconnected")
+print("3", s.recv(100).decode(), s.getpeername())
+import ctypes, os, struct
+libc = ctypes.CDLL(None, use_errno=True)
+unspec = struct.pack("=H14x", socket.AF_UNSPEC)
+print("4 disconnect", libc.connect(s.fileno(), unspec, len(unspec)))
+try:
+    s.getpeername()
+except OSError as e:
+    print("5 not connected", e.errno == 107)
+s.sendto(b"after disconnect", echo)
+data, source = s.recvfrom(100)
+print("6", data.decode(), source)
+msg = s.sendmsg([b"via ", b"sendmsg"], [], 0, echo)
+data, anc, flags, source = s.recvmsg(100)
+print("7", data.decode(), source)
+s.connect(echo)
+os.write(s.fileno(), b"plain write")
+import select
+select.select([s], [], [], 10)
+print("8", os.read(s.fileno(), 100).decode())
+"""
+
+
+def test_udp_socket_lifecycle(ktrace_cluster: NamespaceCluster) -> None:
+    """connect, re-connect (local, then remote again), disconnect with AF_UNSPEC, sendto,
+    sendmsg/recvmsg, and plain write()/read() on a connected socket."""
+    c = ktrace_cluster
+    traced = c.run_laptop(c.ktrace_argv(sys.executable, "-c", UDP_LIFECYCLE, c.echo_v4), timeout=60)
+    assert traced.returncode == 0, traced
+    lines = traced.stdout.splitlines()
+    echo = "('10.96.1.11', 7)"
+    assert lines == [
+        f"1 connected send {echo}",
+        "2 ('127.0.0.1', 9)",
+        f"3 reconnected {echo}",
+        "4 disconnect 0",
+        "5 not connected True",
+        f"6 after disconnect {echo}",
+        f"7 via sendmsg {echo}",
+        "8 plain write",
+    ], traced
+
+
+FASTOPEN = r"""
+import socket, sys
+s = socket.socket()
+s.settimeout(20)
+sent = s.sendto(b"GET / HTTP/1.0\r\n\r\n", socket.MSG_FASTOPEN, (sys.argv[1], 8080))
+reply = b""
+while chunk := s.recv(4096):
+    reply += chunk
+print(sent, s.getpeername(), reply.decode().split("\r\n\r\n", 1)[1])
+"""
+
+
+def test_sendto_msg_fastopen_is_a_connect(ktrace_cluster: NamespaceCluster) -> None:
+    c = ktrace_cluster
+    without, traced = both(c, [sys.executable, "-c", FASTOPEN, c.hello_v4])
+    assert without.returncode != 0, without
+    assert traced.returncode == 0, traced
+    assert traced.stdout.startswith(f"18 ('{c.hello_v4}', 8080) {HELLO}"), traced
+    assert you_are(traced.stdout)
+
+
+FLOOD = r"""
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setblocking(False)
+payload = os.urandom(8000)
+sent = 0
+for i in range(int(sys.argv[2])):
+    try:
+        s.sendto(payload, (sys.argv[1], 9))
+        sent += 1
+    except BlockingIOError:
+        pass
+status = open(f"/proc/{os.getppid()}/status").read()
+print("sent", sent * len(payload))
+print("ktrace", [line for line in status.splitlines() if line.startswith("VmHWM")][0].split()[1])
+"""
+
+
+def test_udp_flood_does_not_grow_memory_without_limit(ktrace_cluster: NamespaceCluster) -> None:
+    """400 MB of datagrams to a cluster address that never answers: ktrace (the program's parent)
+    must drop what it cannot forward, as a full socket buffer would, not buffer it."""
+    c = ktrace_cluster
+    traced = c.run_laptop(c.ktrace_argv(sys.executable, "-c", FLOOD, c.blackhole_v4, "50000"), timeout=110)
+    assert traced.returncode == 0, traced
+    values = dict(line.split() for line in traced.stdout.splitlines())
+    sent_mb, peak_mb = int(values["sent"]) >> 20, int(values["ktrace"]) >> 10
+    assert sent_mb >= 300, traced.stdout
+    assert peak_mb < 200, f"ktrace peaked at {peak_mb} MB while the program sent {sent_mb} MB"
+
+
+def test_laptop_env_has_no_resolver_without_ktrace(ns_cluster: NamespaceCluster) -> None:
+    """The premise of every test above: the laptop's own resolv.conf leads nowhere."""
+    r = ns_cluster.run_laptop(["cat", "/etc/resolv.conf"], timeout=10)
+    assert r.stdout.split() == ["nameserver", "127.0.0.1"]
+    assert os.path.exists(f"/etc/netns/{ns_cluster.laptop}/resolv.conf")
