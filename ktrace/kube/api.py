@@ -126,9 +126,15 @@ class KubeApi:
         return session
 
     async def _prepare(
-        self, method: str, path: str, query: Sequence[tuple[str, str]] | None, content_type: str | None
+        self,
+        method: str,
+        path: str,
+        query: Sequence[tuple[str, str]] | None,
+        content_type: str | None,
+        *,
+        accept: str | None = "application/json",
     ) -> tuple[str, dict[str, str]]:
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": accept} if accept else {}
         if content_type is not None:
             headers["Content-Type"] = content_type
         _method, url, headers, _body, _post = await self._client.param_serialize(
@@ -205,7 +211,7 @@ class KubeApi:
     async def websocket(
         self, call: ApiCall, path: str, query: Sequence[tuple[str, str]], protocol: str, *, timeout: float
     ) -> WebSocket:
-        url, headers = await self._prepare("GET", path, query, None)
+        url, headers = await self._prepare("GET", path, query, None, accept=None)
         url = (
             "wss://" + url.removeprefix("https://")
             if url.startswith("https://")

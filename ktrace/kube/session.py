@@ -20,7 +20,6 @@ import secrets
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from ktrace import __version__
@@ -31,25 +30,15 @@ from ktrace.tunnel.types import AgentUnavailable
 from . import spec
 from .api import KubeApi
 from .errors import ApiCall, KubeApiError, explain
+from .options import KubeOptions
 from .portforward import PROTOCOL, ForwardSocket, PortForwardBridge, Unreachable
 from .status import AgentState, agent_state, timeout_error
 from .target import Target, TargetError, check_target_pod, label_selector, pick_pod
 
 log = logging.getLogger("ktrace.kube")
 
-DEFAULT_AGENT_TIMEOUT = 60.0
 DELETE_TIMEOUT = 10.0
 WATCH_SECONDS = 240  # the server ends a watch after this; it is resumed from the last resourceVersion
-
-
-@dataclass(frozen=True)
-class KubeOptions:
-    kubeconfig: str | None = None
-    context: str | None = None
-    namespace: str | None = None
-    target: Target | None = None
-    agent: spec.AgentOptions = field(default_factory=spec.AgentOptions)
-    timeout: float = DEFAULT_AGENT_TIMEOUT
 
 
 def report(line: str) -> None:
@@ -329,8 +318,8 @@ def _open_socket(api: KubeApi, namespace: str, pod: str, port: int) -> Callable[
                 timeout=10.0,
             )
         except KubeApiError as exc:
-            # 401/403: no rights; 404: the pod is gone. Anything else (restarts, 5xx) may pass.
-            final = exc.status in (400, 401, 403, 404)
+            # 4xx: no rights, the pod is gone, ...: retrying cannot help. Restarts (no answer, 5xx) may pass.
+            final = 400 <= exc.status < 500 and exc.status != 429
             raise Unreachable(explain(exc, context=api.context).message, final=final) from exc
 
     return open_socket
@@ -338,7 +327,7 @@ def _open_socket(api: KubeApi, namespace: str, pod: str, port: int) -> Callable[
 
 @contextlib.asynccontextmanager
 async def kube_agent(options: KubeOptions) -> AsyncIterator[KubeAgent]:
-    api = await KubeApi.load(options.kubeconfig, options.context, options.namespace)
+    api = await KubeApi.load(options.cluster.kubeconfig, options.cluster.context, options.cluster.namespace)
     try:
         async with _agent_in_cluster(api, options) as agent:
             yield agent
