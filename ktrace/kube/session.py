@@ -198,10 +198,15 @@ def _interrupted_by_signals(task: asyncio.Task[Any]) -> Iterator[list[int]]:
         os.close(fd)
 
 
-async def follow_pod(api: KubeApi, namespace: str, name: str, resource_version: str) -> AsyncIterator[dict[str, Any]]:
+async def follow_pod(
+    api: KubeApi, namespace: str, name: str, resource_version: str, *, patient: Callable[[], bool] = lambda: False
+) -> AsyncIterator[dict[str, Any]]:
     """The pod's states as they change, from ``resource_version`` on; raises ``PodGone`` when it is deleted.
 
-    Survives API server restarts: a failed watch is resumed (after a GET if the version expired).
+    Survives API server restarts: a failed watch is resumed (after a GET if the version expired). Other
+    refusals (403: a missing right) end it, unless ``patient()``: once the agent runs, a refusal is more
+    likely a restarting API server (it answers 403 until its RBAC cache is filled) than a right taken away,
+    and losing the watch must not end the session.
     """
     path = f"/api/v1/namespaces/{namespace}/pods"
     watch_call = ApiCall("watch", "pods", namespace, name)
@@ -241,7 +246,7 @@ async def follow_pod(api: KubeApi, namespace: str, name: str, resource_version: 
                 yield obj
             delay = 0.2
         except KubeApiError as exc:
-            if exc.status != 0 and exc.status < 500:
+            if exc.status != 0 and exc.status < 500 and exc.status != 429 and not patient():
                 raise
             log.debug("watch of pod %s failed (%s); resuming in %.1f s", name, exc, delay)
             await asyncio.sleep(delay)
@@ -361,9 +366,14 @@ async def _agent_in_cluster(api: KubeApi, options: KubeOptions) -> AsyncIterator
                     spinner.update(f"creating {where}")
                     body = spec.agent_pod(name, ns, session, port, token_hash, options.agent)
                     created = name  # before the request: an interrupted create may still have happened
-                    pod = await api.request(
-                        ApiCall("create", "pods", ns), "POST", f"/api/v1/namespaces/{ns}/pods", body=body
-                    )
+                    try:
+                        pod = await api.request(
+                            ApiCall("create", "pods", ns), "POST", f"/api/v1/namespaces/{ns}/pods", body=body
+                        )
+                    except KubeApiError as exc:
+                        if exc.status != 0:
+                            created = None  # the API server answered: nothing was created
+                        raise
                 else:
                     spinner.update(f"finding {options.target}")
                     target = await _resolve_target(api, options.target)
@@ -384,8 +394,10 @@ async def _agent_in_cluster(api: KubeApi, options: KubeOptions) -> AsyncIterator
                         body=patch,
                         content_type="application/strategic-merge-patch+json",
                     )
-                pods = follow_pod(api, ns, name, str(pod["metadata"]["resourceVersion"]))
+                started = False
+                pods = follow_pod(api, ns, name, str(pod["metadata"]["resourceVersion"]), patient=lambda: started)
                 await _wait_running(pods, where, container, ephemeral, options.timeout, spinner)
+                started = True
                 bridge = PortForwardBridge(_open_socket(api, ns, name, port), port, report=report)
                 await bridge.start()
             except asyncio.CancelledError:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import json
 import re
 import secrets
@@ -10,8 +12,15 @@ import subprocess
 import urllib.request
 from collections.abc import Iterator
 
+import grpc
+import grpc.aio
 import pytest
+from e2e_helpers import wait_until
 from kubecluster import TEST_NS, KubeCluster
+
+from ktrace import __version__
+from ktrace.tunnel.client import AgentClient, AgentInfo
+from ktrace.tunnel.types import AgentUnavailable
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(900)]  # the first test also pays for `cluster up`
 
@@ -42,15 +51,19 @@ def restricted_pod(name: str, argv: list[str]) -> dict[str, object]:
             "restartPolicy": "Never",
             "automountServiceAccountToken": False,
             "securityContext": {
-                "runAsNonRoot": True, "runAsUser": 65534, "seccompProfile": {"type": "RuntimeDefault"},
+                "runAsNonRoot": True,
+                "runAsUser": 65534,
+                "seccompProfile": {"type": "RuntimeDefault"},
             },
-            "containers": [{
-                "name": "main",
-                "image": "ktrace.local/base:1",
-                "imagePullPolicy": "Never",
-                "command": argv,
-                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-            }],
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "ktrace.local/base:1",
+                    "imagePullPolicy": "Never",
+                    "command": argv,
+                    "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                }
+            ],
         },
     }
 
@@ -73,13 +86,25 @@ def test_pod_resolves_and_fetches_service(kube_cluster: KubeCluster, pod_name: s
     pod = restricted_pod(pod_name, ["python3", "-c", CLIENT])
     # Created as the restricted user: its Role must be enough to run a pod.
     kube_cluster.kubectl("create", "-f", "-", user="ktrace", stdin=json.dumps(pod))
-    kube_cluster.kubectl(
-        "-n", TEST_NS, "wait", f"pod/{pod_name}", "--for=jsonpath={.status.phase}=Succeeded", "--timeout=90s",
-        timeout=100,
-    )
-    report = json.loads(kube_cluster.kubectl("-n", TEST_NS, "logs", pod_name).stdout)
+    phase = ""
+
+    def finished() -> bool:
+        nonlocal phase
+        phase = kube_cluster.kubectl("-n", TEST_NS, "get", "pod", pod_name, "-o", "jsonpath={.status.phase}").stdout
+        return phase in ("Succeeded", "Failed")
+
+    wait_until(finished, 90, f"pod {pod_name} to finish")
+    logs = kube_cluster.kubectl("-n", TEST_NS, "logs", pod_name).stdout
+    assert phase == "Succeeded", logs
+    report = json.loads(logs)
     service_ip = kube_cluster.kubectl(
-        "-n", TEST_NS, "get", "service", "hello", "-o", "jsonpath={.spec.clusterIP}",
+        "-n",
+        TEST_NS,
+        "get",
+        "service",
+        "hello",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
     ).stdout
     assert report["addr"] == service_ip
     assert report["body"].startswith("hello from hello-")
@@ -88,19 +113,36 @@ def test_pod_resolves_and_fetches_service(kube_cluster: KubeCluster, pod_name: s
 
 
 def hello_pod(kube_cluster: KubeCluster) -> str:
-    pods = json.loads(kube_cluster.kubectl(
-        "-n", TEST_NS, "get", "pods", "-l", "app=hello", "--field-selector=status.phase=Running", "-o", "json",
-        user="ktrace",
-    ).stdout)["items"]
+    pods = json.loads(
+        kube_cluster.kubectl(
+            "-n",
+            TEST_NS,
+            "get",
+            "pods",
+            "-l",
+            "app=hello",
+            "--field-selector=status.phase=Running",
+            "-o",
+            "json",
+            user="ktrace",
+        ).stdout
+    )["items"]
     assert pods, "the hello Deployment has no running pod"
     return str(pods[0]["metadata"]["name"])
 
 
 @contextlib.contextmanager
-def port_forward(kube_cluster: KubeCluster, pod: str, *, netns: str | None = None) -> Iterator[int]:
-    """``kubectl port-forward`` (restricted user) to the pod's 8080 on 127.0.0.1; yields the local port."""
+def port_forward(kube_cluster: KubeCluster, pod: str, *, netns: str | None = None, port: int = 8080) -> Iterator[int]:
+    """``kubectl port-forward`` (restricted user) to the pod's ``port`` on 127.0.0.1; yields the local port."""
     argv = kube_cluster.kubectl_argv(
-        "-n", TEST_NS, "port-forward", "--address", "127.0.0.1", f"pod/{pod}", ":8080", user="ktrace",
+        "-n",
+        TEST_NS,
+        "port-forward",
+        "--address",
+        "127.0.0.1",
+        f"pod/{pod}",
+        f":{port}",
+        user="ktrace",
     )
     if netns is not None:
         argv = ["ip", "netns", "exec", netns, *argv]
@@ -117,18 +159,19 @@ def port_forward(kube_cluster: KubeCluster, pod: str, *, netns: str | None = Non
 
 
 def test_port_forward_from_root_namespace(kube_cluster: KubeCluster) -> None:
-    with port_forward(kube_cluster, hello_pod(kube_cluster)) as port, urllib.request.urlopen(
-        f"http://127.0.0.1:{port}/bytes/1000000", timeout=30,
-    ) as response:
+    with (
+        port_forward(kube_cluster, hello_pod(kube_cluster)) as port,
+        urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/bytes/1000000",
+            timeout=30,
+        ) as response,
+    ):
         assert len(response.read()) == 1_000_000
 
 
 def test_port_forward_from_the_laptop(kube_cluster: KubeCluster) -> None:
     """What ktrace does on a developer's machine: only the API server is reachable, port-forward works."""
-    fetch = (
-        "import sys, urllib.request\n"
-        "print(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())\n"
-    )
+    fetch = "import sys, urllib.request\nprint(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())\n"
     with port_forward(kube_cluster, hello_pod(kube_cluster), netns=kube_cluster.laptop_ns) as port:
         out = kube_cluster.in_laptop(["python3", "-c", fetch, f"http://127.0.0.1:{port}/"])
     assert out.returncode == 0, out.stderr
@@ -140,22 +183,38 @@ def test_ephemeral_container_as_restricted_user(kube_cluster: KubeCluster) -> No
     pod = hello_pod(kube_cluster)
     name = f"dbg{secrets.token_hex(3)}"
     kube_cluster.kubectl(
-        "-n", TEST_NS, "debug", f"pod/{pod}", "--profile=restricted", f"--container={name}",
-        "--image=ktrace.local/base:1", "--image-pull-policy=Never", "--",
-        "python3", "-c", "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/').read())",
+        "-n",
+        TEST_NS,
+        "debug",
+        f"pod/{pod}",
+        "--profile=restricted",
+        f"--container={name}",
+        "--image=ktrace.local/base:1",
+        "--image-pull-policy=Never",
+        "--",
+        "python3",
+        "-c",
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8080/').read())",
         user="ktrace",
     )
     # (Each run leaves its finished ephemeral container in the hello pod: they cannot be removed.)
-    exit_code = "{.status.ephemeralContainerStatuses[?(@.name==\"" + name + "\")].state.terminated.exitCode}"
-    kube_cluster.kubectl("-n", TEST_NS, "wait", f"pod/{pod}", f"--for=jsonpath={exit_code}=0", "--timeout=60s",
-                         timeout=70)
+    exit_code = '{.status.ephemeralContainerStatuses[?(@.name=="' + name + '")].state.terminated.exitCode}'
+    kube_cluster.kubectl(
+        "-n", TEST_NS, "wait", f"pod/{pod}", f"--for=jsonpath={exit_code}=0", "--timeout=60s", timeout=70
+    )
     logs = kube_cluster.kubectl("-n", TEST_NS, "logs", pod, "-c", name).stdout
     assert "hello from" in logs
 
 
 def test_laptop_reaches_only_the_api_server(kube_cluster: KubeCluster) -> None:
     service_ip = kube_cluster.kubectl(
-        "-n", TEST_NS, "get", "service", "hello", "-o", "jsonpath={.spec.clusterIP}",
+        "-n",
+        TEST_NS,
+        "get",
+        "service",
+        "hello",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
     ).stdout
     probe = (
         "import errno, socket, sys\n"
@@ -177,43 +236,108 @@ def test_laptop_reaches_only_the_api_server(kube_cluster: KubeCluster) -> None:
 
 def test_cluster_networks_stay_on_this_machine(kube_cluster: KubeCluster) -> None:
     for address in ("10.96.0.1", "10.96.255.254", "10.244.0.2", "10.244.200.1"):
-        route = subprocess.run(["ip", "-o", "route", "get", address], capture_output=True, text=True,
-                               timeout=10, check=True).stdout
+        route = subprocess.run(
+            ["ip", "-o", "route", "get", address], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
         assert " dev ktcni0 " in route, route
     # The root netns forwards only bridge -> bridge (the CNI bridge plugin turns ip_forward on).
-    forward = subprocess.run(["iptables", "-t", "mangle", "-S", "FORWARD"], capture_output=True, text=True,
-                             timeout=10, check=True).stdout.splitlines()
+    forward = subprocess.run(
+        ["iptables", "-t", "mangle", "-S", "FORWARD"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.splitlines()
     assert forward[1] == "-A FORWARD -j KTRACE-FORWARD", forward
-    chain = subprocess.run(["iptables", "-t", "mangle", "-S", "KTRACE-FORWARD"], capture_output=True, text=True,
-                           timeout=10, check=True).stdout.splitlines()
+    chain = subprocess.run(
+        ["iptables", "-t", "mangle", "-S", "KTRACE-FORWARD"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.splitlines()
     assert chain[1] == "-A KTRACE-FORWARD -i ktcni0 -o ktcni0 -j RETURN", chain
     assert chain[-1].endswith("-j DROP"), chain
 
 
-def test_agent_image_handshake(kube_cluster: KubeCluster) -> None:
-    images = subprocess.run(
-        ["ctr", "--address", "/run/ktrace-kube/containerd.sock", "-n", "k8s.io", "images", "ls", "-q"],
-        capture_output=True, text=True, timeout=30, check=True,
-    ).stdout.split()
-    if "ktrace.local/agent:dev" not in images:
-        pytest.skip("no agent image: scripts/cluster images builds ktrace.local/agent:dev once ./Dockerfile exists")
-    pytest.skip("agent handshake test not written yet (needs the agent's handshake client)")
+def test_agent_image_handshake(kube_cluster: KubeCluster, pod_name: str) -> None:
+    """The image from the project's Dockerfile starts under "restricted" and answers the handshake, with the token
+    (given to it only as a hash) and not without."""
+    image = kube_cluster.build_agent_image()
+    token = secrets.token_urlsafe(16)
+    port = 47001
+    pod = restricted_pod(pod_name, [])
+    container = pod["spec"]["containers"][0]  # type: ignore[index]
+    del container["command"]
+    container.update(
+        image=image,
+        args=[
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--token-sha256",
+            hashlib.sha256(token.encode()).hexdigest(),
+            "--idle-exit",
+            "60",
+        ],
+    )
+    container["securityContext"]["readOnlyRootFilesystem"] = True
+    kube_cluster.kubectl("create", "-f", "-", user="ktrace", stdin=json.dumps(pod))
+    kube_cluster.kubectl(
+        "-n",
+        TEST_NS,
+        "wait",
+        f"pod/{pod_name}",
+        "--for=condition=Ready",
+        "--timeout=90s",
+        timeout=100,
+    )
+    # kubectl port-forward gives up on its first refused connection: wait until the agent listens (its log says).
+    wait_until(
+        lambda: "listening on" in kube_cluster.kubectl("-n", TEST_NS, "logs", pod_name, check=False).stdout,
+        30,
+        "the agent to listen",
+    )
+    pod_ip = kube_cluster.kubectl("-n", TEST_NS, "get", "pod", pod_name, "-o", "jsonpath={.status.podIP}").stdout
+
+    async def handshakes(address: str) -> tuple[AgentInfo, grpc.StatusCode]:
+        client = await AgentClient.connect(address, token, timeout=30)
+        try:
+            info = client.info
+        finally:
+            await client.close()
+        try:
+            await AgentClient.connect(address, "not-the-token", timeout=30)
+        except AgentUnavailable as exc:
+            assert isinstance(exc.__cause__, grpc.aio.AioRpcError)
+            return info, exc.__cause__.code()
+        return info, grpc.StatusCode.OK
+
+    with port_forward(kube_cluster, pod_name, port=port) as local:
+        info, wrong = asyncio.run(handshakes(f"127.0.0.1:{local}"))
+    assert info.version == __version__
+    assert info.hostname == pod_name
+    assert [str(ip) for ip in info.addresses] == [pod_ip]
+    assert "nameserver 10.96.0.10" in info.resolv_conf
+    assert wrong == grpc.StatusCode.UNAUTHENTICATED
 
 
-@pytest.mark.parametrize(("verb", "resource", "namespace", "allowed"), [
-    ("create", "pods", TEST_NS, True),
-    ("delete", "pods", TEST_NS, True),
-    ("list", "pods", TEST_NS, True),
-    ("create", "pods/portforward", TEST_NS, True),
-    ("patch", "pods/ephemeralcontainers", TEST_NS, True),
-    ("get", "deployments.apps", TEST_NS, True),
-    ("create", "pods/exec", TEST_NS, False),
-    ("get", "secrets", TEST_NS, False),
-    ("create", "pods", "default", False),
-    ("list", "nodes", "", False),
-])
+@pytest.mark.parametrize(
+    ("verb", "resource", "namespace", "allowed"),
+    [
+        ("create", "pods", TEST_NS, True),
+        ("delete", "pods", TEST_NS, True),
+        ("list", "pods", TEST_NS, True),
+        ("create", "pods/portforward", TEST_NS, True),
+        ("get", "pods/portforward", TEST_NS, True),
+        ("watch", "pods", TEST_NS, True),
+        ("get", "pods/log", TEST_NS, False),
+        ("update", "pods", TEST_NS, False),
+        ("patch", "pods/ephemeralcontainers", TEST_NS, True),
+        ("get", "deployments.apps", TEST_NS, True),
+        ("create", "pods/exec", TEST_NS, False),
+        ("get", "secrets", TEST_NS, False),
+        ("create", "pods", "default", False),
+        ("list", "nodes", "", False),
+    ],
+)
 def test_restricted_user_has_exactly_the_documented_rights(
-    kube_cluster: KubeCluster, verb: str, resource: str, namespace: str, allowed: bool,
+    kube_cluster: KubeCluster,
+    verb: str,
+    resource: str,
+    namespace: str,
+    allowed: bool,
 ) -> None:
     scope = ["-n", namespace] if namespace else []
     kind, _, sub = resource.partition("/")  # `can-i VERB pods/x` would mean the pod named x
