@@ -2,9 +2,9 @@
 
 The client sends ``open{family}``, then ``datagram{peer=destination}`` frames; the
 agent answers ``opened{local}``, then ``datagram{peer=source}`` for every datagram
-its socket receives and ``failure`` for socket errors (an ICMP port unreachable
-shows up as ECONNREFUSED on the next socket operation). Errors never end the
-stream: a UDP socket survives them too.
+its socket receives, ``peer_failure{peer, failure}`` for an ICMP error about a
+datagram sent to ``peer`` (a port unreachable is ECONNREFUSED), and ``failure`` for
+errors that name no peer. Errors never end the stream: a UDP socket survives them too.
 
 Bounded like a socket buffer: received datagrams wait in a queue of fixed size for
 the gRPC side; when it is full they are dropped and counted. Outgoing datagrams are
@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
+import struct
 from typing import Any, NoReturn
 
 import grpc
@@ -47,12 +49,28 @@ def enable_icmp_errors(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
 
 
-def drain_error_queue(sock: socket.socket, limit: int = 64) -> None:
+def extended_errno(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+    """ee_errno of the ``struct sock_extended_err`` (linux/errqueue.h: u32 ee_errno first)
+    in the control messages of an error-queue read."""
+    for level, kind, data in ancdata:
+        if (level, kind) in ((socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)) and len(data) >= 4:
+            value: int = struct.unpack_from("=I", data)[0]
+            return value
+    return None
+
+
+def drain_error_queue(sock: socket.socket, limit: int = 64) -> list[tuple[tuple[Any, ...], int]]:
+    """Read the socket's error queue: (original destination, errno) for each ICMP error."""
+    found: list[tuple[tuple[Any, ...], int]] = []
     for _ in range(limit):
         try:
-            sock.recvmsg(1, 512, socket.MSG_ERRQUEUE)
+            _data, ancdata, _flags, address = sock.recvmsg(1, 512, socket.MSG_ERRQUEUE)
         except OSError:
-            return  # EAGAIN: empty
+            break  # EAGAIN: empty
+        err = extended_errno(ancdata)
+        if address and err:
+            found.append((address, err))
+    return found
 
 
 class _Socket(asyncio.DatagramProtocol):
@@ -72,8 +90,17 @@ class _Socket(asyncio.DatagramProtocol):
         self._put(rpc.UdpServerFrame(datagram=rpc.Datagram(peer=rpc.encode_address(host, port), payload=data)))
 
     def error_received(self, exc: Exception) -> None:
-        drain_error_queue(self.sock)
-        self._put(rpc.UdpServerFrame(failure=rpc.Failure(errno_name=errno_name(exc), message=describe(exc))))
+        # With IP_RECVERR the error queue says which destination the error is about
+        # (its msg_name is the original destination), so the client can give it to
+        # the program socket that talks to that peer.
+        errors = drain_error_queue(self.sock)
+        for (host, port, *_rest), err in errors:
+            exc_for_peer = OSError(err, os.strerror(err))
+            failure = rpc.Failure(errno_name=errno_name(exc_for_peer), message=describe(exc_for_peer))
+            peer = rpc.encode_address(str(host), int(port))
+            self._put(rpc.UdpServerFrame(peer_failure=rpc.PeerFailure(peer=peer, failure=failure)))
+        if not errors:
+            self._put(rpc.UdpServerFrame(failure=rpc.Failure(errno_name=errno_name(exc), message=describe(exc))))
 
 
 def _buffered(transport: asyncio.DatagramTransport) -> int:

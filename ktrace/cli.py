@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from ktrace import __version__
 from ktrace.errors import KtraceError
-
-if TYPE_CHECKING:
-    from ktrace.kube.options import ClusterChoice, KubeOptions
 
 
 def _positive_float(text: str) -> float:
@@ -30,22 +25,29 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "ktrace") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ktrace",
+        prog=prog,
         description="Run a local program whose DNS queries and connections happen inside a cluster.",
     )
     parser.add_argument("--version", action="version", version=f"ktrace {__version__}")
     parser.add_argument("--debug", action="store_true", help="show debug logs and tracebacks")
     sub = parser.add_subparsers(dest="command_name", metavar="COMMAND")
 
+    # Run options default to SUPPRESS: absent ones stay absent, so ktrace.toml and
+    # KTRACE_* can supply them (ktrace/config.py has the precedence).
     run = sub.add_parser(
-        "run", help="run a program with the cluster's network view", usage="ktrace run [options] -- CMD [ARG...]"
+        "run",
+        help="run a program with the cluster's network view",
+        usage=f"{prog} run [options] -- CMD [ARG...]",
+        argument_default=argparse.SUPPRESS,
+        epilog="Every option can also be set in ktrace.toml or a KTRACE_* variable (flags > environment > file). "
+        "Network events and the summary go to stderr.",
     )
+    run.add_argument("-f", "--config", metavar="FILE", help="settings file (default: ./ktrace.toml if it exists)")
     run.add_argument(
         "--agent",
         metavar="ADDR",
-        default="kube",
         help="the agent: 'kube' (default: a pod in the cluster of the kubeconfig's context), 'local' (inside "
         "ktrace, dialling from this machine), or the address of a running one: unix:/path/to.sock, HOST:PORT",
     )
@@ -59,9 +61,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--hosts",
         choices=("local", "cluster"),
-        default="local",
         help="whose /etc/hosts the program reads: this machine's (default: localhost keeps working) "
         "or the agent's, as a pod sees it",
+    )
+    run.add_argument(
+        "--local",
+        metavar="RULE",
+        action="append",
+        help="keep matching destinations on this machine (repeatable); RULE: [tcp://|udp://]CIDR|IP|NAME|*.DOMAIN[:PORT]",
+    )
+    run.add_argument(
+        "--remote",
+        metavar="RULE",
+        action="append",
+        help="send matching destinations through the cluster (repeatable); the most specific rule wins",
+    )
+    run.add_argument("--log-json", metavar="FILE", help="write one JSON object per network event to FILE")
+    shown = run.add_mutually_exclusive_group()
+    shown.add_argument(
+        "-v", "--verbose", dest="output", action="store_const", const="all", help="show every network event"
+    )
+    shown.add_argument(
+        "-q", "--quiet", dest="output", action="store_const", const="quiet", help="show no network events or summary"
+    )
+    run.add_argument(
+        "--hint-namespace",
+        dest="hint_namespaces",
+        metavar="NS",
+        action="append",
+        help="a namespace to look in for a same-named service when a short name is not found (repeatable)",
     )
     _add_cluster_flags(run)
     agent_pod = run.add_argument_group("the agent in the cluster (--agent kube)")
@@ -78,39 +106,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent_pod.add_argument("--agent-pull-policy", choices=("Always", "IfNotPresent", "Never"), help="imagePullPolicy")
     agent_pod.add_argument(
-        "--agent-pull-secret", metavar="NAME", action="append", default=[], help="imagePullSecrets entry (repeatable)"
+        "--agent-pull-secret", metavar="NAME", action="append", help="imagePullSecrets entry (repeatable)"
     )
     agent_pod.add_argument(
-        "--agent-node-selector", metavar="KEY=VALUE", action="append", default=[], help="nodeSelector (repeatable)"
+        "--agent-node-selector", metavar="KEY=VALUE", action="append", help="nodeSelector (repeatable)"
     )
     agent_pod.add_argument(
         "--agent-toleration",
         metavar="KEY[=VALUE][:EFFECT]",
         action="append",
-        default=[],
         help="tolerate this taint, kubectl taint syntax; '*' tolerates all (repeatable)",
     )
+    agent_pod.add_argument("--agent-label", metavar="KEY=VALUE", action="append", help="pod label (repeatable)")
     agent_pod.add_argument(
-        "--agent-label", metavar="KEY=VALUE", action="append", default=[], help="pod label (repeatable)"
-    )
-    agent_pod.add_argument(
-        "--agent-annotation", metavar="KEY=VALUE", action="append", default=[], help="pod annotation (repeatable)"
+        "--agent-annotation", metavar="KEY=VALUE", action="append", help="pod annotation (repeatable)"
     )
     agent_pod.add_argument(
         "--agent-timeout",
         metavar="SECONDS",
         type=_positive_float,
-        default=60.0,
-        help="how long the agent may take to start (default %(default)g)",
+        help="how long the agent may take to start (default 60)",
     )
     agent_pod.add_argument(
         "--agent-idle-exit",
         metavar="SECONDS",
         type=_positive_float,
-        default=60.0,
-        help="the agent exits after this long without ktrace, e.g. if ktrace was killed (default %(default)g)",
+        help="the agent exits after this long without ktrace, e.g. if ktrace was killed (default 60)",
     )
-    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    doctor = sub.add_parser("doctor", help="check that ktrace can work here, with a fix for each problem")
+    doctor.add_argument("-f", "--config", metavar="FILE", help="settings file (default: ./ktrace.toml)")
+
+    completion = sub.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=("bash", "zsh", "tcsh", "fish"))
 
     cleanup = sub.add_parser(
         "cleanup",
@@ -143,55 +172,19 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-n", "--namespace", metavar="NS", help="the namespace (default: the context's)")
 
 
-def _cluster_choice(args: argparse.Namespace) -> ClusterChoice:
-    from ktrace.kube.options import ClusterChoice
-
-    return ClusterChoice(args.kubeconfig, args.context, args.namespace)
-
-
-def _kube_options(args: argparse.Namespace) -> KubeOptions | None:
-    """The --agent kube options, checked: a bad one is a usage error (exit 2)."""
-    if args.agent != "kube":
-        if args.target:
-            raise KtraceError("--target needs --agent kube", exit_code=2)
-        return None
-    from ktrace.kube import spec
-    from ktrace.kube.options import KubeOptions
-    from ktrace.kube.target import TargetError, parse_target
-
-    try:
-        agent = spec.AgentOptions(
-            image=args.agent_image or os.environ.get("KTRACE_AGENT_IMAGE") or spec.DEFAULT_IMAGE,
-            pull_policy=args.agent_pull_policy,
-            pull_secrets=tuple(args.agent_pull_secret),
-            node_selector=dict(spec.parse_key_value(t, "--agent-node-selector") for t in args.agent_node_selector),
-            tolerations=tuple(spec.parse_toleration(t) for t in args.agent_toleration),
-            labels=dict(spec.parse_key_value(t, "--agent-label") for t in args.agent_label),
-            annotations=dict(
-                spec.parse_key_value(t, "--agent-annotation", label_value=False) for t in args.agent_annotation
-            ),
-            idle_exit=args.agent_idle_exit,
-        )
-        target = parse_target(args.target) if args.target else None
-    except (spec.SpecError, TargetError) as exc:
-        raise KtraceError(str(exc), exit_code=2) from None
-    if target is not None and agent.pod_only_options():
-        print(
-            f"ktrace: warning: {', '.join(agent.pod_only_options())} do not apply to an ephemeral container "
-            "(--target): ignored",
-            file=sys.stderr,
-        )
-    return KubeOptions(cluster=_cluster_choice(args), target=target, agent=agent, timeout=args.agent_timeout)
+def kubectl_main() -> int:
+    """``kubectl ktrace ...``: kubectl runs the ``kubectl-ktrace`` executable on PATH."""
+    return main(prog="kubectl ktrace")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "ktrace") -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     command: list[str] = []
     if "run" in args_in and "--" in args_in:
         split = args_in.index("--")
         if args_in.index("run") < split:
             args_in, command = args_in[:split], args_in[split + 1 :]
-    parser = build_parser()
+    parser = build_parser(prog)
     if args_in[:1] == ["agent"]:
         from ktrace_agent.main import main as agent_main
 
@@ -207,23 +200,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command_name == "run":
-            from ktrace.run import RunOptions, run
+            from ktrace.options import run_options
+            from ktrace.run import run
 
-            return run(
-                RunOptions(
-                    command=command,
-                    agent=args.agent,
-                    token_file=args.token_file,
-                    connect_timeout=args.connect_timeout,
-                    hosts=args.hosts,
-                    kube=_kube_options(args),
-                )
-            )
+            return run(run_options(vars(args), command))
+        if args.command_name == "doctor":
+            import ktrace.kube.options  # noqa: F401 - registers the Kubernetes settings (ktrace.toml may use them)
+            from ktrace.doctor import run_doctor
+
+            return run_doctor(getattr(args, "config", None))
+        if args.command_name == "completion":
+            from ktrace.completion import script
+
+            sys.stdout.write(script(parser, args.shell))
+            return 0
         if args.command_name == "cleanup":
             from ktrace.kube.cleanup import cleanup
+            from ktrace.kube.options import cluster_choice
+            from ktrace.options import load_settings
 
+            flags = {k: v for k, v in vars(args).items() if k in ("kubeconfig", "context", "namespace")}
             return cleanup(
-                _cluster_choice(args), all_namespaces=args.all_namespaces, include_running=args.include_running
+                cluster_choice(load_settings(flags)),
+                all_namespaces=args.all_namespaces,
+                include_running=args.include_running,
             )
     except KtraceError as exc:
         if debug:

@@ -20,10 +20,13 @@ import secrets
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TextIO
 
+from ktrace import reporting
 from ktrace.errors import KtraceError
+from ktrace.report.render import Verbosity
+from ktrace.rules import Route, RuleSet
 from ktrace.tracer import arch, launcher, seccomp
 from ktrace.tracer.decide import RoutingPolicy, nameservers_of
 from ktrace.tracer.files import FileViews
@@ -36,7 +39,8 @@ from ktrace.tunnel.client import AgentClient, AgentInfo
 from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.endpoint import LoopbackEndpoint
 from ktrace.tunnel.socket_table import live_udp_inodes
-from ktrace.tunnel.types import AgentUnavailable
+from ktrace.tunnel.tcp_stream import TcpStream
+from ktrace.tunnel.types import AgentUnavailable, Endpoint, TcpStats
 from ktrace.tunnel.udp_relay import UdpRelays
 
 if TYPE_CHECKING:
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ktrace.run")
 
 ENOSYS = 38
+SOL_SOCKET, SO_ERROR = 1, 4
 # After the program exits: how long its last bytes get to reach the agent.
 SHUTDOWN_GRACE = 2.0
 # When the agent is gone mid-run: how long the program has after SIGTERM before SIGKILL.
@@ -61,12 +66,21 @@ class RunOptions:
     # Whose /etc/hosts the program reads: "local" (this machine's, so localhost and
     # names pinned here keep working) or "cluster" (the agent's, as in the pod).
     hosts: str = "local"
+    rules: RuleSet = field(default_factory=RuleSet)  # --local / --remote
+    log_json: str | None = None
+    verbosity: Verbosity = Verbosity.FAILURES
+    hint_namespaces: tuple[str, ...] = ()
     kube: KubeOptions | None = None  # --agent kube: the cluster, the target, the agent pod's options
 
 
-def filter_rules() -> list[seccomp.Rule]:
+def filter_rules(local_outcomes: bool = False) -> list[seccomp.Rule]:
+    """``local_outcomes``: also stop at getsockopt(SOL_SOCKET, SO_ERROR), where a program
+    learns how its non-blocking connect() to a destination kept local by a rule ended
+    (only then: it costs a stop per such call)."""
     sys = arch.SYSCALLS
+    extra = [seccomp.trace(sys.getsockopt, only_if_args=((1, SOL_SOCKET), (2, SO_ERROR)))] if local_outcomes else []
     return [
+        *extra,
         seccomp.trace(sys.connect),
         seccomp.trace(sys.getpeername),
         seccomp.trace(sys.getsockname),
@@ -109,12 +123,16 @@ def run(options: RunOptions) -> int:
         path = launcher.resolve(options.command[0], env)
     except LaunchError as exc:
         raise KtraceError(str(exc), exit_code=exc.exit_code) from None
-    child = launcher.fork_child(path, options.command, env, seccomp.build(filter_rules()))
+    log_json = reporting.open_log(options.log_json)
+    local_outcomes = any(rule.route is Route.LOCAL for rule in options.rules.rules)
+    child = launcher.fork_child(path, options.command, env, seccomp.build(filter_rules(local_outcomes)))
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
     try:
-        return asyncio.run(_session(options, child, token))
+        return asyncio.run(_session(options, child, token, log_json))
     finally:
         launcher.reap(child.pid)
+        if log_json is not None:
+            log_json.close()
 
 
 @dataclass(frozen=True)
@@ -176,7 +194,9 @@ async def _until_finished(tracer: Tracer, endpoint: LoopbackEndpoint, kube: Kube
     raise error
 
 
-async def _session(options: RunOptions, child: launcher.PendingChild, token: str | None) -> int:
+async def _session(
+    options: RunOptions, child: launcher.PendingChild, token: str | None, log_json: TextIO | None
+) -> int:
     loop = asyncio.get_running_loop()
     released = False
     try:
@@ -194,24 +214,45 @@ async def _session(options: RunOptions, child: launcher.PendingChild, token: str
             endpoint: LoopbackEndpoint | None = None
             relays: UdpRelays | None = None
             tracer: Tracer | None = None
+            status: int | None = None
             try:
-                policy = RoutingPolicy(nameservers=nameservers_of(client.info.resolv_conf))
                 dns_map = DnsMap()
                 dns_map.listeners.append(lambda name, found: log.debug("dns answer %s -> %s", name, found))
+                policy = RoutingPolicy(options.rules, dns_map, nameservers_of(client.info.resolv_conf))
+                recorder = reporting.recorder(options, client.info, policy, log_json)
                 handler = NetworkHandler(
-                    client, LoopbackEndpoint(), policy, connect_timeout=options.connect_timeout, dns_map=dns_map
+                    client,
+                    LoopbackEndpoint(),
+                    policy,
+                    connect_timeout=options.connect_timeout,
+                    on_event=recorder.on_connect,
+                    dns_map=dns_map,
                 )
-                endpoint = LoopbackEndpoint(on_closed=lambda stream, _stats: handler.stream_closed(stream))
+
+                def closed(stream: TcpStream, stats: TcpStats) -> None:
+                    handler.stream_closed(stream)
+                    recorder.on_stream_closed(stream, stats)
+
+                endpoint = LoopbackEndpoint(on_closed=closed)
                 handler.endpoint = endpoint
                 await endpoint.start()
 
                 def socket_gone(inode: int) -> None:
                     udp.forget(inode)
 
+                def peer_error(inode: int, peer: Endpoint, errno_name: str) -> None:
+                    udp.peer_error(inode, peer, errno_name)
+
                 relays = UdpRelays(
-                    client, on_dns_answer=dns_map.record, live_sockets=live_udp_inodes, on_socket_gone=socket_gone
+                    client,
+                    on_dns_answer=dns_map.record,
+                    live_sockets=live_udp_inodes,
+                    on_socket_gone=socket_gone,
+                    on_peer_error=peer_error,
+                    observer=recorder,
+                    local_dns=reporting.local_resolver(options.rules),
                 )
-                udp = UdpRedirector(relays, policy)
+                udp = UdpRedirector(relays, policy, on_event=recorder.on_udp)
                 handler.udp = udp
                 files = FileViews(served=_serve_resolver_files(views_dir, client.info, options.hosts))
                 session = SessionHandler(handler, files)
@@ -221,9 +262,11 @@ async def _session(options: RunOptions, child: launcher.PendingChild, token: str
                     launcher.release(child, options.command[0])
                 except LaunchError as exc:
                     raise KtraceError(str(exc), exit_code=exc.exit_code) from None
+                recorder.start(options.command, access.kube.where if access.kube is not None else access.address)
                 tracer = Tracer(session, child.pid, loop)
                 tracer.start()
                 result = await _until_finished(tracer, endpoint, access.kube)
+                status = 128 + result.signal if result.signal is not None else (result.exit_code or 0)
             finally:
                 if tracer is not None:
                     tracer.close()
@@ -231,13 +274,16 @@ async def _session(options: RunOptions, child: launcher.PendingChild, token: str
                     await endpoint.close(grace=SHUTDOWN_GRACE)
                 if relays is not None:
                     await relays.close()
+                if status is not None:
+                    handler.finish()
+                    namespaces = access.kube.namespaces if access.kube is not None else None
+                    await reporting.finish(recorder, client, options, status, namespaces)
                 await client.close()
     finally:
         if not released:
             launcher.abort(child)
-    if result.signal is not None:
-        return 128 + result.signal
-    return result.exit_code if result.exit_code is not None else 0
+    assert status is not None
+    return status
 
 
 @contextlib.asynccontextmanager
@@ -271,6 +317,6 @@ def launcher_seize(child: launcher.PendingChild) -> None:
         kernel.seize(child.pid)
     except OSError as exc:
         raise KtraceError(
-            f"cannot trace the program: ptrace failed: {exc.strerror}",
+            f"cannot trace the program: ptrace failed: {os.strerror(exc.errno) if exc.errno else exc}",
             "ptrace may be denied here (container seccomp profile, Yama ptrace_scope); run `ktrace doctor`",
         ) from None

@@ -101,11 +101,9 @@ class Programs:
                 env = {**os.environ, **GO_ENV}
                 cwd = SOURCES / spec.source
             else:
-                argv = [spec.compiler, *C_FLAGS, "-static", *spec.flags, "-o", str(out),
-                        str(SOURCES / spec.source)]
+                argv = [spec.compiler, *C_FLAGS, "-static", *spec.flags, "-o", str(out), str(SOURCES / spec.source)]
                 env, cwd = dict(os.environ), SOURCES
-            proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False,
-                                  timeout=600)
+            proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=600)
             if proc.returncode != 0 or not out.exists():
                 raise BuildError(f"building {name} failed: {' '.join(argv)}\n{proc.stdout}{proc.stderr}")
             try:

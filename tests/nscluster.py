@@ -52,9 +52,7 @@ BULK_PORT = 9000
 
 # What a pod's resolv.conf looks like; the agent inside the cluster namespace sees it.
 CLUSTER_RESOLV = (
-    f"nameserver {DNS_V4}\n"
-    "search default.svc.cluster.local svc.cluster.local cluster.local\n"
-    "options ndots:5\n"
+    f"nameserver {DNS_V4}\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n"
 )
 LAPTOP_RESOLV = "nameserver 127.0.0.1\n"
 LAPTOP_V4 = "192.0.2.10"
@@ -77,6 +75,7 @@ CLUSTER_HOSTS = [
     (ECHO_V6, "echo.default.svc.cluster.local"),
     (ECHO_V4, "echo.other-ns.svc.cluster.local"),
     (HELLO_V4, "hello.other-ns.svc.cluster.local"),
+    (HELLO_V4, "orders.other-ns.svc.cluster.local"),  # only in other-ns: a short name `orders` fails
     (REFUSED_V4, "refused.default.svc.cluster.local"),
     (BLACKHOLE_V4, "blackhole.default.svc.cluster.local"),
     *((f"10.96.3.{i}", "big.default.svc.cluster.local") for i in range(1, LARGE_ANSWER + 1)),
@@ -85,11 +84,26 @@ CLUSTER_HOSTS = [
 
 def dnsmasq_conf(hosts_file: str, log_file: str) -> str:
     """dnsmasq answering only from ``hosts_file``; never forwards anything (no upstream)."""
-    return "\n".join([
-        "no-resolv", "no-hosts", "no-poll", "keep-in-foreground", "bind-interfaces", "user=root",
-        f"listen-address={DNS_V4}", "port=53", "local=/cluster.local/", "domain-needed", "bogus-priv",
-        f"addn-hosts={hosts_file}", f"log-facility={log_file}", "log-queries", "pid-file=", "",
-    ])
+    return "\n".join(
+        [
+            "no-resolv",
+            "no-hosts",
+            "no-poll",
+            "keep-in-foreground",
+            "bind-interfaces",
+            "user=root",
+            f"listen-address={DNS_V4}",
+            "port=53",
+            "local=/cluster.local/",
+            "domain-needed",
+            "bogus-priv",
+            f"addn-hosts={hosts_file}",
+            f"log-facility={log_file}",
+            "log-queries",
+            "pid-file=",
+            "",
+        ]
+    )
 
 
 class ClusterError(RuntimeError):
@@ -249,11 +263,30 @@ class NamespaceCluster:
         log = open(os.path.join(self.tmpdir, "services.log"), "wb")  # noqa: SIM115
         with log:
             proc = subprocess.Popen(
-                [*self.netns_argv(self.cluster), sys.executable, str(SERVICES),
-                 "--hello", HELLO_V4, "--hello", HELLO_V6, "--echo", ECHO_V4, "--echo", ECHO_V6,
-                 "--hello-port", str(HELLO_PORT), "--echo-port", str(ECHO_PORT),
-                 "--bulk-port", str(BULK_PORT), *dns],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, start_new_session=True,
+                [
+                    *self.netns_argv(self.cluster),
+                    sys.executable,
+                    str(SERVICES),
+                    "--hello",
+                    HELLO_V4,
+                    "--hello",
+                    HELLO_V6,
+                    "--echo",
+                    ECHO_V4,
+                    "--echo",
+                    ECHO_V6,
+                    "--hello-port",
+                    str(HELLO_PORT),
+                    "--echo-port",
+                    str(ECHO_PORT),
+                    "--bulk-port",
+                    str(BULK_PORT),
+                    *dns,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
             )
         self.pids.append(proc.pid)
         line = _read_line(proc, deadline)
@@ -272,17 +305,31 @@ class NamespaceCluster:
         log = open(os.path.join(self.tmpdir, "agent.log"), "wb")  # noqa: SIM115
         with log:
             proc = subprocess.Popen(
-                [*self.netns_argv(self.cluster), _tool("ktrace-agent"),
-                 "--listen", self.agent_addr, "--token-file", self.token_file],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    *self.netns_argv(self.cluster),
+                    _tool("ktrace-agent"),
+                    "--listen",
+                    self.agent_addr,
+                    "--token-file",
+                    self.token_file,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.pids.append(proc.pid)
         while not os.path.exists(self.agent_socket):
             if proc.poll() is not None or time.monotonic() > deadline:
                 self.agent_error = (
-                    f"agent exited with {proc.returncode}" if proc.returncode is not None
-                    else "agent did not create its socket in time"
-                ) + ": " + self.agent_log()[-2000:]
+                    (
+                        f"agent exited with {proc.returncode}"
+                        if proc.returncode is not None
+                        else "agent did not create its socket in time"
+                    )
+                    + ": "
+                    + self.agent_log()[-2000:]
+                )
                 return
             time.sleep(0.02)  # polling a file system condition, bounded by the deadline
 
@@ -336,34 +383,51 @@ class NamespaceCluster:
     def ktrace_argv(self, *cmd: str, connect_timeout: float | None = None) -> list[str]:
         """``ktrace run`` against this cluster's agent, for running on the laptop side."""
         extra = ["--connect-timeout", str(connect_timeout)] if connect_timeout is not None else []
-        return [_tool("ktrace"), "run", "--agent", self.agent_addr, "--token-file", self.token_file,
-                *extra, "--", *cmd]
+        return [_tool("ktrace"), "run", "--agent", self.agent_addr, "--token-file", self.token_file, *extra, "--", *cmd]
 
-    def run_in(self, ns: str, argv: Sequence[str], timeout: float, env: Mapping[str, str] | None = None,
-               input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run_in(
+        self,
+        ns: str,
+        argv: Sequence[str],
+        timeout: float,
+        env: Mapping[str, str] | None = None,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [*self.netns_argv(ns), *argv], timeout=timeout, env=None if env is None else dict(env),
-            input=input, stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True, text=True, check=False,
+            [*self.netns_argv(ns), *argv],
+            timeout=timeout,
+            env=None if env is None else dict(env),
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
         )
 
-    def run_laptop(self, argv: Sequence[str], timeout: float, env: Mapping[str, str] | None = None,
-                   input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run_laptop(
+        self, argv: Sequence[str], timeout: float, env: Mapping[str, str] | None = None, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` in the laptop namespace, capturing text output. Raises TimeoutExpired."""
         return self.run_in(self.laptop, argv, timeout, env, input)
 
-    def run_cluster(self, argv: Sequence[str], timeout: float,
-                    input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def run_cluster(
+        self, argv: Sequence[str], timeout: float, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` directly in the cluster namespace (to check the environment itself)."""
         return self.run_in(self.cluster, argv, timeout, None, input)
 
-    def popen_laptop(self, argv: Sequence[str], env: Mapping[str, str] | None = None,
-                     stdin: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    def popen_laptop(
+        self, argv: Sequence[str], env: Mapping[str, str] | None = None, stdin: int | None = subprocess.DEVNULL
+    ) -> subprocess.Popen[str]:
         """Start ``argv`` in the laptop namespace with text pipes for stdout and stderr.
 
         ``ip netns exec`` execs the command, so the returned pid is the program's (or ktrace's).
         """
         return subprocess.Popen(
-            [*self.netns_argv(self.laptop), *argv], env=None if env is None else dict(env),
-            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [*self.netns_argv(self.laptop), *argv],
+            env=None if env is None else dict(env),
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )

@@ -191,3 +191,18 @@ def test_v4_mapped_travels_as_v4(ip: ipaddress.IPv4Address, port: int) -> None:
 def test_bad_address_rejected(raw: bytes) -> None:
     with pytest.raises(rpc.AddressError):
         rpc.decode_address(rpc.Address(ip=raw, port=1))
+
+
+def test_extended_errno_from_error_queue_control_messages() -> None:
+    import socket
+    import struct
+
+    from ktrace_agent.udp_relay import IP_RECVERR, IPV6_RECVERR, extended_errno
+
+    # struct sock_extended_err: ee_errno, ee_origin, ee_type, ee_code, ee_pad, ee_info, ee_data
+    err = struct.pack("=IBBBBII", 111, 2, 3, 3, 0, 0, 0)
+    assert extended_errno([(socket.IPPROTO_IP, IP_RECVERR, err)]) == 111
+    assert extended_errno([(socket.IPPROTO_IPV6, IPV6_RECVERR, err)]) == 111
+    assert extended_errno([(socket.IPPROTO_IP, IP_RECVERR, b"\x01")]) is None  # truncated
+    assert extended_errno([(socket.SOL_SOCKET, 1, err)]) is None
+    assert extended_errno([]) is None

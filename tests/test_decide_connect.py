@@ -7,9 +7,11 @@ import socket
 
 import pytest
 
+from ktrace.rules import Route, RuleSet
 from ktrace.tracer import decide, sockaddr
 from ktrace.tracer.decide import Passthrough, Redirected, RedirectTcp, RoutingPolicy, SocketInfo
 from ktrace.tracer.sockaddr import InetAddr, OtherFamily
+from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.types import Endpoint
 
 V4 = ipaddress.IPv4Address
@@ -79,3 +81,24 @@ def test_names_on_a_dual_stack_socket_are_v4_mapped() -> None:
 def test_connect_result() -> None:
     assert decide.connect_result(0) == 0
     assert decide.connect_result(115) == -115
+
+
+def test_rules_and_the_dns_map_decide_the_route() -> None:
+    names = DnsMap()
+    names.record("db.corp.example", [V4("10.9.0.5")])
+    rules = RuleSet.parse(local=[("10.96.2.0/24", "--local"), ("db.corp.example", "--local")])
+    policy = RoutingPolicy(rules, names)
+    kept = decide.decide_connect(v4("10.96.2.1"), TCP4, False, policy)
+    assert isinstance(kept, Passthrough) and kept.decision is not None
+    assert kept.decision.by_user_rule and kept.decision.rule is not None and kept.decision.rule.text == "10.96.2.0/24"
+    by_name = decide.decide_connect(v4("10.9.0.5", 5432), TCP4, False, policy)
+    assert isinstance(by_name, Passthrough) and by_name.decision is not None
+    assert by_name.decision.rule is not None and by_name.decision.rule.text == "db.corp.example"
+    assert isinstance(decide.decide_connect(v4("10.9.0.6"), TCP4, False, policy), RedirectTcp)
+
+
+def test_cluster_nameserver_is_never_routed_by_address() -> None:
+    dns = Endpoint(V4("10.96.0.10"), 53)
+    policy = RoutingPolicy(RuleSet.parse(local=[("10.0.0.0/8", "--local")]), nameservers=frozenset({dns}))
+    assert policy.route(dns, "udp") is Route.REMOTE
+    assert policy.route(Endpoint(V4("10.96.0.10"), 80)) is Route.LOCAL

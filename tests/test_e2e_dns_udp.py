@@ -357,3 +357,32 @@ def test_laptop_env_has_no_resolver_without_ktrace(ns_cluster: NamespaceCluster)
     r = ns_cluster.run_laptop(["cat", "/etc/resolv.conf"], timeout=10)
     assert r.stdout.split() == ["nameserver", "127.0.0.1"]
     assert os.path.exists(f"/etc/netns/{ns_cluster.laptop}/resolv.conf")
+
+
+REFUSED_UDP = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+s.connect((sys.argv[1], 53))
+for attempt in (1, 2):
+    s.send(b"anyone there?")
+    try:
+        print(attempt, "reply", s.recv(100))
+    except ConnectionRefusedError:
+        print(attempt, "ECONNREFUSED")
+    except OSError as e:
+        print(attempt, "error", e)
+"""
+
+
+def test_port_unreachable_is_econnrefused_on_a_connected_udp_socket(ktrace_cluster: NamespaceCluster) -> None:
+    """Nothing listens on UDP at the refused address: in the cluster the kernel answers with a port
+    unreachable and a connected socket fails with ECONNREFUSED at once (resolvers then try the next
+    server). Under ktrace the program must see the same, not a timeout."""
+    c = ktrace_cluster
+    in_cluster = c.run_cluster([sys.executable, "-c", REFUSED_UDP, c.refused_v4], timeout=60)
+    assert in_cluster.stdout.splitlines() == ["1 ECONNREFUSED", "2 ECONNREFUSED"], in_cluster
+    traced = c.run_laptop(c.ktrace_argv(sys.executable, "-c", REFUSED_UDP, c.refused_v4), timeout=60)
+    assert traced.stdout.splitlines() == in_cluster.stdout.splitlines(), traced
+    dig = c.run_laptop(c.ktrace_argv("dig", "+tries=1", "+time=5", f"@{c.refused_v4}", "hello"), timeout=60)
+    assert "connection refused" in dig.stdout, dig

@@ -104,12 +104,15 @@ def test_io_uring_setup_fails_with_enosys(ktrace_cluster: NamespaceCluster, prog
     assert traced.returncode == 1
 
 
-@pytest.mark.parametrize(("script", "status"), [
-    ("exit 0", 0),
-    ("exit 3", 3),
-    ("kill -USR1 $$", 128 + signal.SIGUSR1),
-    ("kill -KILL $$", 128 + signal.SIGKILL),
-])
+@pytest.mark.parametrize(
+    ("script", "status"),
+    [
+        ("exit 0", 0),
+        ("exit 3", 3),
+        ("kill -USR1 $$", 128 + signal.SIGUSR1),
+        ("kill -KILL $$", 128 + signal.SIGKILL),
+    ],
+)
 def test_exit_status_is_the_programs(script: str, status: int, ktrace_cluster: NamespaceCluster) -> None:
     # Reaching the cluster first shows the program really ran under ktrace.
     c = ktrace_cluster
@@ -157,3 +160,14 @@ def test_wrong_token_is_125_with_one_line(ktrace_cluster: NamespaceCluster) -> N
         argv = ktrace_cluster.ktrace_argv("sh", "-c", "echo ran")
         argv[argv.index("--token-file") + 1] = token.name
         _one_line_error(ktrace_cluster.run_laptop(argv, timeout=60))
+
+
+def test_many_short_lived_vfork_children(ktrace_cluster: NamespaceCluster, programs: Programs) -> None:
+    """Go's os/exec starts children with a vfork-like clone; /bin/true then exits at once, often
+    before ktrace has read the parent's fork event. ktrace must neither wait for such a child
+    forever nor lose count of the live ones."""
+    c = ktrace_cluster
+    script = 'for i in $(seq 60); do "$1" -exec /bin/true || exit 1; done; echo all done'
+    traced = c.run_laptop(c.ktrace_argv("sh", "-c", script, "sh", programs["goclient"]), timeout=100)
+    assert traced.returncode == 0, traced
+    assert traced.stdout.strip().endswith("all done"), traced

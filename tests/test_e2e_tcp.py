@@ -29,8 +29,9 @@ HELLO = "hello from cluster, you are "
 PY_GET = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())"
 
 
-def both(c: NamespaceCluster, argv: list[str], timeout: float = 60,
-         connect_timeout: float | None = None) -> tuple[subprocess.CompletedProcess[str], ...]:
+def both(
+    c: NamespaceCluster, argv: list[str], timeout: float = 60, connect_timeout: float | None = None
+) -> tuple[subprocess.CompletedProcess[str], ...]:
     """(without ktrace, with ktrace), both run in the laptop namespace."""
     without = c.run_laptop(argv, timeout=timeout)
     with_ktrace = c.run_laptop(c.ktrace_argv(*argv, connect_timeout=connect_timeout), timeout=timeout)
@@ -50,35 +51,43 @@ def _hello_lines(n: int) -> Callable[[str], bool]:
 CLIENTS = {
     "go-static-200": Client(
         lambda p, c: [p["goclient"], "-n", "200", "-c", "200", c.hello_url],
-        lambda out: out.startswith("ok 200/200 " + HELLO)),
+        lambda out: out.startswith("ok 200/200 " + HELLO),
+    ),
     "go-stripped-200": Client(
         lambda p, c: [p["goclient-stripped"], "-n", "200", "-c", "200", c.hello_url],
-        lambda out: out.startswith("ok 200/200 " + HELLO)),
-    "c-static-blocking": Client(
-        lambda p, c: [p["cconnect"], c.hello_v4, str(c.hello_port)], _hello_lines(1)),
+        lambda out: out.startswith("ok 200/200 " + HELLO),
+    ),
+    "c-static-blocking": Client(lambda p, c: [p["cconnect"], c.hello_v4, str(c.hello_port)], _hello_lines(1)),
     "c-static-nonblocking": Client(
-        lambda p, c: [p["cconnect"], "--nonblock", c.hello_v4, str(c.hello_port)], _hello_lines(1)),
+        lambda p, c: [p["cconnect"], "--nonblock", c.hello_v4, str(c.hello_port)], _hello_lines(1)
+    ),
     "c-8-threads": Client(
-        lambda p, c: [p["cthreads"], c.hello_v4, str(c.hello_port), "8"],
-        lambda out: out.rstrip().endswith("all 8 ok")),
+        lambda p, c: [p["cthreads"], c.hello_v4, str(c.hello_port), "8"], lambda out: out.rstrip().endswith("all 8 ok")
+    ),
     "curl-dynamic": Client(lambda p, c: ["curl", "-sS", "--max-time", "30", c.hello_url], _hello_lines(1)),
     "python3-dynamic": Client(lambda p, c: [sys.executable, "-c", PY_GET, c.hello_url], _hello_lines(1)),
     "sh-curl-and-go": Client(
-        lambda p, c: ["sh", "-c", f'curl -sS --max-time 30 "$1" && {p["goclient"]} -n 20 -c 20 "$1"',
-                      "sh", c.hello_url],
-        lambda out: [line[:9] for line in out.splitlines()] == [HELLO[:9], "ok 20/20 "]),
+        lambda p, c: [
+            "sh",
+            "-c",
+            f'curl -sS --max-time 30 "$1" && {p["goclient"]} -n 20 -c 20 "$1"',
+            "sh",
+            c.hello_url,
+        ],
+        lambda out: [line[:9] for line in out.splitlines()] == [HELLO[:9], "ok 20/20 "],
+    ),
     "go-os-exec-children": Client(
         lambda p, c: [p["goclient"], "-spawn", "4", "-n", "10", "-c", "10", c.hello_url],
-        lambda out: out.rstrip().endswith("children ok 4/4")),
+        lambda out: out.rstrip().endswith("children ok 4/4"),
+    ),
     "go-os-exec-sh-curl": Client(
-        lambda p, c: [p["goclient"], "-exec", "sh", "-c", f"curl -sS --max-time 30 {c.hello_url}"],
-        _hello_lines(1)),
+        lambda p, c: [p["goclient"], "-exec", "sh", "-c", f"curl -sS --max-time 30 {c.hello_url}"], _hello_lines(1)
+    ),
 }
 
 
 @pytest.mark.parametrize("name", sorted(CLIENTS))
-def test_reaches_cluster_only_service(name: str, ktrace_cluster: NamespaceCluster,
-                                      programs: Programs) -> None:
+def test_reaches_cluster_only_service(name: str, ktrace_cluster: NamespaceCluster, programs: Programs) -> None:
     client = CLIENTS[name]
     argv = client.argv(programs, ktrace_cluster)
     without, traced = both(ktrace_cluster, argv)
@@ -89,8 +98,7 @@ def test_reaches_cluster_only_service(name: str, ktrace_cluster: NamespaceCluste
 
 
 @pytest.mark.parametrize("mode", ["blocking", "nonblocking", "go"])
-def test_refused_port_is_econnrefused(mode: str, ktrace_cluster: NamespaceCluster,
-                                      programs: Programs) -> None:
+def test_refused_port_is_econnrefused(mode: str, ktrace_cluster: NamespaceCluster, programs: Programs) -> None:
     c = ktrace_cluster
     argv = {
         "blocking": [programs["cconnect"], c.refused_v4, "80"],
@@ -104,8 +112,9 @@ def test_refused_port_is_econnrefused(mode: str, ktrace_cluster: NamespaceCluste
 
 
 @pytest.mark.parametrize("mode", ["blocking", "nonblocking", "go"])
-def test_blackhole_times_out_after_connect_timeout(mode: str, ktrace_cluster: NamespaceCluster,
-                                                   programs: Programs) -> None:
+def test_blackhole_times_out_after_connect_timeout(
+    mode: str, ktrace_cluster: NamespaceCluster, programs: Programs
+) -> None:
     c = ktrace_cluster
     argv = {
         "blocking": [programs["cconnect"], c.blackhole_v4, "80"],
@@ -155,7 +164,8 @@ def test_loopback_stays_local(ktrace_cluster: NamespaceCluster, programs: Progra
 
 @pytest.mark.parametrize(("family", "nonblock"), [("v4", False), ("v4", True), ("v6", False)])
 def test_getpeername_is_destination_getsockname_is_agent_side(
-        family: str, nonblock: bool, ktrace_cluster: NamespaceCluster, programs: Programs) -> None:
+    family: str, nonblock: bool, ktrace_cluster: NamespaceCluster, programs: Programs
+) -> None:
     c = ktrace_cluster
     host = c.hello_v4 if family == "v4" else c.hello_v6
     argv = [programs["cconnect"], *(["--nonblock"] if nonblock else []), host, str(c.hello_port)]
@@ -170,8 +180,10 @@ def test_getpeername_is_destination_getsockname_is_agent_side(
 
 def test_ipv6_service(ktrace_cluster: NamespaceCluster, programs: Programs) -> None:
     c = ktrace_cluster
-    for argv in ([programs["goclient"], "-n", "20", "-c", "20", c.hello_url_v6],
-                 ["curl", "-sS", "-g", "--max-time", "30", c.hello_url_v6]):
+    for argv in (
+        [programs["goclient"], "-n", "20", "-c", "20", c.hello_url_v6],
+        ["curl", "-sS", "-g", "--max-time", "30", c.hello_url_v6],
+    ):
         without, traced = both(c, argv)
         assert without.returncode != 0, without
         assert traced.returncode == 0, traced

@@ -114,8 +114,7 @@ def test_teardown_removes_everything() -> None:
 
 
 @pytest.mark.parametrize("mode", ["connected", "sendto", "mmsg", "cmmsg"])
-def test_udp_fixture_sees_the_service_as_source(mode: str, ns_cluster: NamespaceCluster,
-                                                programs: Programs) -> None:
+def test_udp_fixture_sees_the_service_as_source(mode: str, ns_cluster: NamespaceCluster, programs: Programs) -> None:
     for host in (ns_cluster.echo_v4, ns_cluster.echo_v6):
         r = ns_cluster.run_cluster([programs["cudp"], mode, host, str(ns_cluster.echo_port), "4"], timeout=20)
         assert r.returncode == 0, r
@@ -126,8 +125,7 @@ def test_udp_fixture_sees_the_service_as_source(mode: str, ns_cluster: Namespace
 
 
 def test_musl_static_client_connects(ns_cluster: NamespaceCluster, programs: Programs) -> None:
-    r = ns_cluster.run_cluster([programs["mresolve"], ns_cluster.hello_v4, str(ns_cluster.hello_port)],
-                               timeout=20)
+    r = ns_cluster.run_cluster([programs["mresolve"], ns_cluster.hello_v4, str(ns_cluster.hello_port)], timeout=20)
     assert r.returncode == 0, r
     assert r.stdout.startswith(f"addr {ns_cluster.hello_v4}:{ns_cluster.hello_port}\n")
     assert "hello from cluster, you are " in r.stdout
@@ -150,10 +148,13 @@ def test_cluster_dns(ns_cluster: NamespaceCluster) -> None:
     assert "Truncated, retrying in TCP mode" in big and "ANSWER: 120," in big
 
 
-@pytest.mark.parametrize("argv", [
-    ["getent", "hosts", "hello.default.svc.cluster.local"],
-    ["dig", "+time=1", "+tries=1", "hello.default.svc.cluster.local"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["getent", "hosts", "hello.default.svc.cluster.local"],
+        ["dig", "+time=1", "+tries=1", "hello.default.svc.cluster.local"],
+    ],
+)
 def test_laptop_cannot_resolve_cluster_names(argv: list[str], ns_cluster: NamespaceCluster) -> None:
     r = ns_cluster.run_laptop(argv, timeout=20)
     assert r.returncode != 0 and "10.96.1.10" not in r.stdout, r

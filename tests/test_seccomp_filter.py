@@ -60,3 +60,26 @@ def test_rules_after_a_conditional_rule_still_match() -> None:
 def test_program_is_whole_instructions() -> None:
     assert len(PROGRAM) % 8 == 0
     assert len(seccomp.instructions(PROGRAM)) == len(PROGRAM) // 8
+
+
+def test_getsockopt_so_error_stops_only_when_local_outcomes_are_wanted() -> None:
+    with_local = seccomp.build(filter_rules(local_outcomes=True))
+    so_error = (3, 1, 4, 0x7FFF0000, 0x7FFF0010, 0)  # fd, SOL_SOCKET, SO_ERROR, optval, optlen
+    assert seccomp.evaluate(with_local, SYS.getsockopt, arch.AUDIT_ARCH_X86_64, so_error) == (
+        seccomp.RET_TRACE | SYS.getsockopt
+    )
+    # The kernel reads level and optname as ints: garbage in the high half does not matter.
+    high = (3, 1 | 1 << 32, 4 | 5 << 32, 0, 0, 0)
+    assert seccomp.evaluate(with_local, SYS.getsockopt, arch.AUDIT_ARCH_X86_64, high) == (
+        seccomp.RET_TRACE | SYS.getsockopt
+    )
+    for other in [(3, 1, 7, 0, 0, 0), (3, 6, 4, 0, 0, 0), (3, 0, 0, 0, 0, 0)]:  # SO_SNDBUF, IPPROTO_TCP level
+        assert seccomp.evaluate(with_local, SYS.getsockopt, arch.AUDIT_ARCH_X86_64, other) == seccomp.RET_ALLOW
+    assert seccomp.evaluate(with_local, SYS.connect, arch.AUDIT_ARCH_X86_64) == seccomp.RET_TRACE | SYS.connect
+    assert run(SYS.getsockopt, args=so_error) == seccomp.RET_ALLOW  # the default filter never stops it
+
+
+def test_a_rule_takes_one_kind_of_argument_condition() -> None:
+    rule = seccomp.Rule(SYS.getsockopt, seccomp.RET_TRACE, unless_arg_zero=1, only_if_args=((2, 4),))
+    with pytest.raises(ValueError, match="not both"):
+        seccomp.build([rule])

@@ -136,9 +136,7 @@ def test_64_mib_each_way(tmp_path: pathlib.Path) -> None:
             (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
             started = time.monotonic()
             splice = asyncio.create_task(stream.splice(k_reader, k_writer))
-            sent_hash, (got_n, got_hash) = await asyncio.gather(
-                pump(p_writer, total, seed=1), drain_all(p_reader)
-            )
+            sent_hash, (got_n, got_hash) = await asyncio.gather(pump(p_writer, total, seed=1), drain_all(p_reader))
             stats = await splice
             elapsed = time.monotonic() - started
             await asyncio.wait_for(target.handlers_done.wait(), 10)

@@ -20,9 +20,7 @@ def test_endpoint_str_parse_roundtrip(ip: ipaddress.IPv4Address | ipaddress.IPv6
     assert Endpoint.parse(str(endpoint)) == endpoint
 
 
-@pytest.mark.parametrize(
-    "text", ["1.2.3.4", "::1:80", "[::1]", "[::1]x80", "1.2.3.4:x", "1.2.3.4:70000", "a:1"]
-)
+@pytest.mark.parametrize("text", ["1.2.3.4", "::1:80", "[::1]", "[::1]x80", "1.2.3.4:x", "1.2.3.4:70000", "a:1"])
 def test_endpoint_parse_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         Endpoint.parse(text)

@@ -59,7 +59,7 @@ def test_udp_echo(tmp_path: pathlib.Path, family: int, host: str) -> None:
     run(scenario())
 
 
-def test_udp_port_unreachable_is_a_failure_frame(tmp_path: pathlib.Path) -> None:
+def test_udp_port_unreachable_is_a_peer_failure_frame(tmp_path: pathlib.Path) -> None:
     async def scenario() -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind(("127.0.0.1", 0))
@@ -68,12 +68,16 @@ def test_udp_port_unreachable_is_a_failure_frame(tmp_path: pathlib.Path) -> None
         try:
             async with agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
                 session = await client.open_udp(socket.AF_INET)
-                errors: asyncio.Queue[TunnelError] = asyncio.Queue()
+                errors: asyncio.Queue[tuple[Endpoint, TunnelError]] = asyncio.Queue()
                 received: asyncio.Queue[bytes] = asyncio.Queue()
-                session.set_error_receiver(errors.put_nowait)
+                session.set_error_receiver(lambda error: errors.put_nowait((Endpoint.parse("0.0.0.0:0"), error)))
+                session.set_peer_error_receiver(lambda peer, error: errors.put_nowait((peer, error)))
                 session.set_receiver(lambda _source, payload: received.put_nowait(payload))
-                session.send(Endpoint.parse(f"127.0.0.1:{closed_port}"), b"nobody home")
-                assert (await errors.get()).errno_name == "ECONNREFUSED"
+                closed = Endpoint.parse(f"127.0.0.1:{closed_port}")
+                session.send(closed, b"nobody home")
+                # The agent's error queue names the destination the port unreachable is about.
+                peer, error = await errors.get()
+                assert (peer, error.errno_name) == (closed, "ECONNREFUSED")
                 # The session survives the error.
                 session.send(Endpoint.parse(f"127.0.0.1:{port}"), b"still here")
                 assert await received.get() == b"STILL HERE"

@@ -2,22 +2,27 @@
 right ktrace uses (SelfSubjectAccessReview, so nothing is created). One ``KubeCheck`` per check.
 
 ``check_kube(ClusterChoice())`` is synchronous and never raises for a cluster problem: each
-problem is a failed check whose message says how to fix it.
+problem is a failed check whose message says how to fix it. ``checks(settings)`` is what
+``ktrace doctor`` calls (``PLUGIN_CHECKS``): the same, as its ``CheckResult`` lines.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ktrace import config
 from ktrace.errors import KtraceError
 
 from .errors import ApiCall, KubeApiError, explain
-from .options import ClusterChoice
+from .options import ClusterChoice, cluster_choice
 from .rights import RIGHTS, Right
 
 if TYPE_CHECKING:
+    from ktrace.doctor import CheckResult
+
     from .api import KubeApi
 
 RBAC_FIX = "kubectl apply -n {ns} -f docs/rbac.yaml (as a namespace admin; bind the Role to your user)"
@@ -29,6 +34,22 @@ class KubeCheck:
     ok: bool
     message: str
     required: bool = True  # False: only some features need it (e.g. --target); report a failure as a warning
+
+
+def checks(settings: config.Settings) -> Iterable[CheckResult]:
+    """``ktrace doctor``'s Kubernetes lines: FAIL for what ``ktrace run`` needs, warn for what only some
+    features need (--target, cleanup), skip when the agent is not in a cluster."""
+    from ktrace.doctor import CheckResult, Status
+
+    agent = settings.get("agent") or "kube"
+    if agent != "kube":
+        return [CheckResult("kube", Status.SKIP, f"the agent is {agent}, not in a cluster")]
+    results = []
+    for check in check_kube(cluster_choice(settings)):
+        detail, _, fix = check.message.partition(" Fix: ")
+        status = Status.OK if check.ok else Status.FAIL if check.required else Status.WARN
+        results.append(CheckResult(check.name, status, detail, fix or None))
+    return results
 
 
 def check_kube(cluster: ClusterChoice) -> list[KubeCheck]:
@@ -108,7 +129,7 @@ async def _check_right(api: KubeApi, right: Right, server: tuple[int, int] | Non
     return KubeCheck(
         name,
         False,
-        f"not allowed in namespace {ns}" + (f" ({reason})" if reason else "") + f"; needed to {right.why}. "
-        f"Fix: {RBAC_FIX.format(ns=ns)}",
+        f"not allowed in namespace {ns}" + (f" ({reason})" if reason else "") + f"; needed to {right.why}."
+        f" Fix: {RBAC_FIX.format(ns=ns)}",
         required,
     )

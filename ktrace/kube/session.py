@@ -141,6 +141,16 @@ class KubeAgent:
         if not self.lost.done():
             self.lost.set_result(error)
 
+    async def namespaces(self) -> list[str]:
+        """The cluster's namespaces, for the "same-named service elsewhere" hint; [] without the right to list them
+        (docs/rbac.yaml does not ask for it)."""
+        try:
+            listing = await self._api.request(ApiCall("list", "namespaces"), "GET", "/api/v1/namespaces", timeout=5.0)
+        except KubeApiError as exc:
+            log.debug("cannot list namespaces: %s", exc)
+            return []
+        return [str(item["metadata"]["name"]) for item in listing.get("items") or []]
+
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()

@@ -36,6 +36,7 @@ class SyscallTable:
     recvmsg: int
     getsockname: int
     getpeername: int
+    getsockopt: int
     mmap: int
     munmap: int
     openat: int
@@ -57,6 +58,7 @@ X86_64: Final = SyscallTable(
     recvmsg=47,
     getsockname=51,
     getpeername=52,
+    getsockopt=55,
     mmap=9,
     munmap=11,
     openat=257,

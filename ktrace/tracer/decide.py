@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
-from enum import Enum
+from dataclasses import dataclass, field
 
+from ktrace.rules import Route as Route  # noqa: PLC0414 - re-exported for udp.py
+from ktrace.rules import RouteDecision, RuleSet
 from ktrace.tracer import sockaddr
 from ktrace.tracer.sockaddr import Decoded, InetAddr
+from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.types import Endpoint
 
 
@@ -25,29 +27,31 @@ class SocketInfo:
     inode: int
 
 
-class Route(Enum):
-    LOCAL = "local"
-    REMOTE = "remote"
-
-
 @dataclass(frozen=True)
 class RoutingPolicy:
-    """Which destinations go through the agent. Loopback and unspecified
-    addresses stay on this machine; everything else is remote.
+    """Which destinations go through the agent: the most specific rule of ``rules``
+    (loopback and unspecified addresses stay local by default, everything else is
+    remote). ``names`` (the DNS map) lets name rules match an address.
 
-    ``nameservers`` (the agent's resolv.conf, port 53) are always remote: the
-    program reads the agent's resolv.conf, so a node-local resolver such as
-    ``nameserver 127.0.0.53`` means the agent's loopback, not this machine's.
+    ``nameservers`` (the agent's resolv.conf, port 53) are always remote, whatever
+    the rules: the program reads the agent's resolv.conf, so a node-local resolver
+    such as ``nameserver 127.0.0.53`` means the agent's loopback, not this
+    machine's, and an address rule must not cut the program off from its resolver
+    (name rules decide where each question is answered instead).
     """
 
+    rules: RuleSet = field(default_factory=RuleSet)
+    names: DnsMap | None = None
     nameservers: frozenset[Endpoint] = frozenset()
 
-    def route(self, dest: Endpoint) -> Route:
+    def decide(self, dest: Endpoint, proto: str = "tcp") -> RouteDecision:
         if dest in self.nameservers:
-            return Route.REMOTE
-        if sockaddr.is_loopback(dest.ip) or sockaddr.is_unspecified(dest.ip):
-            return Route.LOCAL
-        return Route.REMOTE
+            return RouteDecision(Route.REMOTE)
+        names = self.names.names_of(dest.ip) if self.names is not None and self.rules.has_name_rules else ()
+        return self.rules.decide(dest.ip, dest.port, proto, names)
+
+    def route(self, dest: Endpoint, proto: str = "tcp") -> Route:
+        return self.decide(dest, proto).route
 
 
 def nameservers_of(resolv_conf: str) -> frozenset[Endpoint]:
@@ -70,12 +74,14 @@ class Passthrough:
     kernel will report better than we could (EBADF, EINVAL, EAFNOSUPPORT)."""
 
     reason: str
+    decision: RouteDecision | None = None  # set for a destination a rule keeps local
 
 
 @dataclass(frozen=True)
 class RedirectTcp:
     dest: Endpoint
     original: InetAddr
+    decision: RouteDecision = field(default_factory=lambda: RouteDecision(Route.REMOTE))
 
 
 ConnectDecision = Passthrough | RedirectTcp
@@ -104,9 +110,10 @@ def decide_connect(
     if sock.type != socket.SOCK_STREAM:
         return Passthrough("not a stream socket")
     dest = addr.endpoint
-    if policy.route(dest) is Route.LOCAL:
-        return Passthrough("local destination")
-    return RedirectTcp(dest, addr)
+    decision = policy.decide(dest, "tcp")
+    if decision.route is Route.LOCAL:
+        return Passthrough("local destination", decision)
+    return RedirectTcp(dest, addr, decision)
 
 
 @dataclass(frozen=True)

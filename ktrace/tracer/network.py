@@ -9,18 +9,22 @@ running it.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ktrace.rules import RouteDecision
 from ktrace.tracer import arch, decide, kernel, msghdr, sockaddr
 from ktrace.tracer.decide import Passthrough, Redirected, RedirectTcp, RoutingPolicy, SocketInfo
 from ktrace.tracer.kernel import Registers, TraceeGone
-from ktrace.tracer.tracer import Complete, Deferred, Outcome, Resume
+from ktrace.tracer.sockaddr import InetAddr
+from ktrace.tracer.tracer import Complete, Deferred, Outcome, Resume, WatchExit
 from ktrace.tracer.udp import UdpRedirector
 from ktrace.tunnel.client import AgentClient, TcpStream
 from ktrace.tunnel.dns_map import DnsMap, DnsTcpTap
@@ -44,12 +48,28 @@ BYPASS_RESOLVER_SOCKETS = frozenset(
 
 @dataclass(frozen=True)
 class ConnectEvent:
-    """One connect() the program made to a remote destination, and its outcome."""
+    """One connect() the program made to an IP destination, and its outcome."""
 
     pid: int
     dest: Endpoint
-    outcome: str  # "ok" or an errno name
-    local: Endpoint | None = None
+    outcome: str  # "ok", "EINPROGRESS" or an errno name
+    local: Endpoint | None = None  # the agent socket's address
+    decision: RouteDecision | None = None  # the route and the rule that chose it
+    duration: float | None = None  # seconds from the stop to the outcome
+
+
+MAX_PENDING_LOCAL = 4096
+
+
+@dataclass(frozen=True)
+class _PendingLocal:
+    tid: int  # the thread that connected
+    dest: Endpoint
+    route: RouteDecision
+    started: float
+
+    def event(self, outcome: str) -> ConnectEvent:
+        return ConnectEvent(self.tid, self.dest, outcome, decision=self.route, duration=time.monotonic() - self.started)
 
 
 @dataclass
@@ -63,6 +83,10 @@ class NetworkHandler:
     dns_map: DnsMap | None = None
     redirected: dict[int, Redirected] = field(default_factory=dict)
     _streams: dict[int, int] = field(default_factory=dict)  # id(stream) -> inode
+    # Non-blocking connect()s kept local, by socket inode, until the program learns
+    # how they ended (getsockopt SO_ERROR, or connect() again): for the report only.
+    _pending_local: dict[int, _PendingLocal] = field(default_factory=dict)
+    _tgids: dict[int, int] = field(default_factory=dict)  # thread -> process, for events
 
     # -- SyscallHandler ------------------------------------------------------------
 
@@ -70,6 +94,8 @@ class NetworkHandler:
         nr = regs.nr
         if nr == SYS.connect:
             return self._connect(tid, regs)
+        if nr == SYS.getsockopt:
+            return self._so_error(tid, regs)
         if nr == SYS.getpeername:
             return self._name(tid, regs, decide.peer_name, peer=True)
         if nr == SYS.getsockname:
@@ -149,7 +175,7 @@ class NetworkHandler:
         pass
 
     def on_thread_exit(self, tid: int) -> None:
-        pass
+        self._tgids.pop(tid, None)
 
     def stream_closed(self, stream: TcpStream) -> None:
         inode = self._streams.pop(id(stream), None)
@@ -178,14 +204,77 @@ class NetworkHandler:
         info = self._info(sock)
         if info.type == socket.SOCK_DGRAM and self.udp is not None and info.family in (socket.AF_INET, socket.AF_INET6):
             try:
-                return self.udp.connect(tid, sock, info, addr)
+                return self.udp.connect(tid, fd, sock, info, addr)
             finally:
                 sock.close()
         decision = decide.decide_connect(addr, info, info.inode in self.redirected, self.policy)
         if isinstance(decision, Passthrough):
             sock.close()
+            # Only destinations a user rule kept local are reported: loopback is the
+            # program's own business, and watching it would add a stop to every such connect.
+            route = decision.decision
+            if route is not None and route.by_user_rule and self.on_event is not None and isinstance(addr, InetAddr):
+                return self._watch_local(addr.endpoint, route, info.inode)
             return Resume()
         return Deferred(self._redirect_tcp(tid, sock, info, decision))
+
+    def _watch_local(self, dest: Endpoint, route: RouteDecision, inode: int) -> Outcome:
+        """A connect() that stays on this machine: report how the kernel answered it."""
+        started = time.monotonic()
+        pending = self._pending_local.get(inode)
+
+        def at_exit(tid: int, regs: Registers) -> None:
+            result = regs.retval
+            if -516 <= result <= -512 or result == -errno.EALREADY:
+                return  # ERESTART*: the restarted connect() stops again; EALREADY: still going
+            if pending is not None:  # connect() again to learn the outcome
+                self._pending_local.pop(inode, None)
+                outcome = "ok" if result in (0, -errno.EISCONN) else errno.errorcode.get(-result, str(-result))
+                self._emit(pending.event(outcome))
+                return
+            if result == -errno.EINPROGRESS:
+                self._remember_local(inode, _PendingLocal(tid, dest, route, started))
+                return
+            outcome = "ok" if result >= 0 else errno.errorcode.get(-result, str(-result))
+            self._emit(ConnectEvent(tid, dest, outcome, decision=route, duration=time.monotonic() - started))
+
+        return WatchExit(at_exit)
+
+    def _remember_local(self, inode: int, pending: _PendingLocal) -> None:
+        if len(self._pending_local) >= MAX_PENDING_LOCAL:
+            # A program that never asks how its connects ended: report the oldest as still pending.
+            oldest = next(iter(self._pending_local))
+            self._emit(self._pending_local.pop(oldest).event("EINPROGRESS"))
+        self._pending_local[inode] = pending
+
+    def _so_error(self, tid: int, regs: Registers) -> Outcome:
+        """getsockopt(SOL_SOCKET, SO_ERROR) (the filter stops only that): the outcome of a
+        pending local connect, read at the exit from what the kernel wrote."""
+        if not self._pending_local:
+            return Resume()
+        inode = socket_inode(tid, regs.arg(0))
+        if inode is None or inode not in self._pending_local:
+            return Resume()
+        value_ptr = regs.arg(3)
+
+        def at_exit(tid: int, exit_regs: Registers) -> None:
+            if exit_regs.retval != 0:
+                return
+            try:
+                err = kernel.read_int(tid, value_ptr)
+            except OSError:
+                return
+            pending = self._pending_local.pop(inode, None)
+            if pending is not None:
+                self._emit(pending.event("ok" if err == 0 else errno.errorcode.get(err, str(err))))
+
+        return WatchExit(at_exit)
+
+    def finish(self) -> None:
+        """The program ended: local connects whose outcome it never asked for stay "EINPROGRESS"."""
+        for pending in self._pending_local.values():
+            self._emit(pending.event("EINPROGRESS"))
+        self._pending_local.clear()
 
     def _connect_unix(self, raw: bytes) -> Outcome:
         """Local caching resolvers (nscd, systemd-resolved) would answer from
@@ -199,17 +288,23 @@ class NetworkHandler:
     async def _redirect_tcp(
         self, tid: int, sock: socket.socket, info: SocketInfo, decision: RedirectTcp, payload: bytes | None = None
     ) -> Complete:
+        started = time.monotonic()
+        route = decision.decision
+
+        def event(outcome: str, local: Endpoint | None = None) -> ConnectEvent:
+            return ConnectEvent(tid, decision.dest, outcome, local, route, time.monotonic() - started)
+
         try:
             try:
                 stream = await self.client.open_tcp(decision.dest, self.connect_timeout)
             except TunnelError as exc:
-                self._emit(ConnectEvent(tid, decision.dest, exc.errno_name))
+                self._emit(event(exc.errno_name))
                 return Complete(-exc.errno)
             host, port = self.endpoint.address(info.family)
             err = sock.connect_ex((host, port))
             if err not in (0, errno.EINPROGRESS):
                 await stream.abort()
-                self._emit(ConnectEvent(tid, decision.dest, errno.errorcode.get(err, str(err))))
+                self._emit(event(errno.errorcode.get(err, str(err))))
                 return Complete(-err)
             if self.dns_map is not None and decision.dest.port == DNS_PORT:
                 stream.observe_down = DnsTcpTap(self.dns_map).feed
@@ -217,7 +312,7 @@ class NetworkHandler:
             self.endpoint.expect(info.family, source_port, stream)
             self.redirected[info.inode] = Redirected(info.family, decision.original, stream.local)
             self._streams[id(stream)] = info.inode
-            self._emit(ConnectEvent(tid, decision.dest, "ok", stream.local))
+            self._emit(event("ok", stream.local))
             if payload is not None:
                 try:
                     return Complete(sock.send(payload))
@@ -283,7 +378,13 @@ class NetworkHandler:
     def _emit(self, event: ConnectEvent) -> None:
         log.debug("connect %s", event)
         if self.on_event is not None:
-            self.on_event(event)
+            pid = self._tgids.get(event.pid)
+            if pid is None:
+                try:
+                    pid = self._tgids[event.pid] = kernel.thread_group_of(event.pid)
+                except TraceeGone:
+                    pid = event.pid  # the thread is gone (reported at exit): its id is what is known
+            self.on_event(dataclasses.replace(event, pid=pid))
 
 
 def socket_inode(tid: int, fd: int) -> int | None:

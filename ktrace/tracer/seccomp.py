@@ -70,12 +70,15 @@ class Rule:
     nr: int
     action: int
     unless_arg_zero: int | None = None
+    # (argument index, value): the action applies only when the low 32 bits of every
+    # listed argument equal the value (ints like getsockopt's level and optname).
+    only_if_args: tuple[tuple[int, int], ...] = ()
 
 
-def trace(nr: int, *, unless_arg_zero: int | None = None) -> Rule:
+def trace(nr: int, *, unless_arg_zero: int | None = None, only_if_args: tuple[tuple[int, int], ...] = ()) -> Rule:
     # The 16-bit data of RET_TRACE is what PTRACE_GETEVENTMSG returns at the
     # stop; the syscall number is a convenient tag.
-    return Rule(nr, RET_TRACE | (nr & 0xFFFF), unless_arg_zero)
+    return Rule(nr, RET_TRACE | (nr & 0xFFFF), unless_arg_zero, only_if_args)
 
 
 def fail(nr: int, errno: int) -> Rule:
@@ -100,6 +103,16 @@ def _jge(k: int, jt: int, jf: int) -> Insn:
 
 def _rule_block(rule: Rule) -> list[Insn]:
     """Instructions that run with the accumulator holding nr; fall through on no match."""
+    if rule.only_if_args:
+        if rule.unless_arg_zero is not None:
+            raise ValueError("a rule takes unless_arg_zero or only_if_args, not both")
+        # nr matches: every argument must match too, else ALLOW. As below, reloading
+        # clobbers the accumulator, so every path ends in a return once nr matched.
+        count = len(rule.only_if_args)
+        block = [_jeq(rule.nr, 0, 2 * count + 2)]
+        for k, (index, value) in enumerate(rule.only_if_args):
+            block += [_ld(off_arg_low(index)), _jeq(value & 0xFFFFFFFF, 0, 2 * (count - k - 1) + 1)]
+        return [*block, _ret(rule.action), _ret(RET_ALLOW)]
     if rule.unless_arg_zero is None:
         return [_jeq(rule.nr, 0, 1), _ret(rule.action)]
     i = rule.unless_arg_zero

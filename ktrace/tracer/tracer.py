@@ -108,6 +108,8 @@ class Tracer:
     result: TraceResult = field(default_factory=TraceResult)
     finished: asyncio.Future[TraceResult] | None = None
     _signal_fd: int = -1
+    # Tracees whose exit was read before the fork/clone event that announces them.
+    _gone_unknown: set[int] = field(default_factory=set)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -154,6 +156,9 @@ class Tracer:
             try:
                 tid, status = os.waitpid(-1, os.WNOHANG | kernel.WALL)
             except ChildProcessError:
+                # No tracee is left at all (tracees count as children for waitpid): whatever
+                # the bookkeeping says, the program is gone.
+                self.threads.clear()
                 self._maybe_finish()
                 return
             if tid == 0:
@@ -182,7 +187,12 @@ class Tracer:
             self._on_syscall_exit(thread)
         elif event in (kernel.PTRACE_EVENT_FORK, kernel.PTRACE_EVENT_VFORK, kernel.PTRACE_EVENT_CLONE):
             child = kernel.event_message(tid)
-            self.threads.setdefault(child, _Thread(child))
+            if child in self._gone_unknown:
+                # The child ran and exited before its parent's event was read (a vfork child
+                # that execs a short program): adding it now would wait for it forever.
+                self._gone_unknown.discard(child)
+            else:
+                self.threads.setdefault(child, _Thread(child))
             kernel.cont(tid)
         elif event == kernel.PTRACE_EVENT_EXEC:
             former = kernel.event_message(tid)
@@ -203,6 +213,8 @@ class Tracer:
 
     def _on_gone(self, tid: int, status: int) -> None:
         thread = self.threads.pop(tid, None)
+        if thread is None:
+            self._gone_unknown.add(tid)
         if thread is not None and thread.parked is not None:
             thread.parked.cancel()
         self.handler.on_thread_exit(tid)

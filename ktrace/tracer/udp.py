@@ -18,6 +18,7 @@ drop DNS answers whose source is not the server they asked).
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -39,12 +40,15 @@ class RelayTable(Protocol):
 
     def peer_of(self, family: int, relay_port: int) -> Endpoint | None: ...
 
+    def refuse(self, sock_key: int, peer: Endpoint, program: socket.socket) -> bool: ...
+
 
 @dataclass(frozen=True)
 class UdpEvent:
     pid: int
     dest: Endpoint
     kind: str  # "connect" | "send"
+    sock: int = 0  # the program socket's inode (the relays' key)
 
 
 @dataclass
@@ -54,18 +58,23 @@ class UdpRedirector:
     on_event: Callable[[UdpEvent], None] | None = None
     sockets: dict[int, int] = field(default_factory=dict)  # inode -> family, program sockets with relays
     connected: dict[int, InetAddr] = field(default_factory=dict)  # inode -> peer as the program wrote it
-    _seen: set[tuple[int, Endpoint]] = field(default_factory=set)
+    # inode -> (thread group, descriptor) the program connected it with: where to find the
+    # socket again when the peer turns out to refuse datagrams.
+    descriptors: dict[int, tuple[int, int]] = field(default_factory=dict)
+    _seen: dict[int, set[Endpoint]] = field(default_factory=dict)  # inode -> destinations reported
 
     # -- connect ---------------------------------------------------------------------
 
-    def connect(self, tid: int, sock: socket.socket, info: SocketInfo, addr: sockaddr.Decoded | None) -> Outcome:
+    def connect(
+        self, tid: int, fd: int, sock: socket.socket, info: SocketInfo, addr: sockaddr.Decoded | None
+    ) -> Outcome:
         """connect() on a UDP socket: to a remote peer means to its relay."""
         if not isinstance(addr, InetAddr) or addr.family != info.family:
             # AF_UNSPEC disconnects; anything else is the kernel's business.
             self.connected.pop(info.inode, None)
             return Resume()
         dest = addr.endpoint
-        if self.policy.route(dest) is Route.LOCAL:
+        if self.policy.route(dest, "udp") is Route.LOCAL:
             self.connected.pop(info.inode, None)
             return Resume()
         relay = self.relays.relay_for(info.inode, info.family, dest)
@@ -74,7 +83,8 @@ class UdpRedirector:
             return Complete(-err)
         self.sockets[info.inode] = info.family
         self.connected[info.inode] = addr
-        self._note(tid, dest, "connect")
+        self.descriptors[info.inode] = (kernel.thread_group_of(tid), fd)
+        self._note(tid, dest, "connect", info.inode)
         return Complete(0)
 
     # -- sending -----------------------------------------------------------------------
@@ -84,7 +94,7 @@ class UdpRedirector:
         if not isinstance(addr, InetAddr) or addr.family != info.family:
             return None
         dest = addr.endpoint
-        if self.policy.route(dest) is Route.LOCAL:
+        if self.policy.route(dest, "udp") is Route.LOCAL:
             return None
         return addr, dest
 
@@ -93,7 +103,7 @@ class UdpRedirector:
     ) -> int:
         relay = self.relays.relay_for(info.inode, info.family, dest)
         self.sockets[info.inode] = info.family
-        self._note(tid, dest, "send")
+        self._note(tid, dest, "send", info.inode)
         try:
             return sock.sendto(payload, flags, relay)
         except OSError as exc:
@@ -258,6 +268,29 @@ class UdpRedirector:
         """The program's socket ``inode`` is gone (found by the relays' sweep)."""
         self.sockets.pop(inode, None)
         self.connected.pop(inode, None)
+        self._seen.pop(inode, None)
+        self.descriptors.pop(inode, None)
+
+    def peer_error(self, inode: int, peer: Endpoint, errno_name: str) -> None:
+        """The agent got an ICMP error from ``peer`` for a datagram of socket ``inode``.
+
+        Only a socket *connected* to that peer hears of it (as on Linux without
+        IP_RECVERR), and only ECONNREFUSED can be reproduced locally (see
+        ``UdpRelays.refuse``); other ICMP errors leave the program waiting, as if lost.
+        """
+        addr = self.connected.get(inode)
+        where = self.descriptors.get(inode)
+        if errno_name != "ECONNREFUSED" or addr is None or addr.endpoint != peer or where is None:
+            return
+        tgid, fd = where
+        try:
+            dup = kernel.duplicate_fd(tgid, fd)
+        except OSError:  # TraceeGone included: the process or descriptor is gone
+            return
+        with socket.socket(fileno=dup) as program:
+            if os.fstat(program.fileno()).st_ino != inode:
+                return  # the descriptor now names another file
+            self.relays.refuse(inode, peer, program)
 
     def peer_name(self, inode: int, family: int) -> bytes | None:
         peer = self.connected.get(inode)
@@ -265,7 +298,16 @@ class UdpRedirector:
             return None
         return sockaddr.encode(family, peer.ip, peer.port)
 
-    def _note(self, tid: int, dest: Endpoint, kind: str) -> None:
-        if self.on_event is not None and (tid, dest) not in self._seen:
-            self._seen.add((tid, dest))
-            self.on_event(UdpEvent(tid, dest, kind))
+    def _note(self, tid: int, dest: Endpoint, kind: str, inode: int) -> None:
+        """Once per (socket, destination): who uses it (the report names flows by process)."""
+        if self.on_event is None:
+            return
+        seen = self._seen.setdefault(inode, set())
+        if dest in seen:
+            return
+        seen.add(dest)
+        try:
+            pid = kernel.thread_group_of(tid)
+        except TraceeGone:
+            pid = tid
+        self.on_event(UdpEvent(pid, dest, kind, inode))

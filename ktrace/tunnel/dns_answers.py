@@ -1,12 +1,18 @@
-"""Pure: the name and addresses in a DNS answer (A/AAAA), for ktrace's record of lookups."""
+"""Pure: DNS messages as ktrace needs them (the only user of dnspython): the name and
+addresses in an answer, a query's question, a response's outcome, and the few
+messages ktrace makes itself."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+from dataclasses import dataclass
 
 import dns.exception
 import dns.flags
 import dns.message
+import dns.name
+import dns.rcode
 import dns.rdatatype
 
 from .types import IPAddress
@@ -18,16 +24,93 @@ def addresses_in_answer(payload: bytes) -> tuple[str, list[IPAddress]] | None:
     The name is the question's, without the final dot; CNAME chains are followed
     implicitly (every A/AAAA record of the answer section is returned).
     """
+    response = parse_response(payload)
+    if response is None:
+        return None
+    return response.question.name, list(response.addresses)
+
+
+@dataclass(frozen=True)
+class Question:
+    id: int
+    name: str  # without the final dot, as asked (case kept)
+    qtype: str  # "A", "AAAA", ... or "TYPE65"
+
+
+@dataclass(frozen=True)
+class Response:
+    question: Question
+    outcome: str  # "answer", "NODATA", "truncated", or the rcode name (NXDOMAIN, SERVFAIL, ...)
+    addresses: tuple[IPAddress, ...]
+
+
+def _question(message: dns.message.Message) -> Question | None:
+    if not message.question:
+        return None
+    rrset = message.question[0]
+    return Question(message.id, rrset.name.to_text(omit_final_dot=True), dns.rdatatype.to_text(rrset.rdtype))
+
+
+def parse_question(payload: bytes) -> Question | None:
+    """The first question of a DNS query message, or None when it is not a query."""
     try:
         message = dns.message.from_wire(payload, ignore_trailing=True)
     except (dns.exception.DNSException, ValueError):
         return None
-    if not message.flags & dns.flags.QR or not message.question:
+    if message.flags & dns.flags.QR:
         return None
-    name = message.question[0].name.to_text(omit_final_dot=True)
-    found: list[IPAddress] = []
-    for rrset in message.answer:
-        if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            for rdata in rrset:
-                found.append(ipaddress.ip_address(rdata.address))
-    return name, found
+    return _question(message)
+
+
+@functools.lru_cache(maxsize=128)
+def parse_response(payload: bytes) -> Response | None:
+    """A DNS response's question, outcome and A/AAAA addresses, or None when it is not one.
+
+    A truncated answer (TC) that carries no records is "truncated": the resolver
+    retries over TCP, so it is not a failure. Cached: the DNS map and the report
+    both read each answer the program receives.
+    """
+    try:
+        message = dns.message.from_wire(payload, ignore_trailing=True)
+    except (dns.exception.DNSException, ValueError):
+        return None
+    if not message.flags & dns.flags.QR:
+        return None
+    question = _question(message)
+    if question is None:
+        return None
+    addresses = tuple(
+        ipaddress.ip_address(rdata.address)
+        for rrset in message.answer
+        if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA)
+        for rdata in rrset
+    )
+    rcode = message.rcode()
+    if rcode != dns.rcode.NOERROR:
+        outcome = dns.rcode.to_text(rcode)
+    elif message.answer:
+        outcome = "answer"
+    elif message.flags & dns.flags.TC:
+        outcome = "truncated"
+    else:
+        outcome = "NODATA"
+    return Response(question, outcome, addresses)
+
+
+def build_query(name: str, qtype: str = "A") -> bytes:
+    """A recursive query for ``name`` (absolute), for ktrace's own lookups."""
+    return dns.message.make_query(dns.name.from_text(name), dns.rdatatype.from_text(qtype)).to_wire()
+
+
+def servfail_for(query: bytes) -> bytes | None:
+    """A SERVFAIL response to ``query`` (when ktrace cannot forward it), or None if it is not a query."""
+    try:
+        message = dns.message.from_wire(query, ignore_trailing=True)
+    except (dns.exception.DNSException, ValueError):
+        return None
+    if message.flags & dns.flags.QR:
+        return None
+    response = dns.message.make_response(message)
+    response.set_rcode(dns.rcode.SERVFAIL)
+    wire: bytes = response.to_wire()
+    return wire

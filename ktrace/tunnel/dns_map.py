@@ -11,6 +11,7 @@ of names must not grow ktrace without limit). Pure: no I/O.
 from __future__ import annotations
 
 import collections
+import ipaddress
 from collections.abc import Callable, Iterable
 
 from .dns_answers import addresses_in_answer
@@ -20,17 +21,36 @@ DEFAULT_CAPACITY = 65536
 _TCP_BUFFER_LIMIT = 2 * 65537  # two full DNS-over-TCP messages; anything larger is not DNS
 
 
+NAMES_PER_ADDRESS = 8
+
+
+def _canonical(ip: IPAddress) -> IPAddress:
+    """IPv4-mapped IPv6 addresses are the IPv4 address they carry."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 class DnsMap:
+    """One address can carry several names (two services, or the same service asked
+    under two names): the most recently resolved comes first, as the one the program
+    most likely meant when it connected."""
+
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         self._capacity = capacity
-        self._names: collections.OrderedDict[IPAddress, str] = collections.OrderedDict()
+        self._names: collections.OrderedDict[IPAddress, list[str]] = collections.OrderedDict()
         self.listeners: list[Callable[[str, list[IPAddress]], None]] = []
 
     def record(self, name: str, addresses: Iterable[IPAddress]) -> None:
         found = list(addresses)
         for ip in found:
-            self._names[ip] = name
-            self._names.move_to_end(ip)
+            key = _canonical(ip)
+            names = self._names.pop(key, [])
+            if name in names:
+                names.remove(name)
+            names.insert(0, name)
+            del names[NAMES_PER_ADDRESS:]
+            self._names[key] = names
         while len(self._names) > self._capacity:
             self._names.popitem(last=False)
         for listener in self.listeners:
@@ -38,7 +58,12 @@ class DnsMap:
 
     def name_of(self, ip: IPAddress) -> str | None:
         """The name most recently resolved to ``ip``, if the program resolved one."""
-        return self._names.get(ip)
+        names = self._names.get(_canonical(ip))
+        return names[0] if names else None
+
+    def names_of(self, ip: IPAddress) -> tuple[str, ...]:
+        """Every name resolved to ``ip`` (up to ``NAMES_PER_ADDRESS``), most recent first."""
+        return tuple(self._names.get(_canonical(ip), ()))
 
     def __len__(self) -> int:
         return len(self._names)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -51,6 +52,7 @@ class TcpStream:
         self._call = call
         self.local = local
         self.peer = peer
+        self.opened_at = time.monotonic()  # for the report: how long the connection lived
         # Sees every chunk the remote side sends (DNS over TCP answers, for the DNS map).
         self.observe_down: Callable[[bytes], None] | None = None
 

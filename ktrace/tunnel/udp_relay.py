@@ -24,9 +24,11 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from .client import AgentClient
 from .dns_answers import addresses_in_answer
+from .local_dns import LocalResolver
 from .types import Endpoint, IPAddress, TunnelError
 from .udp_session import UdpSession
 
@@ -41,10 +43,37 @@ DnsCallback = Callable[[str, list[IPAddress]], None]
 
 
 @dataclass
+class RelayTotals:
+    """What crossed one relay (program socket, peer): datagrams and bytes each way."""
+
+    datagrams_up: int = 0
+    bytes_up: int = 0
+    datagrams_down: int = 0
+    bytes_down: int = 0
+
+
+class UdpObserver(Protocol):
+    """The report's view of the relays (called on the event loop; must not raise)."""
+
+    def sent(self, sock_key: int, server: Endpoint, payload: bytes) -> None:
+        """A datagram to port 53 (a DNS question)."""
+
+    def received(self, sock_key: int, server: Endpoint, payload: bytes) -> None:
+        """A datagram from port 53 (a DNS answer), before the program gets it."""
+
+    def flow_started(self, sock_key: int, peer: Endpoint) -> None:
+        """The first datagram of a program socket to ``peer``."""
+
+    def flow_ended(self, sock_key: int, peer: Endpoint, totals: RelayTotals) -> None:
+        """The relay of (socket, peer) is gone (the socket closed, or ktrace ends)."""
+
+
+@dataclass
 class _Relay:
     sock: socket.socket
     peer: Endpoint
     owner: _ProgramSocket
+    totals: RelayTotals = field(default_factory=RelayTotals)
 
     @property
     def port(self) -> int:
@@ -72,14 +101,23 @@ class UdpRelays:
         idle_timeout: float = 120.0,
         live_sockets: Callable[[], set[int] | None] | None = None,
         on_socket_gone: Callable[[int], None] | None = None,
+        on_peer_error: Callable[[int, Endpoint, str], None] | None = None,
+        observer: UdpObserver | None = None,
+        local_dns: LocalResolver | None = None,
     ) -> None:
         self._client = client
+        # The report: flows, their totals, and every DNS message to and from port 53.
+        self._observer = observer
+        # Answers the questions whose names the rules keep local, instead of the cluster.
+        self._local_dns = local_dns
         self._on_dns_answer = on_dns_answer
         self._idle_timeout = idle_timeout
         # Which program sockets still exist (inodes), checked at each sweep: ktrace does not
         # see close(), so this is how relays of closed sockets are reclaimed.
         self._live_sockets = live_sockets
         self._on_socket_gone = on_socket_gone
+        # (program socket, peer, errno name) for ICMP errors the agent got from that peer.
+        self._on_peer_error = on_peer_error
         self._sockets: dict[int, _ProgramSocket] = {}
         self._by_port: dict[tuple[int, int], _Relay] = {}
         self._ipv6: bool | None = None
@@ -121,6 +159,8 @@ class UdpRelays:
         self._end_session(state)
 
     async def close(self) -> None:
+        if self._local_dns is not None:
+            self._local_dns.close()
         for key in list(self._sockets):
             self.close_socket(key)
         if self._sweeper is not None:
@@ -157,6 +197,8 @@ class UdpRelays:
         return relay
 
     def _close_relay(self, relay: _Relay) -> None:
+        if self._observer is not None and (relay.totals.datagrams_up or relay.totals.datagrams_down):
+            self._observer.flow_ended(relay.owner.key, relay.peer, relay.totals)
         self._by_port.pop((relay.sock.family, relay.port), None)
         with contextlib.suppress(Exception):
             asyncio.get_running_loop().remove_reader(relay.sock.fileno())
@@ -176,9 +218,19 @@ class UdpRelays:
                 continue
             state.program_address = source[:2]
             state.last_used = time.monotonic()
+            if self._observer is not None and not relay.totals.datagrams_up:
+                self._observer.flow_started(state.key, relay.peer)
+            relay.totals.datagrams_up += 1
+            relay.totals.bytes_up += len(payload)
             self._forward(state, relay.peer, payload)
 
     def _forward(self, state: _ProgramSocket, peer: Endpoint, payload: bytes) -> None:
+        if peer.port == DNS_PORT:
+            if self._observer is not None:
+                self._observer.sent(state.key, peer, payload)
+            if self._local_dns is not None and self._local_dns.wants(payload):
+                self._local_dns.forward(payload, lambda answer: self._from_remote(state, peer, answer))
+                return
         if state.session is not None and not state.session.closed.is_set():
             if not state.session.send(peer, payload):
                 self.dropped += 1
@@ -205,6 +257,7 @@ class UdpRelays:
             await session.close()
             return
         session.set_receiver(lambda source, payload: self._from_remote(state, source, payload))
+        session.set_peer_error_receiver(lambda peer, error: self._peer_error(state, peer, error))
         state.session = session
         state.opening = None
         while state.pending:
@@ -216,6 +269,8 @@ class UdpRelays:
 
     def _from_remote(self, state: _ProgramSocket, source: Endpoint, payload: bytes) -> None:
         state.last_used = time.monotonic()
+        if source.port == DNS_PORT and self._observer is not None:
+            self._observer.received(state.key, source, payload)
         if source.port == DNS_PORT and self._on_dns_answer is not None:
             answer = addresses_in_answer(payload)
             if answer is not None and answer[1]:
@@ -238,6 +293,50 @@ class UdpRelays:
             relay.sock.sendto(payload, state.program_address)
         except OSError:
             self.dropped += 1  # the program's receive buffer is full, or its socket is gone
+            return
+        relay.totals.datagrams_down += 1
+        relay.totals.bytes_down += len(payload)
+
+    def _peer_error(self, state: _ProgramSocket, peer: Endpoint, error: TunnelError) -> None:
+        if self._on_peer_error is not None and self._sockets.get(state.key) is state:
+            self._on_peer_error(state.key, peer, error.errno_name)
+
+    def refuse(self, sock_key: int, peer: Endpoint, program: socket.socket) -> bool:
+        """Make the program's socket, connected to the relay of ``peer``, fail with
+        ECONNREFUSED as a socket connected to ``peer`` itself would after a port unreachable.
+
+        The relay's socket is closed, an empty datagram is sent from ``program`` (a duplicate
+        of the program's socket) to the relay's now closed port, so the kernel's own ICMP port
+        unreachable sets the error on the program's socket; then a new relay socket takes the
+        same port, so the program's connection leads somewhere again. Loopback ICMP is not rate
+        limited and is handled before send() returns.
+        """
+        state = self._sockets.get(sock_key)
+        relay = state.relays.get(peer) if state is not None else None
+        if state is None or relay is None:
+            return False
+        address = relay.sock.getsockname()[:2]
+        family = relay.sock.family
+        # Not _close_relay: the flow goes on (with a new socket), its totals with it.
+        self._by_port.pop((family, relay.port), None)
+        asyncio.get_running_loop().remove_reader(relay.sock.fileno())
+        relay.sock.close()
+        del state.relays[peer]
+        with contextlib.suppress(OSError):  # already failing: what the program should see anyway
+            program.send(b"")
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setblocking(False)
+            sock.bind(address)
+        except OSError as exc:
+            log.warning("UDP relay for %s could not take its port back: %s", peer, exc)
+            return True
+        replacement = _Relay(sock, peer, state, relay.totals)
+        state.relays[peer] = replacement
+        self._by_port[(family, replacement.port)] = replacement
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, replacement)
+        return True
 
     # --- idle sessions ---
 

@@ -3,7 +3,8 @@
 ``send`` never blocks: datagrams wait in a bounded queue for the stream and are
 dropped (and counted) when it is full, as a full socket buffer would drop them.
 Received datagrams go to the receiver callback; agent socket errors (ICMP) go to
-the error callback, and the session stays open.
+the error callback, or to the peer error callback when the agent knows which
+destination they are about; the session stays open.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class UdpSession:
         self._queue: asyncio.Queue[rpc.UdpClientFrame] = asyncio.Queue(QUEUE_DATAGRAMS)
         self._receiver: Receiver | None = None
         self._on_error: Callable[[TunnelError], None] | None = None
+        self._on_peer_error: Callable[[Endpoint, TunnelError], None] | None = None
         self.dropped = 0
         self.closed = asyncio.Event()
         self._tasks = (asyncio.create_task(self._write_loop()), asyncio.create_task(self._read_loop()))
@@ -81,6 +83,10 @@ class UdpSession:
     def set_error_receiver(self, callback: Callable[[TunnelError], None]) -> None:
         self._on_error = callback
 
+    def set_peer_error_receiver(self, callback: Callable[[Endpoint, TunnelError], None]) -> None:
+        """ICMP errors the agent's socket got for datagrams to a known peer."""
+        self._on_peer_error = callback
+
     async def close(self) -> None:
         self.closed.set()
         self._call.cancel()
@@ -117,6 +123,13 @@ class UdpSession:
                             log.exception("UDP receiver callback failed")
                 elif kind == "failure" and self._on_error is not None:
                     self._on_error(TunnelError(frame.failure.errno_name or "EIO", frame.failure.message))
+                elif kind == "peer_failure" and self._on_peer_error is not None:
+                    failure = frame.peer_failure.failure
+                    try:
+                        peer = rpc.decode_address(frame.peer_failure.peer)
+                        self._on_peer_error(peer, TunnelError(failure.errno_name or "EIO", failure.message))
+                    except Exception:
+                        log.exception("UDP peer error callback failed")
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
                 log.warning("UDP session ended: %s: %s", exc.code().name, exc.details())
