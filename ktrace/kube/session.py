@@ -22,6 +22,9 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import grpc
+import grpc.aio
+
 from ktrace import __version__
 from ktrace.errors import KtraceError
 from ktrace.tunnel.client import AgentClient
@@ -31,7 +34,7 @@ from . import spec
 from .api import KubeApi
 from .errors import ApiCall, KubeApiError, explain
 from .options import KubeOptions
-from .portforward import PROTOCOL, ForwardSocket, PortForwardBridge, Unreachable
+from .portforward import PROTOCOL, ForwardSocket, OpenSocket, PortForwardBridge, Unreachable
 from .status import AgentState, agent_state, timeout_error
 from .target import Target, TargetError, check_target_pod, label_selector, pick_pod
 
@@ -92,7 +95,13 @@ class KubeAgent:
         try:
             client = handshake.result()
         except AgentUnavailable as exc:
-            if self._bridge.last_error:
+            # No answer through the bridge: the bridge knows why. Any other refusal (token, protocol) is the agent's.
+            cause = exc.__cause__
+            silent = isinstance(cause, grpc.aio.AioRpcError) and cause.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+            if silent and self._bridge.last_error:
                 raise self._unreachable() from None
             raise KtraceError(str(exc)) from None
         warning = version_warning(client.info.version)
@@ -108,7 +117,7 @@ class KubeAgent:
         reason = self._bridge.last_error or "no answer"
         return KtraceError(
             f"cannot reach the agent in {self.where} through the port-forward: {reason}",
-            "rerun with --debug; ktrace cleanup removes the pod if it stays",
+            "rerun with --debug to see every attempt",
         )
 
     async def _heartbeat(self, client: AgentClient) -> None:
@@ -320,7 +329,7 @@ async def _resolve_target(api: KubeApi, target: Target) -> dict[str, Any]:
     return pod
 
 
-def _open_socket(api: KubeApi, namespace: str, pod: str, port: int) -> Callable[[], Any]:
+def _open_socket(api: KubeApi, namespace: str, pod: str, port: int) -> OpenSocket:
     call = ApiCall("get", "pods/portforward", namespace, pod)
 
     async def open_socket() -> ForwardSocket:
