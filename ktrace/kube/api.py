@@ -15,7 +15,6 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -29,14 +28,6 @@ from .errors import ApiCall, KubeApiError
 log = logging.getLogger("ktrace.kube")
 
 REQUEST_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class KubeconfigChoice:
-    """Which kubeconfig file(s) and context, as kubectl picks them."""
-
-    paths: str  # one path, or KUBECONFIG's list joined by ':'
-    context: str | None
 
 
 def kubeconfig_paths(explicit: str | None, env: Mapping[str, str]) -> tuple[str, list[str]]:
