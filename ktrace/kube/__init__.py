@@ -13,6 +13,7 @@ Modules (only ``api`` imports the Kubernetes client, lazily, when ``--agent kube
 | ``rights`` | the RBAC rights ktrace needs (pure; docs/rbac.yaml must match) |
 | ``portforward`` | the port-forward protocol (pure codec) and the local bridge |
 | ``api`` | the only user of ``kubernetes.aio`` / aiohttp: kubeconfig, requests, watches, WebSockets |
+| ``watching`` | follow a pod through API server restarts; wait for the agent |
 | ``session`` | one run's agent: create, wait, tunnel, watch, heartbeat, delete |
 | ``cleanup`` | ``ktrace cleanup`` |
 | ``doctor`` | context and RBAC checks for ``ktrace doctor`` |
