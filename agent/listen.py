@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 from dataclasses import dataclass
@@ -71,13 +72,24 @@ def parse_listen(text: str) -> ListenAddress:
     return ListenAddress(host=host, port=port)
 
 
-def check_policy(listen: ListenAddress, token: str | None) -> None:
+def check_policy(listen: ListenAddress, token: str | None, token_sha256: str | None = None) -> None:
     """Anyone who can reach the agent can make it dial: off-loopback it needs a token."""
-    if token is None and not listen.is_loopback():
+    if token is None and token_sha256 is None and not listen.is_loopback():
         raise ConfigError(
             f"refusing to listen on non-loopback address {listen.grpc_target()} without a token "
-            "(use --token-file, or listen on 127.0.0.1 / a unix socket)"
+            "(use --token-file or --token-sha256, or listen on 127.0.0.1 / a unix socket)"
         )
+
+
+def parse_token_sha256(text: str) -> bytes:
+    """The SHA-256 of the session token, as 64 hex digits (``--token-sha256``)."""
+    try:
+        digest = bytes.fromhex(text)
+    except ValueError:
+        digest = b""
+    if len(digest) != hashlib.sha256().digest_size:
+        raise ConfigError(f"--token-sha256 wants 64 hex digits, got {len(text)} characters")
+    return digest
 
 
 def read_token_file(path: str) -> str:
@@ -94,11 +106,24 @@ def read_token_file(path: str) -> str:
     return first
 
 
-class TokenCheck:
-    """Checks ``authorization: Bearer <token>`` metadata in constant time."""
+_BEARER = b"Bearer "
 
-    def __init__(self, token: str | None) -> None:
-        self._expected = f"Bearer {token}".encode() if token is not None else None
+
+class TokenCheck:
+    """Checks ``authorization: Bearer <token>`` metadata in constant time.
+
+    The expected token is known either as itself or only as its SHA-256: an agent
+    started from a pod spec gets the hash, so whoever can read the spec cannot use
+    the agent. Either way the comparison is of SHA-256 digests, whose length does
+    not depend on what the client sent.
+    """
+
+    def __init__(self, token: str | None, token_sha256: bytes | None = None) -> None:
+        if token is not None and token_sha256 is not None:
+            raise ConfigError("give the token or its SHA-256, not both")
+        if token is not None:
+            token_sha256 = hashlib.sha256(token.encode()).digest()
+        self._expected = token_sha256
 
     @property
     def enabled(self) -> bool:
@@ -107,10 +132,12 @@ class TokenCheck:
     def accepts(self, metadata: object) -> bool:
         if self._expected is None:
             return True
-        presented = b""
+        presented: bytes | None = None
         if metadata is not None:
             for key, value in metadata:  # type: ignore[attr-defined]
                 if key == "authorization":
                     presented = value.encode() if isinstance(value, str) else bytes(value)
                     break
-        return hmac.compare_digest(presented, self._expected)
+        if presented is None or not presented.startswith(_BEARER):
+            return False
+        return hmac.compare_digest(hashlib.sha256(presented[len(_BEARER) :]).digest(), self._expected)

@@ -9,7 +9,7 @@ import signal
 import sys
 
 from . import __version__
-from .listen import ConfigError, read_token_file
+from .listen import ConfigError, parse_token_sha256, read_token_file
 from .server import DEFAULT_CONNECT_TIMEOUT, AgentServer
 from .tuning import raise_fd_limit
 
@@ -20,6 +20,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ktrace-agent", description="ktrace's in-cluster agent (gRPC).")
     p.add_argument("--listen", required=True, metavar="ADDR", help="unix:/path/to.sock, HOST:PORT or [V6]:PORT")
     p.add_argument("--token-file", metavar="PATH", help="file whose first line is the session token")
+    p.add_argument(
+        "--token-sha256",
+        metavar="HEX",
+        help="SHA-256 of the session token (64 hex digits): the token itself never appears in a pod spec",
+    )
     p.add_argument("--idle-exit", type=float, metavar="SECONDS", help="exit after this long without any RPC")
     p.add_argument(
         "--connect-timeout",
@@ -67,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()  # a socket per tunnelled connection
     try:
         token = read_token_file(args.token_file) if args.token_file else None
+        token_sha256 = parse_token_sha256(args.token_sha256) if args.token_sha256 else None
         server = AgentServer(
             args.listen,
             token=token,
+            token_sha256=token_sha256,
             idle_exit=args.idle_exit,
             connect_timeout=args.connect_timeout,
             resolv_conf_path=args.resolv_conf,

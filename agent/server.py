@@ -50,6 +50,7 @@ class AgentServer:
 
     ``listen``: ``unix:/path`` (created mode 0600) or ``HOST:PORT`` (port 0 picks one).
     ``token``: when set, every RPC must carry ``authorization: Bearer <token>``.
+    ``token_sha256``: the same check, knowing only the token's SHA-256 (``--token-sha256``).
     ``idle_exit``: ``wait_idle()`` returns after that many seconds without any RPC.
     """
 
@@ -58,14 +59,15 @@ class AgentServer:
         listen: str,
         *,
         token: str | None = None,
+        token_sha256: bytes | None = None,
         idle_exit: float | None = None,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         resolv_conf_path: str | None = None,
         hosts_path: str | None = None,
     ) -> None:
         self._listen = parse_listen(listen)
-        check_policy(self._listen, token)
-        self._auth = TokenCheck(token)
+        check_policy(self._listen, token, None if token_sha256 is None else token_sha256.hex())
+        self._auth = TokenCheck(token, token_sha256)
         self._idle_exit = idle_exit
         self._connect_timeout = connect_timeout
         self._resolv_conf_path = resolv_conf_path

@@ -1,4 +1,4 @@
-"""Command line: `ktrace run ...`, `ktrace agent ...`.
+"""Command line: `ktrace run ...`, `ktrace cleanup ...`, `ktrace agent ...`.
 
 Every failure of ktrace itself is one line on stderr with a hint and exit
 status 125 (2 for usage errors); `--debug` shows the traceback instead.
@@ -48,7 +48,8 @@ def build_parser(prog: str = "ktrace") -> argparse.ArgumentParser:
     run.add_argument(
         "--agent",
         metavar="ADDR",
-        help="the agent: unix:/path/to.sock, HOST:PORT, or 'local' (an agent inside ktrace dialling from this machine)",
+        help="the agent: 'kube' (default: a pod in the cluster of the kubeconfig's context), 'local' (inside "
+        "ktrace, dialling from this machine), or the address of a running one: unix:/path/to.sock, HOST:PORT",
     )
     run.add_argument("--token-file", metavar="PATH", help="file whose first line is the agent's session token")
     run.add_argument(
@@ -90,6 +91,48 @@ def build_parser(prog: str = "ktrace") -> argparse.ArgumentParser:
         action="append",
         help="a namespace to look in for a same-named service when a short name is not found (repeatable)",
     )
+    _add_cluster_flags(run)
+    agent_pod = run.add_argument_group("the agent in the cluster (--agent kube)")
+    agent_pod.add_argument(
+        "--target",
+        metavar="KIND/NAME",
+        help="run the agent as an ephemeral container in this pod, so connections leave with its IP and DNS: "
+        "pod/NAME, pod/NAME/container/C, deploy/NAME (default: a pod of ktrace's own)",
+    )
+    agent_pod.add_argument(
+        "--agent-image",
+        metavar="IMAGE",
+        help="the agent image (default: $KTRACE_AGENT_IMAGE, else ktrace/agent:VERSION; build it from the Dockerfile)",
+    )
+    agent_pod.add_argument("--agent-pull-policy", choices=("Always", "IfNotPresent", "Never"), help="imagePullPolicy")
+    agent_pod.add_argument(
+        "--agent-pull-secret", metavar="NAME", action="append", help="imagePullSecrets entry (repeatable)"
+    )
+    agent_pod.add_argument(
+        "--agent-node-selector", metavar="KEY=VALUE", action="append", help="nodeSelector (repeatable)"
+    )
+    agent_pod.add_argument(
+        "--agent-toleration",
+        metavar="KEY[=VALUE][:EFFECT]",
+        action="append",
+        help="tolerate this taint, kubectl taint syntax; '*' tolerates all (repeatable)",
+    )
+    agent_pod.add_argument("--agent-label", metavar="KEY=VALUE", action="append", help="pod label (repeatable)")
+    agent_pod.add_argument(
+        "--agent-annotation", metavar="KEY=VALUE", action="append", help="pod annotation (repeatable)"
+    )
+    agent_pod.add_argument(
+        "--agent-timeout",
+        metavar="SECONDS",
+        type=_positive_float,
+        help="how long the agent may take to start (default 60)",
+    )
+    agent_pod.add_argument(
+        "--agent-idle-exit",
+        metavar="SECONDS",
+        type=_positive_float,
+        help="the agent exits after this long without ktrace, e.g. if ktrace was killed (default 60)",
+    )
     run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     doctor = sub.add_parser("doctor", help="check that ktrace can work here, with a fix for each problem")
@@ -98,9 +141,35 @@ def build_parser(prog: str = "ktrace") -> argparse.ArgumentParser:
     completion = sub.add_parser("completion", help="print a shell completion script")
     completion.add_argument("shell", choices=("bash", "zsh", "tcsh", "fish"))
 
+    cleanup = sub.add_parser(
+        "cleanup",
+        help="delete agent pods left behind (by a killed ktrace)",
+        description="Delete ktrace's agent pods whose agent is not running (a killed ktrace's pod ends by itself "
+        "after --agent-idle-exit). Ephemeral containers cannot be removed from a pod; their agents exit by themselves.",
+    )
+    _add_cluster_flags(cleanup)
+    cleanup.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="in every namespace (needs list on pods cluster-wide)"
+    )
+    cleanup.add_argument(
+        "--include-running",
+        action="store_true",
+        help="also delete agent pods that still run (this ends other ktrace sessions using them)",
+    )
+    cleanup.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     agent = sub.add_parser("agent", help="run the agent (same as ktrace-agent)", add_help=False)
     agent.add_argument("agent_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cluster (as kubectl; also KUBECONFIG)")
+    group.add_argument(
+        "--kubeconfig", metavar="PATH", help="the kubeconfig file (default: $KUBECONFIG, ~/.kube/config)"
+    )
+    group.add_argument("--context", metavar="NAME", help="the kubeconfig context (default: its current-context)")
+    group.add_argument("-n", "--namespace", metavar="NS", help="the namespace (default: the context's)")
 
 
 def kubectl_main() -> int:
@@ -136,6 +205,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "ktrace") -> int:
 
             return run(run_options(vars(args), command))
         if args.command_name == "doctor":
+            import ktrace.kube.options  # noqa: F401 - registers the Kubernetes settings (ktrace.toml may use them)
             from ktrace.doctor import run_doctor
 
             return run_doctor(getattr(args, "config", None))
@@ -144,6 +214,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "ktrace") -> int:
 
             sys.stdout.write(script(parser, args.shell))
             return 0
+        if args.command_name == "cleanup":
+            from ktrace.kube.cleanup import cleanup
+            from ktrace.kube.options import cluster_choice
+            from ktrace.options import load_settings
+
+            flags = {k: v for k, v in vars(args).items() if k in ("kubeconfig", "context", "namespace")}
+            return cleanup(
+                cluster_choice(load_settings(flags)),
+                all_namespaces=args.all_namespaces,
+                include_running=args.include_running,
+            )
     except KtraceError as exc:
         if debug:
             raise

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ktrace import config
 from ktrace.errors import KtraceError
+from ktrace.kube.options import ignored_for_target, kube_options
 from ktrace.report.render import Verbosity
 from ktrace.rules import Route, Rule, RuleError, RuleSet, parse_rule
 from ktrace.run import RunOptions
@@ -52,6 +54,12 @@ def run_options(
     flags: Mapping[str, Any], command: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None
 ) -> RunOptions:
     settings = load_settings(flags, env, cwd)
+    kube = kube_options(settings)
+    if kube is not None and ignored_for_target(kube):
+        print(
+            f"ktrace: warning: {', '.join(ignored_for_target(kube))} do not apply with --target: ignored",
+            file=sys.stderr,
+        )
     return RunOptions(
         command=command,
         agent=settings.get("agent"),
@@ -62,4 +70,5 @@ def run_options(
         log_json=settings.get("log-json"),
         verbosity=Verbosity.parse(settings.get("output", "failures")),
         hint_namespaces=tuple(settings.get("hint-namespaces", ())),
+        kube=kube,
     )

@@ -21,7 +21,7 @@ import signal
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ktrace_agent import tuning
 
@@ -35,7 +35,7 @@ from ktrace.tracer.files import FileViews
 from ktrace.tracer.launcher import LaunchError
 from ktrace.tracer.network import NetworkHandler
 from ktrace.tracer.session import SessionHandler
-from ktrace.tracer.tracer import FORWARDED_SIGNALS, Tracer
+from ktrace.tracer.tracer import FORWARDED_SIGNALS, Tracer, TraceResult
 from ktrace.tracer.udp import UdpRedirector
 from ktrace.tunnel.client import AgentClient, AgentInfo
 from ktrace.tunnel.dns_map import DnsMap
@@ -45,18 +45,24 @@ from ktrace.tunnel.tcp_stream import TcpStream
 from ktrace.tunnel.types import AgentUnavailable, Endpoint, TcpStats
 from ktrace.tunnel.udp_relay import UdpRelays
 
+if TYPE_CHECKING:
+    from ktrace.kube.options import KubeOptions
+    from ktrace.kube.session import KubeAgent
+
 log = logging.getLogger("ktrace.run")
 
 ENOSYS = 38
 SOL_SOCKET, SO_ERROR = 1, 4
 # After the program exits: how long its last bytes get to reach the agent.
 SHUTDOWN_GRACE = 2.0
+# When the agent is gone mid-run: how long the program has after SIGTERM before SIGKILL.
+TERMINATION_GRACE = 5.0
 
 
 @dataclass(frozen=True)
 class RunOptions:
     command: Sequence[str]
-    agent: str | None
+    agent: str | None  # None: "kube"
     token_file: str | None = None
     connect_timeout: float | None = None
     # Whose /etc/hosts the program reads: "local" (this machine's, so localhost and
@@ -66,6 +72,7 @@ class RunOptions:
     log_json: str | None = None
     verbosity: Verbosity = Verbosity.FAILURES
     hint_namespaces: tuple[str, ...] = ()
+    kube: KubeOptions | None = None  # --agent kube: the cluster, the target, the agent pod's options
 
 
 def filter_rules(local_outcomes: bool = False) -> list[seccomp.Rule]:
@@ -112,12 +119,6 @@ def read_token(path: str) -> str:
 def run(options: RunOptions) -> int:
     if not options.command:
         raise KtraceError("no command given", "usage: ktrace run [options] -- CMD [ARG...]", exit_code=2)
-    if options.agent is None:
-        raise KtraceError(
-            "no agent given",
-            "pass --agent unix:/path/agent.sock, --agent HOST:PORT, or --agent local",
-            exit_code=2,
-        )
     token = read_token(options.token_file) if options.token_file else None
     # The program's environment is the user's: without what ktrace set for its own gRPC.
     env = {k: v for k, v in os.environ.items() if k not in tuning.ADDED}
@@ -138,11 +139,25 @@ def run(options: RunOptions) -> int:
             log_json.close()
 
 
+@dataclass(frozen=True)
+class _AgentAccess:
+    address: str
+    token: str | None
+    kube: KubeAgent | None = None  # the agent in the cluster, which can be lost mid-run
+
+
 @contextlib.asynccontextmanager
-async def _agent_address(options: RunOptions, token: str | None) -> AsyncIterator[tuple[str, str | None]]:
-    assert options.agent is not None
-    if options.agent != "local":
-        yield options.agent, token
+async def _agent_access(options: RunOptions, token: str | None) -> AsyncIterator[_AgentAccess]:
+    agent = options.agent or "kube"
+    if agent == "kube":
+        from ktrace.kube.options import KubeOptions
+        from ktrace.kube.session import kube_agent
+
+        async with kube_agent(options.kube or KubeOptions()) as kube:
+            yield _AgentAccess(kube.address, kube.token, kube)
+        return
+    if agent != "local":
+        yield _AgentAccess(agent, token)
         return
     # An agent inside this process that dials from this machine: the same
     # gRPC path as a remote one, on a private unix socket.
@@ -155,9 +170,32 @@ async def _agent_address(options: RunOptions, token: str | None) -> AsyncIterato
             server = AgentServer(f"unix:{tmp}/agent.sock", token=local_token, connect_timeout=options.connect_timeout)
         await server.start()
         try:
-            yield f"unix:{tmp}/agent.sock", local_token
+            yield _AgentAccess(f"unix:{tmp}/agent.sock", local_token)
         finally:
             await server.stop()
+
+
+async def _until_finished(tracer: Tracer, endpoint: LoopbackEndpoint, kube: KubeAgent | None) -> TraceResult:
+    """The program's end, or, if the agent in the cluster is lost first, its end forced: its connections
+    through the agent are reset (they are dead already), then it gets SIGTERM and, after
+    TERMINATION_GRACE, SIGKILL, like a pod's processes when the pod goes away."""
+    assert tracer.finished is not None
+    if kube is None:
+        return await tracer.finished
+    waiting: set[asyncio.Future[object]] = {tracer.finished, kube.lost}  # type: ignore[arg-type]
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if tracer.finished.done():
+        return tracer.finished.result()
+    error = kube.lost.result()
+    await endpoint.close()
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(tracer.main_pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(asyncio.shield(tracer.finished), TERMINATION_GRACE)
+    except TimeoutError:
+        tracer.kill_all()
+        await tracer.finished
+    raise error
 
 
 async def _session(
@@ -167,11 +205,14 @@ async def _session(
     released = False
     try:
         async with (
-            _agent_address(options, token) as (address, session_token),
+            _agent_access(options, token) as access,
             _private_dir() as views_dir,
         ):
             try:
-                client = await AgentClient.connect(address, session_token)
+                if access.kube is not None:
+                    client = await access.kube.connect()
+                else:
+                    client = await AgentClient.connect(access.address, access.token)
             except AgentUnavailable as exc:
                 raise KtraceError(str(exc)) from None
             endpoint: LoopbackEndpoint | None = None
@@ -225,11 +266,10 @@ async def _session(
                     launcher.release(child, options.command[0])
                 except LaunchError as exc:
                     raise KtraceError(str(exc), exit_code=exc.exit_code) from None
-                recorder.start(options.command, options.agent or address)
+                recorder.start(options.command, access.kube.where if access.kube is not None else access.address)
                 tracer = Tracer(session, child.pid, loop)
                 tracer.start()
-                assert tracer.finished is not None
-                result = await tracer.finished
+                result = await _until_finished(tracer, endpoint, access.kube)
                 status = 128 + result.signal if result.signal is not None else (result.exit_code or 0)
             finally:
                 if tracer is not None:
@@ -240,7 +280,8 @@ async def _session(
                     await relays.close()
                 if status is not None:
                     handler.finish()
-                    await reporting.finish(recorder, client, options, status)
+                    namespaces = access.kube.namespaces if access.kube is not None else None
+                    await reporting.finish(recorder, client, options, status, namespaces)
                 await client.close()
     finally:
         if not released:

@@ -4,7 +4,7 @@
     netns-cluster status   show what is up
     netns-cluster down     kill everything in both namespaces and delete them
     netns-cluster demo     up, a static Go client on the laptop side without and with
-                           `ktrace run`, down
+                           `ktrace run` (by address, then by the service's short name), down
 
 State lives in $KTRACE_NETNS_STATE (default /run/ktrace-netns-cluster.json).
 """
@@ -95,12 +95,18 @@ def demo() -> int:
         return 1
     try:
         _show(c)
-        argv = [goclient, "-n", "20", "-c", "20", c.hello_url]
-        without = _step(c, "without ktrace: the laptop has no route to the cluster", argv)
-        with_ktrace = _step(c, "through ktrace: connections leave from the cluster", c.ktrace_argv(*argv))
+        by_ip = [goclient, "-n", "20", "-c", "20", c.hello_url]
+        # A short name, as a pod in namespace "default" would write it: the cluster's DNS and search list.
+        by_name = [goclient, "-n", "20", "-c", "20", f"http://hello:{c.hello_port}/"]
+        results = [
+            _step(c, "without ktrace: the laptop has no route to the cluster", by_ip) != 0,
+            _step(c, "without ktrace: the laptop cannot resolve the cluster's names", by_name) != 0,
+            _step(c, "through ktrace: connections leave from the cluster", c.ktrace_argv(*by_ip)) == 0,
+            _step(c, "through ktrace: the cluster's DNS, by short name", c.ktrace_argv(*by_name)) == 0,
+        ]
     finally:
         c.teardown()
-    ok = without != 0 and with_ktrace == 0
+    ok = all(results)
     print("\ndemo " + ("succeeded" if ok else "FAILED"))
     return 0 if ok else 1
 

@@ -14,6 +14,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,9 @@ BINARIES = (
 HOST_TOOLS = ("ip", "apt-get")  # scripts/cluster up installs the rest from Debian when missing
 TEST_NS = "ktrace-test"
 UP_TIMEOUT = 600.0
+AGENT_IMAGE = "ktrace.local/agent:dev"
+DNS_IP = "10.96.0.10"  # the cluster DNS Service (scripts/cluster)
+AGENT_SELECTOR = "app.kubernetes.io/name=ktrace-agent,app.kubernetes.io/managed-by=ktrace"
 
 
 class KubeClusterError(RuntimeError):
@@ -118,6 +122,66 @@ class KubeCluster:
         if check and proc.returncode != 0:
             raise KubeClusterError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
+
+    def build_agent_image(self) -> str:
+        """The agent image from this checkout's Dockerfile, rebuilt and imported if agent/ changed."""
+        _run_script("agent-image", timeout=600)
+        return AGENT_IMAGE
+
+    def restart(self, component: str) -> None:
+        """Kill one component (kube-apiserver, kubelet, ...) like a crash and start it again; return once the
+        cluster serves as before."""
+        proc = subprocess.run(
+            [str(CLUSTER), "restart", component], capture_output=True, text=True, timeout=180, check=False
+        )
+        if proc.returncode != 0:
+            raise KubeClusterError(f"scripts/cluster restart {component} failed:\n{proc.stderr[-4000:]}")
+        self.wait_serving()
+
+    def wait_serving(self, stable: float = 5.0, timeout: float = 60.0) -> None:
+        """Until DNS and the hello Service have answered without a failure for ``stable`` seconds. A restarted
+        kubelet may take the pods' readiness away for a moment, a second or two after it starts (until its first
+        probes pass), and the Services lose their endpoints meanwhile; there is no event that says it is over."""
+        deadline = time.monotonic() + timeout
+        good_since: float | None = None
+        while True:
+            now = time.monotonic()
+            if self._serves():
+                good_since = good_since if good_since is not None else now
+                if now - good_since >= stable:
+                    return
+            else:
+                good_since = None
+            if now > deadline:
+                raise KubeClusterError(f"the cluster did not serve steadily within {timeout:g} s")
+            time.sleep(0.2)
+
+    def _serves(self) -> bool:
+        """hello's name resolves through the cluster DNS and its Service answers. Asked from the node (root netns),
+        whose routes to the pod and service networks lead only to the cluster's bridge."""
+        dig = subprocess.run(
+            ["dig", "+short", "+time=1", "+tries=1", f"@{DNS_IP}", f"hello.{TEST_NS}.svc.cluster.local"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        address = dig.stdout.strip()
+        if dig.returncode != 0 or not address:
+            return False
+        curl = subprocess.run(
+            ["curl", "-sS", "--max-time", "2", f"http://{address}:8080/"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
+        return curl.returncode == 0 and curl.stdout.startswith("hello from")
+
+    def laptop_env(self, **extra: str) -> list[str]:
+        """``ip netns exec <laptop> env ...``: a command run as on a developer's laptop, as the restricted user."""
+        env = {"KUBECONFIG": str(self.ktrace_kubeconfig), "KTRACE_AGENT_IMAGE": AGENT_IMAGE, **extra}
+        return ["ip", "netns", "exec", self.laptop_ns, "env", *(f"{k}={v}" for k, v in env.items())]
 
     def in_laptop(
         self, argv: Sequence[str], timeout: float = 30, env: Mapping[str, str] | None = None

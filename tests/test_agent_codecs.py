@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import ipaddress
 import pathlib
 
@@ -17,6 +18,7 @@ from ktrace_agent.listen import (
     TokenCheck,
     check_policy,
     parse_listen,
+    parse_token_sha256,
     read_token_file,
 )
 
@@ -75,6 +77,32 @@ def test_token_check() -> None:
     assert not check.accepts([])
     assert not check.accepts(None)
     assert TokenCheck(None).accepts(None)
+
+
+def test_token_check_by_sha256() -> None:
+    digest = hashlib.sha256(b"abc").digest()
+    check = TokenCheck(None, digest)
+    assert check.enabled
+    assert check.accepts([("authorization", "Bearer abc")])
+    assert check.accepts([("authorization", b"Bearer abc")])
+    assert not check.accepts([("authorization", "Bearer " + digest.hex())])  # the hash is not the token
+    assert not check.accepts([("authorization", "Bearer abcd")])
+    assert not check.accepts([("authorization", "bearer abc")])
+    assert not check.accepts([("x-other", "Bearer abc")])
+    assert not check.accepts(None)
+    with pytest.raises(ConfigError, match="not both"):
+        TokenCheck("abc", digest)
+
+
+def test_parse_token_sha256() -> None:
+    digest = hashlib.sha256(b"t").digest()
+    assert parse_token_sha256(digest.hex()) == digest
+    assert parse_token_sha256(digest.hex().upper()) == digest
+    for bad in ("", "abc", digest.hex()[:-2], digest.hex() + "00", "zz" * 32):
+        with pytest.raises(ConfigError, match="64 hex digits"):
+            parse_token_sha256(bad)
+    # A hash is as good as a token for listening off loopback.
+    check_policy(parse_listen("0.0.0.0:1"), None, digest.hex())
 
 
 FIB_TRIE = """Main:

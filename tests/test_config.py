@@ -63,7 +63,7 @@ def test_explicit_file_and_env_file(tmp_path: pathlib.Path) -> None:
     [
         ("conect-timeout = 5\n", "unknown key 'conect-timeout' (did you mean 'connect-timeout'?)"),
         ("connect_timeout = 5\n", "unknown key 'connect_timeout' (did you mean 'connect-timeout'?)"),
-        ("zzz = 1\n", "unknown key 'zzz' (known keys: agent, connect-timeout,"),
+        ("zzz = 1\n", "unknown key 'zzz' (known keys: agent, "),
         ("[run]\nagent = 'x'\n", "unknown key 'run'"),
         ("connect-timeout = -1\n", "connect-timeout must be a positive number, not -1"),
         ("connect-timeout = true\n", "connect-timeout must be a positive number, not True"),

@@ -120,6 +120,12 @@ class AgentClient:
         self._tcp_calls.fill()
         self._udp_calls.fill()
 
+    async def ping(self, timeout: float = 10.0) -> None:
+        """A handshake on the open channel: proves the path to the agent works and keeps an agent
+        started with ``--idle-exit`` from exiting while ktrace runs."""
+        request = rpc.HandshakeRequest(client_version=__version__, protocol_version=rpc.PROTOCOL_VERSION)
+        await self._stub.handshake(request, metadata=self._metadata, timeout=timeout)
+
     async def open_tcp(self, dest: Endpoint, timeout: float | None = None) -> TcpStream:
         """Have the agent connect to ``dest``; raises ``TunnelError`` with the agent's errno on failure."""
         return await TcpStream.open(self._tcp_calls, dest, timeout, self._send_budget)

@@ -1,12 +1,14 @@
 """The test cluster's ``hello`` service: an HTTP server and a UDP echo, standard library only.
 
-HTTP on :8080 answers ``GET /`` with ``hello from <pod name>`` and ``GET /bytes/<n>`` with n bytes;
-UDP on :7007 echoes each datagram back. Runs unprivileged (ports above 1024) under Pod Security
+HTTP on :8080 answers ``GET /`` with ``hello from <pod name>, you are <client ip>:<port>``, ``GET /bytes/<n>``
+with n bytes, and ``POST /sink`` with ``<length> <sha256>`` of the body it read; UDP on :7007 echoes each
+datagram back. Runs unprivileged (ports above 1024) under Pod Security
 "restricted".
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import os
 import socket
@@ -23,7 +25,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path.startswith("/bytes/") and self.path[7:].isdigit():
             body = b"x" * min(int(self.path[7:]), 1 << 30)
         else:
-            body = f"hello from {os.environ.get('POD_NAME', socket.gethostname())}\n".encode()
+            me = os.environ.get("POD_NAME", socket.gethostname())
+            body = f"hello from {me}, you are {self.client_address[0]}:{self.client_address[1]}\n".encode()
+        self._reply(body)
+
+    def do_POST(self) -> None:
+        left = int(self.headers.get("Content-Length") or 0)
+        digest = hashlib.sha256()
+        length = left
+        while left:
+            chunk = self.rfile.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            digest.update(chunk)
+            left -= len(chunk)
+        self._reply(f"{length - left} {digest.hexdigest()}\n".encode())
+
+    def _reply(self, body: bytes) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))

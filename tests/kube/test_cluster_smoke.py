@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hashlib
 import json
 import re
 import secrets
@@ -10,8 +12,15 @@ import subprocess
 import urllib.request
 from collections.abc import Iterator
 
+import grpc
+import grpc.aio
 import pytest
+from e2e_helpers import wait_until
 from kubecluster import TEST_NS, KubeCluster
+
+from ktrace import __version__
+from ktrace.tunnel.client import AgentClient, AgentInfo
+from ktrace.tunnel.types import AgentUnavailable
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(900)]  # the first test also pays for `cluster up`
 
@@ -77,16 +86,17 @@ def test_pod_resolves_and_fetches_service(kube_cluster: KubeCluster, pod_name: s
     pod = restricted_pod(pod_name, ["python3", "-c", CLIENT])
     # Created as the restricted user: its Role must be enough to run a pod.
     kube_cluster.kubectl("create", "-f", "-", user="ktrace", stdin=json.dumps(pod))
-    kube_cluster.kubectl(
-        "-n",
-        TEST_NS,
-        "wait",
-        f"pod/{pod_name}",
-        "--for=jsonpath={.status.phase}=Succeeded",
-        "--timeout=90s",
-        timeout=100,
-    )
-    report = json.loads(kube_cluster.kubectl("-n", TEST_NS, "logs", pod_name).stdout)
+    phase = ""
+
+    def finished() -> bool:
+        nonlocal phase
+        phase = kube_cluster.kubectl("-n", TEST_NS, "get", "pod", pod_name, "-o", "jsonpath={.status.phase}").stdout
+        return phase in ("Succeeded", "Failed")
+
+    wait_until(finished, 90, f"pod {pod_name} to finish")
+    logs = kube_cluster.kubectl("-n", TEST_NS, "logs", pod_name).stdout
+    assert phase == "Succeeded", logs
+    report = json.loads(logs)
     service_ip = kube_cluster.kubectl(
         "-n",
         TEST_NS,
@@ -122,8 +132,8 @@ def hello_pod(kube_cluster: KubeCluster) -> str:
 
 
 @contextlib.contextmanager
-def port_forward(kube_cluster: KubeCluster, pod: str, *, netns: str | None = None) -> Iterator[int]:
-    """``kubectl port-forward`` (restricted user) to the pod's 8080 on 127.0.0.1; yields the local port."""
+def port_forward(kube_cluster: KubeCluster, pod: str, *, netns: str | None = None, port: int = 8080) -> Iterator[int]:
+    """``kubectl port-forward`` (restricted user) to the pod's ``port`` on 127.0.0.1; yields the local port."""
     argv = kube_cluster.kubectl_argv(
         "-n",
         TEST_NS,
@@ -131,7 +141,7 @@ def port_forward(kube_cluster: KubeCluster, pod: str, *, netns: str | None = Non
         "--address",
         "127.0.0.1",
         f"pod/{pod}",
-        ":8080",
+        f":{port}",
         user="ktrace",
     )
     if netns is not None:
@@ -242,17 +252,65 @@ def test_cluster_networks_stay_on_this_machine(kube_cluster: KubeCluster) -> Non
     assert chain[-1].endswith("-j DROP"), chain
 
 
-def test_agent_image_handshake(kube_cluster: KubeCluster) -> None:
-    images = subprocess.run(
-        ["ctr", "--address", "/run/ktrace-kube/containerd.sock", "-n", "k8s.io", "images", "ls", "-q"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout.split()
-    if "ktrace.local/agent:dev" not in images:
-        pytest.skip("no agent image: scripts/cluster images builds ktrace.local/agent:dev once ./Dockerfile exists")
-    pytest.skip("agent handshake test not written yet (needs the agent's handshake client)")
+def test_agent_image_handshake(kube_cluster: KubeCluster, pod_name: str) -> None:
+    """The image from the project's Dockerfile starts under "restricted" and answers the handshake, with the token
+    (given to it only as a hash) and not without."""
+    image = kube_cluster.build_agent_image()
+    token = secrets.token_urlsafe(16)
+    port = 47001
+    pod = restricted_pod(pod_name, [])
+    container = pod["spec"]["containers"][0]  # type: ignore[index]
+    del container["command"]
+    container.update(
+        image=image,
+        args=[
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--token-sha256",
+            hashlib.sha256(token.encode()).hexdigest(),
+            "--idle-exit",
+            "60",
+        ],
+    )
+    container["securityContext"]["readOnlyRootFilesystem"] = True
+    kube_cluster.kubectl("create", "-f", "-", user="ktrace", stdin=json.dumps(pod))
+    kube_cluster.kubectl(
+        "-n",
+        TEST_NS,
+        "wait",
+        f"pod/{pod_name}",
+        "--for=condition=Ready",
+        "--timeout=90s",
+        timeout=100,
+    )
+    # kubectl port-forward gives up on its first refused connection: wait until the agent listens (its log says).
+    wait_until(
+        lambda: "listening on" in kube_cluster.kubectl("-n", TEST_NS, "logs", pod_name, check=False).stdout,
+        30,
+        "the agent to listen",
+    )
+    pod_ip = kube_cluster.kubectl("-n", TEST_NS, "get", "pod", pod_name, "-o", "jsonpath={.status.podIP}").stdout
+
+    async def handshakes(address: str) -> tuple[AgentInfo, grpc.StatusCode]:
+        client = await AgentClient.connect(address, token, timeout=30)
+        try:
+            info = client.info
+        finally:
+            await client.close()
+        try:
+            await AgentClient.connect(address, "not-the-token", timeout=30)
+        except AgentUnavailable as exc:
+            assert isinstance(exc.__cause__, grpc.aio.AioRpcError)
+            return info, exc.__cause__.code()
+        return info, grpc.StatusCode.OK
+
+    with port_forward(kube_cluster, pod_name, port=port) as local:
+        info, wrong = asyncio.run(handshakes(f"127.0.0.1:{local}"))
+    assert info.version == __version__
+    assert info.hostname == pod_name
+    assert [str(ip) for ip in info.addresses] == [pod_ip]
+    assert "nameserver 10.96.0.10" in info.resolv_conf
+    assert wrong == grpc.StatusCode.UNAUTHENTICATED
 
 
 @pytest.mark.parametrize(
@@ -262,6 +320,10 @@ def test_agent_image_handshake(kube_cluster: KubeCluster) -> None:
         ("delete", "pods", TEST_NS, True),
         ("list", "pods", TEST_NS, True),
         ("create", "pods/portforward", TEST_NS, True),
+        ("get", "pods/portforward", TEST_NS, True),
+        ("watch", "pods", TEST_NS, True),
+        ("get", "pods/log", TEST_NS, False),
+        ("update", "pods", TEST_NS, False),
         ("patch", "pods/ephemeralcontainers", TEST_NS, True),
         ("get", "deployments.apps", TEST_NS, True),
         ("create", "pods/exec", TEST_NS, False),

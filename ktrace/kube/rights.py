@@ -1,0 +1,41 @@
+"""The Kubernetes RBAC rights ktrace uses, each with the reason (pure).
+
+docs/rbac.yaml grants exactly these (a test compares them); ``ktrace doctor`` checks them with
+SelfSubjectAccessReviews. ``needed_for`` says which feature needs a right, so a user without
+``--target`` can do without the ephemeral-container right.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Right:
+    verb: str
+    resource: str
+    subresource: str = ""
+    group: str = ""  # "" is the core API group
+    needed_for: str = "run"  # "run", "target", "deploy target", "cleanup"
+    why: str = ""
+    since: tuple[int, int] | None = None  # (major, minor): needed only from this Kubernetes version on
+
+    @property
+    def name(self) -> str:
+        resource = f"{self.resource}/{self.subresource}" if self.subresource else self.resource
+        return f"{self.verb} {resource}" + (f".{self.group}" if self.group else "")
+
+
+RIGHTS: tuple[Right, ...] = (
+    Right("create", "pods", why="start the agent pod"),
+    Right("get", "pods", why="read the agent pod after a watch broke off; read the --target pod"),
+    Right("watch", "pods", why="wait for the agent to start, notice when it stops"),
+    Right("delete", "pods", why="delete the agent pod when the program ends"),
+    Right("list", "pods", needed_for="deploy target, cleanup", why="find a Deployment's pods; ktrace cleanup"),
+    # A WebSocket port-forward is a GET: Kubernetes up to 1.34 checks `get`; from 1.35 (feature
+    # AuthorizePodWebsocketUpgradeCreatePermission) it checks `create` as well, as for SPDY's POST.
+    Right("get", "pods", "portforward", why="the tunnel to the agent (WebSocket port-forward)"),
+    Right("create", "pods", "portforward", why="the tunnel, on Kubernetes >= 1.35", since=(1, 35)),
+    Right("patch", "pods", "ephemeralcontainers", needed_for="target", why="--target: add the agent to a pod"),
+    Right("get", "deployments", group="apps", needed_for="deploy target", why="--target deploy/NAME"),
+)

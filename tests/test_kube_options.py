@@ -1,0 +1,93 @@
+"""The Kubernetes settings (flags, KTRACE_* variables, ktrace.toml → KubeOptions) and small session rules (pure)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from ktrace import __version__, config
+from ktrace.errors import KtraceError
+from ktrace.kube.options import ClusterChoice, cluster_choice, ignored_for_target, kube_options
+from ktrace.kube.session import heartbeat_interval, version_warning
+from ktrace.kube.spec import DEFAULT_IMAGE
+from ktrace.kube.target import Target
+
+
+def settings(flags: dict[str, object], env: dict[str, str] | None = None, cwd: str = "/nonexistent") -> config.Settings:
+    return config.load(flags, env or {}, cwd)
+
+
+def test_defaults() -> None:
+    options = kube_options(settings({}))
+    assert options is not None
+    assert options.cluster == ClusterChoice()
+    assert options.target is None
+    assert options.agent.image == DEFAULT_IMAGE
+    assert options.agent.idle_exit == 60
+    assert options.timeout == 60
+
+
+def test_flags_environment_and_file(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "ktrace.toml").write_text(
+        'namespace = "from-file"\nagent-toleration = ["gpu:NoSchedule"]\nagent-pull-policy = "ifnotpresent"\n'
+    )
+    loaded = settings(
+        {"context": "dev", "agent-timeout": 5.0, "target": "deploy/api"},
+        {"KTRACE_AGENT_IMAGE": "registry.example/agent:1", "KTRACE_AGENT_LABEL": "team=a,tier=dev"},
+        str(tmp_path),
+    )
+    options = kube_options(loaded)
+    assert options is not None
+    assert options.cluster == ClusterChoice(None, "dev", "from-file")
+    assert options.target == Target("deployment", "api")
+    assert options.agent.image == "registry.example/agent:1"
+    assert options.agent.pull_policy == "IfNotPresent"
+    assert options.agent.labels == {"team": "a", "tier": "dev"}
+    assert options.agent.tolerations == ({"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},)
+    assert options.timeout == 5.0
+    assert ignored_for_target(options) == ["--agent-toleration", "--agent-label"]
+    assert cluster_choice(loaded) == options.cluster
+
+
+def test_other_agents_take_no_kube_options() -> None:
+    assert kube_options(settings({"agent": "local"})) is None
+    with pytest.raises(KtraceError, match="--target needs --agent kube") as raised:
+        kube_options(settings({"agent": "unix:/a.sock", "target": "pod/x"}))
+    assert raised.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"target": "svc/x"}, "--target 'svc/x'"),
+        ({"agent-node-selector": ["novalue"]}, "--agent-node-selector: expected KEY=VALUE"),
+        ({"agent-toleration": ["k:Sometimes"]}, "--agent-toleration: effect 'Sometimes'"),
+    ],
+)
+def test_bad_settings_are_usage_errors(flags: dict[str, object], message: str) -> None:
+    with pytest.raises(KtraceError) as raised:
+        kube_options(settings(flags))
+    assert message in raised.value.message
+    assert raised.value.exit_code == 2
+
+
+def test_pull_policy_from_environment_is_checked() -> None:
+    with pytest.raises(config.ConfigError, match="KTRACE_AGENT_PULL_POLICY must be one of Always, IfNotPresent"):
+        settings({}, {"KTRACE_AGENT_PULL_POLICY": "sometimes"})
+
+
+def test_version_warning() -> None:
+    assert version_warning(__version__) is None
+    warning = version_warning("0.0.1")
+    assert warning is not None
+    assert warning.startswith("warning: the agent is ktrace-agent 0.0.1, this is ktrace ")
+    assert f"tag {__version__}" in warning
+
+
+def test_heartbeat_interval_leaves_room_for_missed_beats() -> None:
+    assert heartbeat_interval(60) == 10
+    assert heartbeat_interval(8) == 2
+    assert heartbeat_interval(0.1) == 0.2
+    for idle in (0.5, 3, 30, 600):
+        assert heartbeat_interval(idle) * 2 < idle or idle < 1
