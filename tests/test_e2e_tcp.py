@@ -213,3 +213,33 @@ def test_half_close_server_still_answers(ktrace_cluster: NamespaceCluster, progr
     assert without.stdout.strip() == "error ENETUNREACH", without
     assert traced.returncode == 0, traced
     assert traced.stdout.split("reply:\n", 1)[1] == "after half-close\n"
+
+
+MANY_CONNECTIONS = """
+import collections, errno, socket, sys
+held, outcomes = [], collections.Counter()
+for _ in range(int(sys.argv[2])):
+    s = socket.socket()
+    s.settimeout(20)
+    try:
+        s.connect((sys.argv[1], 8080))
+        held.append(s)
+        outcomes["ok"] += 1
+    except OSError as e:
+        outcomes[errno.errorcode.get(e.errno, str(e))] += 1
+        s.close()
+print(" ".join(f"{k}={v}" for k, v in sorted(outcomes.items())))
+"""
+
+
+def test_a_socket_ktrace_cannot_inspect_never_connects_directly(ktrace_cluster: NamespaceCluster) -> None:
+    """Under a hard limit of 64 descriptors ktrace runs out while the program holds its
+    connections open: the connects it cannot look at must fail (ENOBUFS), never run unchanged
+    from this machine (which the laptop namespace would answer with ENETUNREACH)."""
+    c = ktrace_cluster
+    argv = ["prlimit", "--nofile=64:64", *c.ktrace_argv(sys.executable, "-c", MANY_CONNECTIONS, c.hello_v4, "50")]
+    traced = c.run_laptop(argv, timeout=100)
+    assert traced.returncode == 0, traced
+    outcomes = dict(item.split("=") for item in traced.stdout.split())
+    assert set(outcomes) == {"ok", "ENOBUFS"}, traced
+    assert traced.stderr.count("its network calls fail with ENOBUFS") == 1, traced.stderr

@@ -83,6 +83,7 @@ class NetworkHandler:
     dns_map: DnsMap | None = None
     redirected: dict[int, Redirected] = field(default_factory=dict)
     _streams: dict[int, int] = field(default_factory=dict)  # id(stream) -> inode
+    _warned_no_descriptor: bool = False
     # Non-blocking connect()s kept local, by socket inode, until the program learns
     # how they ended (getsockopt SO_ERROR, or connect() again): for the report only.
     _pending_local: dict[int, _PendingLocal] = field(default_factory=dict)
@@ -136,8 +137,8 @@ class NetworkHandler:
             except (OSError, ValueError):
                 return Resume()
         sock = self._socket(tid, regs.arg(0))
-        if sock is None:
-            return Resume()
+        if not isinstance(sock, socket.socket):
+            return sock
         try:
             info = self._info(sock)
             if info.family not in (socket.AF_INET, socket.AF_INET6):
@@ -199,8 +200,8 @@ class NetworkHandler:
             if not (isinstance(addr, sockaddr.OtherFamily) and addr.family == sockaddr.AF_UNSPEC):
                 return Resume()
         sock = self._socket(tid, fd)
-        if sock is None:
-            return Resume()
+        if not isinstance(sock, socket.socket):
+            return sock
         info = self._info(sock)
         if info.type == socket.SOCK_DGRAM and self.udp is not None and info.family in (socket.AF_INET, socket.AF_INET6):
             try:
@@ -355,20 +356,34 @@ class NetworkHandler:
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _socket(self, tid: int, fd: int) -> socket.socket | None:
+    def _socket(self, tid: int, fd: int) -> socket.socket | Resume | Complete:
+        """ktrace's duplicate of the program's descriptor, or what the syscall should do
+        without one: run unchanged when the kernel will refuse it anyway (a bad descriptor,
+        not a socket), fail when ktrace cannot look (out of descriptors): a socket ktrace
+        cannot see must never connect or send directly from this machine."""
         if fd > 0x7FFFFFFF:
-            return None
+            return Resume()  # not an int: EBADF from the kernel
         try:
             dup = kernel.duplicate_fd(tid, fd)
         except OSError as exc:
             if isinstance(exc, TraceeGone):
                 raise
-            return None
+            if exc.errno == errno.EBADF:
+                return Resume()
+            if not self._warned_no_descriptor:
+                self._warned_no_descriptor = True
+                log.warning(
+                    "cannot inspect a socket of process %d (%s): its network calls fail with ENOBUFS "
+                    "(hint: raise ktrace's descriptor limit, `ulimit -Hn`)",
+                    tid,
+                    exc.strerror or exc,
+                )
+            return Complete(-errno.ENOBUFS)
         try:
             return socket.socket(fileno=dup)
         except OSError:
             os.close(dup)
-            return None
+            return Resume()  # not a socket: ENOTSOCK from the kernel
 
     @staticmethod
     def _info(sock: socket.socket) -> SocketInfo:
