@@ -19,7 +19,7 @@ from .. import __version__
 from . import rpc
 from .call_pool import CallPool
 from .tcp_stream import TcpStream
-from .types import AgentUnavailable, Endpoint, IPAddress, TcpStats, TunnelError
+from .types import AgentUnavailable, Endpoint, IPAddress, TcpStats, TunnelError, TunnelLost
 from .udp_session import UdpSession
 
 __all__ = [
@@ -33,6 +33,9 @@ __all__ = [
 ]
 
 
+# How long a new connection waits for a lost tunnel to come back when no connect timeout was
+# given: the agent's own default dial timeout.
+TUNNEL_WAIT = 10.0
 # Streams kept started ahead of need, per kind (see call_pool.py).
 SPARE_CALLS = 2
 # TCP data queued in gRPC by all streams together, and how long a write waits for it
@@ -127,8 +130,25 @@ class AgentClient:
         await self._stub.handshake(request, metadata=self._metadata, timeout=timeout)
 
     async def open_tcp(self, dest: Endpoint, timeout: float | None = None) -> TcpStream:
-        """Have the agent connect to ``dest``; raises ``TunnelError`` with the agent's errno on failure."""
-        return await TcpStream.open(self._tcp_calls, dest, timeout, self._send_budget)
+        """Have the agent connect to ``dest``; raises ``TunnelError`` with the agent's errno on failure.
+
+        While the tunnel is down (a port-forward being re-established), the connect waits for
+        it, up to ``timeout`` (or the agent's default dial timeout), as a SYN would wait on a
+        network that came back; then it fails with ETIMEDOUT, never with a made-up error.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout if timeout is not None else TUNNEL_WAIT)
+        while True:
+            try:
+                return await TcpStream.open(self._tcp_calls, dest, timeout, self._send_budget)
+            except TunnelLost as lost:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise TunnelError("ETIMEDOUT", f"the tunnel to the agent is down ({lost.message})") from lost
+                try:
+                    await asyncio.wait_for(self._channel.channel_ready(), remaining)
+                except TimeoutError:
+                    raise TunnelError("ETIMEDOUT", f"the tunnel to the agent is down ({lost.message})") from lost
 
     def start_udp(self, family: int) -> UdpSession:
         """A UDP socket on the agent whose datagrams may be sent before the agent answered."""

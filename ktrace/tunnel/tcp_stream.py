@@ -24,7 +24,7 @@ from ktrace_agent.budget import SendBudget
 
 from . import rpc
 from .call_pool import CallPool
-from .types import Endpoint, TcpStats, TunnelError
+from .types import Endpoint, TcpStats, TunnelError, TunnelLost
 
 # Bytes per Data frame at most. gRPC's cost is mostly per message: 1 MiB frames move
 # ~1.3x the bytes per second of 256 KiB ones here (docs/performance.md), and still
@@ -35,7 +35,7 @@ OPEN_MARGIN = 10.0  # seconds past the dial timeout before giving up on the agen
 T = TypeVar("T")
 
 
-class _CallLost(TunnelError):
+class _CallLost(TunnelLost):
     """The stream failed before the agent answered ``open``: nothing was dialled on it."""
 
 

@@ -72,6 +72,11 @@ class TunnelError(Exception):
         return value if isinstance(value, int) and self.errno_name.startswith("E") else _errno.EIO
 
 
+class TunnelLost(TunnelError):
+    """The stream failed before the agent answered ``open``: the tunnel itself is down (nothing
+    was dialled), so the same request may be tried again once the tunnel is back."""
+
+
 class AgentUnavailable(Exception):
     """The agent cannot be reached, rejected us, or does not speak our protocol.
 

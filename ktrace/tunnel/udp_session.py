@@ -20,7 +20,7 @@ import grpc.aio
 
 from . import rpc
 from .call_pool import CallPool
-from .types import Endpoint, TunnelError
+from .types import Endpoint, TunnelError, TunnelLost
 
 log = logging.getLogger("ktrace.tunnel")
 
@@ -29,7 +29,7 @@ QUEUE_DATAGRAMS = 512
 Receiver = Callable[[Endpoint, bytes], None]
 
 
-class _CallLost(TunnelError):
+class _CallLost(TunnelLost):
     """The stream failed before the agent answered ``open``."""
 
 
@@ -171,7 +171,9 @@ class UdpSession:
             if not self._answered.is_set():
                 self._refused(_CallLost("EIO", f"tunnel: {exc.code().name}: {exc.details()}"))
             elif exc.code() != grpc.StatusCode.CANCELLED:
-                log.warning("UDP session ended: %s: %s", exc.code().name, exc.details())
+                # A lost tunnel is reported once, by whoever watches it (the port-forward
+                # bridge); the next datagram opens a new session.
+                log.debug("UDP session ended: %s: %s", exc.code().name, exc.details())
         finally:
             if not self._answered.is_set():
                 self._refused(_CallLost("EIO", "agent ended the stream without an answer"), notify=not self._closing)
