@@ -34,7 +34,9 @@ from ktrace.tracer.decide import RoutingPolicy, nameservers_of
 from ktrace.tracer.files import FileViews
 from ktrace.tracer.launcher import LaunchError
 from ktrace.tracer.network import NetworkHandler
+from ktrace.tracer.scratch import ScratchPages
 from ktrace.tracer.session import SessionHandler
+from ktrace.tracer.threads import ThreadGroups
 from ktrace.tracer.tracer import FORWARDED_SIGNALS, Tracer, TraceResult
 from ktrace.tracer.udp import UdpRedirector
 from ktrace.tunnel.client import AgentClient, AgentInfo
@@ -224,6 +226,7 @@ async def _session(
                 dns_map.listeners.append(lambda name, found: log.debug("dns answer %s -> %s", name, found))
                 policy = RoutingPolicy(options.rules, dns_map, nameservers_of(client.info.resolv_conf))
                 recorder = reporting.recorder(options, client.info, policy, log_json)
+                threads = ThreadGroups()
                 handler = NetworkHandler(
                     client,
                     LoopbackEndpoint(),
@@ -231,6 +234,7 @@ async def _session(
                     connect_timeout=options.connect_timeout,
                     on_event=recorder.on_connect,
                     dns_map=dns_map,
+                    threads=threads,
                 )
 
                 def closed(stream: TcpStream, stats: TcpStats) -> None:
@@ -256,10 +260,13 @@ async def _session(
                     observer=recorder,
                     local_dns=reporting.local_resolver(options.rules),
                 )
-                udp = UdpRedirector(relays, policy, on_event=recorder.on_udp)
+                udp = UdpRedirector(relays, policy, on_event=recorder.on_udp, threads=threads)
                 handler.udp = udp
-                files = FileViews(served=_serve_resolver_files(views_dir, client.info, options.hosts))
-                session = SessionHandler(handler, files)
+                files = FileViews(
+                    served=_serve_resolver_files(views_dir, client.info, options.hosts),
+                    scratch=ScratchPages(threads=threads),
+                )
+                session = SessionHandler(handler, files, threads)
                 launcher_seize(child)
                 released = True
                 try:

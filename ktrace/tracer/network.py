@@ -24,6 +24,7 @@ from ktrace.tracer import arch, decide, kernel, msghdr, sockaddr
 from ktrace.tracer.decide import Passthrough, Redirected, RedirectTcp, RoutingPolicy, SocketInfo
 from ktrace.tracer.kernel import Registers, TraceeGone
 from ktrace.tracer.sockaddr import InetAddr
+from ktrace.tracer.threads import ThreadGroups
 from ktrace.tracer.tracer import Complete, Deferred, Outcome, Resume, WatchExit
 from ktrace.tracer.udp import UdpRedirector
 from ktrace.tunnel.client import AgentClient, TcpStream
@@ -87,7 +88,7 @@ class NetworkHandler:
     # Non-blocking connect()s kept local, by socket inode, until the program learns
     # how they ended (getsockopt SO_ERROR, or connect() again): for the report only.
     _pending_local: dict[int, _PendingLocal] = field(default_factory=dict)
-    _tgids: dict[int, int] = field(default_factory=dict)  # thread -> process, for events
+    threads: ThreadGroups = field(default_factory=ThreadGroups)
 
     # -- SyscallHandler ------------------------------------------------------------
 
@@ -176,7 +177,7 @@ class NetworkHandler:
         pass
 
     def on_thread_exit(self, tid: int) -> None:
-        self._tgids.pop(tid, None)
+        pass
 
     def stream_closed(self, stream: TcpStream) -> None:
         inode = self._streams.pop(id(stream), None)
@@ -393,13 +394,8 @@ class NetworkHandler:
     def _emit(self, event: ConnectEvent) -> None:
         log.debug("connect %s", event)
         if self.on_event is not None:
-            pid = self._tgids.get(event.pid)
-            if pid is None:
-                try:
-                    pid = self._tgids[event.pid] = kernel.thread_group_of(event.pid)
-                except TraceeGone:
-                    pid = event.pid  # the thread is gone (reported at exit): its id is what is known
-            self.on_event(dataclasses.replace(event, pid=pid))
+            # A thread gone by now (reported at exit) is named by its own id.
+            self.on_event(dataclasses.replace(event, pid=self.threads.of_or_self(event.pid)))
 
 
 def socket_inode(tid: int, fd: int) -> int | None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from ktrace.tracer import arch, kernel
 from ktrace.tracer.kernel import Registers
+from ktrace.tracer.threads import ThreadGroups
 
 PAGE_BYTES = 2 * 4096
 SLOT_BYTES = 256
@@ -43,20 +44,13 @@ class _Space:
 @dataclass
 class ScratchPages:
     spaces: dict[int, _Space] = field(default_factory=dict)  # by thread group id
-    _tgid: dict[int, int] = field(default_factory=dict)  # thread id -> thread group id
+    threads: ThreadGroups = field(default_factory=ThreadGroups)
 
     def tgid(self, tid: int) -> int:
-        known = self._tgid.get(tid)
-        if known is None:
-            known = self._tgid[tid] = kernel.thread_group_of(tid)
-        return known
-
-    def forget_thread(self, tid: int) -> None:
-        self._tgid.pop(tid, None)
+        return self.threads.of(tid)
 
     def exec_happened(self, tid: int) -> None:
         # After exec the thread is the leader of a fresh address space.
-        self._tgid.pop(tid, None)
         self.spaces.pop(tid, None)
 
     def slot_for(self, tid: int, data: bytes) -> int | None:

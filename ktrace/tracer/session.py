@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ktrace.tracer import arch
 from ktrace.tracer.files import FileViews
 from ktrace.tracer.kernel import Registers
 from ktrace.tracer.network import NetworkHandler
+from ktrace.tracer.threads import ThreadGroups
 from ktrace.tracer.tracer import Outcome
 
 SYS = arch.SYSCALLS
@@ -18,6 +19,8 @@ _FILE_SYSCALLS = frozenset({SYS.open, SYS.openat, SYS.openat2})
 class SessionHandler:
     network: NetworkHandler
     files: FileViews
+    # Shared with the handlers (one /proc read per thread for all of them).
+    threads: ThreadGroups = field(default_factory=ThreadGroups)
 
     def on_syscall(self, tid: int, regs: Registers) -> Outcome:
         if regs.nr in _FILE_SYSCALLS:
@@ -25,9 +28,11 @@ class SessionHandler:
         return self.network.on_syscall(tid, regs)
 
     def on_exec(self, tid: int) -> None:
+        # exec from a non-leader thread gives it the leader's id: what was known of it is stale.
+        self.threads.forget(tid)
         self.files.scratch.exec_happened(tid)
         self.network.on_exec(tid)
 
     def on_thread_exit(self, tid: int) -> None:
-        self.files.scratch.forget_thread(tid)
+        self.threads.forget(tid)
         self.network.on_thread_exit(tid)

@@ -29,6 +29,7 @@ from ktrace.tracer import kernel, msghdr, sockaddr
 from ktrace.tracer.decide import Route, RoutingPolicy, SocketInfo
 from ktrace.tracer.kernel import Registers, TraceeGone
 from ktrace.tracer.sockaddr import InetAddr
+from ktrace.tracer.threads import ThreadGroups
 from ktrace.tracer.tracer import Complete, Outcome, Resume, WatchExit
 from ktrace.tunnel.types import Endpoint
 
@@ -61,6 +62,7 @@ class UdpRedirector:
     # inode -> (thread group, descriptor) the program connected it with: where to find the
     # socket again when the peer turns out to refuse datagrams.
     descriptors: dict[int, tuple[int, int]] = field(default_factory=dict)
+    threads: ThreadGroups = field(default_factory=ThreadGroups)
     _seen: dict[int, set[Endpoint]] = field(default_factory=dict)  # inode -> destinations reported
 
     # -- connect ---------------------------------------------------------------------
@@ -83,7 +85,7 @@ class UdpRedirector:
             return Complete(-err)
         self.sockets[info.inode] = info.family
         self.connected[info.inode] = addr
-        self.descriptors[info.inode] = (kernel.thread_group_of(tid), fd)
+        self.descriptors[info.inode] = (self.threads.of(tid), fd)
         self._note(tid, dest, "connect", info.inode)
         return Complete(0)
 
@@ -306,8 +308,4 @@ class UdpRedirector:
         if dest in seen:
             return
         seen.add(dest)
-        try:
-            pid = kernel.thread_group_of(tid)
-        except TraceeGone:
-            pid = tid
-        self.on_event(UdpEvent(pid, dest, kind, inode))
+        self.on_event(UdpEvent(self.threads.of_or_self(tid), dest, kind, inode))

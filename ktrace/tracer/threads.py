@@ -1,0 +1,35 @@
+"""Which process (thread group) a traced thread belongs to.
+
+Stops are reported per thread; files, sockets and address spaces belong to the
+process. The answer is read from /proc once per thread and kept until the thread
+exits or execs (exec from a non-leader thread gives it the leader's id), so hot
+paths such as a UDP connect never read /proc twice for the same thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ktrace.tracer import kernel
+
+
+@dataclass
+class ThreadGroups:
+    _known: dict[int, int] = field(default_factory=dict)
+
+    def of(self, tid: int) -> int:
+        """The process id of thread ``tid``; raises ``TraceeGone`` if it no longer exists."""
+        known = self._known.get(tid)
+        if known is None:
+            known = self._known[tid] = kernel.thread_group_of(tid)
+        return known
+
+    def of_or_self(self, tid: int) -> int:
+        """As ``of``, but a thread already gone is named by its own id (for reports)."""
+        try:
+            return self.of(tid)
+        except kernel.TraceeGone:
+            return tid
+
+    def forget(self, tid: int) -> None:
+        self._known.pop(tid, None)
