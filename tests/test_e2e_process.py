@@ -171,3 +171,34 @@ def test_many_short_lived_vfork_children(ktrace_cluster: NamespaceCluster, progr
     traced = c.run_laptop(c.ktrace_argv("sh", "-c", script, "sh", programs["goclient"]), timeout=100)
     assert traced.returncode == 0, traced
     assert traced.stdout.strip().endswith("all done"), traced
+
+
+EXEC_FROM_THREAD = """
+import os, sys, threading
+def run():
+    # execve from a thread that is not the leader: the kernel gives it the leader's id and
+    # the other threads vanish without an exit report.
+    os.execv(sys.argv[1], sys.argv[1:])
+threading.Thread(target=run).start()
+threading.Event().wait()
+"""
+
+POSIX_SPAWN = """
+import os, sys
+pid = os.posix_spawn(sys.argv[1], sys.argv[1:], {})  # glibc: clone(CLONE_VM|CLONE_VFORK), empty environment
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.parametrize("launcher", ["exec-from-thread", "posix_spawn"])
+def test_programs_started_in_unusual_ways_are_traced(launcher: str, ktrace_cluster: NamespaceCluster,
+                                                     programs: Programs) -> None:
+    c = ktrace_cluster
+    script = EXEC_FROM_THREAD if launcher == "exec-from-thread" else POSIX_SPAWN
+    argv = [sys.executable, "-c", script, programs["cconnect"], c.hello_v4, str(c.hello_port)]
+    without = c.run_laptop(argv, timeout=30)
+    assert without.stdout.strip() == "error ENETUNREACH", without
+    traced = c.run_laptop(c.ktrace_argv(*argv), timeout=60)
+    assert traced.returncode == 0, traced
+    assert "hello from cluster, you are " in traced.stdout, traced
