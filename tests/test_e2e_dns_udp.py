@@ -386,3 +386,34 @@ def test_port_unreachable_is_econnrefused_on_a_connected_udp_socket(ktrace_clust
     assert traced.stdout.splitlines() == in_cluster.stdout.splitlines(), traced
     dig = c.run_laptop(c.ktrace_argv("dig", "+tries=1", "+time=5", f"@{c.refused_v4}", "hello"), timeout=60)
     assert "connection refused" in dig.stdout, dig
+
+
+OPEN_WAYS = r"""
+import ctypes, os, struct
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def read_fd(fd):
+    data = os.read(fd, 4096).decode()
+    os.close(fd)
+    return data.split()[:2]
+print("open", read_fd(os.open("/etc/resolv.conf", os.O_RDONLY)))
+etc = os.open("/etc", os.O_RDONLY | os.O_DIRECTORY)
+print("openat-dirfd", read_fd(os.open("resolv.conf", os.O_RDONLY, dir_fd=etc)))
+os.chdir("/etc")
+print("relative", read_fd(os.open("./resolv.conf", os.O_RDONLY)))
+print("dotdot", read_fd(os.open("/etc/../etc//resolv.conf", os.O_RDONLY)))
+how = struct.pack("=QQQ", os.O_RDONLY, 0, 0)  # struct open_how: flags, mode, resolve
+fd = libc.syscall(437, -100, b"/etc/resolv.conf", how, len(how))  # openat2(AT_FDCWD, ...)
+print("openat2", read_fd(fd) if fd >= 0 else ("errno", ctypes.get_errno()))
+"""
+
+
+def test_every_way_of_opening_resolv_conf_sees_the_cluster(ktrace_cluster: NamespaceCluster) -> None:
+    c = ktrace_cluster
+    traced = c.run_laptop(c.ktrace_argv(sys.executable, "-c", OPEN_WAYS), timeout=60)
+    assert traced.returncode == 0, traced
+    expected = ["nameserver", c.dns_v4]
+    seen = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in traced.stdout.splitlines()}
+    assert seen == {way: repr(expected) for way in ("open", "openat-dirfd", "relative", "dotdot", "openat2")}, traced
+    plain = c.run_laptop([sys.executable, "-c", OPEN_WAYS], timeout=60)
+    assert "10.96.0.10" not in plain.stdout, plain
