@@ -102,3 +102,45 @@ def test_cluster_nameserver_is_never_routed_by_address() -> None:
     policy = RoutingPolicy(RuleSet.parse(local=[("10.0.0.0/8", "--local")]), nameservers=frozenset({dns}))
     assert policy.route(dns, "udp") is Route.REMOTE
     assert policy.route(Endpoint(V4("10.96.0.10"), 80)) is Route.LOCAL
+
+
+ICMP4 = SocketInfo(socket.AF_INET, socket.SOCK_DGRAM, 4, protocol=1)  # a ping socket
+SCTP6 = SocketInfo(socket.AF_INET6, socket.SOCK_STREAM, 5, protocol=132)
+RAW4 = SocketInfo(socket.AF_INET, socket.SOCK_RAW, 6, protocol=255)
+UDPLITE4 = SocketInfo(socket.AF_INET, socket.SOCK_DGRAM, 7, protocol=136)
+MPTCP4 = SocketInfo(socket.AF_INET, socket.SOCK_STREAM, 8, protocol=262)
+
+
+@pytest.mark.parametrize(
+    ("info", "tcp", "udp"),
+    [
+        (TCP4, True, False),
+        (SocketInfo(socket.AF_INET, socket.SOCK_STREAM, 9, protocol=6), True, False),
+        (MPTCP4, True, False),
+        (UDP4, False, True),
+        (SocketInfo(socket.AF_INET6, socket.SOCK_DGRAM, 9, protocol=17), False, True),
+        (ICMP4, False, False),
+        (SCTP6, False, False),
+        (RAW4, False, False),
+        (UDPLITE4, False, False),
+        (SocketInfo(socket.AF_UNIX, socket.SOCK_STREAM, 9), False, False),
+    ],
+)
+def test_what_the_tunnel_carries(info: SocketInfo, tcp: bool, udp: bool) -> None:
+    assert (info.is_tcp, info.is_udp) == (tcp, udp)
+
+
+@pytest.mark.parametrize("info", [ICMP4, RAW4, UDPLITE4])
+def test_other_ip_protocols_to_the_cluster_are_refused_not_sent_from_here(info: SocketInfo) -> None:
+    assert decide.decide_uncarried(v4("10.96.1.10", 0), info, POLICY) == decide.Unsupported(
+        Endpoint(V4("10.96.1.10"), 0), info.protocol, info.type
+    )
+    assert isinstance(decide.decide_uncarried(v4("127.0.0.1", 0), info, POLICY), Passthrough)
+    assert isinstance(decide.decide_uncarried(v6("fd00::1", 0), info, POLICY), Passthrough)  # family mismatch
+    local = RoutingPolicy(RuleSet.parse(local=[("10.96.0.0/16", "--local")]))
+    assert isinstance(decide.decide_uncarried(v4("10.96.1.10", 0), info, local), Passthrough)
+
+
+def test_connect_on_sctp_or_mptcp() -> None:
+    assert isinstance(decide.decide_connect(v6("fd00::10"), SCTP6, False, POLICY), decide.Unsupported)
+    assert isinstance(decide.decide_connect(v4("10.96.1.10"), MPTCP4, False, POLICY), RedirectTcp)

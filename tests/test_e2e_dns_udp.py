@@ -417,3 +417,35 @@ def test_every_way_of_opening_resolv_conf_sees_the_cluster(ktrace_cluster: Names
     assert seen == {way: repr(expected) for way in ("open", "openat-dirfd", "relative", "dotdot", "openat2")}, traced
     plain = c.run_laptop([sys.executable, "-c", OPEN_WAYS], timeout=60)
     assert "10.96.0.10" not in plain.stdout, plain
+
+
+PING_SOCKET = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+s.settimeout(5)
+echo_request = bytes([8, 0, 0, 0, 0, 1, 0, 1])
+try:
+    s.sendto(echo_request, (sys.argv[1], 0))
+    print("reply from", s.recvfrom(100)[1][0])
+except OSError as e:
+    print("error", __import__("errno").errorcode[e.errno])
+try:
+    s.connect((sys.argv[1], 0))
+    print("connected")
+except OSError as e:
+    print("error", __import__("errno").errorcode[e.errno])
+"""
+
+
+def test_icmp_to_the_cluster_fails_instead_of_leaving_from_here(ktrace_cluster: NamespaceCluster) -> None:
+    """An ICMP ping socket is SOCK_DGRAM too, but the tunnel carries only TCP and UDP: a ping to a
+    cluster address must fail (ENETUNREACH) rather than be sent from this machine, or worse through
+    a UDP relay to the laptop's own loopback (which would answer it)."""
+    c = ktrace_cluster
+    # Ping sockets need the caller's group in ping_group_range: set it in the test's own namespace.
+    c.run_laptop(["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 2147483647"], timeout=10)
+    traced = c.run_laptop(c.ktrace_argv(sys.executable, "-c", PING_SOCKET, c.hello_v4), timeout=60)
+    assert traced.stdout.splitlines() == ["error ENETUNREACH", "error ENETUNREACH"], traced
+    assert traced.stderr.count("ktrace carries only TCP and UDP") == 1, traced.stderr
+    local = c.run_laptop(c.ktrace_argv(sys.executable, "-c", PING_SOCKET, "127.0.0.1"), timeout=60)
+    assert local.stdout.splitlines() == ["reply from 127.0.0.1", "connected"], local

@@ -19,12 +19,31 @@ from ktrace.tracer.sockaddr import Decoded, InetAddr
 from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.types import Endpoint
 
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+IPPROTO_MPTCP = 262  # behaves as TCP towards a peer that does not speak MPTCP (our loopback endpoint)
+_TCP_PROTOCOLS = frozenset({0, IPPROTO_TCP, IPPROTO_MPTCP})
+_UDP_PROTOCOLS = frozenset({0, IPPROTO_UDP})
+
 
 @dataclass(frozen=True)
 class SocketInfo:
     family: int
     type: int  # SOCK_STREAM, SOCK_DGRAM, ... without NONBLOCK/CLOEXEC bits
     inode: int
+    protocol: int = 0  # SO_PROTOCOL: ICMP ping sockets are SOCK_DGRAM too, SCTP can be SOCK_STREAM
+
+    @property
+    def is_ip(self) -> bool:
+        return self.family in (socket.AF_INET, socket.AF_INET6)
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.is_ip and self.type == socket.SOCK_STREAM and self.protocol in _TCP_PROTOCOLS
+
+    @property
+    def is_udp(self) -> bool:
+        return self.is_ip and self.type == socket.SOCK_DGRAM and self.protocol in _UDP_PROTOCOLS
 
 
 @dataclass(frozen=True)
@@ -78,13 +97,35 @@ class Passthrough:
 
 
 @dataclass(frozen=True)
+class Unsupported:
+    """An IP protocol the tunnel cannot carry (ICMP ping sockets, raw IP, SCTP, UDP-Lite)
+    towards a remote destination: the call fails with ENETUNREACH. Running it unchanged
+    would send it from this machine instead of the cluster, to whatever that address is here."""
+
+    dest: Endpoint
+    protocol: int
+    type: int
+
+
+def decide_uncarried(addr: Decoded | None, sock: SocketInfo, policy: RoutingPolicy) -> Passthrough | Unsupported:
+    """For an IP socket that is neither TCP nor UDP: refuse remote destinations."""
+    if not isinstance(addr, InetAddr) or addr.family != sock.family:
+        return Passthrough("not an address of the socket's family")
+    dest = addr.endpoint
+    decision = policy.decide(dest, "ip")
+    if decision.route is Route.LOCAL:
+        return Passthrough("local destination", decision)
+    return Unsupported(dest, sock.protocol, sock.type)
+
+
+@dataclass(frozen=True)
 class RedirectTcp:
     dest: Endpoint
     original: InetAddr
     decision: RouteDecision = field(default_factory=lambda: RouteDecision(Route.REMOTE))
 
 
-ConnectDecision = Passthrough | RedirectTcp
+ConnectDecision = Passthrough | RedirectTcp | Unsupported
 
 
 def decide_connect(
@@ -107,8 +148,10 @@ def decide_connect(
         return Passthrough("not an IP socket")
     if addr.family != sock.family:
         return Passthrough("family mismatch")
-    if sock.type != socket.SOCK_STREAM:
-        return Passthrough("not a stream socket")
+    if sock.is_udp:
+        return Passthrough("a UDP socket: udp.py's business")
+    if not sock.is_tcp:
+        return decide_uncarried(addr, sock, policy)
     dest = addr.endpoint
     decision = policy.decide(dest, "tcp")
     if decision.route is Route.LOCAL:

@@ -85,6 +85,7 @@ class NetworkHandler:
     redirected: dict[int, Redirected] = field(default_factory=dict)
     _streams: dict[int, int] = field(default_factory=dict)  # id(stream) -> inode
     _warned_no_descriptor: bool = False
+    _warned_protocols: set[tuple[int, int]] = field(default_factory=set)
     # Non-blocking connect()s kept local, by socket inode, until the program learns
     # how they ended (getsockopt SO_ERROR, or connect() again): for the report only.
     _pending_local: dict[int, _PendingLocal] = field(default_factory=dict)
@@ -142,14 +143,14 @@ class NetworkHandler:
             return sock
         try:
             info = self._info(sock)
-            if info.family not in (socket.AF_INET, socket.AF_INET6):
+            if not info.is_ip:
                 return Resume()
             if info.type == socket.SOCK_STREAM:
                 if regs.nr == SYS.sendto and regs.arg(3) & MSG_FASTOPEN:
                     return self._fast_open(tid, regs, sock, info)
                 return Resume()
-            if info.type != socket.SOCK_DGRAM:
-                return Resume()
+            if not info.is_udp:
+                return self._send_uncarried(tid, regs, info)
             if regs.nr == SYS.sendto:
                 return self.udp.sendto(tid, regs, sock, info)
             if regs.nr == SYS.sendmsg:
@@ -157,6 +158,41 @@ class NetworkHandler:
             return self.udp.sendmmsg(tid, regs, sock, info)
         finally:
             sock.close()
+
+    def _send_uncarried(self, tid: int, regs: Registers, info: SocketInfo) -> Outcome:
+        """A send with a destination on an ICMP, raw or UDP-Lite socket: fails for a remote one."""
+        try:
+            if regs.nr == SYS.sendto:
+                names = [(regs.arg(4), regs.arg(5) & 0xFFFFFFFF)]
+            else:
+                count = 1 if regs.nr == SYS.sendmsg else min(regs.arg(2) & 0xFFFFFFFF, msghdr.IOV_MAX)
+                size = msghdr.MSGHDR_SIZE if regs.nr == SYS.sendmsg else msghdr.MMSGHDR_SIZE
+                raw = kernel.read_memory(tid, regs.arg(1), count * size)
+                headers = [msghdr.decode_msghdr(raw[i * size : i * size + msghdr.MSGHDR_SIZE]) for i in range(count)]
+                names = [(h.name, h.namelen) for h in headers if h.name]
+            for pointer, length in names:
+                addr = sockaddr.decode(kernel.read_memory(tid, pointer, min(length, sockaddr.MAX_SOCKADDR_LEN)))
+                decision = decide.decide_uncarried(addr, info, self.policy)
+                if isinstance(decision, decide.Unsupported):
+                    return self._unsupported(decision)
+        except TraceeGone:
+            raise
+        except (OSError, ValueError):
+            return Resume()  # unreadable arguments: the kernel reports EFAULT/EINVAL itself
+        return Resume()
+
+    def _unsupported(self, decision: decide.Unsupported) -> Outcome:
+        key = (decision.type, decision.protocol)
+        if key not in self._warned_protocols:
+            self._warned_protocols.add(key)
+            log.warning(
+                "IP protocol %d (socket type %d) to %s fails with ENETUNREACH: ktrace carries only TCP and UDP "
+                "to the cluster (hint: a --local rule sends such traffic from this machine instead)",
+                decision.protocol,
+                decision.type,
+                decision.dest,
+            )
+        return Complete(-errno.ENETUNREACH)
 
     def _fast_open(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo) -> Outcome:
         """sendto(MSG_FASTOPEN) on a TCP socket is connect() followed by send()."""
@@ -168,6 +204,8 @@ class NetworkHandler:
         except OSError:
             return Resume()
         decision = decide.decide_connect(sockaddr.decode(raw), info, info.inode in self.redirected, self.policy)
+        if isinstance(decision, decide.Unsupported):
+            return self._unsupported(decision)
         if isinstance(decision, Passthrough):
             return Resume()
         kept = socket.socket(fileno=os.dup(sock.fileno()))
@@ -204,12 +242,15 @@ class NetworkHandler:
         if not isinstance(sock, socket.socket):
             return sock
         info = self._info(sock)
-        if info.type == socket.SOCK_DGRAM and self.udp is not None and info.family in (socket.AF_INET, socket.AF_INET6):
+        if info.is_udp and self.udp is not None:
             try:
                 return self.udp.connect(tid, fd, sock, info, addr)
             finally:
                 sock.close()
         decision = decide.decide_connect(addr, info, info.inode in self.redirected, self.policy)
+        if isinstance(decision, decide.Unsupported):
+            sock.close()
+            return self._unsupported(decision)
         if isinstance(decision, Passthrough):
             sock.close()
             # Only destinations a user rule kept local are reported: loopback is the
@@ -389,7 +430,8 @@ class NetworkHandler:
     @staticmethod
     def _info(sock: socket.socket) -> SocketInfo:
         kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-        return SocketInfo(sock.family, kind, os.fstat(sock.fileno()).st_ino)
+        protocol = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
+        return SocketInfo(sock.family, kind, os.fstat(sock.fileno()).st_ino, protocol)
 
     def _emit(self, event: ConnectEvent) -> None:
         log.debug("connect %s", event)
