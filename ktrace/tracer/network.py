@@ -128,16 +128,18 @@ class NetworkHandler:
 
     def _send(self, tid: int, regs: Registers) -> Outcome:
         assert self.udp is not None
-        if regs.nr == SYS.sendmsg:
-            # Most sendmsg() calls carry no address: decide that before
-            # duplicating the descriptor.
-            try:
-                if not msghdr.decode_msghdr(kernel.read_memory(tid, regs.arg(1), msghdr.MSGHDR_SIZE)).name:
-                    return Resume()
-            except TraceeGone:
-                raise
-            except (OSError, ValueError):
-                return Resume()
+        try:
+            destinations = self._send_destinations(tid, regs)
+        except TraceeGone:
+            raise
+        except (OSError, ValueError):
+            return Resume()  # unreadable arguments: the kernel reports EFAULT/EINVAL itself
+        if not any(isinstance(addr, InetAddr) for addr in destinations):
+            # Decided before duplicating the descriptor (two syscalls, then three more to
+            # tell what the socket is): most sends name no IP destination (glibc's DNS
+            # queries are a sendmmsg on a connected socket, its netlink requests a sendto
+            # to an AF_NETLINK address), and every branch below lets those run unchanged.
+            return Resume()
         sock = self._socket(tid, regs.arg(0))
         if not isinstance(sock, socket.socket):
             return sock
@@ -150,7 +152,7 @@ class NetworkHandler:
                     return self._fast_open(tid, regs, sock, info)
                 return Resume()
             if not info.is_udp:
-                return self._send_uncarried(tid, regs, info)
+                return self._send_uncarried(destinations, info)
             if regs.nr == SYS.sendto:
                 return self.udp.sendto(tid, regs, sock, info)
             if regs.nr == SYS.sendmsg:
@@ -159,26 +161,34 @@ class NetworkHandler:
         finally:
             sock.close()
 
-    def _send_uncarried(self, tid: int, regs: Registers, info: SocketInfo) -> Outcome:
+    @staticmethod
+    def _send_destinations(tid: int, regs: Registers) -> list[sockaddr.Decoded | None]:
+        """The destinations a sendto/sendmsg/sendmmsg names (none for a connected socket);
+        None for one that is malformed or unreadable."""
+        if regs.nr == SYS.sendto:
+            names = [(regs.arg(4), regs.arg(5) & 0xFFFFFFFF)]
+        else:
+            count = 1 if regs.nr == SYS.sendmsg else min(regs.arg(2) & 0xFFFFFFFF, msghdr.IOV_MAX)
+            size = msghdr.MSGHDR_SIZE if regs.nr == SYS.sendmsg else msghdr.MMSGHDR_SIZE
+            raw = kernel.read_memory(tid, regs.arg(1), count * size)
+            headers = [msghdr.decode_msghdr(raw[i * size : i * size + msghdr.MSGHDR_SIZE]) for i in range(count)]
+            names = [(h.name, h.namelen) for h in headers if h.name]
+        found: list[sockaddr.Decoded | None] = []
+        for pointer, length in names:
+            try:
+                found.append(sockaddr.decode(kernel.read_memory(tid, pointer, min(length, sockaddr.MAX_SOCKADDR_LEN))))
+            except TraceeGone:
+                raise
+            except OSError:
+                found.append(None)  # unreadable: the kernel fails the call (or that message) with EFAULT
+        return found
+
+    def _send_uncarried(self, destinations: list[sockaddr.Decoded | None], info: SocketInfo) -> Outcome:
         """A send with a destination on an ICMP, raw or UDP-Lite socket: fails for a remote one."""
-        try:
-            if regs.nr == SYS.sendto:
-                names = [(regs.arg(4), regs.arg(5) & 0xFFFFFFFF)]
-            else:
-                count = 1 if regs.nr == SYS.sendmsg else min(regs.arg(2) & 0xFFFFFFFF, msghdr.IOV_MAX)
-                size = msghdr.MSGHDR_SIZE if regs.nr == SYS.sendmsg else msghdr.MMSGHDR_SIZE
-                raw = kernel.read_memory(tid, regs.arg(1), count * size)
-                headers = [msghdr.decode_msghdr(raw[i * size : i * size + msghdr.MSGHDR_SIZE]) for i in range(count)]
-                names = [(h.name, h.namelen) for h in headers if h.name]
-            for pointer, length in names:
-                addr = sockaddr.decode(kernel.read_memory(tid, pointer, min(length, sockaddr.MAX_SOCKADDR_LEN)))
-                decision = decide.decide_uncarried(addr, info, self.policy)
-                if isinstance(decision, decide.Unsupported):
-                    return self._unsupported(decision)
-        except TraceeGone:
-            raise
-        except (OSError, ValueError):
-            return Resume()  # unreadable arguments: the kernel reports EFAULT/EINVAL itself
+        for addr in destinations:
+            decision = decide.decide_uncarried(addr, info, self.policy)
+            if isinstance(decision, decide.Unsupported):
+                return self._unsupported(decision)
         return Resume()
 
     def _unsupported(self, decision: decide.Unsupported) -> Outcome:
