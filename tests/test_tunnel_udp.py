@@ -7,10 +7,14 @@ import pathlib
 import socket
 from typing import Any, cast
 
+import grpc.aio
 import pytest
-from agent_helpers import agent_and_client, run
+from agent_helpers import TOKEN, agent, agent_and_client, run
 
+from ktrace.tunnel import rpc
+from ktrace.tunnel.call_pool import CallPool
 from ktrace.tunnel.types import Endpoint, TunnelError
+from ktrace.tunnel.udp_session import SessionSpares
 
 
 class _Echo(asyncio.DatagramProtocol):
@@ -100,6 +104,55 @@ def test_send_queue_is_bounded(tmp_path: pathlib.Path) -> None:
                 assert not all(results)
                 assert session.dropped == results.count(False) > 0
                 await session.close()
+        finally:
+            transport.close()
+
+    run(scenario())
+
+
+def test_udp_sessions_are_opened_ahead_of_need(tmp_path: pathlib.Path) -> None:
+    """After the first session of a family, the next ones were opened before they were asked
+    for (the agent's socket exists already); spares that ended are never handed out."""
+
+    async def scenario() -> None:
+        transport, echo, port = await _echo_server("127.0.0.1")
+        dest = Endpoint.parse(f"127.0.0.1:{port}")
+        address = f"unix:{tmp_path}/a.sock"
+        try:
+            async with agent(address, token=TOKEN) as server:
+                channel = grpc.aio.insecure_channel(address)
+                metadata = rpc.bearer_metadata(TOKEN)
+                spares = SessionSpares(CallPool(lambda: rpc.Stub(channel).datagrams(metadata=metadata), 2), 2)
+                first = spares.take(socket.AF_INET)  # none spare yet: opened now
+                assert spares.idle(socket.AF_INET) == ()
+                received: asyncio.Queue[bytes] = asyncio.Queue()
+                first.set_receiver(lambda _source, payload: received.put_nowait(payload))
+                assert first.send(dest, b"one") and await received.get() == b"ONE"
+                waiting = spares.idle(socket.AF_INET)
+                assert len(waiting) == 2 and spares.idle(socket.AF_INET6) == ()
+                for spare in waiting:
+                    await spare.until_answered()
+                second = spares.take(socket.AF_INET)
+                assert second is waiting[0]
+                assert second.local.port not in (0, first.local.port)  # answered before it was asked for
+                second.set_receiver(lambda _source, payload: received.put_nowait(payload))
+                assert second.send(dest, b"two") and await received.get() == b"TWO"
+                assert {addr[1] for addr in echo.sources} == {first.local.port, second.local.port}
+
+                await server.stop(grace=None)  # the agent goes away: every spare ends
+                dead = spares.idle(socket.AF_INET)
+                for spare in dead:
+                    await asyncio.wait_for(spare.closed.wait(), 10)
+                await server.start()
+                third = spares.take(socket.AF_INET)
+                assert third not in dead
+                third.set_receiver(lambda _source, payload: received.put_nowait(payload))
+                await asyncio.wait_for(third.until_answered(), 10)
+                assert third.send(dest, b"three") and await received.get() == b"THREE"
+                for session in (first, second, third):
+                    await session.close()
+                await spares.close()
+                await channel.close()
         finally:
             transport.close()
 

@@ -20,7 +20,7 @@ from . import rpc
 from .call_pool import CallPool
 from .tcp_stream import TcpStream
 from .types import AgentUnavailable, Endpoint, IPAddress, TcpStats, TunnelError, TunnelLost
-from .udp_session import UdpSession
+from .udp_session import SessionSpares, UdpSession
 
 __all__ = [
     "AgentClient",
@@ -36,8 +36,10 @@ __all__ = [
 # How long a new connection waits for a lost tunnel to come back when no connect timeout was
 # given: the agent's own default dial timeout.
 TUNNEL_WAIT = 10.0
-# Streams kept started ahead of need, per kind (see call_pool.py).
+# Streams kept started ahead of need, per kind (see call_pool.py), and UDP sessions kept
+# open ahead of need, per address family in use (see udp_session.SessionSpares).
 SPARE_CALLS = 2
+SPARE_UDP_SESSIONS = 2
 # TCP data queued in gRPC by all streams together, and how long a write waits for it
 # (ktrace_agent/budget.py): bounds memory with many busy connections.
 SEND_BUDGET_BYTES = 16 * 1024 * 1024
@@ -90,6 +92,7 @@ class AgentClient:
         metadata = self._metadata
         self._tcp_calls = CallPool(lambda: self._stub.connect(metadata=metadata), SPARE_CALLS)
         self._udp_calls = CallPool(lambda: self._stub.datagrams(metadata=metadata), SPARE_CALLS)
+        self._udp_sessions = SessionSpares(self._udp_calls, SPARE_UDP_SESSIONS)
         self._send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
 
     @classmethod
@@ -151,14 +154,16 @@ class AgentClient:
                     raise TunnelError("ETIMEDOUT", f"the tunnel to the agent is down ({lost.message})") from lost
 
     def start_udp(self, family: int) -> UdpSession:
-        """A UDP socket on the agent whose datagrams may be sent before the agent answered."""
-        return UdpSession.start(self._udp_calls, family)
+        """A UDP socket on the agent whose datagrams may be sent before the agent answered
+        (opened ahead of need when one of that family was asked for before)."""
+        return self._udp_sessions.take(family)
 
     async def open_udp(self, family: int) -> UdpSession:
         """A UDP socket on the agent (``socket.AF_INET`` or ``AF_INET6``)."""
         return await UdpSession.open(self._udp_calls, family)
 
     async def close(self) -> None:
+        await self._udp_sessions.close()
         self._tcp_calls.close()
         self._udp_calls.close()
         await self._channel.close()

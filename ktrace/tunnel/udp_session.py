@@ -81,6 +81,10 @@ class UdpSession:
             raise self._open_error
         return self
 
+    async def until_answered(self) -> None:
+        """Wait for the agent's answer to ``open`` (or its refusal, or the stream's end)."""
+        await self._answered.wait()
+
     @property
     def local(self) -> Endpoint:
         """The agent socket's address (known once the agent answered)."""
@@ -188,3 +192,59 @@ class UdpSession:
                 self._on_error(error)
             except Exception:
                 log.exception("UDP error callback failed")
+
+
+class SessionSpares:
+    """UDP sessions opened ahead of need, per address family.
+
+    A program's first datagram on a new socket (each glibc lookup is one) would otherwise
+    wait for the session's ``open`` frame to be written, for the agent to create its socket
+    and for the datagram's own write behind it: ~0.5-0.7 ms here (docs/performance.md).
+    A spare is a session whose ``open`` is already on its way or answered; the agent's
+    socket for it is bound, and takes the program socket's datagrams when handed out. The
+    program cannot tell: an agent socket's port is random either way, and nothing reaches
+    a spare that a socket opened later would have received.
+
+    Spares are kept only for families in use (the first session of a family is started
+    when asked for); one that ended meanwhile (agent restarted, refused) is dropped.
+    """
+
+    def __init__(self, calls: CallPool[rpc.UdpCall], size: int) -> None:
+        self._calls = calls
+        self._size = size
+        self._spares: dict[int, list[UdpSession]] = {}
+        self._refill_scheduled: set[int] = set()
+        self._closed = False
+
+    def take(self, family: int) -> UdpSession:
+        """An open (or opening) session of ``family``: a spare if one is left."""
+        spares = self._spares.setdefault(family, [])
+        self._schedule_refill(family)
+        while spares:
+            session = spares.pop(0)
+            if not session.closed.is_set():
+                return session
+        return UdpSession.start(self._calls, family)
+
+    def idle(self, family: int) -> tuple[UdpSession, ...]:
+        """The spares of ``family``, next to be handed out first (diagnostics, tests)."""
+        return tuple(self._spares.get(family, ()))
+
+    def _schedule_refill(self, family: int) -> None:
+        # After the caller has queued its datagram: the new open goes out behind it.
+        if family not in self._refill_scheduled and not self._closed and self._size > 0:
+            self._refill_scheduled.add(family)
+            asyncio.get_running_loop().call_soon(self._refill, family)
+
+    def _refill(self, family: int) -> None:
+        self._refill_scheduled.discard(family)
+        spares = self._spares[family]
+        while not self._closed and len(spares) < self._size:
+            spares.append(UdpSession.start(self._calls, family))
+
+    async def close(self) -> None:
+        self._closed = True
+        spares = [session for family in self._spares.values() for session in family]
+        self._spares.clear()
+        for session in spares:
+            await session.close()
