@@ -18,7 +18,7 @@ from agent_helpers import agent_and_client, run
 from ktrace.tunnel.dns_answers import addresses_in_answer
 from ktrace.tunnel.socket_table import live_udp_inodes
 from ktrace.tunnel.types import Endpoint, IPAddress
-from ktrace.tunnel.udp_relay import UdpRelays
+from ktrace.tunnel.udp_relay import SWEEP_AFTER_NEW_SOCKETS, RelayTotals, UdpRelays
 
 
 class _Server(asyncio.DatagramProtocol):
@@ -236,6 +236,96 @@ def test_relays_of_closed_program_sockets_are_reclaimed(tmp_path: pathlib.Path) 
             finally:
                 asyncio.get_running_loop().remove_reader(kept.fileno())
                 kept.close()
+                await relays.close()
+
+    run(scenario())
+
+
+class _Flows:
+    """The report's view of the relays (UdpObserver): flows started and ended."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[int, Endpoint]] = []
+        self.ended: list[tuple[int, Endpoint, int, int]] = []
+
+    def sent(self, sock_key: int, server: Endpoint, payload: bytes) -> None:
+        pass
+
+    def received(self, sock_key: int, server: Endpoint, payload: bytes) -> None:
+        pass
+
+    def flow_started(self, sock_key: int, peer: Endpoint) -> None:
+        self.started.append((sock_key, peer))
+
+    def flow_ended(self, sock_key: int, peer: Endpoint, totals: RelayTotals) -> None:
+        self.ended.append((sock_key, peer, totals.datagrams_up, totals.bytes_up))
+
+
+def test_sink_hands_what_it_receives_to_a_relay_made_then(tmp_path: pathlib.Path) -> None:
+    """A socket connected to port 0 of a peer is connected to the sink, which holds no relay of
+    its own; a datagram it nevertheless sends goes on as through a relay of its own: the same
+    session, flow and totals (here with a real peer, so that the datagram is seen to arrive)."""
+
+    async def scenario() -> None:
+        seen: asyncio.Queue[bytes] = asyncio.Queue()
+
+        def record(_t: asyncio.DatagramTransport, data: bytes, _addr: tuple[str, int]) -> None:
+            seen.put_nowait(data)
+
+        async with udp_server(record) as port, agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
+            flows = _Flows()
+            relays = UdpRelays(client, observer=flows)
+            peer = Endpoint.parse(f"127.0.0.1:{port}")
+            sock, _ = await program_socket()
+            try:
+                sink = relays.sink_for(socket.AF_INET)
+                assert relays.sink_for(socket.AF_INET) == sink  # one per family
+                sock.connect(sink)
+                relays.connected_to_sink(3, socket.AF_INET, peer, sock.getsockname()[1])
+                assert relays.session_of(3) is None and flows.started == []  # nothing made for it yet
+                sock.send(b"one")
+                sock.send(b"two")
+                assert [await seen.get(), await seen.get()] == [b"one", b"two"]
+                assert flows.started == [(3, peer)] and relays.session_of(3) is not None
+                relays.close_socket(3)
+                assert flows.ended == [(3, peer, 2, 6)]
+                before = relays.dropped
+                sock.send(b"after close")  # the sink no longer knows this socket: dropped
+
+                async def dropped() -> None:
+                    while relays.dropped == before:
+                        await asyncio.sleep(0.005)  # polling a counter, bounded by wait_for
+
+                await asyncio.wait_for(dropped(), 10)
+                assert seen.empty()
+            finally:
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+                sock.close()
+                await relays.close()
+
+    run(scenario())
+
+
+def test_many_new_program_sockets_trigger_a_sweep(tmp_path: pathlib.Path) -> None:
+    """Past SWEEP_AFTER_NEW_SOCKETS new program sockets, closed ones are reclaimed at once,
+    not at the next periodic sweep."""
+
+    async def scenario() -> None:
+        async with agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
+            gone: list[int] = []
+            live: set[int] = set()
+            relays = UdpRelays(client, live_sockets=lambda: live, on_socket_gone=gone.append)
+            peer = Endpoint.parse("127.0.0.1:9")
+            try:
+                for key in range(1, SWEEP_AFTER_NEW_SOCKETS):
+                    relays.relay_for(key, socket.AF_INET, peer)
+                await asyncio.sleep(0)
+                assert gone == []  # not yet
+                live.add(SWEEP_AFTER_NEW_SOCKETS)  # the newest is still open, the others closed
+                relays.relay_for(SWEEP_AFTER_NEW_SOCKETS, socket.AF_INET, peer)
+                await asyncio.sleep(0)
+                assert sorted(gone) == list(range(1, SWEEP_AFTER_NEW_SOCKETS))
+            finally:
                 await relays.close()
 
     run(scenario())

@@ -39,6 +39,10 @@ MAX_DATAGRAM = 65536
 class RelayTable(Protocol):
     def relay_for(self, sock_key: int, family: int, peer: Endpoint) -> tuple[str, int]: ...
 
+    def sink_for(self, family: int) -> tuple[str, int]: ...
+
+    def connected_to_sink(self, sock_key: int, family: int, peer: Endpoint, program_port: int) -> None: ...
+
     def peer_of(self, family: int, relay_port: int) -> Endpoint | None: ...
 
     def refuse(self, sock_key: int, peer: Endpoint, program: socket.socket) -> bool: ...
@@ -79,8 +83,14 @@ class UdpRedirector:
         if self.policy.route(dest, "udp") is Route.LOCAL:
             self.connected.pop(info.inode, None)
             return Resume()
-        relay = self.relays.relay_for(info.inode, info.family, dest)
-        err = sock.connect_ex(relay)
+        if dest.port == 0:
+            # glibc connects a socket to port 0 of every address it sorts (RFC 6724), only to
+            # read its source address: no relay (nor, later, an agent session) for that.
+            err = sock.connect_ex(self.relays.sink_for(info.family))
+            if not err:
+                self.relays.connected_to_sink(info.inode, info.family, dest, sock.getsockname()[1])
+        else:
+            err = sock.connect_ex(self.relays.relay_for(info.inode, info.family, dest))
         if err:
             return Complete(-err)
         self.sockets[info.inode] = info.family

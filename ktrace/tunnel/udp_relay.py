@@ -7,6 +7,12 @@ stream, so the remote side sees one stable source). Replies from ``peer`` leave
 through the same relay towards the program socket's address, so a connected
 socket accepts them and ``peer_of`` can restore the real source in recvfrom.
 
+A socket connected to port 0 of a remote peer (glibc does it for every address it
+sorts, RFC 6724: connect, getsockname, close) gets no relay of its own: it is connected
+to a *sink*, one loopback socket per family, that never answers. Sending on such a
+socket is pointless but legal; what the sink receives is handed to a relay made for it
+then, so it goes on as it would have through a relay of its own.
+
 Everything here is synchronous and non-blocking (the tracer calls it from a
 stop) except closing. Every queue is bounded: datagrams beyond it are dropped and
 counted, as a full socket buffer would drop them. Sessions idle for
@@ -36,6 +42,12 @@ log = logging.getLogger("ktrace.tunnel")
 READS_PER_WAKEUP = 64  # bound the work one readable relay can do per loop iteration
 MAX_DATAGRAM = 65536
 DNS_PORT = 53
+# Program sockets ktrace started to track since the last sweep before the next one runs,
+# whatever the timer says: each holds a relay socket here (and, once it sent, an agent
+# socket) until a sweep sees it closed. A program opening sockets fast (one per DNS lookup)
+# would otherwise run ktrace out of descriptors within the sweep interval (measured: 20,000
+# connect/close cycles in a few seconds did, with a 20,000 descriptor limit).
+SWEEP_AFTER_NEW_SOCKETS = 512
 
 DnsCallback = Callable[[str, list[IPAddress]], None]
 
@@ -87,6 +99,7 @@ class _ProgramSocket:
     session: UdpSession | None = None
     program_address: tuple[str, int] | None = None  # where replies go: the last source seen
     last_used: float = field(default_factory=time.monotonic)
+    sink_user: tuple[int, int] | None = None  # (sink family, program port) while connected to a sink
 
 
 class UdpRelays:
@@ -116,6 +129,10 @@ class UdpRelays:
         self._on_peer_error = on_peer_error
         self._sockets: dict[int, _ProgramSocket] = {}
         self._by_port: dict[tuple[int, int], _Relay] = {}
+        self._sinks: dict[int, socket.socket] = {}  # relay family -> sink
+        # (sink family, program socket's port) -> (program socket, the port-0 peer it connected to)
+        self._sink_users: dict[tuple[int, int], tuple[int, Endpoint]] = {}
+        self._new_since_sweep = 0
         self._ipv6: bool | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing_tasks: set[asyncio.Task[None]] = set()
@@ -125,14 +142,46 @@ class UdpRelays:
 
     def relay_for(self, sock_key: int, family: int, peer: Endpoint) -> tuple[str, int]:
         """The loopback address the program socket ``sock_key`` should send to, to reach ``peer``."""
+        state = self._program_socket(sock_key, family)
+        relay = state.relays.get(peer) or self._new_relay(state, peer)
+        return self._as_seen_by(family, relay.sock.getsockname()[0]), relay.port
+
+    def sink_for(self, family: int) -> tuple[str, int]:
+        """Where a program socket of ``family`` connecting to port 0 of a remote peer is
+        connected instead of to a relay (then tell ``connected_to_sink`` its address)."""
+        relay_family = self._relay_family(family)
+        sink = self._sinks.get(relay_family)
+        if sink is None:
+            sink = self._bound(relay_family)
+            self._sinks[relay_family] = sink
+            asyncio.get_running_loop().add_reader(sink.fileno(), self._sink_readable, sink)
+        host, port = sink.getsockname()[:2]
+        return self._as_seen_by(family, host), port
+
+    def connected_to_sink(self, sock_key: int, family: int, peer: Endpoint, program_port: int) -> None:
+        """The program socket ``sock_key`` (source port ``program_port``) is connected to the
+        sink in place of port 0 of ``peer``."""
+        state = self._program_socket(sock_key, family)
+        user = (self._relay_family(family), program_port)
+        self._forget_sink_user(state)
+        self._sink_users[user] = (sock_key, peer)
+        state.sink_user = user
+
+    def _program_socket(self, sock_key: int, family: int) -> _ProgramSocket:
         state = self._sockets.get(sock_key)
         if state is None:
             state = self._sockets[sock_key] = _ProgramSocket(sock_key, family)
-        relay = state.relays.get(peer) or self._new_relay(state, peer)
-        host = relay.sock.getsockname()[0]
-        if family == socket.AF_INET6 and relay.sock.family == socket.AF_INET:
-            host = f"::ffff:{host}"  # no IPv6 loopback: an AF_INET6 socket reaches it v4-mapped
-        return host, relay.port
+            self._new_since_sweep += 1
+            if self._new_since_sweep == SWEEP_AFTER_NEW_SOCKETS and self._live_sockets is not None:
+                asyncio.get_running_loop().call_soon(self.sweep)  # after the stop: the socket exists by then
+            self._arm_sweeper()
+        return state
+
+    @staticmethod
+    def _as_seen_by(family: int, host: str) -> str:
+        if family == socket.AF_INET6 and ":" not in host:
+            return f"::ffff:{host}"  # no IPv6 loopback: an AF_INET6 socket reaches it v4-mapped
+        return host
 
     def peer_of(self, family: int, relay_port: int) -> Endpoint | None:
         """The remote peer a relay port stands for (to rewrite recvfrom sources)."""
@@ -149,6 +198,7 @@ class UdpRelays:
         state = self._sockets.pop(sock_key, None)
         if state is None:
             return
+        self._forget_sink_user(state)
         for relay in state.relays.values():
             self._close_relay(relay)
         state.relays.clear()
@@ -159,6 +209,11 @@ class UdpRelays:
             self._local_dns.close()
         for key in list(self._sockets):
             self.close_socket(key)
+        for sink in self._sinks.values():
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(sink.fileno())
+            sink.close()
+        self._sinks.clear()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._closing_tasks:
@@ -176,8 +231,8 @@ class UdpRelays:
                 self._ipv6 = False
         return socket.AF_INET6 if family == socket.AF_INET6 and self._ipv6 else socket.AF_INET
 
-    def _new_relay(self, state: _ProgramSocket, peer: Endpoint) -> _Relay:
-        relay_family = self._relay_family(state.family)
+    @staticmethod
+    def _bound(relay_family: int) -> socket.socket:
         sock = socket.socket(relay_family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
@@ -185,12 +240,21 @@ class UdpRelays:
         except BaseException:
             sock.close()
             raise
-        relay = _Relay(sock, peer, state)
+        return sock
+
+    def _new_relay(self, state: _ProgramSocket, peer: Endpoint) -> _Relay:
+        relay_family = self._relay_family(state.family)
+        relay = _Relay(self._bound(relay_family), peer, state)
         state.relays[peer] = relay
         self._by_port[(relay_family, relay.port)] = relay
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, relay)
+        asyncio.get_running_loop().add_reader(relay.sock.fileno(), self._readable, relay)
         self._arm_sweeper()
         return relay
+
+    def _forget_sink_user(self, state: _ProgramSocket) -> None:
+        if state.sink_user is not None and self._sink_users.get(state.sink_user, (None,))[0] == state.key:
+            del self._sink_users[state.sink_user]
+        state.sink_user = None
 
     def _close_relay(self, relay: _Relay) -> None:
         if self._observer is not None and (relay.totals.datagrams_up or relay.totals.datagrams_down):
@@ -202,7 +266,6 @@ class UdpRelays:
 
     def _readable(self, relay: _Relay) -> None:
         """Program → relay: forward through the session."""
-        state = relay.owner
         for _ in range(READS_PER_WAKEUP):
             try:
                 payload, source = relay.sock.recvfrom(MAX_DATAGRAM)
@@ -212,13 +275,38 @@ class UdpRelays:
                 # An ICMP error for an earlier reply to the program (its socket closed): nothing to do.
                 log.debug("UDP relay %d: %s", relay.port, exc)
                 continue
-            state.program_address = source[:2]
-            state.last_used = time.monotonic()
-            if self._observer is not None and not relay.totals.datagrams_up:
-                self._observer.flow_started(state.key, relay.peer)
-            relay.totals.datagrams_up += 1
-            relay.totals.bytes_up += len(payload)
-            self._forward(state, relay.peer, payload)
+            self._from_program(relay, payload, source)
+
+    def _sink_readable(self, sink: socket.socket) -> None:
+        """A datagram sent on a socket connected to port 0: on as if through its own relay."""
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                payload, source = sink.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue
+            user = self._sink_users.get((sink.family, source[1]))
+            state = self._sockets.get(user[0]) if user is not None else None
+            if user is None or state is None:
+                self.dropped += 1
+                continue
+            try:
+                relay = state.relays.get(user[1]) or self._new_relay(state, user[1])
+            except OSError:
+                self.dropped += 1
+                continue
+            self._from_program(relay, payload, source)
+
+    def _from_program(self, relay: _Relay, payload: bytes, source: tuple[str, int]) -> None:
+        state = relay.owner
+        state.program_address = source[:2]
+        state.last_used = time.monotonic()
+        if self._observer is not None and not relay.totals.datagrams_up:
+            self._observer.flow_started(state.key, relay.peer)
+        relay.totals.datagrams_up += 1
+        relay.totals.bytes_up += len(payload)
+        self._forward(state, relay.peer, payload)
 
     def _forward(self, state: _ProgramSocket, peer: Endpoint, payload: bytes) -> None:
         if peer.port == DNS_PORT:
@@ -332,7 +420,9 @@ class UdpRelays:
 
     def sweep(self) -> None:
         """Reclaim relays of closed program sockets and sessions idle for ``idle_timeout``
-        (runs every quarter of it while there are relays)."""
+        (runs every quarter of it while there are relays, and after every
+        ``SWEEP_AFTER_NEW_SOCKETS`` new program sockets)."""
+        self._new_since_sweep = 0
         live = self._live_sockets() if self._live_sockets is not None else None
         if live is not None:
             for key in [key for key in self._sockets if key not in live]:
