@@ -97,6 +97,23 @@ def test_rules_and_the_dns_map_decide_the_route() -> None:
     assert isinstance(decide.decide_connect(v4("10.9.0.6"), TCP4, False, policy), RedirectTcp)
 
 
+def test_remembered_decisions_follow_what_the_program_resolved() -> None:
+    """Decisions are remembered per (destination, protocol, names resolved to it): a name the
+    program resolves later changes the route of an address it was asked about before."""
+    names = DnsMap()
+    policy = RoutingPolicy(RuleSet.parse(local=[("db.corp.example", "--local")]), names)
+    dest = Endpoint(V4("10.9.0.5"), 5432)
+    assert policy.route(dest) is Route.REMOTE and policy.route(dest) is Route.REMOTE
+    names.record("db.corp.example", [V4("10.9.0.5")])
+    assert policy.route(dest) is Route.LOCAL
+    names.record("web.example", [V4("10.9.0.5")])  # resolved more recently, matches no rule
+    assert policy.route(dest) is Route.LOCAL and policy.route(dest, "udp") is Route.LOCAL
+    unrelated = RoutingPolicy(RuleSet.parse(local=[("10.96.2.0/24", "--local")]), names)
+    for _ in range(2):
+        assert unrelated.route(Endpoint(V4("10.96.2.1"), 80)) is Route.LOCAL
+        assert unrelated.route(Endpoint(V4("10.96.3.1"), 80)) is Route.REMOTE
+
+
 def test_cluster_nameserver_is_never_routed_by_address() -> None:
     dns = Endpoint(V4("10.96.0.10"), 53)
     policy = RoutingPolicy(RuleSet.parse(local=[("10.0.0.0/8", "--local")]), nameservers=frozenset({dns}))

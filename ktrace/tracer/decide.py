@@ -46,6 +46,9 @@ class SocketInfo:
         return self.is_ip and self.type == socket.SOCK_DGRAM and self.protocol in _UDP_PROTOCOLS
 
 
+_DECISIONS_KEPT = 4096
+
+
 @dataclass(frozen=True)
 class RoutingPolicy:
     """Which destinations go through the agent: the most specific rule of ``rules``
@@ -62,12 +65,24 @@ class RoutingPolicy:
     rules: RuleSet = field(default_factory=RuleSet)
     names: DnsMap | None = None
     nameservers: frozenset[Endpoint] = frozenset()
+    # Decisions are a pure function of (destination, protocol, the names resolved to it) for
+    # fixed rules; every connect and UDP connect/send asks, mostly about the same few peers.
+    _decided: dict[tuple[Endpoint, str, tuple[str, ...]], RouteDecision] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def decide(self, dest: Endpoint, proto: str = "tcp") -> RouteDecision:
         if dest in self.nameservers:
             return RouteDecision(Route.REMOTE)
         names = self.names.names_of(dest.ip) if self.names is not None and self.rules.has_name_rules else ()
-        return self.rules.decide(dest.ip, dest.port, proto, names)
+        key = (dest, proto, names)
+        decision = self._decided.get(key)
+        if decision is None:
+            decision = self.rules.decide(dest.ip, dest.port, proto, names)
+            if len(self._decided) >= _DECISIONS_KEPT:
+                self._decided.clear()
+            self._decided[key] = decision
+        return decision
 
     def route(self, dest: Endpoint, proto: str = "tcp") -> Route:
         return self.decide(dest, proto).route

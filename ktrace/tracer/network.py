@@ -439,9 +439,9 @@ class NetworkHandler:
 
     @staticmethod
     def _info(sock: socket.socket) -> SocketInfo:
-        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-        protocol = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
-        return SocketInfo(sock.family, kind, os.fstat(sock.fileno()).st_ino, protocol)
+        # socket.socket(fileno=...) read SO_TYPE and SO_PROTOCOL already (CPython asks the
+        # kernel for what it is not told): no second getsockopt for each.
+        return SocketInfo(sock.family, int(sock.type), os.fstat(sock.fileno()).st_ino, sock.proto)
 
     def _emit(self, event: ConnectEvent) -> None:
         log.debug("connect %s", event)

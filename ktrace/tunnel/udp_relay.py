@@ -130,6 +130,7 @@ class UdpRelays:
         self._sockets: dict[int, _ProgramSocket] = {}
         self._by_port: dict[tuple[int, int], _Relay] = {}
         self._sinks: dict[int, socket.socket] = {}  # relay family -> sink
+        self._sink_addresses: dict[int, tuple[str, int]] = {}  # program socket family -> sink address
         # (sink family, program socket's port) -> (program socket, the port-0 peer it connected to)
         self._sink_users: dict[tuple[int, int], tuple[int, Endpoint]] = {}
         self._new_since_sweep = 0
@@ -149,14 +150,17 @@ class UdpRelays:
     def sink_for(self, family: int) -> tuple[str, int]:
         """Where a program socket of ``family`` connecting to port 0 of a remote peer is
         connected instead of to a relay (then tell ``connected_to_sink`` its address)."""
-        relay_family = self._relay_family(family)
-        sink = self._sinks.get(relay_family)
-        if sink is None:
-            sink = self._bound(relay_family)
-            self._sinks[relay_family] = sink
-            asyncio.get_running_loop().add_reader(sink.fileno(), self._sink_readable, sink)
-        host, port = sink.getsockname()[:2]
-        return self._as_seen_by(family, host), port
+        address = self._sink_addresses.get(family)
+        if address is None:
+            relay_family = self._relay_family(family)
+            sink = self._sinks.get(relay_family)
+            if sink is None:
+                sink = self._bound(relay_family)
+                self._sinks[relay_family] = sink
+                asyncio.get_running_loop().add_reader(sink.fileno(), self._sink_readable, sink)
+            host, port = sink.getsockname()[:2]
+            address = self._sink_addresses[family] = (self._as_seen_by(family, host), port)
+        return address
 
     def connected_to_sink(self, sock_key: int, family: int, peer: Endpoint, program_port: int) -> None:
         """The program socket ``sock_key`` (source port ``program_port``) is connected to the
@@ -214,6 +218,7 @@ class UdpRelays:
                 asyncio.get_running_loop().remove_reader(sink.fileno())
             sink.close()
         self._sinks.clear()
+        self._sink_addresses.clear()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._closing_tasks:
