@@ -39,6 +39,7 @@ UdpServerFrame = pb.UdpServerFrame
 UdpOpen = pb.UdpOpen
 UdpOpened = pb.UdpOpened
 Datagram = pb.Datagram
+DatagramBatch = pb.DatagramBatch
 PeerFailure = pb.PeerFailure
 FAMILY_INET = pb.INET
 FAMILY_INET6 = pb.INET6

@@ -160,6 +160,7 @@ class AgentServer:
                 resolv_conf=info.resolv_conf,
                 hosts=info.hosts,
                 max_message_bytes=MAX_MESSAGE_BYTES,
+                datagram_batches=True,
             )
 
     async def Connect(self, request_iterator: object, context: rpc.TcpContext) -> None:

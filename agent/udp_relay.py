@@ -4,7 +4,9 @@ The client sends ``open{family}``, then ``datagram{peer=destination}`` frames; t
 agent answers ``opened{local}``, then ``datagram{peer=source}`` for every datagram
 its socket receives, ``peer_failure{peer, failure}`` for an ICMP error about a
 datagram sent to ``peer`` (a port unreachable is ECONNREFUSED), and ``failure`` for
-errors that name no peer. Errors never end the stream: a UDP socket survives them too.
+errors that name no peer. Datagrams waiting together travel as one ``batch`` frame
+(batching.py): the client sends batches when the handshake said the agent accepts
+them, the agent when the client's ``open`` said so. Errors never end the stream: a UDP socket survives them too.
 
 Bounded like a socket buffer: received datagrams wait in a queue of fixed size for
 the gRPC side; when it is full they are dropped and counted. Outgoing datagrams are
@@ -20,11 +22,13 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import grpc
 
 from . import rpc
+from .batching import gather
 from .errnames import describe, errno_name
 
 log = logging.getLogger("ktrace_agent")
@@ -143,7 +147,7 @@ class UdpRelay:
         loop = asyncio.get_running_loop()
         transport, protocol = await loop.create_datagram_endpoint(lambda: _Socket(queue, sock), sock=sock)
         try:
-            sender = asyncio.create_task(self._send_back(queue))
+            sender = asyncio.create_task(self._send_back(queue, first.open.batches))
             try:
                 await self._forward(transport, family, queue)
             finally:
@@ -176,23 +180,43 @@ class UdpRelay:
     ) -> None:
         """Client → network, until the client closes its side."""
         while (frame := await self._read_frame()) is not None:
-            if frame.WhichOneof("kind") != "datagram":
-                await self._protocol_error(f"unexpected {frame.WhichOneof('kind')!r} frame after open")
-            try:
-                ip, port = rpc.decode_address(frame.datagram.peer)
-            except rpc.AddressError as exc:
-                await self._protocol_error(str(exc))
-            if family == socket.AF_INET and ip.version == 6:
-                failure = rpc.Failure(errno_name="EAFNOSUPPORT", message=f"IPv6 destination {ip} on an IPv4 socket")
-                await replies.put(rpc.UdpServerFrame(failure=failure))  # through the one writer
-                continue
-            if _buffered(transport) >= SEND_BUFFER_LIMIT:
-                self.dropped_out += 1
-                continue
-            transport.sendto(frame.datagram.payload, rpc.sockaddr_for(ip, port, family))
+            kind = frame.WhichOneof("kind")
+            if kind == "datagram":
+                await self._send(transport, family, replies, frame.datagram)
+            elif kind == "batch":
+                for datagram in frame.batch.datagrams:
+                    await self._send(transport, family, replies, datagram)
+            else:
+                await self._protocol_error(f"unexpected {kind!r} frame after open")
 
-    async def _send_back(self, queue: asyncio.Queue[rpc.UdpServerFrame]) -> None:
-        """Network → client, one frame at a time (the queue absorbs bursts, then drops)."""
+    async def _send(
+        self,
+        transport: asyncio.DatagramTransport,
+        family: int,
+        replies: asyncio.Queue[rpc.UdpServerFrame],
+        datagram: rpc.Datagram,
+    ) -> None:
+        try:
+            ip, port = rpc.decode_address(datagram.peer)
+        except rpc.AddressError as exc:
+            await self._protocol_error(str(exc))
+        if family == socket.AF_INET and ip.version == 6:
+            failure = rpc.Failure(errno_name="EAFNOSUPPORT", message=f"IPv6 destination {ip} on an IPv4 socket")
+            await replies.put(rpc.UdpServerFrame(failure=failure))  # through the one writer
+            return
+        if _buffered(transport) >= SEND_BUFFER_LIMIT:
+            self.dropped_out += 1
+            return
+        transport.sendto(datagram.payload, rpc.sockaddr_for(ip, port, family))
+
+    async def _send_back(self, queue: asyncio.Queue[rpc.UdpServerFrame], batches: bool) -> None:
+        """Network → client, one write at a time (the queue absorbs bursts, then drops);
+        with ``batches``, the datagrams waiting together go as one frame."""
         while True:
             frame = await queue.get()
-            await self._context.write(frame)
+            for out in gather(frame, queue, _batch) if batches else (frame,):
+                await self._context.write(out)
+
+
+def _batch(datagrams: Sequence[rpc.Datagram]) -> rpc.UdpServerFrame:
+    return rpc.UdpServerFrame(batch=rpc.DatagramBatch(datagrams=datagrams))

@@ -54,6 +54,7 @@ class AgentInfo:
     resolv_conf: str
     hosts: str
     max_message_bytes: int
+    datagram_batches: bool = False  # the agent accepts several datagrams in one frame
 
 
 def _hint(code: grpc.StatusCode, address: str) -> str:
@@ -80,6 +81,7 @@ def _parse_info(reply: rpc.HandshakeReply) -> AgentInfo:
         resolv_conf=reply.resolv_conf,
         hosts=reply.hosts,
         max_message_bytes=reply.max_message_bytes,
+        datagram_batches=reply.datagram_batches,
     )
 
 
@@ -92,7 +94,7 @@ class AgentClient:
         metadata = self._metadata
         self._tcp_calls = CallPool(lambda: self._stub.connect(metadata=metadata), SPARE_CALLS)
         self._udp_calls = CallPool(lambda: self._stub.datagrams(metadata=metadata), SPARE_CALLS)
-        self._udp_sessions = SessionSpares(self._udp_calls, SPARE_UDP_SESSIONS)
+        self._udp_sessions = SessionSpares(self._udp_calls, SPARE_UDP_SESSIONS, info.datagram_batches)
         self._send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
 
     @classmethod
@@ -160,7 +162,7 @@ class AgentClient:
 
     async def open_udp(self, family: int) -> UdpSession:
         """A UDP socket on the agent (``socket.AF_INET`` or ``AF_INET6``)."""
-        return await UdpSession.open(self._udp_calls, family)
+        return await UdpSession.open(self._udp_calls, family, self.info.datagram_batches)
 
     async def close(self) -> None:
         await self._udp_sessions.close()

@@ -31,6 +31,7 @@ UdpClientFrame = pb.UdpClientFrame
 UdpServerFrame = pb.UdpServerFrame
 UdpOpen = pb.UdpOpen
 Datagram = pb.Datagram
+DatagramBatch = pb.DatagramBatch
 PeerFailure = pb.PeerFailure
 FAMILY_INET = pb.INET
 FAMILY_INET6 = pb.INET6

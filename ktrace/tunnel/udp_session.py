@@ -2,7 +2,8 @@
 
 ``send`` never blocks: datagrams wait in a bounded queue for the stream and are
 dropped (and counted) when it is full, as a full socket buffer would drop them.
-Received datagrams go to the receiver callback; agent socket errors (ICMP) go to
+Those waiting together go as one ``batch`` frame when the agent accepts batches
+(ktrace_agent/batching.py; a resolver's A and AAAA questions do). Received datagrams go to the receiver callback; agent socket errors (ICMP) go to
 the error callback, or to the peer error callback when the agent knows which
 destination they are about; the session stays open.
 """
@@ -13,10 +14,11 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 import grpc.aio
+from ktrace_agent.batching import gather
 
 from . import rpc
 from .call_pool import CallPool
@@ -38,14 +40,17 @@ class UdpSession:
     on the stream, so the first one does not wait for the agent's answer) or ``open``
     (returns once the agent has answered)."""
 
-    def __init__(self, call: rpc.UdpCall, family: int) -> None:
+    def __init__(self, call: rpc.UdpCall, family: int, batches: bool = False) -> None:
+        """``batches``: the agent accepts ``batch`` frames (its handshake said so)."""
         self._call = call
+        self._batches = batches
         self._local: Endpoint | None = None
         self._answered = asyncio.Event()
         self._open_error: TunnelError | None = None
         self._queue: asyncio.Queue[rpc.UdpClientFrame] = asyncio.Queue(QUEUE_DATAGRAMS)
         wire_family = rpc.FAMILY_INET6 if family == socket.AF_INET6 else rpc.FAMILY_INET
-        self._queue.put_nowait(rpc.UdpClientFrame(open=rpc.UdpOpen(family=wire_family)))
+        # Always ready to receive batches: the agent sends them only after this says so.
+        self._queue.put_nowait(rpc.UdpClientFrame(open=rpc.UdpOpen(family=wire_family, batches=True)))
         self._receiver: Receiver | None = None
         self._on_error: Callable[[TunnelError], None] | None = None
         self._on_peer_error: Callable[[Endpoint, TunnelError], None] | None = None
@@ -55,20 +60,20 @@ class UdpSession:
         self._tasks = (asyncio.create_task(self._write_loop()), asyncio.create_task(self._read_loop()))
 
     @classmethod
-    def start(cls, calls: CallPool[rpc.UdpCall], family: int) -> UdpSession:
+    def start(cls, calls: CallPool[rpc.UdpCall], family: int, batches: bool = False) -> UdpSession:
         """A session whose ``open`` is on its way; ``send`` works at once. If the agent
         refuses it, the error receiver hears why and the session closes."""
-        return cls(calls.take()[0], family)
+        return cls(calls.take()[0], family, batches)
 
     @classmethod
-    async def open(cls, calls: CallPool[rpc.UdpCall], family: int) -> UdpSession:
+    async def open(cls, calls: CallPool[rpc.UdpCall], family: int, batches: bool = False) -> UdpSession:
         call, spare = calls.take()
         try:
-            return await cls(call, family)._opened()
+            return await cls(call, family, batches)._opened()
         except _CallLost:
             if not spare:
                 raise
-        return await cls(calls.fresh(), family)._opened()  # the spare had ended: one retry
+        return await cls(calls.fresh(), family, batches)._opened()  # the spare had ended: one retry
 
     async def _opened(self) -> UdpSession:
         try:
@@ -129,7 +134,8 @@ class UdpSession:
         try:
             while True:
                 frame = await self._queue.get()
-                await self._call.write(frame)
+                for out in gather(frame, self._queue, _batch) if self._batches else (frame,):
+                    await self._call.write(out)
         except grpc.aio.AioRpcError:
             self.closed.set()
         except (asyncio.InvalidStateError, RuntimeError):
@@ -144,12 +150,10 @@ class UdpSession:
                 assert isinstance(frame, rpc.UdpServerFrame)
                 kind = frame.WhichOneof("kind")
                 if kind == "datagram":
-                    if self._receiver is not None:
-                        source = rpc.decode_address(frame.datagram.peer)
-                        try:
-                            self._receiver(source, frame.datagram.payload)
-                        except Exception:
-                            log.exception("UDP receiver callback failed")
+                    self._received(frame.datagram)
+                elif kind == "batch":
+                    for datagram in frame.batch.datagrams:
+                        self._received(datagram)
                 elif kind == "opened" and not self._answered.is_set():
                     self._local = rpc.decode_address(frame.opened.local)
                     self._answered.set()
@@ -183,6 +187,14 @@ class UdpSession:
                 self._refused(_CallLost("EIO", "agent ended the stream without an answer"), notify=not self._closing)
             self.closed.set()
 
+    def _received(self, datagram: rpc.Datagram) -> None:
+        if self._receiver is not None:
+            source = rpc.decode_address(datagram.peer)
+            try:
+                self._receiver(source, datagram.payload)
+            except Exception:
+                log.exception("UDP receiver callback failed")
+
     def _refused(self, error: TunnelError, notify: bool = True) -> None:
         self._open_error = error
         self._answered.set()
@@ -209,9 +221,10 @@ class SessionSpares:
     when asked for); one that ended meanwhile (agent restarted, refused) is dropped.
     """
 
-    def __init__(self, calls: CallPool[rpc.UdpCall], size: int) -> None:
+    def __init__(self, calls: CallPool[rpc.UdpCall], size: int, batches: bool = False) -> None:
         self._calls = calls
         self._size = size
+        self._batches = batches
         self._spares: dict[int, list[UdpSession]] = {}
         self._refill_scheduled: set[int] = set()
         self._closed = False
@@ -224,7 +237,7 @@ class SessionSpares:
             session = spares.pop(0)
             if not session.closed.is_set():
                 return session
-        return UdpSession.start(self._calls, family)
+        return UdpSession.start(self._calls, family, self._batches)
 
     def idle(self, family: int) -> tuple[UdpSession, ...]:
         """The spares of ``family``, next to be handed out first (diagnostics, tests)."""
@@ -240,7 +253,7 @@ class SessionSpares:
         self._refill_scheduled.discard(family)
         spares = self._spares[family]
         while not self._closed and len(spares) < self._size:
-            spares.append(UdpSession.start(self._calls, family))
+            spares.append(UdpSession.start(self._calls, family, self._batches))
 
     async def close(self) -> None:
         self._closed = True
@@ -248,3 +261,7 @@ class SessionSpares:
         self._spares.clear()
         for session in spares:
             await session.close()
+
+
+def _batch(datagrams: Sequence[rpc.Datagram]) -> rpc.UdpClientFrame:
+    return rpc.UdpClientFrame(batch=rpc.DatagramBatch(datagrams=datagrams))
