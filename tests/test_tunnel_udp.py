@@ -157,3 +157,30 @@ def test_udp_sessions_are_opened_ahead_of_need(tmp_path: pathlib.Path) -> None:
             transport.close()
 
     run(scenario())
+
+
+def test_spare_sessions_are_replaced_later_unless_none_is_left(tmp_path: pathlib.Path) -> None:
+    """Replacing a spare right away would compete with the datagram just sent on it: it waits
+    REFILL_DELAY, unless the last spare was taken."""
+
+    async def scenario() -> None:
+        address = f"unix:{tmp_path}/a.sock"
+        async with agent(address, token=TOKEN):
+            channel = grpc.aio.insecure_channel(address)
+            metadata = rpc.bearer_metadata(TOKEN)
+            spares = SessionSpares(CallPool(lambda: rpc.Stub(channel).datagrams(metadata=metadata), 2), 2)
+            taken = [spares.take(socket.AF_INET)]
+            await asyncio.sleep(0)  # one loop turn: the first refill is at once
+            assert len(spares.idle(socket.AF_INET)) == 2
+            taken.append(spares.take(socket.AF_INET))
+            await asyncio.sleep(0)
+            assert len(spares.idle(socket.AF_INET)) == 1  # one left: replaced later
+            taken.append(spares.take(socket.AF_INET))
+            await asyncio.sleep(0)
+            assert len(spares.idle(socket.AF_INET)) == 2  # none was left: at once
+            for session in taken:
+                await session.close()
+            await spares.close()
+            await channel.close()
+
+    run(scenario())

@@ -3,9 +3,10 @@
 ``send`` never blocks: datagrams wait in a bounded queue for the stream and are
 dropped (and counted) when it is full, as a full socket buffer would drop them.
 Those waiting together go as one ``batch`` frame when the agent accepts batches
-(ktrace_agent/batching.py; a resolver's A and AAAA questions do). Received datagrams go to the receiver callback; agent socket errors (ICMP) go to
-the error callback, or to the peer error callback when the agent knows which
-destination they are about; the session stays open.
+(ktrace_agent/batching.py; a resolver's A and AAAA questions do). Received
+datagrams go to the receiver callback; agent socket errors (ICMP) go to the error
+callback, or to the peer error callback when the agent knows which destination
+they are about; the session stays open.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from .types import Endpoint, TunnelError, TunnelLost
 log = logging.getLogger("ktrace.tunnel")
 
 QUEUE_DATAGRAMS = 512
+# A spare session taken is replaced this much later, unless none is left (SessionSpares).
+REFILL_DELAY = 0.003
 
 Receiver = Callable[[Endpoint, bytes], None]
 
@@ -226,37 +229,53 @@ class SessionSpares:
         self._size = size
         self._batches = batches
         self._spares: dict[int, list[UdpSession]] = {}
-        self._refill_scheduled: set[int] = set()
+        self._refills: dict[int, tuple[asyncio.Handle, bool]] = {}  # family -> (scheduled refill, urgent)
         self._closed = False
 
     def take(self, family: int) -> UdpSession:
         """An open (or opening) session of ``family``: a spare if one is left."""
         spares = self._spares.setdefault(family, [])
-        self._schedule_refill(family)
         while spares:
             session = spares.pop(0)
             if not session.closed.is_set():
+                self._schedule_refill(family, urgent=not spares)
                 return session
+        self._schedule_refill(family, urgent=True)
         return UdpSession.start(self._calls, family, self._batches)
 
     def idle(self, family: int) -> tuple[UdpSession, ...]:
         """The spares of ``family``, next to be handed out first (diagnostics, tests)."""
         return tuple(self._spares.get(family, ()))
 
-    def _schedule_refill(self, family: int) -> None:
-        # After the caller has queued its datagram: the new open goes out behind it.
-        if family not in self._refill_scheduled and not self._closed and self._size > 0:
-            self._refill_scheduled.add(family)
-            asyncio.get_running_loop().call_soon(self._refill, family)
+    def _schedule_refill(self, family: int, urgent: bool) -> None:
+        # Never before the caller has queued its datagram. Unless no spare is left, not
+        # before its answer is likely back either: a new session costs both processes CPU
+        # (~0.3 ms in the agent), which right away would compete with the datagram the
+        # program waits for (seen on a lookup's timeline: the agent opened the new spare
+        # before it read the AAAA question).
+        if self._closed or self._size <= 0:
+            return
+        pending = self._refills.get(family)
+        if pending is not None:
+            handle, was_urgent = pending
+            if was_urgent or not urgent:
+                return
+            handle.cancel()  # the delayed refill would come too late now
+        loop = asyncio.get_running_loop()
+        handle = loop.call_soon(self._refill, family) if urgent else loop.call_later(REFILL_DELAY, self._refill, family)
+        self._refills[family] = (handle, urgent)
 
     def _refill(self, family: int) -> None:
-        self._refill_scheduled.discard(family)
+        self._refills.pop(family, None)
         spares = self._spares[family]
         while not self._closed and len(spares) < self._size:
             spares.append(UdpSession.start(self._calls, family, self._batches))
 
     async def close(self) -> None:
         self._closed = True
+        for handle, _urgent in self._refills.values():
+            handle.cancel()
+        self._refills.clear()
         spares = [session for family in self._spares.values() for session in family]
         self._spares.clear()
         for session in spares:
