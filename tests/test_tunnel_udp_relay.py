@@ -329,3 +329,57 @@ def test_many_new_program_sockets_trigger_a_sweep(tmp_path: pathlib.Path) -> Non
                 await relays.close()
 
     run(scenario())
+
+
+def test_next_socket_asking_a_nameserver_takes_over_the_quiet_session(tmp_path: pathlib.Path) -> None:
+    """A DNS server on 127.0.0.1:53 (skipped if the port is taken): a lookup's socket whose
+    questions were answered hands its session to the next socket's question; the first
+    socket, asking again, takes it back (the second one is quiet now); every answer reaches
+    its asker."""
+    sources: list[tuple[str, int]] = []
+
+    def answer(t: asyncio.DatagramTransport, data: bytes, addr: tuple[str, int]) -> None:
+        sources.append(addr)
+        query = dns.message.from_wire(data)
+        response = dns.message.make_response(query)
+        response.answer.append(dns.rrset.from_text(query.question[0].name, 30, "IN", "A", "10.96.0.10"))
+        t.sendto(response.to_wire(), addr)
+
+    async def scenario() -> None:
+        try:
+            server = udp_server(answer, port=53)
+            await server.__aenter__()
+        except OSError:
+            pytest.skip("127.0.0.1:53 is taken")
+        nameserver = Endpoint.parse("127.0.0.1:53")
+        try:
+            async with agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
+                relays = UdpRelays(client)
+                first, first_received = await program_socket()
+                second, second_received = await program_socket()
+                try:
+                    relay_first = relays.relay_for(1, socket.AF_INET, nameserver)
+                    first.sendto(dns.message.make_query("one.example", "A", id=1).to_wire(), relay_first)
+                    assert dns.message.from_wire((await first_received.get())[0]).id == 1
+                    session = relays.session_of(1)
+                    assert session is not None
+
+                    relay_second = relays.relay_for(2, socket.AF_INET, nameserver)
+                    second.sendto(dns.message.make_query("two.example", "A", id=2).to_wire(), relay_second)
+                    assert dns.message.from_wire((await second_received.get())[0]).id == 2
+                    assert relays.session_of(2) is session and relays.session_of(1) is None
+                    assert sources[0] == sources[1]  # one agent socket asked both
+
+                    first.sendto(dns.message.make_query("three.example", "A", id=3).to_wire(), relay_first)
+                    assert dns.message.from_wire((await first_received.get())[0]).id == 3
+                    assert relays.session_of(1) is session and relays.session_of(2) is None
+                    assert second_received.empty() and len(set(sources)) == 1
+                finally:
+                    for sock in (first, second):
+                        asyncio.get_running_loop().remove_reader(sock.fileno())
+                        sock.close()
+                    await relays.close()
+        finally:
+            await server.__aexit__(None, None, None)
+
+    run(scenario())
