@@ -214,7 +214,13 @@ async def _session(
                 if access.kube is not None:
                     client = await access.kube.connect()
                 else:
-                    client = await AgentClient.connect(access.address, access.token)
+                    # An agent the user named (or ktrace's own): nothing to wait for.
+                    client = await AgentClient.connect(
+                        access.address,
+                        access.token,
+                        wait_for_ready=False,
+                        unreachable_hint="is an agent listening there? `ktrace agent --listen ADDR` starts one",
+                    )
             except AgentUnavailable as exc:
                 raise KtraceError(str(exc)) from None
             endpoint: LoopbackEndpoint | None = None

@@ -57,13 +57,16 @@ class AgentInfo:
     datagram_batches: bool = False  # the agent accepts several datagrams in one frame
 
 
-def _hint(code: grpc.StatusCode, address: str) -> str:
+DEFAULT_UNREACHABLE_HINT = "is it running, and is the port-forward up?"
+
+
+def _hint(code: grpc.StatusCode, address: str, unreachable: str = DEFAULT_UNREACHABLE_HINT) -> str:
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return "the agent rejected the session token (hint: the agent was started with another token)"
     if code == grpc.StatusCode.UNAVAILABLE:
-        return f"cannot reach the agent at {address} (hint: is it running, and is the port-forward up?)"
+        return f"cannot reach the agent at {address} (hint: {unreachable})"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return f"the agent at {address} did not answer in time (hint: is the port-forward up?)"
+        return f"the agent at {address} did not answer in time (hint: {unreachable})"
     if code == grpc.StatusCode.UNIMPLEMENTED:
         return f"{address} is not a ktrace agent, or a too old one (hint: check the agent image version)"
     return f"agent handshake failed at {address}: {code.name}"
@@ -98,18 +101,30 @@ class AgentClient:
         self._send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
 
     @classmethod
-    async def connect(cls, address: str, token: str | None, *, timeout: float = 10.0) -> AgentClient:
-        """Open the channel to ``address`` (``unix:/p`` or ``host:port``) and do the handshake."""
+    async def connect(
+        cls,
+        address: str,
+        token: str | None,
+        *,
+        timeout: float = 10.0,
+        wait_for_ready: bool = True,
+        unreachable_hint: str = DEFAULT_UNREACHABLE_HINT,
+    ) -> AgentClient:
+        """Open the channel to ``address`` (``unix:/p`` or ``host:port``) and do the handshake.
+
+        ``wait_for_ready``: keep trying to connect until ``timeout`` (a port-forward that is
+        still being set up); without it an address where nothing listens fails at once.
+        """
         channel = grpc.aio.insecure_channel(rpc.grpc_target(address), options=rpc.CHANNEL_OPTIONS)
         try:
             stub = rpc.Stub(channel)
             request = rpc.HandshakeRequest(client_version=__version__, protocol_version=rpc.PROTOCOL_VERSION)
             reply = await stub.handshake(
-                request, metadata=rpc.bearer_metadata(token), timeout=timeout, wait_for_ready=True
+                request, metadata=rpc.bearer_metadata(token), timeout=timeout, wait_for_ready=wait_for_ready
             )
         except grpc.aio.AioRpcError as exc:
             await channel.close()
-            raise AgentUnavailable(_hint(exc.code(), address)) from exc
+            raise AgentUnavailable(_hint(exc.code(), address, unreachable_hint)) from exc
         except BaseException:
             await channel.close()
             raise

@@ -344,3 +344,30 @@ def test_restricted_user_has_exactly_the_documented_rights(
     subresource = [f"--subresource={sub}"] if sub else []
     answer = kube_cluster.kubectl("auth", "can-i", verb, kind, *subresource, *scope, user="ktrace", check=False)
     assert answer.stdout.strip() == ("yes" if allowed else "no"), answer.stderr
+
+
+def test_an_image_pull_by_mistake_never_leaves_the_machine(kube_cluster: KubeCluster, pod_name: str) -> None:
+    """No test pulls an image, but if one did (a wrong name, pull policy Always) containerd must not
+    look up or reach a public registry from this machine: its registry hosts point at a closed local port."""
+    pod = restricted_pod(pod_name, ["true"])
+    container = pod["spec"]["containers"][0]  # type: ignore[index]
+    container["image"] = "docker.io/ktrace/no-such-image:1"
+    container["imagePullPolicy"] = "Always"
+    kube_cluster.kubectl("create", "-f", "-", user="ktrace", stdin=json.dumps(pod))
+    message = ""
+
+    def pull_failed() -> bool:
+        nonlocal message
+        message = kube_cluster.kubectl(
+            "-n",
+            TEST_NS,
+            "get",
+            "pod",
+            pod_name,
+            "-o",
+            "jsonpath={.status.containerStatuses[0].state.waiting.message}",
+        ).stdout
+        return "failed" in message
+
+    wait_until(pull_failed, 90, f"the image pull of pod {pod_name} to fail")
+    assert "127.0.0.1:9" in message and "connection refused" in message, message
