@@ -124,3 +124,15 @@ def test_a_json_log_that_cannot_be_written_stops_with_one_message() -> None:
     rec.on_connect(ConnectEvent(10, REFUSED, "ETIMEDOUT"))
     assert err.getvalue().count("cannot write the JSON log") == 1
     assert Route.REMOTE.value in err.getvalue()
+
+
+def test_a_connect_reported_after_the_program_resumed_keeps_its_time(tmp_path: pathlib.Path) -> None:
+    """The tracer reports a tunnelled connect once the program is on its way again: the
+    event's time is when it started (when its outcome was known, minus its duration),
+    however much later the recorder sees it."""
+    path = tmp_path / "log.json"
+    with path.open("w") as log:
+        rec, _ = recorder(Verbosity.QUIET, log)
+        rec.on_connect(ConnectEvent(10, REFUSED, "ECONNREFUSED", duration=0.25, wall=1000.0))
+    [connect] = [json.loads(line) for line in path.read_text().splitlines()]
+    assert connect["event"] == "connect" and connect["time"] == 999.75

@@ -124,11 +124,13 @@ class Recorder:
         decision: RouteDecision | None,
         duration: float | None = None,
         local: Endpoint | None = None,
+        wall: float | None = None,
     ) -> None:
+        """``wall``: when the outcome was known (default: now); the event's time is the start."""
         route = decision.route.value if decision is not None else "remote"
         self.record(
             Connect(
-                time.time() - (duration or 0.0),
+                (time.time() if wall is None else wall) - (duration or 0.0),
                 pid,
                 str(dest),
                 outcome,
@@ -164,7 +166,7 @@ class Recorder:
 
     def on_connect(self, event: ConnectEvent) -> None:
         """``NetworkHandler.on_event``."""
-        self.connect(event.pid, event.dest, event.outcome, event.decision, event.duration, event.local)
+        self.connect(event.pid, event.dest, event.outcome, event.decision, event.duration, event.local, event.wall)
 
     def on_udp(self, event: UdpEvent) -> None:
         """``UdpRedirector.on_event``: which process uses a socket (the flow starts with its first datagram)."""

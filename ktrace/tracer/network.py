@@ -57,6 +57,7 @@ class ConnectEvent:
     local: Endpoint | None = None  # the agent socket's address
     decision: RouteDecision | None = None  # the route and the rule that chose it
     duration: float | None = None  # seconds from the stop to the outcome
+    wall: float | None = None  # time.time() when the outcome was known (None: when reported)
 
 
 MAX_PENDING_LOCAL = 4096
@@ -344,34 +345,34 @@ class NetworkHandler:
         started = time.monotonic()
         route = decision.decision
 
-        def event(outcome: str, local: Endpoint | None = None) -> ConnectEvent:
-            return ConnectEvent(tid, decision.dest, outcome, local, route, time.monotonic() - started)
+        def reported(outcome: str, local: Endpoint | None = None) -> Callable[[], None]:
+            """The report of this outcome, to run once the program is on its way (Complete.then)."""
+            event = ConnectEvent(tid, decision.dest, outcome, local, route, time.monotonic() - started, time.time())
+            return lambda: self._emit(event)
 
         try:
             try:
                 stream = await self.client.open_tcp(decision.dest, self.connect_timeout)
             except TunnelError as exc:
-                self._emit(event(exc.errno_name))
-                return Complete(-exc.errno)
+                return Complete(-exc.errno, reported(exc.errno_name))
             host, port = self.endpoint.address(info.family)
             err = sock.connect_ex((host, port))
             if err not in (0, errno.EINPROGRESS):
                 await stream.abort()
-                self._emit(event(errno.errorcode.get(err, str(err))))
-                return Complete(-err)
+                return Complete(-err, reported(errno.errorcode.get(err, str(err))))
             if self.dns_map is not None and decision.dest.port == DNS_PORT:
                 stream.observe_down = DnsTcpTap(self.dns_map).feed
             source_port = sock.getsockname()[1]
             self.endpoint.expect(info.family, source_port, stream)
             self.redirected[info.inode] = Redirected(info.family, decision.original, stream.local)
             self._streams[id(stream)] = info.inode
-            self._emit(event("ok", stream.local))
+            report = reported("ok", stream.local)
             if payload is not None:
                 try:
-                    return Complete(sock.send(payload))
+                    return Complete(sock.send(payload), report)
                 except OSError as exc:
-                    return Complete(-(exc.errno or errno.EIO))
-            return Complete(decide.connect_result(err))
+                    return Complete(-(exc.errno or errno.EIO), report)
+            return Complete(decide.connect_result(err), report)
         finally:
             sock.close()
 

@@ -54,9 +54,14 @@ class Resume:
 
 @dataclass(frozen=True)
 class Complete:
-    """Do not run the syscall; it returns `retval` (a negative errno for failure)."""
+    """Do not run the syscall; it returns `retval` (a negative errno for failure).
+
+    `then` runs right after the thread is resumed, before anything else on the loop: work
+    the program need not wait for (reporting what happened) comes after its syscall returns.
+    """
 
     retval: int
+    then: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -267,6 +272,11 @@ class Tracer:
             regs.retval = outcome.retval
             kernel.set_registers(tid, regs)
             kernel.cont(tid)
+            if outcome.then is not None:
+                try:
+                    outcome.then()
+                except Exception:
+                    log.exception("after-resume callback failed")
         elif isinstance(outcome, Rewrite):
             kernel.set_registers(tid, outcome.regs)
             if outcome.on_exit is not None:
