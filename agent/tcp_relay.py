@@ -86,6 +86,7 @@ class TcpRelay:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._sock: socket.socket | None = None
+        self._client_done = False  # the client sent shutdown_write
 
     async def run(self) -> None:
         try:
@@ -175,6 +176,7 @@ class TcpRelay:
                 except OSError as exc:
                     raise _Reset(exc) from None
             elif kind == "shutdown_write":
+                self._client_done = True
                 with contextlib.suppress(OSError):
                     self._writer.write_eof()  # flushes, then shutdown(SHUT_WR)
                     await self._writer.drain()
@@ -195,7 +197,10 @@ class TcpRelay:
             except OSError as exc:
                 raise _Reset(exc) from None
             if not data:
-                await self._context.write(rpc.TcpServerFrame(eof=True))
+                # When the client had finished sending, the stream ends now and its OK status
+                # says eof: one message less per connection (an older client reads it so too).
+                if not self._client_done:
+                    await self._context.write(rpc.TcpServerFrame(eof=True))
                 return
             taken = await self._budget.take(len(data)) if self._budget is not None else 0
             try:

@@ -9,9 +9,13 @@ import socket
 import struct
 import time
 
+import grpc
+import grpc.aio
 import pytest
 from agent_helpers import (
+    TOKEN,
     LoopbackServer,
+    agent,
     agent_and_client,
     drain_all,
     local_pair,
@@ -20,6 +24,7 @@ from agent_helpers import (
     upper_echo,
 )
 
+from ktrace.tunnel import rpc
 from ktrace.tunnel.types import Endpoint, TcpStats, TunnelError
 
 
@@ -313,3 +318,44 @@ def test_backpressure_bounds_what_a_stalled_server_leaves_buffered(tmp_path: pat
             p_writer.close()
 
     run(scenario(), timeout=110)
+
+
+def test_eof_frame_only_while_the_client_still_sends(tmp_path: pathlib.Path) -> None:
+    """The remote's FIN is an ``eof`` frame while the client may still send; once the client
+    has sent ``shutdown_write``, the stream just ends with OK (one message less), and ktrace's
+    side reads that as the FIN (test_data_both_ways)."""
+    received: list[bytes] = []
+
+    async def close_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"bye")
+        writer.write_eof()  # the remote finishes first...
+        received.append(await reader.read())  # ...and still reads what the client sends
+
+    async def frames(finish_first: bool) -> list[str | None]:
+        address = f"unix:{tmp_path}/{'c' if finish_first else 'r'}.sock"
+        async with (
+            LoopbackServer(close_first if not finish_first else upper_echo) as target,
+            agent(address, token=TOKEN),
+            grpc.aio.insecure_channel(address) as channel,
+        ):
+            call = rpc.Stub(channel).connect(metadata=rpc.bearer_metadata(TOKEN))
+            dest = rpc.encode_address(Endpoint.parse(f"127.0.0.1:{target.port}"))
+            await call.write(rpc.TcpClientFrame(open=rpc.TcpOpen(destination=dest)))
+            kinds: list[str | None] = []
+            if finish_first:
+                await call.write(rpc.TcpClientFrame(shutdown_write=True))
+            while (frame := await asyncio.wait_for(call.read(), 10)) is not grpc.aio.EOF:
+                assert isinstance(frame, rpc.TcpServerFrame)
+                kinds.append(frame.WhichOneof("kind"))
+                if kinds[-1] == "eof":
+                    await call.write(rpc.TcpClientFrame(data=b"after your FIN"))
+                    await call.write(rpc.TcpClientFrame(shutdown_write=True))
+            assert await call.code() == grpc.StatusCode.OK
+            return kinds
+
+    async def scenario() -> None:
+        assert await frames(finish_first=False) == ["opened", "data", "eof"]
+        assert received == [b"after your FIN"]
+        assert await frames(finish_first=True) == ["opened"]
+
+    run(scenario())

@@ -203,6 +203,8 @@ class TcpStream:
                 if code != grpc.StatusCode.OK:
                     details = await self._call.details()
                     raise _Reset(f"error: {code.name}: {details}")
+                # An OK end is the remote's FIN too (the agent sends no eof frame when we had
+                # finished sending): the splice then closes the local socket.
                 return
             assert isinstance(frame, rpc.TcpServerFrame)
             kind = frame.WhichOneof("kind")
