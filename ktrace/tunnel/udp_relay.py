@@ -33,7 +33,6 @@ from typing import Protocol
 
 from .client import AgentClient
 from .dns_answers import addresses_in_answer
-from .dns_sessions import SessionHandover
 from .local_dns import LocalResolver
 from .types import Endpoint, IPAddress, TunnelError
 from .udp_session import UdpSession
@@ -135,8 +134,6 @@ class UdpRelays:
         # (sink family, program socket's port) -> (program socket, the port-0 peer it connected to)
         self._sink_users: dict[tuple[int, int], tuple[int, Endpoint]] = {}
         self._new_since_sweep = 0
-        # A new socket's first question to port 53 takes over a quiet session (dns_sessions.py).
-        self._handover: SessionHandover[UdpSession] = SessionHandover()
         self._ipv6: bool | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing_tasks: set[asyncio.Task[None]] = set()
@@ -206,7 +203,6 @@ class UdpRelays:
         if state is None:
             return
         self._forget_sink_user(state)
-        self._handover.forget(sock_key)
         for relay in state.relays.values():
             self._close_relay(relay)
         state.relays.clear()
@@ -322,55 +318,28 @@ class UdpRelays:
             if self._observer is not None:
                 self._observer.sent(state.key, peer, payload)
             if self._local_dns is not None and self._local_dns.wants(payload):
-                self._local_dns.forward(payload, lambda answer: self._to_program(state, peer, answer))
+                self._local_dns.forward(payload, lambda answer: self._from_remote(state, peer, answer))
                 return
         session = state.session
         if session is None or session.closed.is_set():
-            session = state.session = self._session_for(state, peer)
-        self._handover.sent(state.key, self._session_family(state), peer.port, payload)
+            session = state.session = self._start_session(state)
         if not session.send(peer, payload):
             self.dropped += 1
-
-    @staticmethod
-    def _session_family(state: _ProgramSocket) -> int:
-        return socket.AF_INET6 if state.family == socket.AF_INET6 else socket.AF_INET
-
-    def _session_for(self, state: _ProgramSocket, peer: Endpoint) -> UdpSession:
-        if peer.port == DNS_PORT:
-            taken = self._handover.take(state.key, self._session_family(state))
-            if taken is not None:
-                owner, session = taken
-                previous = self._sockets.get(owner)
-                if previous is not None and previous.session is session:
-                    previous.session = None
-                self._target(session, state)
-                return session
-        return self._start_session(state)
 
     def _start_session(self, state: _ProgramSocket) -> UdpSession:
         # Pipelined: the datagram follows the session's open frame on the stream, so a
         # DNS query does not wait a round trip for the agent's answer to open first.
-        session = self._client.start_udp(self._session_family(state))
-        self._target(session, state)
-        return session
-
-    def _target(self, session: UdpSession, state: _ProgramSocket) -> None:
-        """What ``session`` receives is for the program socket ``state`` from now on."""
-        session.set_receiver(lambda source, payload: self._from_remote(state, session, source, payload))
+        session_family = socket.AF_INET6 if state.family == socket.AF_INET6 else socket.AF_INET
+        session = self._client.start_udp(session_family)
+        session.set_receiver(lambda source, payload: self._from_remote(state, source, payload))
         session.set_peer_error_receiver(lambda peer, error: self._peer_error(state, peer, error))
         # Agent socket errors and a refused open: the datagrams are lost, as UDP's are.
         session.set_error_receiver(lambda exc: log.debug("UDP session for socket %d: %s", state.key, exc))
+        return session
 
     # --- remote → program ---
 
-    def _from_remote(self, state: _ProgramSocket, session: UdpSession, source: Endpoint, payload: bytes) -> None:
-        if not self._handover.received(state.key, source.port, payload, session):
-            self.dropped += 1  # a late duplicate for the session's previous socket
-            return
-        self._to_program(state, source, payload)
-
-    def _to_program(self, state: _ProgramSocket, source: Endpoint, payload: bytes) -> None:
-        """A datagram for the program from ``source`` (through the agent, or ktrace's own answer)."""
+    def _from_remote(self, state: _ProgramSocket, source: Endpoint, payload: bytes) -> None:
         state.last_used = time.monotonic()
         self._deliver(state, source, payload)
         # After delivering: parsing an answer costs ~100s of µs that the program need not
@@ -479,7 +448,6 @@ class UdpRelays:
                 self._arm_sweeper()
 
     def _end_session(self, state: _ProgramSocket) -> None:
-        self._handover.forget(state.key)
         session, state.session = state.session, None
         if session is not None:
             task = asyncio.create_task(session.close())

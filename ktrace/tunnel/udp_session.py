@@ -89,11 +89,6 @@ class UdpSession:
             raise self._open_error
         return self
 
-    @property
-    def usable(self) -> bool:
-        """Not closed: datagrams sent now still go out."""
-        return not self.closed.is_set()
-
     async def until_answered(self) -> None:
         """Wait for the agent's answer to ``open`` (or its refusal, or the stream's end)."""
         await self._answered.wait()
