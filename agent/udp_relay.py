@@ -30,11 +30,14 @@ import grpc
 from . import rpc
 from .batching import gather
 from .errnames import describe, errno_name
+from .rpc import IPAddress
 
 log = logging.getLogger("ktrace_agent")
 
 QUEUE_DATAGRAMS = 512
 SEND_BUFFER_LIMIT = 1024 * 1024
+PORT_ZERO_SOCKETS = 16  # per stream: peers whose port 0 it sent to lately
+PORT_ZERO_LINGER_S = 30.0
 
 
 # Linux reports ICMP errors on an *unconnected* UDP socket only with IP_RECVERR /
@@ -107,6 +110,75 @@ class _Socket(asyncio.DatagramProtocol):
             self._put(rpc.UdpServerFrame(failure=rpc.Failure(errno_name=errno_name(exc), message=describe(exc))))
 
 
+class _PortZero:
+    """Datagrams to port 0 of a peer. Linux refuses ``sendto()`` to port 0 (EINVAL), yet a
+    socket *connected* to port 0 sends, and the peer's port unreachable then makes a program's
+    socket connected there fail with ECONNREFUSED. A program under ktrace (connected through
+    ktrace's sink, see ktrace/tunnel/udp_relay.py) must see the same, so such datagrams leave
+    from a socket of their own connected to the peer's port 0, one per peer, closed after a
+    while. glibc connects to port 0 to sort addresses (RFC 6724) but never sends: this path is
+    rare and bounded."""
+
+    def __init__(self, family: int, queue: asyncio.Queue[rpc.UdpServerFrame]) -> None:
+        self._family = family
+        self._queue = queue
+        self._sockets: dict[IPAddress, tuple[socket.socket, asyncio.TimerHandle]] = {}
+
+    def send(self, ip: IPAddress, payload: bytes) -> bool:
+        """Send ``payload`` to port 0 of ``ip``; False when it had to be dropped."""
+        loop = asyncio.get_running_loop()
+        entry = self._sockets.get(ip)
+        if entry is None:
+            if len(self._sockets) >= PORT_ZERO_SOCKETS:
+                return False
+            sock = socket.socket(self._family, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(rpc.sockaddr_for(ip, 0, self._family))
+            except OSError as exc:
+                sock.close()
+                self._failed(ip, exc)
+                return True
+            loop.add_reader(sock.fileno(), self._readable, ip, sock)
+        else:
+            sock, timer = entry
+            timer.cancel()
+        self._sockets[ip] = (sock, loop.call_later(PORT_ZERO_LINGER_S, self._close, ip))
+        try:
+            sock.send(payload)
+        except BlockingIOError:
+            return False
+        except OSError as exc:  # an earlier datagram's port unreachable surfaces here too
+            self._failed(ip, exc)
+        return True
+
+    def _readable(self, ip: IPAddress, sock: socket.socket) -> None:
+        try:
+            sock.recv(1)  # nothing can answer from port 0; an error is what wakes this
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._failed(ip, exc)
+
+    def _failed(self, ip: IPAddress, exc: OSError) -> None:
+        failure = rpc.Failure(errno_name=errno_name(exc), message=describe(exc))
+        frame = rpc.UdpServerFrame(peer_failure=rpc.PeerFailure(peer=rpc.encode_address(ip, 0), failure=failure))
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(frame)
+
+    def _close(self, ip: IPAddress) -> None:
+        entry = self._sockets.pop(ip, None)
+        if entry is not None:
+            sock, timer = entry
+            timer.cancel()
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+
+    def close(self) -> None:
+        for ip in list(self._sockets):
+            self._close(ip)
+
+
 def _buffered(transport: asyncio.DatagramTransport) -> int:
     """Bytes the transport holds because the kernel buffer was full (selector transports expose it)."""
     size = getattr(transport, "get_write_buffer_size", None)
@@ -117,6 +189,7 @@ class UdpRelay:
     def __init__(self, context: rpc.UdpContext) -> None:
         self._context = context
         self.dropped_out = 0
+        self._port_zero: _PortZero | None = None
 
     async def run(self) -> None:
         first = await self._read_frame()
@@ -146,6 +219,7 @@ class UdpRelay:
         queue.put_nowait(rpc.UdpServerFrame(opened=rpc.UdpOpened(local=rpc.encode_address(host, port))))
         loop = asyncio.get_running_loop()
         transport, protocol = await loop.create_datagram_endpoint(lambda: _Socket(queue, sock), sock=sock)
+        self._port_zero = _PortZero(family, queue)
         try:
             sender = asyncio.create_task(self._send_back(queue, first.open.batches))
             try:
@@ -156,6 +230,7 @@ class UdpRelay:
                     await sender
         finally:
             transport.close()
+            self._port_zero.close()
             if protocol.dropped_in or self.dropped_out:
                 log.info(
                     "Datagrams stream from %s: dropped %d incoming, %d outgoing datagrams",
@@ -203,6 +278,10 @@ class UdpRelay:
         if family == socket.AF_INET and ip.version == 6:
             failure = rpc.Failure(errno_name="EAFNOSUPPORT", message=f"IPv6 destination {ip} on an IPv4 socket")
             await replies.put(rpc.UdpServerFrame(failure=failure))  # through the one writer
+            return
+        if port == 0 and self._port_zero is not None:
+            if not self._port_zero.send(ip, datagram.payload):
+                self.dropped_out += 1
             return
         if _buffered(transport) >= SEND_BUFFER_LIMIT:
             self.dropped_out += 1

@@ -386,6 +386,10 @@ class NetworkHandler:
         entry = self.redirected.get(inode)
         name: bytes | None = render(entry) if entry is not None else None
         if name is None and peer and self.udp is not None and inode in self.udp.sockets:
+            if self.udp.connected_to_port_zero(inode):
+                # Linux keeps such a socket "connected" (send works, the source is chosen) but
+                # its getpeername() says ENOTCONN: inet_getname() checks the peer port first.
+                return Complete(-errno.ENOTCONN)
             name = self.udp.peer_name(inode, self.udp.sockets[inode])
         if name is None:
             return Resume()

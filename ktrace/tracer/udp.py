@@ -304,6 +304,10 @@ class UdpRedirector:
                 return  # the descriptor now names another file
             self.relays.refuse(inode, peer, program)
 
+    def connected_to_port_zero(self, inode: int) -> bool:
+        peer = self.connected.get(inode)
+        return peer is not None and peer.port == 0
+
     def peer_name(self, inode: int, family: int) -> bytes | None:
         peer = self.connected.get(inode)
         if peer is None:

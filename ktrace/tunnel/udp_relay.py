@@ -395,6 +395,16 @@ class UdpRelays:
             return False
         address = relay.sock.getsockname()[:2]
         family = relay.sock.family
+        if state.sink_user is not None and self._sink_users.get(state.sink_user, (None, None))[1] == peer:
+            # Connected to the sink in place of port 0 of ``peer``: connect the program's socket
+            # to the relay its datagrams took, so the port unreachable below lands on it. Its
+            # source port stays (already bound), and ktrace answers getpeername() itself.
+            try:
+                program.connect((self._as_seen_by(program.family, address[0]), address[1]))
+            except OSError as exc:
+                log.debug("UDP socket %d: could not leave the sink: %s", sock_key, exc)
+                return False
+            self._forget_sink_user(state)
         # Not _close_relay: the flow goes on (with a new socket), its totals with it.
         self._by_port.pop((family, relay.port), None)
         asyncio.get_running_loop().remove_reader(relay.sock.fileno())
