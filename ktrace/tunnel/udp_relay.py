@@ -192,6 +192,31 @@ class UdpRelays:
         relay = self._by_port.get((self._relay_family(family), relay_port))
         return relay.peer if relay is not None else None
 
+    def agent_port(self, sock_key: int) -> int | None:
+        """The port of the agent socket of program socket ``sock_key``, when it is open and known."""
+        state = self._sockets.get(sock_key)
+        session = state.session if state is not None else None
+        if session is None or session.closed.is_set():
+            return None
+        return session.local_port
+
+    async def wait_agent_port(self, sock_key: int, timeout: float) -> int | None:
+        """The agent socket's port for ``sock_key``, opening its session now if it has none: it is
+        the session the program's next datagram goes through, so the port shown is the one the
+        peer will see. None when the socket is unknown or the agent does not answer in time."""
+        state = self._sockets.get(sock_key)
+        if state is None:
+            return None
+        session = state.session
+        if session is None or session.closed.is_set():
+            session = state.session = self._start_session(state)
+            state.last_used = time.monotonic()
+        try:
+            await asyncio.wait_for(session.until_answered(), timeout)
+        except TimeoutError:
+            return None
+        return session.local_port if not session.closed.is_set() else None
+
     def session_of(self, sock_key: int) -> UdpSession | None:
         """The open session of a program socket, if any (diagnostics, tests)."""
         state = self._sockets.get(sock_key)
