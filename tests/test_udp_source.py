@@ -20,8 +20,8 @@ from ktrace.tunnel.client import _parse_info
 from ktrace.tunnel.types import Endpoint, SourceRoute
 
 ip = ipaddress.ip_address
-POD4 = ip("10.1.2.3")
-POD6 = ip("fd00::1:2:3")
+POD4 = ipaddress.IPv4Address("10.1.2.3")
+POD6 = ipaddress.IPv6Address("fd00::1:2:3")
 DUAL = AgentSources.from_routes([SourceRoute(4, POD4), SourceRoute(6, POD6)], [POD4, POD6])
 V4_ONLY = AgentSources.from_routes([SourceRoute(4, POD4), SourceRoute(6, None, "ENETUNREACH")], [POD4])
 OLD_AGENT = AgentSources()
