@@ -392,16 +392,7 @@ class NetworkHandler:
                 return Complete(-errno.ENOTCONN)
             name = self.udp.peer_name(inode, self.udp.sockets[inode])
         if name is None and not peer and self.udp is not None and inode in self.udp.connected:
-            found = self.udp.sock_name(inode)
-            if found is not None and not isinstance(found, bytes):
-                pending = found
-
-                async def when_known() -> Resume | Complete:
-                    known = await pending
-                    return Resume() if known is None else self._write_name(tid, name_ptr, len_ptr, known)
-
-                return Deferred(when_known())
-            name = found
+            name = self.udp.sock_name(inode)
         if name is None:
             return Resume()
         return self._write_name(tid, name_ptr, len_ptr, name)

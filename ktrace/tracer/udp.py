@@ -21,7 +21,7 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -48,13 +48,6 @@ class RelayTable(Protocol):
     def refuse(self, sock_key: int, peer: Endpoint, program: socket.socket) -> bool: ...
 
     def agent_port(self, sock_key: int) -> int | None: ...
-
-    def wait_agent_port(self, sock_key: int, timeout: float) -> Awaitable[int | None]: ...
-
-
-# How long getsockname() waits for the agent to say which port its socket has (a spare
-# session is usually open already): then the program socket's own port is shown.
-AGENT_PORT_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -340,13 +333,13 @@ class UdpRedirector:
             return None
         return sockaddr.encode(family, peer.ip, peer.port)
 
-    def sock_name(self, inode: int) -> bytes | Awaitable[bytes | None] | None:
+    def sock_name(self, inode: int) -> bytes | None:
         """getsockname() of a socket ktrace connected to a relay or the sink: the agent's source
         address for the peer's IP version, as in a pod. The port is the one the peer sees (the
-        agent socket's: connecting the program's socket made it ask for one, so a program that
-        reads its address once, as Go's net.Dial does, keeps a true one as long as the agent
-        socket lives), else the program socket's own (a socket connected to port 0 has no agent
-        socket of its own; or the agent did not answer in time). None: the kernel answers."""
+        agent socket's) when the agent has said it, else the program socket's own: a socket
+        connected to port 0 has no agent socket of its own, and waiting for the agent's answer
+        would cost every Go lookup a round trip (measured: +3-4 ms per `goclient -resolve`).
+        None: the kernel answers."""
         peer = self.connected.get(inode)
         family = self.sockets.get(inode)
         own_port = self.own_ports.get(inode)
@@ -362,14 +355,7 @@ class UdpRedirector:
 
         if peer.port == 0:
             return name(None)
-        known = self.relays.agent_port(inode)
-        if known is not None:
-            return name(known)
-
-        async def when_known() -> bytes | None:
-            return name(await self.relays.wait_agent_port(inode, AGENT_PORT_WAIT))
-
-        return when_known()
+        return name(self.relays.agent_port(inode))
 
     def _note(self, tid: int, dest: Endpoint, kind: str, inode: int) -> None:
         """Once per (socket, destination): who uses it (the report names flows by process)."""

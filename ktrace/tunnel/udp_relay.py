@@ -193,17 +193,13 @@ class UdpRelays:
         return relay.peer if relay is not None else None
 
     def agent_port(self, sock_key: int) -> int | None:
-        """The port of the agent socket of program socket ``sock_key``, when it is open and known."""
-        state = self._sockets.get(sock_key)
-        session = state.session if state is not None else None
-        if session is None or session.closed.is_set():
-            return None
-        return session.local_port
+        """The port of the agent socket of program socket ``sock_key``, when known now. Its session
+        is opened if it has none (the one its next datagram would open): a spare, whose port is
+        known if the agent has answered it already; a later call then shows the port."""
+        session = self._session_now(sock_key)
+        return session.local_port if session is not None and not session.closed.is_set() else None
 
-    async def wait_agent_port(self, sock_key: int, timeout: float) -> int | None:
-        """The agent socket's port for ``sock_key``, opening its session now if it has none: it is
-        the session the program's next datagram goes through, so the port shown is the one the
-        peer will see. None when the socket is unknown or the agent does not answer in time."""
+    def _session_now(self, sock_key: int) -> UdpSession | None:
         state = self._sockets.get(sock_key)
         if state is None:
             return None
@@ -211,11 +207,7 @@ class UdpRelays:
         if session is None or session.closed.is_set():
             session = state.session = self._start_session(state)
             state.last_used = time.monotonic()
-        try:
-            await asyncio.wait_for(session.until_answered(), timeout)
-        except TimeoutError:
-            return None
-        return session.local_port if not session.closed.is_set() else None
+        return session
 
     def session_of(self, sock_key: int) -> UdpSession | None:
         """The open session of a program socket, if any (diagnostics, tests)."""
