@@ -3,14 +3,24 @@
 Addresses are read from the kernel's own tables (/proc/net/fib_trie for IPv4,
 /proc/net/if_inet6 for IPv6) instead of running tools the pod image may lack.
 The parsers are pure functions of the file text.
+
+Source routes: per family, the address the kernel picks as source towards the cluster,
+learnt by connecting a UDP socket (no packet is sent: connect() of a UDP socket only
+looks the route up) to the first nameserver of that family, else to a documentation
+address that only a default route covers. A nameserver that is one of the host's own
+addresses (a node-local resolver seen from a hostNetwork pod, 127.0.0.53) is skipped: the
+kernel would answer with that address itself, which is no source towards anything else.
+When the connect fails (an IPv4-only pod has no IPv6 route: ENETUNREACH), its errno
+name is what the client makes the program's connect() of that family fail with.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from .rpc import IPAddress
@@ -85,21 +95,90 @@ def local_addresses(proc_net: str = "/proc/net") -> list[IPAddress]:
     return [*v4, *v6]
 
 
+# Towards these when resolv.conf names no usable nameserver of the family: documentation
+# prefixes (RFC 5737, RFC 3849), which no host routes specially, so only a default route
+# covers them, as it covers a cluster's service addresses in a pod.
+FALLBACK_TARGETS: dict[int, IPAddress] = {
+    socket.AF_INET: ipaddress.IPv4Address("192.0.2.1"),
+    socket.AF_INET6: ipaddress.IPv6Address("2001:db8::1"),
+}
+
+
+@dataclass(frozen=True)
+class SourceRoute:
+    """Per family: the source address towards the cluster, or the errno name of no route."""
+
+    family: int
+    source: IPAddress | None
+    errno_name: str = ""
+
+
+def probe_targets(resolv_conf: str, own: Sequence[IPAddress], family: int) -> list[IPAddress]:
+    """Where to look the route up for ``family``: its first nameserver that is not one of the
+    host's own (or loopback) addresses, then the fallback target."""
+    version = 4 if family == socket.AF_INET else 6
+    targets: list[IPAddress] = []
+    for line in resolv_conf.splitlines():
+        fields = line.split()
+        if len(fields) < 2 or fields[0] != "nameserver":
+            continue
+        try:
+            ip = ipaddress.ip_address(fields[1].split("%", 1)[0])
+        except ValueError:
+            continue
+        if ip.version == version and not ip.is_loopback and not ip.is_link_local and ip not in own:
+            targets.append(ip)
+            break
+    targets.append(FALLBACK_TARGETS[family])
+    return targets
+
+
+def kernel_source(family: int, target: IPAddress) -> IPAddress:
+    """The source address the kernel picks for a UDP socket connected to ``target``
+    (raises OSError, e.g. ENETUNREACH). The connect sends nothing."""
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect((str(target), 9))  # any port but 0 (RFC 6724 probes use 0; either works)
+        return ipaddress.ip_address(sock.getsockname()[0].split("%", 1)[0])
+
+
+def source_route(
+    family: int, targets: Sequence[IPAddress], lookup: Callable[[int, IPAddress], IPAddress] = kernel_source
+) -> SourceRoute:
+    """The first target with a route decides; the last failure names the errno otherwise."""
+    failure = errno.ENETUNREACH
+    for target in targets:
+        try:
+            return SourceRoute(family, lookup(family, target))
+        except OSError as exc:
+            failure = exc.errno or errno.ENETUNREACH
+    return SourceRoute(family, None, errno.errorcode.get(failure, "ENETUNREACH"))
+
+
+def source_routes(resolv_conf: str, own: Sequence[IPAddress]) -> tuple[SourceRoute, ...]:
+    return tuple(
+        source_route(family, probe_targets(resolv_conf, own, family)) for family in (socket.AF_INET, socket.AF_INET6)
+    )
+
+
 @dataclass(frozen=True)
 class HostInfo:
     hostname: str
     addresses: tuple[IPAddress, ...]
     resolv_conf: str
     hosts: str
+    source_routes: tuple[SourceRoute, ...] = ()
 
 
 def gather(resolv_conf_path: str | None = None, hosts_path: str | None = None) -> HostInfo:
     """Read the host's view now (files can change while a pod runs, so per handshake)."""
     resolv = resolv_conf_path or os.environ.get(RESOLV_CONF_ENV) or DEFAULT_RESOLV_CONF
     hosts = hosts_path or os.environ.get(HOSTS_ENV) or DEFAULT_HOSTS
+    addresses = tuple(local_addresses())
+    resolv_conf = _read(resolv)
     return HostInfo(
         hostname=socket.gethostname(),
-        addresses=tuple(local_addresses()),
-        resolv_conf=_read(resolv),
+        addresses=addresses,
+        resolv_conf=resolv_conf,
         hosts=_read(hosts),
+        source_routes=source_routes(resolv_conf, addresses),
     )

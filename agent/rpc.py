@@ -41,6 +41,7 @@ UdpOpened = pb.UdpOpened
 Datagram = pb.Datagram
 DatagramBatch = pb.DatagramBatch
 PeerFailure = pb.PeerFailure
+SourceRoute = pb.SourceRoute
 FAMILY_INET = pb.INET
 FAMILY_INET6 = pb.INET6
 
@@ -84,6 +85,10 @@ def encode_address(ip: IPAddress | str, port: int) -> pb.Address:
     if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
         parsed = parsed.ipv4_mapped
     return pb.Address(ip=parsed.packed, port=port)
+
+
+def wire_family(family: int) -> pb.Family:
+    return pb.INET6 if family == socket.AF_INET6 else pb.INET
 
 
 def sockaddr_for(ip: IPAddress, port: int, family: int) -> tuple[str, int]:

@@ -161,6 +161,14 @@ class AgentServer:
                 hosts=info.hosts,
                 max_message_bytes=MAX_MESSAGE_BYTES,
                 datagram_batches=True,
+                source_routes=[
+                    rpc.SourceRoute(
+                        family=rpc.wire_family(route.family),
+                        ip=route.source.packed if route.source is not None else b"",
+                        errno_name=route.errno_name,
+                    )
+                    for route in info.source_routes
+                ],
             )
 
     async def Connect(self, request_iterator: object, context: rpc.TcpContext) -> None:

@@ -30,7 +30,7 @@ from ktrace.errors import KtraceError
 from ktrace.report.render import Verbosity
 from ktrace.rules import Route, RuleSet
 from ktrace.tracer import arch, launcher, seccomp
-from ktrace.tracer.decide import RoutingPolicy, nameservers_of
+from ktrace.tracer.decide import AgentSources, RoutingPolicy, nameservers_of
 from ktrace.tracer.files import FileViews
 from ktrace.tracer.launcher import LaunchError
 from ktrace.tracer.network import NetworkHandler
@@ -266,7 +266,13 @@ async def _session(
                     observer=recorder,
                     local_dns=reporting.local_resolver(options.rules),
                 )
-                udp = UdpRedirector(relays, policy, on_event=recorder.on_udp, threads=threads)
+                udp = UdpRedirector(
+                    relays,
+                    policy,
+                    on_event=recorder.on_udp,
+                    threads=threads,
+                    sources=AgentSources.from_routes(client.info.source_routes, client.info.addresses),
+                )
                 handler.udp = udp
                 files = FileViews(
                     served=_serve_resolver_files(views_dir, client.info, options.hosts),

@@ -1,7 +1,9 @@
 """A test "cluster" and "laptop" made of two network namespaces.
 
 * ``ktc<id>-cluster``: loopback only, with the service addresses on ``lo``, the services of
-  tests/servers/cluster_services.py, a blackhole route and the ktrace agent.
+  tests/servers/cluster_services.py, a blackhole route and the ktrace agent. Like a pod it has an
+  address of its own per family (``AGENT_POD_IP``/``AGENT_POD_IP_V6``) and a default route whose
+  source that is (to ``lo``: whatever is not local there is dropped, as the blackhole is).
 * ``ktc<id>-laptop``: loopback only, no routes, and a resolv.conf that names 127.0.0.1 (where
   nothing listens), so nothing run there can reach this machine's resolver or network. Like a real
   laptop it has an address of its own (``LAPTOP_V4``/``LAPTOP_V6``, documentation prefixes, on
@@ -61,6 +63,7 @@ LAPTOP_V6 = "2001:db8::10"
 # program run with `ktrace run --hosts cluster` sees it.
 AGENT_POD_NAME = "ktrace-agent-pod"
 AGENT_POD_IP = "10.96.9.9"
+AGENT_POD_IP_V6 = "fd00:96::9:9"
 CLUSTER_ETC_HOSTS = f"127.0.0.1 localhost\n::1 localhost\n{AGENT_POD_IP} {AGENT_POD_NAME}\n"
 LARGE_ANSWER = 120  # A records of big.default.svc.cluster.local: too many for one UDP answer (TC)
 
@@ -201,6 +204,8 @@ class NamespaceCluster:
     echo_v6 = ECHO_V6
     refused_v4 = REFUSED_V4
     blackhole_v4 = BLACKHOLE_V4
+    pod_ip = AGENT_POD_IP
+    pod_ip_v6 = AGENT_POD_IP_V6
     dns_v4 = DNS_V4
     hello_port = HELLO_PORT
     echo_port = ECHO_PORT
@@ -241,11 +246,13 @@ class NamespaceCluster:
             ip("-n", ns, "link", "set", "lo", "up")
         ip("-n", self.laptop, "addr", "add", f"{LAPTOP_V4}/32", "dev", "lo", "noprefixroute")
         ip("-n", self.laptop, "addr", "add", f"{LAPTOP_V6}/128", "dev", "lo", "nodad", "noprefixroute")
-        for addr in (DNS_V4, HELLO_V4, ECHO_V4, REFUSED_V4):
+        for addr in (AGENT_POD_IP, DNS_V4, HELLO_V4, ECHO_V4, REFUSED_V4):
             ip("-n", self.cluster, "addr", "add", f"{addr}/32", "dev", "lo")
-        for addr in (HELLO_V6, ECHO_V6):
+        for addr in (AGENT_POD_IP_V6, HELLO_V6, ECHO_V6):
             ip("-n", self.cluster, "addr", "add", f"{addr}/128", "dev", "lo", "nodad")
-        ip("-n", self.cluster, "route", "add", BLACKHOLE_NET, "dev", "lo")
+        ip("-n", self.cluster, "route", "add", BLACKHOLE_NET, "dev", "lo", "src", AGENT_POD_IP)
+        ip("-n", self.cluster, "route", "add", "default", "dev", "lo", "src", AGENT_POD_IP)
+        ip("-n", self.cluster, "-6", "route", "add", "default", "dev", "lo", "src", AGENT_POD_IP_V6)
         self._start_services(deadline)
         if start_agent:
             self._start_agent(deadline)

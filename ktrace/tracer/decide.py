@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ktrace.rules import Route as Route  # noqa: PLC0414 - re-exported for udp.py
@@ -17,7 +18,7 @@ from ktrace.rules import RouteDecision, RuleSet
 from ktrace.tracer import sockaddr
 from ktrace.tracer.sockaddr import Decoded, InetAddr
 from ktrace.tunnel.dns_map import DnsMap
-from ktrace.tunnel.types import Endpoint
+from ktrace.tunnel.types import Endpoint, IPAddress, SourceRoute
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
@@ -201,3 +202,65 @@ def connect_result(local_errno: int) -> int:
     ktrace's loopback endpoint: 0, or -EINPROGRESS for a non-blocking socket
     whose loopback handshake has not completed yet (it completes at once)."""
     return -local_errno if local_errno else 0
+
+
+@dataclass(frozen=True)
+class AgentSources:
+    """What the agent's handshake said about its routes towards the cluster, per IP version
+    (nothing from an older agent: then the kernel answers getsockname() and connect() as before),
+    and its own addresses (a peer that is one of them is its own source, as for any local peer)."""
+
+    routes: tuple[SourceRoute, ...] = ()
+    own: frozenset[IPAddress] = frozenset()
+
+    def of(self, dest: Endpoint) -> SourceRoute | None:
+        for route in self.routes:
+            if route.version == dest.ip.version:
+                return route
+        return None
+
+    @classmethod
+    def from_routes(cls, routes: Iterable[SourceRoute], own: Iterable[IPAddress] = ()) -> AgentSources:
+        return cls(tuple(routes), frozenset(own))
+
+
+def _on_the_agent_itself(dest: Endpoint, sources: AgentSources) -> bool:
+    return sockaddr.is_loopback(dest.ip) or dest.ip in sources.own
+
+
+def udp_no_route(dest: Endpoint, sources: AgentSources) -> int | None:
+    """The errno a UDP connect() or send to the remote ``dest`` fails with because the agent
+    has no route of its IP version (ENETUNREACH in an IPv4-only pod), else None. ``dest`` is
+    the endpoint (a v4-mapped address is IPv4: it leaves a dual-stack socket as IPv4). The
+    agent's own and loopback addresses (a node-local nameserver) are reachable without a route."""
+    route = sources.of(dest)
+    if route is None or route.source is not None or _on_the_agent_itself(dest, sources):
+        return None
+    return route.errno
+
+
+@dataclass(frozen=True)
+class UdpSocketName:
+    """A snapshot of a program UDP socket ktrace connected to a relay or the sink."""
+
+    family: int  # the program socket's
+    peer: InetAddr  # as the program wrote it
+    own_port: int  # the program socket's own port (the kernel bound it at connect())
+    agent_port: int | None  # the port of its agent socket, the one the peer sees, when known
+
+
+def udp_sock_name(snapshot: UdpSocketName, sources: AgentSources) -> bytes | None:
+    """What getsockname() shows: the agent's source address for the peer's IP version (what
+    a pod's kernel picks), with the port the peer sees when there is an agent socket, else the
+    socket's own port. A peer that is one of the agent's own addresses is its own source (the
+    kernel picks the destination itself). None: the kernel answers (an older agent told no
+    source; a loopback peer, whose source 127.0.0.1 or ::1 the relay's already is)."""
+    dest = snapshot.peer.endpoint
+    route = sources.of(dest)
+    if route is None or route.source is None or sockaddr.is_loopback(dest.ip):
+        return None
+    source = dest.ip if dest.ip in sources.own else route.source
+    if snapshot.family == socket.AF_INET and source.version == 6:
+        return None  # cannot happen (an IPv4 peer gets an IPv4 source); never crash on it
+    port = snapshot.agent_port if snapshot.agent_port is not None else snapshot.own_port
+    return sockaddr.encode(snapshot.family, source, port)

@@ -391,8 +391,14 @@ class NetworkHandler:
                 # its getpeername() says ENOTCONN: inet_getname() checks the peer port first.
                 return Complete(-errno.ENOTCONN)
             name = self.udp.peer_name(inode, self.udp.sockets[inode])
+        if name is None and not peer and self.udp is not None and inode in self.udp.connected:
+            name = self.udp.sock_name(inode)
         if name is None:
             return Resume()
+        return self._write_name(tid, name_ptr, len_ptr, name)
+
+    @staticmethod
+    def _write_name(tid: int, name_ptr: int, len_ptr: int, name: bytes) -> Complete:
         try:
             buffer_len = kernel.read_int(tid, len_ptr)
         except OSError as exc:

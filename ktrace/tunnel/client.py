@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -19,7 +20,7 @@ from .. import __version__
 from . import rpc
 from .call_pool import CallPool
 from .tcp_stream import TcpStream
-from .types import AgentUnavailable, Endpoint, IPAddress, TcpStats, TunnelError, TunnelLost
+from .types import AgentUnavailable, Endpoint, IPAddress, SourceRoute, TcpStats, TunnelError, TunnelLost
 from .udp_session import SessionSpares, UdpSession
 
 __all__ = [
@@ -55,6 +56,8 @@ class AgentInfo:
     hosts: str
     max_message_bytes: int
     datagram_batches: bool = False  # the agent accepts several datagrams in one frame
+    # Per IP version the agent told (none from an older agent): its source towards the cluster.
+    source_routes: tuple[SourceRoute, ...] = ()
 
 
 DEFAULT_UNREACHABLE_HINT = "is it running, and is the port-forward up?"
@@ -85,7 +88,24 @@ def _parse_info(reply: rpc.HandshakeReply) -> AgentInfo:
         hosts=reply.hosts,
         max_message_bytes=reply.max_message_bytes,
         datagram_batches=reply.datagram_batches,
+        source_routes=_parse_source_routes(reply.source_routes),
     )
+
+
+def _parse_source_routes(routes: Iterable[rpc.SourceRoute]) -> tuple[SourceRoute, ...]:
+    """The first usable entry per IP version; malformed ones are ignored (the kernel answers then)."""
+    found: dict[int, SourceRoute] = {}
+    for route in routes:
+        version = {rpc.FAMILY_INET: 4, rpc.FAMILY_INET6: 6}.get(route.family)
+        if version is None or version in found:
+            continue
+        if len(route.ip) in (4, 16):
+            ip = ipaddress.ip_address(route.ip)
+            if ip.version == version and not ip.is_unspecified:
+                found[version] = SourceRoute(version, ip)
+        elif not route.ip and route.errno_name:
+            found[version] = SourceRoute(version, None, route.errno_name)
+    return tuple(found[version] for version in sorted(found))
 
 
 class AgentClient:

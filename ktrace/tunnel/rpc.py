@@ -33,6 +33,7 @@ UdpOpen = pb.UdpOpen
 Datagram = pb.Datagram
 DatagramBatch = pb.DatagramBatch
 PeerFailure = pb.PeerFailure
+SourceRoute = pb.SourceRoute
 FAMILY_INET = pb.INET
 FAMILY_INET6 = pb.INET6
 

@@ -57,6 +57,23 @@ class Endpoint:
         return f"{self.ip}:{self.port}"
 
 
+@dataclass(frozen=True)
+class SourceRoute:
+    """For one IP version (4 or 6): the source address the agent's kernel picks towards the
+    cluster, or, when that version has no route there, the errno name of connect() (the
+    handshake says; older agents say nothing)."""
+
+    version: int
+    source: IPAddress | None
+    errno_name: str = ""
+
+    @property
+    def errno(self) -> int:
+        """The local errno number of ``errno_name`` (ENETUNREACH when this system has no such name)."""
+        value = getattr(_errno, self.errno_name, None)
+        return value if isinstance(value, int) and self.errno_name.startswith("E") else _errno.ENETUNREACH
+
+
 class TunnelError(Exception):
     """A dial or stream failure reported by the agent, by errno name (numbers differ per architecture)."""
 

@@ -192,6 +192,23 @@ class UdpRelays:
         relay = self._by_port.get((self._relay_family(family), relay_port))
         return relay.peer if relay is not None else None
 
+    def agent_port(self, sock_key: int) -> int | None:
+        """The port of the agent socket of program socket ``sock_key``, when known now. Its session
+        is opened if it has none (the one its next datagram would open): a spare, whose port is
+        known if the agent has answered it already; a later call then shows the port."""
+        session = self._session_now(sock_key)
+        return session.local_port if session is not None and not session.closed.is_set() else None
+
+    def _session_now(self, sock_key: int) -> UdpSession | None:
+        state = self._sockets.get(sock_key)
+        if state is None:
+            return None
+        session = state.session
+        if session is None or session.closed.is_set():
+            session = state.session = self._start_session(state)
+            state.last_used = time.monotonic()
+        return session
+
     def session_of(self, sock_key: int) -> UdpSession | None:
         """The open session of a program socket, if any (diagnostics, tests)."""
         state = self._sockets.get(sock_key)

@@ -100,6 +100,11 @@ class UdpSession:
             raise RuntimeError("the UDP session is not open yet")
         return self._local
 
+    @property
+    def local_port(self) -> int | None:
+        """The agent socket's port, the one peers see (None until the agent answered, or if it refused)."""
+        return self._local.port if self._local is not None else None
+
     def send(self, dest: Endpoint, payload: bytes) -> bool:
         """Queue one datagram for ``dest``; False when dropped (queue full or session closed)."""
         if self.closed.is_set():

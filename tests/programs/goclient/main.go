@@ -4,6 +4,8 @@
 //	goclient [-n N] [-c C] URL          N GETs, C at a time; "ok N/N <first body>" or "failed K/N <err>"
 //	goclient -tcp HOST:PORT             one connect: "ok <remote> <local>" or "error <ERRNO>"
 //	goclient -resolve NAME              "addrs <a> <b> ..." (sorted) or "error <msg>"
+//	goclient -udp-local HOST:PORT       "what is my outbound IP": net.Dial("udp") (sends nothing),
+//	                                    "local <ip> <port is not 0>" from LocalAddr(), or "error <ERRNO>"
 //	goclient -spawn K [-n N] [-c C] URL K copies of itself via os/exec, with an empty environment
 //	goclient -exec CMD [ARG...]         runs CMD via os/exec and exits with its status
 package main
@@ -36,6 +38,20 @@ var errnoNames = map[syscall.Errno]string{
 	syscall.EPERM:         "EPERM",
 	syscall.ENOSYS:        "ENOSYS",
 	syscall.EINVAL:        "EINVAL",
+}
+
+// outboundAddress is the common idiom for "which address do I reach the world from":
+// connecting a UDP socket only picks the route and the source, no packet is sent.
+func outboundAddress(target string) int {
+	conn, err := net.Dial("udp", target)
+	if err != nil {
+		fmt.Println("error", errName(err))
+		return 1
+	}
+	defer conn.Close()
+	local := conn.LocalAddr().(*net.UDPAddr)
+	fmt.Println("local", local.IP, local.Port != 0)
+	return 0
 }
 
 func errName(err error) string {
@@ -190,6 +206,7 @@ func main() {
 	c := flag.Int("c", 1, "concurrency")
 	tcp := flag.String("tcp", "", "connect once to HOST:PORT")
 	name := flag.String("resolve", "", "resolve NAME")
+	udpLocal := flag.String("udp-local", "", "print the local address of a UDP socket dialled to HOST:PORT")
 	k := flag.Int("spawn", 0, "run K copies of this program via os/exec")
 	execMode := flag.Bool("exec", false, "run the remaining arguments as a command via os/exec")
 	flag.Parse()
@@ -198,6 +215,8 @@ func main() {
 		os.Exit(dialOnce(*tcp))
 	case *name != "":
 		os.Exit(resolve(*name))
+	case *udpLocal != "":
+		os.Exit(outboundAddress(*udpLocal))
 	case *execMode && flag.NArg() > 0:
 		os.Exit(runCmd(flag.Args()))
 	case *k > 0 && flag.NArg() == 1:
