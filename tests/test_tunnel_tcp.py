@@ -40,8 +40,8 @@ def test_data_both_ways(listen: str) -> None:
             assert stream.peer == Endpoint.parse(f"127.0.0.1:{target.port}")
             assert str(stream.local.ip) == "127.0.0.1"
             assert stream.local.port != 0
-            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
-            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            (p_reader, p_writer), k_sock = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_sock))
             p_writer.write(b"hello tunnel")
             assert await p_reader.readexactly(12) == b"HELLO TUNNEL"
             p_writer.write_eof()
@@ -138,9 +138,9 @@ def test_64_mib_each_way(tmp_path: pathlib.Path) -> None:
             ),
         ):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
+            (p_reader, p_writer), k_sock = await local_pair()
             started = time.monotonic()
-            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            splice = asyncio.create_task(stream.splice(k_sock))
             sent_hash, (got_n, got_hash) = await asyncio.gather(pump(p_writer, total, seed=1), drain_all(p_reader))
             stats = await splice
             elapsed = time.monotonic() - started
@@ -166,8 +166,8 @@ def test_half_close_server_still_answers(listen: str) -> None:
     async def scenario() -> None:
         async with LoopbackServer(answer_after_eof) as target, agent_and_client(listen) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
-            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            (p_reader, p_writer), k_sock = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_sock))
             p_writer.write(b"x" * 1000)
             p_writer.write_eof()
             assert await p_reader.read() == b"got 1000 bytes"
@@ -187,8 +187,8 @@ def test_remote_reset_becomes_local_reset(listen: str) -> None:
     async def scenario() -> None:
         async with LoopbackServer(reset_after_hello) as target, agent_and_client(listen) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
-            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            (p_reader, p_writer), k_sock = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_sock))
             p_writer.write(b"hello")
             stats = await splice
             assert stats.outcome == "reset: ECONNRESET"
@@ -221,8 +221,8 @@ def test_local_abort_resets_remote(tmp_path: pathlib.Path) -> None:
             agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client),
         ):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
-            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            (p_reader, p_writer), k_sock = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_sock))
             assert await p_reader.readexactly(5) == b"ready"
             await stream.abort()
             assert await asyncio.wait_for(outcome, 10) == "reset"
@@ -257,8 +257,8 @@ def test_backpressure_bounds_what_a_stalled_reader_buffers(tmp_path: pathlib.Pat
 
         async with LoopbackServer(source) as target, agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
-            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            (p_reader, p_writer), k_sock = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_sock))
             # The program reads nothing. Wait until the server's writes stop making progress.
             await asyncio.wait_for(blocked.wait(), 30)
             deadline = time.monotonic() + 30
@@ -291,8 +291,8 @@ def test_backpressure_bounds_what_a_stalled_server_leaves_buffered(tmp_path: pat
 
         async with LoopbackServer(stalled_sink) as target, agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (_, p_writer), (k_reader, k_writer) = await local_pair()
-            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            (_, p_writer), k_sock = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_sock))
             written = 0
             block = b"y" * (1 << 20)
 
