@@ -7,10 +7,12 @@ connections echoing 64 KiB each peaked at ~380 MB RSS in ktrace; docs/performanc
 Every data write first takes its size from a ``SendBudget`` and gives it back when the
 write completes, so what all streams together have queued stays near ``limit``.
 
-A write never waits longer than ``max_wait``: a stream whose peer stopped reading keeps
-its bytes until its window opens, and must not stall every other connection behind it;
-past ``max_wait`` the write goes ahead unbudgeted (its own window still bounds it).
-Waiters are served in order.
+A write waits as long as the budget keeps coming back: the queue is moving, and a
+thousand busy connections simply take turns (with the read gate, read_gate.py, their data
+waits in the kernel meanwhile). Once ``max_wait`` has passed without any budget coming
+back, the bytes are held by streams whose peers stopped reading, and a write goes ahead
+unbudgeted (its own HTTP/2 window still bounds it): such streams must not stall every
+other connection behind them. Waiters are served in order.
 """
 
 from __future__ import annotations
@@ -25,32 +27,42 @@ class SendBudget:
         self.max_wait = max_wait
         self._free = limit
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
-        self.overdrafts = 0  # writes that went ahead unbudgeted after max_wait
+        self._last_give = 0.0  # event-loop time budget last came back
+        self.overdrafts = 0  # writes that went ahead unbudgeted after max_wait without progress
 
     @property
     def free(self) -> int:
         return self._free
 
+    @property
+    def waiting(self) -> int:
+        """Writes waiting for budget now."""
+        return len(self._waiters)
+
     async def take(self, size: int) -> int:
         """Wait for ``size`` bytes of budget (at most ``limit``); returns what was taken,
-        0 if ``max_wait`` passed first. Give it back with ``give``."""
+        0 if ``max_wait`` passed with no budget coming back. Give it back with ``give``."""
         size = min(size, self.limit)
         if not self._waiters and self._free >= size:
             self._free -= size
             return size
-        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        granted: asyncio.Future[None] = loop.create_future()
         entry = (size, granted)
         self._waiters.append(entry)
+        started = loop.time()
         try:
-            async with asyncio.timeout(self.max_wait):
-                await asyncio.shield(granted)
-        except TimeoutError:
-            if granted.done():
-                return size  # granted just as the wait ended
-            self._waiters.remove(entry)
-            self.overdrafts += 1
-            self._grant()  # the head of the queue may have changed
-            return 0
+            while True:
+                deadline = max(started, self._last_give) + self.max_wait
+                if deadline <= loop.time():
+                    break
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await asyncio.shield(granted)
+                    return size
+                except TimeoutError:
+                    if granted.done():
+                        return size  # granted just as the wait ended
         except asyncio.CancelledError:
             if granted.done():
                 self.give(size)
@@ -58,10 +70,17 @@ class SendBudget:
                 self._waiters.remove(entry)
                 self._grant()
             raise
-        return size
+        if granted.done():
+            return size
+        self._waiters.remove(entry)
+        self.overdrafts += 1
+        self._grant()  # the head of the queue may have changed
+        return 0
 
     def give(self, size: int) -> None:
         self._free += size
+        if self._waiters:
+            self._last_give = asyncio.get_running_loop().time()
         self._grant()
 
     def _grant(self) -> None:

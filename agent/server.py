@@ -73,7 +73,7 @@ class AgentServer:
         self._resolv_conf_path = resolv_conf_path
         self._hosts_path = hosts_path
         self._server: grpc.aio.Server | None = None
-        self._send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
+        self.send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
         self._active = 0
         self._activity = asyncio.Event()
         self.address = ""
@@ -175,7 +175,7 @@ class AgentServer:
         async with self._call(context, "Connect"):
             await _headers_now(context)
             try:
-                await TcpRelay(context, self._connect_timeout, self._send_budget).run()
+                await TcpRelay(context, self._connect_timeout, self.send_budget).run()
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:

@@ -4,9 +4,11 @@ Frame order (see the proto): the client sends ``open`` first, then ``data`` and 
 most one ``shutdown_write``; the agent answers ``opened`` or ``failure``, then
 ``data``, ``eof`` (remote FIN) and ``reset`` (remote RST or a lost socket).
 
-Backpressure: each direction is a loop that awaits its write (``drain`` on the
+Backpressure: each direction is a loop that awaits its write (``sock_sendall`` on the
 socket side, ``context.write`` on the gRPC side) before reading more, so at most
-one chunk per direction is in flight and nothing buffers without bound.
+one chunk per direction is in flight and nothing buffers without bound. The remote
+socket is read through a ``ReadGate`` (read_gate.py): only once the send budget allows,
+so data that cannot be sent yet stays in the kernel's socket buffers, not here.
 
 The stream ends when both directions are finished, or at once on a reset. If the
 client goes away (cancel), the remote connection is reset too (SO_LINGER 0), as a
@@ -29,13 +31,13 @@ import grpc
 from . import rpc
 from .budget import SendBudget
 from .errnames import describe, errno_name
+from .read_gate import ReadGate
 
 log = logging.getLogger("ktrace_agent")
 
-CHUNK = 1024 * 1024  # bytes per data frame at most (see ktrace/tunnel/tcp_stream.py)
-# The socket reader pauses the socket past twice this much buffered: with the frame in
-# flight, what one connection can hold here is bounded by ~2 MiB.
-READ_LIMIT = 512 * 1024
+# Bytes per data frame at most (see ktrace/tunnel/tcp_stream.py); with one frame in flight
+# per direction, what one connection holds here is bounded by ~2 MiB.
+CHUNK = 1024 * 1024
 
 
 class _Protocol(Exception):
@@ -83,8 +85,6 @@ class TcpRelay:
         self._context = context
         self._budget = budget
         self._connect_timeout = connect_timeout
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
         self._sock: socket.socket | None = None
         self._client_done = False  # the client sent shutdown_write
 
@@ -106,10 +106,8 @@ class TcpRelay:
             self._abort_remote()  # the client cancelled: the remote sees a reset
             raise
         finally:
-            if self._writer is not None:
-                self._writer.close()
-            elif self._sock is not None:
-                self._sock.close()  # the client went away before the socket got its streams
+            if self._sock is not None:
+                self._sock.close()
 
     async def _read_frame(self) -> rpc.TcpClientFrame | None:
         msg: object = await self._context.read()
@@ -136,8 +134,6 @@ class TcpRelay:
         opened = rpc.TcpOpened(local=rpc.encode_address(local[0], local[1]), peer=rpc.encode_address(peer[0], peer[1]))
         # The answer first: the program's connect() waits for it; the socket buffers meanwhile.
         await self._context.write(rpc.TcpServerFrame(opened=opened))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=READ_LIMIT)
-        self._reader, self._writer = reader, writer
         return True
 
     async def _relay(self) -> None:
@@ -149,7 +145,13 @@ class TcpRelay:
                 task.result()  # re-raise a protocol error or a reset
             # Both directions finished normally when no task raised.
         except _Reset as reset:
+            for task in (up, down):
+                task.cancel()
+            await asyncio.gather(up, down, return_exceptions=True)
             self._abort_remote()
+            if self._sock is not None:
+                self._sock.close()  # the RST now, not after the frame below is written
+                self._sock = None
             if not self._context.done():
                 with contextlib.suppress(Exception):  # the client may be gone already
                     await self._context.write(rpc.TcpServerFrame(reset=reset.failure))
@@ -160,7 +162,9 @@ class TcpRelay:
 
     async def _upstream(self) -> None:
         """Client → remote."""
-        assert self._writer is not None
+        sock = self._sock
+        assert sock is not None
+        loop = asyncio.get_running_loop()
         while True:
             frame = await self._read_frame()
             if frame is None:
@@ -171,15 +175,13 @@ class TcpRelay:
             if kind == "data":
                 assert frame is not None
                 try:
-                    self._writer.write(frame.data)
-                    await self._writer.drain()
+                    await loop.sock_sendall(sock, frame.data)
                 except OSError as exc:
                     raise _Reset(exc) from None
             elif kind == "shutdown_write":
                 self._client_done = True
                 with contextlib.suppress(OSError):
-                    self._writer.write_eof()  # flushes, then shutdown(SHUT_WR)
-                    await self._writer.drain()
+                    sock.shutdown(socket.SHUT_WR)  # sock_sendall returned: nothing is left to flush
                 # Frames after this point would be a protocol error; we just stop reading.
                 return
             elif kind == "open":
@@ -189,11 +191,11 @@ class TcpRelay:
 
     async def _downstream(self) -> None:
         """Remote → client."""
-        reader = self._reader
-        assert reader is not None
+        assert self._sock is not None
+        gate = ReadGate(self._sock, self._budget, CHUNK)
         while True:
             try:
-                data = await reader.read(CHUNK)
+                data, taken = await gate.read()
             except OSError as exc:
                 raise _Reset(exc) from None
             if not data:
@@ -202,19 +204,15 @@ class TcpRelay:
                 if not self._client_done:
                     await self._context.write(rpc.TcpServerFrame(eof=True))
                 return
-            taken = await self._budget.take(len(data)) if self._budget is not None else 0
             try:
                 await self._context.write(rpc.TcpServerFrame(data=data))
             finally:
-                if taken:
-                    assert self._budget is not None
-                    self._budget.give(taken)
+                gate.release(taken)
 
     def _abort_remote(self) -> None:
+        # RST at close; the socket is closed in run() once both loops have let go of it.
         if self._sock is not None:
             reset_socket(self._sock)
-        if self._writer is not None:
-            self._writer.transport.abort()
 
 
 class _Reset(Exception):

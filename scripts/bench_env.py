@@ -208,3 +208,9 @@ def status_kib(pid: int, key: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def reset_peak(pid: int) -> None:
+    """Reset ``pid``'s ``VmHWM`` to its current RSS (proc(5), clear_refs "5"); best effort."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bench_env import BENCH_ADDR, BENCH_PORT, BenchEnv, BenchError, load, status_kib
-from bench_report import Figure
+from bench_env import BENCH_ADDR, BENCH_PORT, BenchEnv, BenchError, load, reset_peak, status_kib
+from bench_report import Figure, median
 from e2e_helpers import Deadline, read_line
 
 MB = 1_000_000
@@ -35,6 +35,7 @@ class Sizes:
     bulk_bytes: int
     concurrent: int
     concurrent_bytes: int
+    concurrent_heavy_bytes: int  # the busier variant: enough per connection to outrun the send budget
     concurrent_runs: int
     lookups: int  # per run
     startup_runs: int
@@ -49,6 +50,7 @@ QUICK = Sizes(
     bulk_bytes=64 * MB,
     concurrent=1000,
     concurrent_bytes=4096,
+    concurrent_heavy_bytes=64 * 1024,
     concurrent_runs=1,
     lookups=20,
     startup_runs=3,
@@ -62,6 +64,7 @@ FULL = Sizes(
     bulk_bytes=500 * MB,
     concurrent=1000,
     concurrent_bytes=64 * 1024,
+    concurrent_heavy_bytes=256 * 1024,
     concurrent_runs=3,
     lookups=200,
     startup_runs=10,
@@ -208,29 +211,38 @@ def throughput_down(env: BenchEnv, s: Sizes) -> Figure:
 
 
 def concurrent_1000(env: BenchEnv, s: Sizes) -> Figure:
+    return _concurrent(env, s, "concurrent_1000", s.concurrent_bytes)
+
+
+def concurrent_1000_heavy(env: BenchEnv, s: Sizes) -> Figure:
+    return _concurrent(env, s, "concurrent_1000_heavy", s.concurrent_heavy_bytes)
+
+
+def _concurrent(env: BenchEnv, s: Sizes, fid: str, size: int) -> Figure:
     fig = Figure(
-        "concurrent_1000", f"{s.concurrent:,} concurrent connections, ktrace peak RSS", "MB", "at_most", 250, ""
+        fid,
+        f"{s.concurrent:,} concurrent connections, {size // 1024:,} KiB each, ktrace peak RSS",
+        "MB",
+        "at_most",
+        250,
+        "",
     )
-    argv = [
-        env.programs["cnetbench"],
-        "concurrent",
-        BENCH_ADDR,
-        str(BENCH_PORT),
-        str(s.concurrent),
-        str(s.concurrent_bytes),
-    ]
+    argv = [env.programs["cnetbench"], "concurrent", BENCH_ADDR, str(BENCH_PORT), str(s.concurrent), str(size)]
     completed: list[bool] = []
     times: list[float] = []
+    agent_peaks: list[float] = []
 
     def one() -> None:
+        agent = env.agent_pid()
+        if agent is not None:
+            reset_peak(agent)  # the agent outlives runs and figures: its peak from this run only
         proc = env.cluster.popen_laptop(env.ktrace_argv(*argv, "--hold"), stdin=subprocess.PIPE)
         try:
             line = read_line(proc, 300)
             # `ip netns exec` execs ktrace: proc.pid is ktrace's. The program holds its
             # connections' results until stdin closes, so ktrace is alive to be measured.
             hwm = status_kib(proc.pid, "VmHWM")
-            agent = env.agent_pid()
-            agent_rss = status_kib(agent, "VmRSS") if agent is not None else None
+            agent_hwm = status_kib(agent, "VmHWM") if agent is not None else None
         finally:
             try:
                 _, err = proc.communicate(input="", timeout=60)  # EOF on stdin: the program exits
@@ -243,18 +255,22 @@ def concurrent_1000(env: BenchEnv, s: Sizes) -> Figure:
         completed.append(m.group(1) == m.group(2) and proc.returncode == 0)
         fig.samples.append(hwm / 1024)
         times.append(int(m.group(3)) / 1e9)
-        if agent_rss is not None:
-            fig.extra["agent_rss_mb"] = agent_rss / 1024
+        if agent_hwm is not None:
+            agent_peaks.append(agent_hwm / 1024)
         if not completed[-1]:
             fig.notes.append(f"run {len(completed)}: only {m.group(1)} of {m.group(2)} completed")
 
     _runs(fig, s.concurrent_runs, one)
     fig.condition_ok = bool(completed) and all(completed)
+    agent_peak = median(agent_peaks)
+    if agent_peak is not None:
+        fig.extra["agent_peak_rss_mb"] = agent_peak
     if times:
-        fig.extra["elapsed_s"] = min(times)
+        fig.extra["elapsed_s"] = median(times) or 0.0
         fig.notes.append(
-            f"{s.concurrent_bytes:,} bytes echoed on each; all complete: {fig.condition_ok}; "
-            f"fastest run {min(times):.2f} s; agent RSS {fig.extra.get('agent_rss_mb', 0):.0f} MB"
+            f"{size:,} bytes echoed on each (so as many each way); all complete: {fig.condition_ok}; "
+            f"median run {fig.extra['elapsed_s']:.2f} s; agent peak RSS (median) "
+            f"{agent_peak if agent_peak is not None else 0:.0f} MB"
         )
     return fig
 
@@ -305,6 +321,7 @@ FIGURES: dict[str, Callable[[BenchEnv, Sizes], Figure]] = {
     "throughput_up": throughput_up,
     "throughput_down": throughput_down,
     "concurrent_1000": concurrent_1000,
+    "concurrent_1000_heavy": concurrent_1000_heavy,
     "dns_lookup": dns_lookup,
     "startup_true": startup_true,
 }

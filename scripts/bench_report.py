@@ -28,6 +28,7 @@ FIGURE_IDS = (
     "throughput_up",
     "throughput_down",
     "concurrent_1000",
+    "concurrent_1000_heavy",
     "dns_lookup",
     "startup_true",
 )

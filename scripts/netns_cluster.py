@@ -26,9 +26,11 @@ STATE = os.environ.get("KTRACE_NETNS_STATE", "/run/ktrace-netns-cluster.json")
 
 
 def _show(c: NamespaceCluster) -> None:
-    print(f"cluster namespace: {c.cluster}  (services {c.hello_url} {c.hello_url_v6}, "
-          f"echo {c.echo_v4}:{c.echo_port}, bulk :{c.bulk_port}, refused {c.refused_v4}, "
-          f"blackhole {c.blackhole_v4})")
+    print(
+        f"cluster namespace: {c.cluster}  (services {c.hello_url} {c.hello_url_v6}, "
+        f"echo {c.echo_v4}:{c.echo_port}, bulk :{c.bulk_port}, refused {c.refused_v4}, "
+        f"blackhole {c.blackhole_v4})"
+    )
     print(f"cluster DNS:       {c.dns_error or c.dns_v4 + ' (dnsmasq, authoritative for cluster.local)'}")
     print(f"laptop namespace:  {c.laptop}  (loopback only, no routes)")
     if c.agent_error:

@@ -165,8 +165,8 @@ def _kind(frame: object) -> str | None:
 
 
 async def _splice_pair(stream: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Task[Any]]:
-    (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
-    return p_reader, p_writer, asyncio.create_task(stream.splice(k_reader, k_writer))
+    (p_reader, p_writer), k_sock = await local_pair()
+    return p_reader, p_writer, asyncio.create_task(stream.splice(k_sock))
 
 
 def test_agent_unreachable_is_one_line(tmp_path: pathlib.Path) -> None:

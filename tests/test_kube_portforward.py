@@ -226,7 +226,7 @@ def test_bridge_reports_a_drop_and_reconnects() -> None:
             client = await AgentClient.connect(address, TOKEN, timeout=10)
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{echo.port}"))
             local, remote = await local_socket_pair()
-            splice = asyncio.create_task(stream.splice(*remote))
+            splice = asyncio.create_task(stream.splice(remote))
             reader, writer = local
             writer.write(b"before\n")
             assert await reader.readline() == b"BEFORE\n"
@@ -294,19 +294,11 @@ def test_wrong_token_through_the_bridge_is_rejected() -> None:
     run(scenario())
 
 
-async def local_socket_pair() -> tuple[
-    tuple[asyncio.StreamReader, asyncio.StreamWriter], tuple[asyncio.StreamReader, asyncio.StreamWriter]
-]:
-    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
-        asyncio.get_running_loop().create_future()
-    )
-
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted.set_result((reader, writer))
-
-    server = await asyncio.start_server(on_connection, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    local = await asyncio.open_connection("127.0.0.1", port)
-    remote = await accepted
-    server.close()
+async def local_socket_pair() -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter], socket.socket]:
+    """A loopback TCP connection: (one end as streams, the other end's socket, for a splice)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        local = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
+        remote, _ = listener.accept()
     return local, remote

@@ -1,5 +1,5 @@
 """SendBudget (agent/budget.py): bounds bytes queued in gRPC across streams, serves waiters in
-order, and never holds a write back longer than max_wait."""
+order, and never holds a write back longer than max_wait without budget coming back."""
 
 from __future__ import annotations
 
@@ -83,3 +83,27 @@ def test_a_cancelled_waiter_leaves_the_queue_and_its_grant_comes_back() -> None:
         assert budget.free == 70
 
     run(scenario())
+
+
+def test_a_waiter_keeps_its_turn_while_budget_keeps_coming_back() -> None:
+    """max_wait counts from the last time budget came back: a queue that moves is not a stall,
+    and waiters do not go ahead unbudgeted (which would defeat the bound under heavy load)."""
+
+    async def scenario() -> None:
+        budget = SendBudget(100, max_wait=0.5)
+        assert await budget.take(100) == 100
+        waiter = asyncio.create_task(budget.take(90))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # Well past max_wait, one byte back every 20 ms: at most ~63 bytes, never the 90 asked.
+        while loop.time() - started < 2.5 * budget.max_wait:
+            budget.give(1)
+            await asyncio.sleep(0.02)
+            assert not waiter.done(), "went ahead although budget kept coming back"
+        assert budget.waiting == 1 and budget.free < 90
+        budget.give(90 - budget.free)
+        assert await asyncio.wait_for(waiter, 5) == 90
+        assert budget.overdrafts == 0
+        assert budget.free == 0
+
+    run(scenario(), timeout=30)

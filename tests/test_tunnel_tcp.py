@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import os
 import pathlib
 import socket
+import stat
 import struct
 import time
+from collections.abc import Callable
 
 import grpc
 import grpc.aio
@@ -23,6 +27,7 @@ from agent_helpers import (
     run,
     upper_echo,
 )
+from ktrace_agent.read_gate import pending_bytes
 
 from ktrace.tunnel import rpc
 from ktrace.tunnel.types import Endpoint, TcpStats, TunnelError
@@ -40,8 +45,8 @@ def test_data_both_ways(listen: str) -> None:
             assert stream.peer == Endpoint.parse(f"127.0.0.1:{target.port}")
             assert str(stream.local.ip) == "127.0.0.1"
             assert stream.local.port != 0
-            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
-            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            (p_reader, p_writer), k_sock = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_sock))
             p_writer.write(b"hello tunnel")
             assert await p_reader.readexactly(12) == b"HELLO TUNNEL"
             p_writer.write_eof()
@@ -138,9 +143,9 @@ def test_64_mib_each_way(tmp_path: pathlib.Path) -> None:
             ),
         ):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
+            (p_reader, p_writer), k_sock = await local_pair()
             started = time.monotonic()
-            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            splice = asyncio.create_task(stream.splice(k_sock))
             sent_hash, (got_n, got_hash) = await asyncio.gather(pump(p_writer, total, seed=1), drain_all(p_reader))
             stats = await splice
             elapsed = time.monotonic() - started
@@ -166,8 +171,8 @@ def test_half_close_server_still_answers(listen: str) -> None:
     async def scenario() -> None:
         async with LoopbackServer(answer_after_eof) as target, agent_and_client(listen) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
-            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            (p_reader, p_writer), k_sock = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_sock))
             p_writer.write(b"x" * 1000)
             p_writer.write_eof()
             assert await p_reader.read() == b"got 1000 bytes"
@@ -187,8 +192,8 @@ def test_remote_reset_becomes_local_reset(listen: str) -> None:
     async def scenario() -> None:
         async with LoopbackServer(reset_after_hello) as target, agent_and_client(listen) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
-            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            (p_reader, p_writer), k_sock = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_sock))
             p_writer.write(b"hello")
             stats = await splice
             assert stats.outcome == "reset: ECONNRESET"
@@ -221,8 +226,8 @@ def test_local_abort_resets_remote(tmp_path: pathlib.Path) -> None:
             agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client),
         ):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
-            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            (p_reader, p_writer), k_sock = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_sock))
             assert await p_reader.readexactly(5) == b"ready"
             await stream.abort()
             assert await asyncio.wait_for(outcome, 10) == "reset"
@@ -257,8 +262,8 @@ def test_backpressure_bounds_what_a_stalled_reader_buffers(tmp_path: pathlib.Pat
 
         async with LoopbackServer(source) as target, agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), (k_reader, k_writer) = await local_pair()
-            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            (p_reader, p_writer), k_sock = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_sock))
             # The program reads nothing. Wait until the server's writes stop making progress.
             await asyncio.wait_for(blocked.wait(), 30)
             deadline = time.monotonic() + 30
@@ -291,8 +296,8 @@ def test_backpressure_bounds_what_a_stalled_server_leaves_buffered(tmp_path: pat
 
         async with LoopbackServer(stalled_sink) as target, agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (_, p_writer), (k_reader, k_writer) = await local_pair()
-            splice = asyncio.create_task(stream.splice(k_reader, k_writer))
+            (_, p_writer), k_sock = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_sock))
             written = 0
             block = b"y" * (1 << 20)
 
@@ -357,5 +362,131 @@ def test_eof_frame_only_while_the_client_still_sends(tmp_path: pathlib.Path) -> 
         assert await frames(finish_first=False) == ["opened", "data", "eof"]
         assert received == [b"after your FIN"]
         assert await frames(finish_first=True) == ["opened"]
+
+    run(scenario())
+
+
+GATED = 48 * 1024  # well inside a fresh loopback connection's kernel buffers
+
+
+async def _until(condition: Callable[[], bool], what: str, deadline: float = 20.0) -> None:
+    end = time.monotonic() + deadline
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+def _loopback_tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A loopback TCP connection, as the endpoint has with a program: (program's end, ktrace's end)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        program = socket.create_connection(listener.getsockname())
+        ktrace, _ = listener.accept()
+    program.setblocking(False)
+    return program, ktrace
+
+
+def _socket_connected_to(peer: tuple[str, int]) -> socket.socket:
+    """This process's own socket connected to ``peer`` (the in-process agent's), as a duplicate."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        with contextlib.suppress(OSError):
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+            try:
+                if sock.type == socket.SOCK_STREAM and sock.getpeername() == peer:
+                    return sock
+            except OSError:
+                pass
+            sock.close()
+    raise AssertionError(f"no socket connected to {peer}")
+
+
+def test_read_gate_leaves_the_programs_data_in_the_kernel_while_ktrace_cannot_send(tmp_path: pathlib.Path) -> None:
+    """ktrace reads a program's socket only once it can send what it reads: with its send budget
+    taken (by other connections), the program's bytes stay queued in the kernel, not in ktrace,
+    and none is lost once the budget comes back."""
+
+    async def scenario() -> None:
+        got = bytearray()
+
+        async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(1 << 16):
+                got.extend(data)
+
+        async with LoopbackServer(sink) as target, agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
+            budget = client.send_budget
+            budget.max_wait = 120.0  # a held budget is a busy process here, not a stalled stream
+            stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
+            program, k_sock = _loopback_tcp_pair()
+            held = await budget.take(budget.limit)
+            splice = asyncio.create_task(stream.splice(k_sock))
+            loop = asyncio.get_running_loop()
+            payload = bytes(range(256)) * (GATED // 256)
+            await loop.sock_sendall(program, payload)
+            await _until(lambda: budget.waiting == 1, "ktrace to ask for budget")
+            # Everything the program wrote is still in ktrace's receive queue: nothing was read.
+            await _until(lambda: pending_bytes(k_sock) == len(payload), "the bytes to reach ktrace's socket")
+            await loop.sock_sendall(program, payload)
+            await _until(lambda: pending_bytes(k_sock) == 2 * len(payload), "the second write")
+            assert budget.waiting == 1 and got == b""
+            budget.give(held)
+            program.shutdown(socket.SHUT_WR)
+            stats = await asyncio.wait_for(splice, 20)
+            await asyncio.wait_for(target.handlers_done.wait(), 10)
+            assert bytes(got) == payload * 2
+            assert stats.bytes_up == 2 * len(payload) and stats.outcome == "closed"
+            assert budget.overdrafts == 0 and budget.free == budget.limit
+            program.close()
+
+    run(scenario())
+
+
+def test_read_gate_leaves_the_servers_data_in_the_agents_kernel_buffers(tmp_path: pathlib.Path) -> None:
+    """The download direction: with the agent's send budget taken, what the server sends stays
+    queued on the agent's socket until the budget comes back, then all of it arrives."""
+
+    async def scenario() -> None:
+        payload = bytes(range(256)) * (GATED // 256)
+        more = asyncio.Event()
+        accepted: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+
+        async def source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.set_result(writer.get_extra_info("sockname"))
+            writer.write(payload)
+            await writer.drain()
+            await more.wait()
+            writer.write(payload)
+            writer.write_eof()
+            await writer.drain()
+            await reader.read()
+
+        async with (
+            LoopbackServer(source) as target,
+            agent_and_client(f"unix:{tmp_path}/a.sock") as (server, client),
+        ):
+            budget = server.send_budget
+            budget.max_wait = 120.0
+            held = await budget.take(budget.limit)
+            stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
+            (p_reader, p_writer), k_sock = await local_pair()
+            splice = asyncio.create_task(stream.splice(k_sock))
+            server_end = await asyncio.wait_for(accepted, 10)
+            with _socket_connected_to(server_end) as agent_sock:
+                await _until(lambda: budget.waiting == 1, "the agent to ask for budget")
+                await _until(lambda: pending_bytes(agent_sock) == len(payload), "the bytes to reach the agent")
+                more.set()
+                await _until(lambda: pending_bytes(agent_sock) == 2 * len(payload), "the second write")
+                assert budget.waiting == 1
+                budget.give(held)
+                got, digest = await asyncio.wait_for(drain_all(p_reader), 20)
+            assert (got, digest) == (2 * len(payload), hashlib.sha256(payload * 2).hexdigest())
+            p_writer.write_eof()
+            stats = await asyncio.wait_for(splice, 20)
+            assert stats.bytes_down == 2 * len(payload)
+            assert budget.overdrafts == 0 and budget.free == budget.limit
+            p_writer.close()
 
     run(scenario())

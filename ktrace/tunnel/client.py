@@ -118,7 +118,7 @@ class AgentClient:
         self._tcp_calls = CallPool(lambda: self._stub.connect(metadata=metadata), SPARE_CALLS)
         self._udp_calls = CallPool(lambda: self._stub.datagrams(metadata=metadata), SPARE_CALLS)
         self._udp_sessions = SessionSpares(self._udp_calls, SPARE_UDP_SESSIONS, info.datagram_batches)
-        self._send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
+        self.send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
 
     @classmethod
     async def connect(
@@ -180,7 +180,7 @@ class AgentClient:
         deadline = loop.time() + (timeout if timeout is not None else TUNNEL_WAIT)
         while True:
             try:
-                return await TcpStream.open(self._tcp_calls, dest, timeout, self._send_budget)
+                return await TcpStream.open(self._tcp_calls, dest, timeout, self.send_budget)
             except TunnelLost as lost:
                 remaining = deadline - loop.time()
                 if remaining <= 0:

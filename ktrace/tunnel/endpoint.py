@@ -33,7 +33,6 @@ log = logging.getLogger("ktrace.tunnel")
 BACKLOG = 4096
 ACCEPT_RETRY = 1.0  # seconds without accepting after running out of descriptors or memory
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_READ_LIMIT = 512 * 1024
 
 OnClosed = Callable[[TcpStream, TcpStats], None]
 
@@ -134,13 +133,7 @@ class LoopbackEndpoint:
         loop.call_later(ACCEPT_RETRY, resume)
 
     async def _serve(self, sock: socket.socket, stream: TcpStream) -> None:
-        try:
-            reader, writer = await asyncio.open_connection(sock=sock, limit=_READ_LIMIT)
-        except BaseException:
-            sock.close()
-            await stream.abort()
-            raise
-        stats = await stream.splice(reader, writer)
+        stats = await stream.splice(sock)
         if self._on_closed is not None:
             try:
                 self._on_closed(stream, stats)

@@ -1,11 +1,13 @@
 """A TCP connection made by the agent, as one ``Connect`` stream, and its splice to a local socket.
 
-``splice`` runs two loops, each awaiting its write before reading more (``drain``
+``splice`` runs two loops, each awaiting its write before reading more (``sock_sendall``
 locally, ``call.write`` towards the agent), so at most one chunk per direction is
-in flight. Half-closes cross the tunnel (local EOF → ``shutdown_write``; agent
-``eof`` → ``write_eof``) and so do resets (agent ``reset`` → local RST via
-SO_LINGER 0; local reset → the stream is cancelled, which the agent turns into an
-RST on its side).
+in flight. The local socket is read through a ``ReadGate``: only once the send budget
+allows and the previous frame is written, so a connection that cannot send leaves its
+data in the kernel (and the program feels the back-pressure). Half-closes cross the
+tunnel (local EOF → ``shutdown_write``; agent ``eof`` → ``shutdown(SHUT_WR)``) and so
+do resets (agent ``reset`` → local RST via SO_LINGER 0; local reset → the stream is
+cancelled, which the agent turns into an RST on its side).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TypeVar
 import grpc
 import grpc.aio
 from ktrace_agent.budget import SendBudget
+from ktrace_agent.read_gate import ReadGate
 
 from . import rpc
 from .call_pool import CallPool
@@ -49,14 +52,6 @@ def reset_socket(sock: socket.socket) -> None:
     """Make the socket's close send RST rather than FIN (SO_LINGER on, timeout 0)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-def reset_writer(writer: asyncio.StreamWriter) -> None:
-    """Close the local socket with RST rather than FIN."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        reset_socket(sock)
-    writer.transport.abort()
 
 
 class TcpStream:
@@ -133,11 +128,13 @@ class TcpStream:
         """End the stream now; the agent resets its connection."""
         self._call.cancel()
 
-    async def splice(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> TcpStats:
-        """Relay between the local connection and the stream until both directions end or one resets."""
+    async def splice(self, sock: socket.socket) -> TcpStats:
+        """Relay between the local connection and the stream until both directions end or one
+        resets; the socket is closed (with RST after a reset) when this returns."""
+        sock.setblocking(False)
         stats = TcpStats()
-        up = asyncio.create_task(self._up(reader, stats))
-        down = asyncio.create_task(self._down(writer, stats))
+        up = asyncio.create_task(self._up(sock, stats))
+        down = asyncio.create_task(self._down(sock, stats))
         try:
             done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -145,21 +142,22 @@ class TcpStream:
         except _Reset as reset:
             stats.outcome = reset.outcome
             self._call.cancel()
-            reset_writer(writer)
+            reset_socket(sock)
         except grpc.aio.AioRpcError as exc:
             stats.outcome = f"error: {exc.code().name}: {exc.details()}"
-            reset_writer(writer)
+            reset_socket(sock)
         except asyncio.CancelledError:
             stats.outcome = "aborted"
             self._call.cancel()
-            reset_writer(writer)
+            reset_socket(sock)
             raise
         finally:
             for task in (up, down):
                 task.cancel()
             await asyncio.gather(up, down, return_exceptions=True)
-            if not writer.transport.is_closing():
-                writer.close()
+            # Closed only now: both loops have let go of the descriptor (a number closed
+            # while still registered with the event loop could be reused by a new socket).
+            sock.close()
         return stats
 
     async def _call_op(self, op: Awaitable[T]) -> T:
@@ -175,10 +173,11 @@ class TcpStream:
         except asyncio.InvalidStateError:
             raise _Reset("aborted") from None
 
-    async def _up(self, reader: asyncio.StreamReader, stats: TcpStats) -> None:
+    async def _up(self, sock: socket.socket, stats: TcpStats) -> None:
+        gate = ReadGate(sock, self._budget, CHUNK)
         while True:
             try:
-                data = await reader.read(CHUNK)
+                data, taken = await gate.read()
             except OSError as exc:
                 raise _Reset(f"reset: local {type(exc).__name__}") from None
             if not data:
@@ -186,16 +185,14 @@ class TcpStream:
                 # ends with its status; one gRPC operation less per connection.
                 await self._call_op(self._call.write(rpc.TcpClientFrame(shutdown_write=True)))
                 return
-            taken = await self._budget.take(len(data)) if self._budget is not None else 0
             try:
                 await self._call_op(self._call.write(rpc.TcpClientFrame(data=data)))
             finally:
-                if taken:
-                    assert self._budget is not None
-                    self._budget.give(taken)
+                gate.release(taken)
             stats.bytes_up += len(data)
 
-    async def _down(self, writer: asyncio.StreamWriter, stats: TcpStats) -> None:
+    async def _down(self, sock: socket.socket, stats: TcpStats) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             frame: object = await self._call_op(self._call.read())
             if frame is grpc.aio.EOF:
@@ -211,16 +208,14 @@ class TcpStream:
             if kind == "data":
                 if self.observe_down is not None:
                     self.observe_down(frame.data)
-                writer.write(frame.data)
                 try:
-                    await writer.drain()
+                    await loop.sock_sendall(sock, frame.data)
                 except OSError as exc:
                     raise _Reset(f"reset: local {type(exc).__name__}") from None
                 stats.bytes_down += len(frame.data)
             elif kind == "eof":
-                if writer.can_write_eof():
-                    with contextlib.suppress(OSError):
-                        writer.write_eof()
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)  # sock_sendall returned: nothing is left to flush
             elif kind == "reset":
                 raise _Reset(f"reset: {frame.reset.errno_name or 'ECONNRESET'}")
             else:
