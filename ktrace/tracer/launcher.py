@@ -59,7 +59,9 @@ def resolve(command: str, env: Mapping[str, str]) -> str:
         path = found
     if not os.path.exists(path):
         raise LaunchError(f"{command}: no such file or directory", EXIT_NOT_FOUND)
-    if os.path.isdir(path) or not os.access(path, os.X_OK):
+    # As execve() decides, with the effective ids and capabilities (faccessat's AT_EACCESS);
+    # plain access() uses the real ids and, for a non-root user, drops every capability.
+    if os.path.isdir(path) or not os.access(path, os.X_OK, effective_ids=True):
         raise LaunchError(f"{command}: permission denied (not an executable file)", EXIT_CANNOT_EXECUTE)
     return path
 
