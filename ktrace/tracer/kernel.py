@@ -246,20 +246,37 @@ def read_int(tid: int, address: int) -> int:
     return int(struct.unpack("=i", read_memory(tid, address, 4))[0])
 
 
+_write_buffer = ctypes.create_string_buffer(_READ_BUFFER_SIZE)
+_write_local = Iovec(ctypes.cast(_write_buffer, ctypes.c_void_p), 0)
+_write_remote = Iovec(0, 0)
+_write_iovecs = (ctypes.byref(_write_local), ctypes.byref(_write_remote))
+_process_vm_writev = _libc.process_vm_writev
+
+
 def write_memory(tid: int, address: int, data: bytes) -> None:
     """Write into the tracee's memory (only where the kernel itself would write)."""
-    if not data:
+    size = len(data)
+    if not size:
         return
-    buf = ctypes.create_string_buffer(data, len(data))
-    local = Iovec(ctypes.cast(buf, ctypes.c_void_p), len(data))
-    remote = Iovec(address, len(data))
-    got = _libc.process_vm_writev(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+    if size <= _READ_BUFFER_SIZE:
+        # Same reasoning as reads: one preallocated buffer (a stop writes a socket name and its
+        # length, a received datagram's source, ...).
+        ctypes.memmove(_write_buffer, data, size)
+        _write_local.iov_len = size
+        _write_remote.iov_base = address
+        _write_remote.iov_len = size
+        got = _process_vm_writev(tid, _write_iovecs[0], 1, _write_iovecs[1], 1, 0)
+    else:
+        buf = ctypes.create_string_buffer(data, size)
+        local = Iovec(ctypes.cast(buf, ctypes.c_void_p), size)
+        remote = Iovec(address, size)
+        got = _libc.process_vm_writev(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
     if got < 0:
         err = ctypes.get_errno()
         if err == errno.ESRCH:
             raise TraceeGone(tid)
         raise OSError(err, os.strerror(err))
-    if got != len(data):
+    if got != size:
         raise OSError(errno.EFAULT, "partial write of tracee memory")
 
 
@@ -287,23 +304,58 @@ def _syscall(*args: int) -> int:
     return result
 
 
+# One pidfd per traced thread, opened at its first descriptor lookup and closed when the tracer
+# reports the thread gone (`forget_thread`): a lookup is then one pidfd_getfd instead of
+# pidfd_open, pidfd_getfd and close (a glibc getaddrinfo looks at three sockets). The tracer
+# reaps every tracee itself and forgets it before its id can be reused.
+_MAX_CACHED_PIDFDS: Final = 1024
+_pidfds: dict[int, int] = {}
+
+
 def duplicate_fd(tid: int, fd: int) -> int:
     """A duplicate of thread `tid`'s descriptor `fd` in ktrace (same open file).
 
     pidfd_getfd(2) needs Linux 5.6; the PIDFD_THREAD pidfd (6.9) lets a thread
     id be used directly, else the thread group id is looked up.
     """
+    pidfd = _pidfds.get(tid)
+    if pidfd is not None:
+        try:
+            return _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+        except OSError as exc:
+            if exc.errno != errno.ESRCH:
+                raise
+            forget_thread(tid)  # gone, or not the thread the pidfd was opened for: look again
+    pidfd = _open_pidfd(tid)
     try:
-        pidfd = _syscall(SYS_PIDFD_OPEN, tid, PIDFD_THREAD)
+        dup = _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+    except OSError as exc:
+        os.close(pidfd)
+        if exc.errno == errno.ESRCH:
+            raise TraceeGone(tid) from None
+        raise
+    if len(_pidfds) < _MAX_CACHED_PIDFDS:
+        _pidfds[tid] = pidfd
+    else:
+        os.close(pidfd)
+    return dup
+
+
+def _open_pidfd(tid: int) -> int:
+    try:
+        return _syscall(SYS_PIDFD_OPEN, tid, PIDFD_THREAD)
     except OSError as exc:
         if exc.errno == errno.ESRCH:
             raise TraceeGone(tid) from None
         if exc.errno != errno.EINVAL:
             raise
-        pidfd = _syscall(SYS_PIDFD_OPEN, thread_group_of(tid), 0)
-    try:
-        return _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
-    finally:
+        return _syscall(SYS_PIDFD_OPEN, thread_group_of(tid), 0)
+
+
+def forget_thread(tid: int) -> None:
+    """Thread `tid` exited (or changed identity at exec): close its cached pidfd."""
+    pidfd = _pidfds.pop(tid, None)
+    if pidfd is not None:
         os.close(pidfd)
 
 
@@ -366,3 +418,8 @@ def read_signals(fd: int) -> list[tuple[int, int, int]]:
         for off in range(0, len(data) - SIGNALFD_SIGINFO_SIZE + 1, SIGNALFD_SIGINFO_SIZE):
             signo, _errno, code, pid = struct.unpack_from("=IiiI", data, off)
             out.append((signo, code, pid))
+        if len(data) < SIGNALFD_SIGINFO_SIZE * 16:
+            # Fewer than asked for: nothing else was pending (one read less, and no exception,
+            # on each of the several wake-ups per lookup). A signal arriving now keeps the
+            # descriptor readable for the event loop's next turn.
+            return out

@@ -48,6 +48,12 @@ DNS_PORT = 53
 # would otherwise run ktrace out of descriptors within the sweep interval (measured: 20,000
 # connect/close cycles in a few seconds did, with a 20,000 descriptor limit).
 SWEEP_AFTER_NEW_SOCKETS = 512
+# Relay sockets kept bound ahead of need, per family, and how long after one is taken the
+# next is bound: making one (socket, bind, and reading back its port) is work a program's
+# first connect or send on a new socket (each glibc lookup) would otherwise wait for; later,
+# the event loop is usually idle, waiting for the agent.
+RELAY_SPARES = 2
+RELAY_REFILL_DELAY = 0.003
 
 DnsCallback = Callable[[str, list[IPAddress]], None]
 
@@ -81,14 +87,14 @@ class UdpObserver(Protocol):
 @dataclass
 class _Relay:
     sock: socket.socket
+    address: tuple[str, int]  # the relay socket's own (host, port), read once
     peer: Endpoint
     owner: _ProgramSocket
     totals: RelayTotals = field(default_factory=RelayTotals)
 
     @property
     def port(self) -> int:
-        port: int = self.sock.getsockname()[1]
-        return port
+        return self.address[1]
 
 
 @dataclass
@@ -134,6 +140,9 @@ class UdpRelays:
         # (sink family, program socket's port) -> (program socket, the port-0 peer it connected to)
         self._sink_users: dict[tuple[int, int], tuple[int, Endpoint]] = {}
         self._new_since_sweep = 0
+        # relay family -> bound sockets and their addresses, ready to become relays
+        self._spare_relays: dict[int, list[tuple[socket.socket, tuple[str, int]]]] = {}
+        self._relay_refills: dict[int, asyncio.TimerHandle] = {}
         self._ipv6: bool | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._closing_tasks: set[asyncio.Task[None]] = set()
@@ -145,7 +154,7 @@ class UdpRelays:
         """The loopback address the program socket ``sock_key`` should send to, to reach ``peer``."""
         state = self._program_socket(sock_key, family)
         relay = state.relays.get(peer) or self._new_relay(state, peer)
-        return self._as_seen_by(family, relay.sock.getsockname()[0]), relay.port
+        return self._as_seen_by(family, relay.address[0]), relay.port
 
     def sink_for(self, family: int) -> tuple[str, int]:
         """Where a program socket of ``family`` connecting to port 0 of a remote peer is
@@ -236,6 +245,13 @@ class UdpRelays:
             sink.close()
         self._sinks.clear()
         self._sink_addresses.clear()
+        for handle in self._relay_refills.values():
+            handle.cancel()
+        self._relay_refills.clear()
+        for spares in self._spare_relays.values():
+            for sock, _address in spares:
+                sock.close()
+        self._spare_relays.clear()
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._closing_tasks:
@@ -264,9 +280,31 @@ class UdpRelays:
             raise
         return sock
 
+    def _bound_relay_socket(self, relay_family: int) -> tuple[socket.socket, tuple[str, int]]:
+        spares = self._spare_relays.setdefault(relay_family, [])
+        if relay_family not in self._relay_refills:
+            loop = asyncio.get_running_loop()
+            self._relay_refills[relay_family] = loop.call_later(RELAY_REFILL_DELAY, self._refill_relays, relay_family)
+        if spares:
+            return spares.pop()
+        sock = self._bound(relay_family)
+        return sock, sock.getsockname()[:2]
+
+    def _refill_relays(self, relay_family: int) -> None:
+        del self._relay_refills[relay_family]
+        spares = self._spare_relays[relay_family]
+        while len(spares) < RELAY_SPARES:
+            try:
+                sock = self._bound(relay_family)
+            except OSError as exc:  # out of descriptors: relays are then made when needed (and fail there)
+                log.debug("UDP relay spare: %s", exc)
+                return
+            spares.append((sock, sock.getsockname()[:2]))
+
     def _new_relay(self, state: _ProgramSocket, peer: Endpoint) -> _Relay:
         relay_family = self._relay_family(state.family)
-        relay = _Relay(self._bound(relay_family), peer, state)
+        sock, address = self._bound_relay_socket(relay_family)
+        relay = _Relay(sock, address, peer, state)
         state.relays[peer] = relay
         self._by_port[(relay_family, relay.port)] = relay
         asyncio.get_running_loop().add_reader(relay.sock.fileno(), self._readable, relay)
@@ -410,7 +448,7 @@ class UdpRelays:
         relay = state.relays.get(peer) if state is not None else None
         if state is None or relay is None:
             return False
-        address = relay.sock.getsockname()[:2]
+        address = relay.address
         family = relay.sock.family
         if state.sink_user is not None and self._sink_users.get(state.sink_user, (None, None))[1] == peer:
             # Connected to the sink in place of port 0 of ``peer``: connect the program's socket
@@ -437,7 +475,7 @@ class UdpRelays:
         except OSError as exc:
             log.warning("UDP relay for %s could not take its port back: %s", peer, exc)
             return True
-        replacement = _Relay(sock, peer, state, relay.totals)
+        replacement = _Relay(sock, address, peer, state, relay.totals)
         state.relays[peer] = replacement
         self._by_port[(family, replacement.port)] = replacement
         asyncio.get_running_loop().add_reader(sock.fileno(), self._readable, replacement)
