@@ -330,15 +330,20 @@ def duplicate_fd(tid: int, fd: int) -> int:
     try:
         dup = _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
     except OSError as exc:
-        os.close(pidfd)
         if exc.errno == errno.ESRCH:
+            os.close(pidfd)
             raise TraceeGone(tid) from None
+        _keep_pidfd(tid, pidfd)  # the thread is there; its descriptor was not (EBADF)
         raise
+    _keep_pidfd(tid, pidfd)
+    return dup
+
+
+def _keep_pidfd(tid: int, pidfd: int) -> None:
     if len(_pidfds) < _MAX_CACHED_PIDFDS:
         _pidfds[tid] = pidfd
     else:
         os.close(pidfd)
-    return dup
 
 
 def _open_pidfd(tid: int) -> int:
