@@ -35,6 +35,8 @@ from .rpc import IPAddress
 log = logging.getLogger("ktrace_agent")
 
 QUEUE_DATAGRAMS = 512
+MAX_DATAGRAM = 65536
+DRAIN_PER_WAKEUP = 63  # datagrams read after the one asyncio read (bounds one wake-up's work)
 SEND_BUFFER_LIMIT = 1024 * 1024
 PORT_ZERO_SOCKETS = 16  # per stream: peers whose port 0 it sent to lately
 PORT_ZERO_LINGER_S = 30.0
@@ -93,6 +95,23 @@ class _Socket(asyncio.DatagramProtocol):
             self.dropped_in += 1
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self._put_datagram(data, addr)
+        # asyncio's transport reads one datagram per wake-up, and the writer (_send_back) runs
+        # before the next read: a resolver's A and AAAA answers, arriving together, would go
+        # as two frames (two gRPC writes here, two reads in ktrace). Read what else is queued
+        # now, so they meet in the queue and leave as one batch. Errors are the transport's
+        # usual path (IP_RECVERR: an ICMP error reads as an exception).
+        for _ in range(DRAIN_PER_WAKEUP):
+            try:
+                data, addr = self.sock.recvfrom(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.error_received(exc)
+                return
+            self._put_datagram(data, addr)
+
+    def _put_datagram(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         host, port = str(addr[0]), int(addr[1])
         self._put(rpc.UdpServerFrame(datagram=rpc.Datagram(peer=rpc.encode_address(host, port), payload=data)))
 

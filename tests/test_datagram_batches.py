@@ -112,6 +112,36 @@ def test_agent_takes_batches_and_sends_them_only_when_accepted(tmp_path: pathlib
     run(scenario())
 
 
+def test_agent_sends_datagrams_that_arrived_together_as_one_batch(tmp_path: pathlib.Path) -> None:
+    """A resolver's A and AAAA answers reach the agent's socket back to back: both are read
+    before the writer runs, so they go to ktrace as one frame (asyncio alone reads one per
+    wake-up, and the first would leave alone)."""
+
+    async def scenario() -> None:
+        async with (
+            agent(f"unix:{tmp_path}/a.sock", token=TOKEN) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            call = rpc.Stub(channel).datagrams(metadata=rpc.bearer_metadata(TOKEN))
+            await call.write(rpc.UdpClientFrame(open=rpc.UdpOpen(family=rpc.FAMILY_INET, batches=True)))
+            opened = await asyncio.wait_for(call.read(), 10)
+            assert isinstance(opened, rpc.UdpServerFrame) and opened.WhichOneof("kind") == "opened"
+            port = opened.opened.local.port
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server_side:
+                # The agent runs on this event loop: both are queued before it reads the first.
+                server_side.sendto(b"answer A", ("127.0.0.1", port))
+                server_side.sendto(b"answer AAAA", ("127.0.0.1", port))
+                source_port = server_side.getsockname()[1]
+                frame = await asyncio.wait_for(call.read(), 10)
+            assert isinstance(frame, rpc.UdpServerFrame)
+            assert frame.WhichOneof("kind") == "batch"
+            assert payloads(frame) == [b"answer A", b"answer AAAA"]
+            assert {d.peer.port for d in frame.batch.datagrams} == {source_port}
+            call.cancel()
+
+    run(scenario())
+
+
 def test_a_malformed_address_inside_a_batch_ends_the_stream(tmp_path: pathlib.Path) -> None:
     async def scenario() -> None:
         async with (
