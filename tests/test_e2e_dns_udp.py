@@ -388,6 +388,61 @@ def test_port_unreachable_is_econnrefused_on_a_connected_udp_socket(ktrace_clust
     assert "connection refused" in dig.stdout, dig
 
 
+RECVFROM_WAYS = r"""
+import ctypes, errno, select, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+echo = (sys.argv[1], 7)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(echo)
+def ready():
+    assert select.select([s], [], [], 10)[0]
+s.send(b"peeked"); ready()
+print("peek", s.recvfrom(100, socket.MSG_PEEK), s.recvfrom(100))
+s.send(b"longer than four"); ready()
+print("trunc", s.recvfrom_into(bytearray(4), 4, socket.MSG_TRUNC))
+s.send(b"cut"); ready()
+print("small buffer", s.recvfrom(2))
+s.send(b"short name"); ready()
+buf, name, size = ctypes.create_string_buffer(100), ctypes.create_string_buffer(16), ctypes.c_uint32(6)
+got = libc.recvfrom(s.fileno(), buf, 100, 0, name, ctypes.byref(size))
+print("short name", got, buf.value, name.raw[:6].hex(), name.raw[6:].hex(), size.value)
+s.send(b"no name"); ready()
+print("no name", libc.recvfrom(s.fileno(), buf, 100, 0, None, None), buf.value)
+s.setblocking(False)
+try:
+    s.recvfrom(100)
+except BlockingIOError as e:
+    print("nothing queued", errno.errorcode[e.errno])
+s.send(b"dontwait"); ready()
+print("dontwait", s.recvfrom(100, socket.MSG_DONTWAIT))
+s.setblocking(True)
+s.settimeout(10)
+s.send(b"waited for")  # the answer is not there yet: the call blocks in the kernel
+print("blocking", s.recvfrom(100))
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.sendto(b"unconnected", echo)
+assert select.select([u], [], [], 10)[0]
+print("unconnected", u.recvfrom(100))
+"""
+
+
+def test_recvfrom_under_ktrace_is_the_kernels(ktrace_cluster: NamespaceCluster) -> None:
+    """recvfrom() on a relayed socket, done by ktrace at the syscall's entry when a datagram is
+    queued (else by the kernel, its source rewritten at the exit): flags, short buffers for
+    data and name, no name, nothing queued, blocking; same output as in the cluster."""
+    c = ktrace_cluster
+    in_cluster = c.run_cluster([sys.executable, "-c", RECVFROM_WAYS, c.echo_v4], timeout=60)
+    assert in_cluster.returncode == 0, in_cluster
+    lines = in_cluster.stdout.splitlines()
+    echo = f"('{c.echo_v4}', 7)"
+    assert lines[0] == f"peek (b'peeked', {echo}) (b'peeked', {echo})", lines
+    assert lines[1] == f"trunc (16, {echo})", lines
+    assert lines[5] == "nothing queued EAGAIN", lines
+    traced = c.run_laptop(c.ktrace_argv(sys.executable, "-c", RECVFROM_WAYS, c.echo_v4), timeout=60)
+    assert traced.returncode == 0, traced
+    assert traced.stdout.splitlines() == lines, traced
+
+
 OPEN_WAYS = r"""
 import ctypes, os, struct
 libc = ctypes.CDLL(None, use_errno=True)

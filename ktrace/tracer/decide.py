@@ -264,3 +264,16 @@ def udp_sock_name(snapshot: UdpSocketName, sources: AgentSources) -> bytes | Non
         return None  # cannot happen (an IPv4 peer gets an IPv4 source); never crash on it
     port = snapshot.agent_port if snapshot.agent_port is not None else snapshot.own_port
     return sockaddr.encode(snapshot.family, source, port)
+
+
+# recvfrom(2) flags ktrace can reproduce by receiving on its duplicate of the socket
+# (MSG_DONTWAIT is added to ktrace's own receive either way).
+_RECV_FLAGS_DONE_IN_KTRACE = socket.MSG_PEEK | socket.MSG_TRUNC | socket.MSG_DONTWAIT
+
+
+def recvfrom_in_ktrace(flags: int) -> bool:
+    """Whether a recvfrom() on a relayed UDP socket can be done by ktrace at its entry (one stop,
+    the true source written at once) instead of stopping again at its exit to rewrite the
+    source: only for flags whose effect a receive on the same socket reproduces exactly
+    (MSG_ERRQUEUE, MSG_OOB and anything unknown run as before)."""
+    return flags & ~_RECV_FLAGS_DONE_IN_KTRACE == 0

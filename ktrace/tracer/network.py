@@ -122,7 +122,11 @@ class NetworkHandler:
             return Resume()
         info = SocketInfo(family, socket.SOCK_DGRAM, inode)
         if regs.nr == SYS.recvfrom:
-            return self.udp.recvfrom(tid, regs, info)
+            sock = self._socket(tid, regs.arg(0))
+            if not isinstance(sock, socket.socket):
+                return self.udp.recvfrom(tid, regs, info)
+            with sock:
+                return self.udp.recvfrom(tid, regs, info, sock)
         if regs.nr == SYS.recvmsg:
             return self.udp.recvmsg(tid, regs, info)
         return self.udp.recvmmsg(tid, regs, info)

@@ -18,6 +18,7 @@ drop DNS answers whose source is not the server they asked).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import struct
@@ -34,6 +35,20 @@ from ktrace.tracer.tracer import Complete, Outcome, Resume, WatchExit
 from ktrace.tunnel.types import Endpoint
 
 MAX_DATAGRAM = 65536
+
+
+def _encode_source(family: int, source: tuple[str, int] | tuple[str, int, int, int]) -> bytes:
+    """The sockaddr the kernel stores for a datagram's source (Python's address tuple back to
+    bytes; for AF_INET6 with its flow info and scope id)."""
+    ip = ipaddress.ip_address(source[0])
+    if family == socket.AF_INET6 and len(source) == 4:
+        return (
+            struct.pack("=H", socket.AF_INET6)
+            + struct.pack("!HI", source[1], source[2])
+            + ipaddress.IPv6Address(ip).packed
+            + struct.pack("=I", source[3])
+        )
+    return sockaddr.encode(family, ip, source[1])
 
 
 class RelayTable(Protocol):
@@ -237,7 +252,8 @@ class UdpRedirector:
         kernel.write_memory(tid, name_ptr, data)
         kernel.write_memory(tid, len_ptr, full.to_bytes(len_size, "little"))
 
-    def recvfrom(self, tid: int, regs: Registers, info: SocketInfo) -> Outcome:
+    def recvfrom(self, tid: int, regs: Registers, info: SocketInfo, sock: socket.socket | None = None) -> Outcome:
+        """``sock``: ktrace's duplicate of the program's socket, to receive in its place."""
         name_ptr, len_ptr = regs.arg(4), regs.arg(5)
         if not name_ptr or not len_ptr:
             return Resume()
@@ -247,12 +263,47 @@ class UdpRedirector:
             raise
         except OSError:
             return Resume()
+        if sock is not None and buffer_len >= 0 and decide.recvfrom_in_ktrace(regs.arg(3) & 0xFFFFFFFF):
+            done = self._recvfrom_now(tid, regs, info, sock, buffer_len)
+            if done is not None:
+                return done
 
         def at_exit(tid: int, exit_regs: Registers) -> None:
             if exit_regs.retval >= 0 and buffer_len > 0:
                 self._rewrite_name(tid, info.family, name_ptr, buffer_len, len_ptr, 4)
 
         return WatchExit(at_exit)
+
+    def _recvfrom_now(
+        self, tid: int, regs: Registers, info: SocketInfo, sock: socket.socket, buffer_len: int
+    ) -> Complete | None:
+        """The program's recvfrom() done by ktrace on the same socket, when a datagram (or a
+        pending error) is there already: the resolver polled first, so it usually is. Saves
+        the stop at the syscall's exit. None (nothing queued): the program's own call runs,
+        blocking or failing with EAGAIN as it would, and its source is rewritten at its exit."""
+        buf, length, flags = regs.arg(1), regs.arg(2) & 0xFFFFFFFFFFFFFFFF, regs.arg(3) & 0xFFFFFFFF
+        data = bytearray(min(length, MAX_DATAGRAM))
+        try:
+            got, source = sock.recvfrom_into(data, len(data), flags | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            # A pending error (ICMP, IP_RECVERR): reporting it clears it, as the program's
+            # own call would have.
+            return Complete(-(exc.errno or errno.EIO))
+        copied = min(got, len(data))
+        raw = _encode_source(info.family, source)
+        name = self._true_source(info.family, raw) or raw
+        stored, full = sockaddr.fill_name_buffer(name, buffer_len)
+        try:
+            kernel.write_memory(tid, buf, bytes(data[:copied]))
+            kernel.write_memory(tid, regs.arg(4), stored)
+            kernel.write_memory(tid, regs.arg(5), struct.pack("=I", full))
+        except TraceeGone:
+            raise
+        except OSError:
+            return Complete(-errno.EFAULT)  # the kernel too drops the datagram it could not copy
+        return Complete(got)
 
     def recvmsg(self, tid: int, regs: Registers, info: SocketInfo) -> Outcome:
         hdr_ptr = regs.arg(1)
