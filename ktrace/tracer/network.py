@@ -122,11 +122,16 @@ class NetworkHandler:
             return Resume()
         info = SocketInfo(family, socket.SOCK_DGRAM, inode)
         if regs.nr == SYS.recvfrom:
-            sock = self._socket(tid, regs.arg(0))
-            if not isinstance(sock, socket.socket):
-                return self.udp.recvfrom(tid, regs, info)
-            with sock:
-                return self.udp.recvfrom(tid, regs, info, sock)
+            try:
+                dup = kernel.duplicate_fd(tid, regs.arg(0))
+            except OSError as exc:
+                if isinstance(exc, TraceeGone):
+                    raise
+                return self.udp.recvfrom(tid, regs, info)  # the exit path needs no descriptor
+            try:
+                return self.udp.recvfrom(tid, regs, info, dup)
+            finally:
+                os.close(dup)
         if regs.nr == SYS.recvmsg:
             return self.udp.recvmsg(tid, regs, info)
         return self.udp.recvmmsg(tid, regs, info)

@@ -17,8 +17,8 @@ drop DNS answers whose source is not the server they asked).
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import ipaddress
 import os
 import socket
 import struct
@@ -37,18 +37,23 @@ from ktrace.tunnel.types import Endpoint
 MAX_DATAGRAM = 65536
 
 
-def _encode_source(family: int, source: tuple[str, int] | tuple[str, int, int, int]) -> bytes:
-    """The sockaddr the kernel stores for a datagram's source (Python's address tuple back to
-    bytes; for AF_INET6 with its flow info and scope id)."""
-    ip = ipaddress.ip_address(source[0])
-    if family == socket.AF_INET6 and len(source) == 4:
-        return (
-            struct.pack("=H", socket.AF_INET6)
-            + struct.pack("!HI", source[1], source[2])
-            + ipaddress.IPv6Address(ip).packed
-            + struct.pack("=I", source[3])
-        )
-    return sockaddr.encode(family, ip, source[1])
+# ktrace's own recvfrom into one preallocated buffer (only the tracer's thread receives here):
+# the source comes back as the kernel's sockaddr bytes, as the program would get them.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_recvfrom = _libc.recvfrom
+_libc_recvfrom.argtypes = (
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.c_void_p,
+)
+_libc_recvfrom.restype = ctypes.c_ssize_t
+_recv_buffer = ctypes.create_string_buffer(MAX_DATAGRAM)
+_recv_name = ctypes.create_string_buffer(128)  # sockaddr_storage
+_recv_name_len = ctypes.c_uint32(0)
+_recv_name_ref = ctypes.byref(_recv_name_len)
 
 
 class RelayTable(Protocol):
@@ -252,8 +257,8 @@ class UdpRedirector:
         kernel.write_memory(tid, name_ptr, data)
         kernel.write_memory(tid, len_ptr, full.to_bytes(len_size, "little"))
 
-    def recvfrom(self, tid: int, regs: Registers, info: SocketInfo, sock: socket.socket | None = None) -> Outcome:
-        """``sock``: ktrace's duplicate of the program's socket, to receive in its place."""
+    def recvfrom(self, tid: int, regs: Registers, info: SocketInfo, fd: int | None = None) -> Outcome:
+        """``fd``: ktrace's duplicate of the program's socket, to receive in its place."""
         name_ptr, len_ptr = regs.arg(4), regs.arg(5)
         if not name_ptr or not len_ptr:
             return Resume()
@@ -263,8 +268,8 @@ class UdpRedirector:
             raise
         except OSError:
             return Resume()
-        if sock is not None and buffer_len >= 0 and decide.recvfrom_in_ktrace(regs.arg(3) & 0xFFFFFFFF):
-            done = self._recvfrom_now(tid, regs, info, sock, buffer_len)
+        if fd is not None and buffer_len >= 0 and decide.recvfrom_in_ktrace(regs.arg(3) & 0xFFFFFFFF):
+            done = self._recvfrom_now(tid, regs, info, fd, buffer_len)
             if done is not None:
                 return done
 
@@ -274,29 +279,28 @@ class UdpRedirector:
 
         return WatchExit(at_exit)
 
-    def _recvfrom_now(
-        self, tid: int, regs: Registers, info: SocketInfo, sock: socket.socket, buffer_len: int
-    ) -> Complete | None:
-        """The program's recvfrom() done by ktrace on the same socket, when a datagram (or a
-        pending error) is there already: the resolver polled first, so it usually is. Saves
-        the stop at the syscall's exit. None (nothing queued): the program's own call runs,
-        blocking or failing with EAGAIN as it would, and its source is rewritten at its exit."""
-        buf, length, flags = regs.arg(1), regs.arg(2) & 0xFFFFFFFFFFFFFFFF, regs.arg(3) & 0xFFFFFFFF
-        data = bytearray(min(length, MAX_DATAGRAM))
-        try:
-            got, source = sock.recvfrom_into(data, len(data), flags | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError as exc:
+    def _recvfrom_now(self, tid: int, regs: Registers, info: SocketInfo, fd: int, buffer_len: int) -> Complete | None:
+        """The program's recvfrom() done by ktrace on the same socket (``fd``, its duplicate),
+        when a datagram (or a pending error) is there already: the resolver polled first, so
+        it usually is. Saves the stop at the syscall's exit. None (nothing queued): the
+        program's own call runs, blocking or failing with EAGAIN as it would, and its source
+        is rewritten at its exit."""
+        length, flags = regs.arg(2), regs.arg(3) & 0xFFFFFFFF
+        size = min(length, MAX_DATAGRAM)
+        _recv_name_len.value = ctypes.sizeof(_recv_name)
+        got = _libc_recvfrom(fd, _recv_buffer, size, flags | socket.MSG_DONTWAIT, _recv_name, _recv_name_ref)
+        if got < 0:
+            err = ctypes.get_errno()
+            if err in (errno.EAGAIN, errno.EINTR):
+                return None
             # A pending error (ICMP, IP_RECVERR): reporting it clears it, as the program's
             # own call would have.
-            return Complete(-(exc.errno or errno.EIO))
-        copied = min(got, len(data))
-        raw = _encode_source(info.family, source)
+            return Complete(-err)
+        raw = _recv_name.raw[: min(_recv_name_len.value, ctypes.sizeof(_recv_name))]
         name = self._true_source(info.family, raw) or raw
         stored, full = sockaddr.fill_name_buffer(name, buffer_len)
         try:
-            kernel.write_memory(tid, buf, bytes(data[:copied]))
+            kernel.write_memory(tid, regs.arg(1), ctypes.string_at(_recv_buffer, min(got, size)))
             kernel.write_memory(tid, regs.arg(4), stored)
             kernel.write_memory(tid, regs.arg(5), struct.pack("=I", full))
         except TraceeGone:
