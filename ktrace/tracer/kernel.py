@@ -304,63 +304,23 @@ def _syscall(*args: int) -> int:
     return result
 
 
-# One pidfd per traced thread, opened at its first descriptor lookup and closed when the tracer
-# reports the thread gone (`forget_thread`): a lookup is then one pidfd_getfd instead of
-# pidfd_open, pidfd_getfd and close (a glibc getaddrinfo looks at three sockets). The tracer
-# reaps every tracee itself and forgets it before its id can be reused.
-_MAX_CACHED_PIDFDS: Final = 1024
-_pidfds: dict[int, int] = {}
-
-
 def duplicate_fd(tid: int, fd: int) -> int:
     """A duplicate of thread `tid`'s descriptor `fd` in ktrace (same open file).
 
     pidfd_getfd(2) needs Linux 5.6; the PIDFD_THREAD pidfd (6.9) lets a thread
     id be used directly, else the thread group id is looked up.
     """
-    pidfd = _pidfds.get(tid)
-    if pidfd is not None:
-        try:
-            return _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
-        except OSError as exc:
-            if exc.errno != errno.ESRCH:
-                raise
-            forget_thread(tid)  # gone, or not the thread the pidfd was opened for: look again
-    pidfd = _open_pidfd(tid)
     try:
-        dup = _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
-    except OSError as exc:
-        if exc.errno == errno.ESRCH:
-            os.close(pidfd)
-            raise TraceeGone(tid) from None
-        _keep_pidfd(tid, pidfd)  # the thread is there; its descriptor was not (EBADF)
-        raise
-    _keep_pidfd(tid, pidfd)
-    return dup
-
-
-def _keep_pidfd(tid: int, pidfd: int) -> None:
-    if len(_pidfds) < _MAX_CACHED_PIDFDS:
-        _pidfds[tid] = pidfd
-    else:
-        os.close(pidfd)
-
-
-def _open_pidfd(tid: int) -> int:
-    try:
-        return _syscall(SYS_PIDFD_OPEN, tid, PIDFD_THREAD)
+        pidfd = _syscall(SYS_PIDFD_OPEN, tid, PIDFD_THREAD)
     except OSError as exc:
         if exc.errno == errno.ESRCH:
             raise TraceeGone(tid) from None
         if exc.errno != errno.EINVAL:
             raise
-        return _syscall(SYS_PIDFD_OPEN, thread_group_of(tid), 0)
-
-
-def forget_thread(tid: int) -> None:
-    """Thread `tid` exited (or changed identity at exec): close its cached pidfd."""
-    pidfd = _pidfds.pop(tid, None)
-    if pidfd is not None:
+        pidfd = _syscall(SYS_PIDFD_OPEN, thread_group_of(tid), 0)
+    try:
+        return _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
+    finally:
         os.close(pidfd)
 
 

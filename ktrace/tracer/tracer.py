@@ -218,9 +218,7 @@ class Tracer:
                 # exec from a non-leader thread: it now has the leader's id and
                 # the old id vanishes without an exit report.
                 self.threads.pop(former, None)
-                kernel.forget_thread(former)
                 self.handler.on_thread_exit(former)
-            kernel.forget_thread(tid)
             self.handler.on_exec(tid)
             kernel.cont(tid)
         elif event == kernel.PTRACE_EVENT_STOP:
@@ -237,7 +235,6 @@ class Tracer:
             self._gone_unknown.add(tid)
         if thread is not None and thread.parked is not None:
             thread.parked.cancel()
-        kernel.forget_thread(tid)
         self.handler.on_thread_exit(tid)
         if tid == self.main_pid:
             if os.WIFEXITED(status):
