@@ -38,6 +38,7 @@ class CallPool(Generic[C]):
         self._start = start
         self._size = size
         self._keep = max(size, keep if keep is not None else size)
+        self.started = 0  # calls started so far (a reused call is not started again)
         self._spares: deque[C] = deque()
         self._refill_scheduled = False
         self._closed = False
@@ -50,7 +51,7 @@ class CallPool(Generic[C]):
                 self._schedule_refill()
                 return call, True
         self._schedule_refill()
-        return self._start(), False
+        return self._begin(), False
 
     def give_back(self, call: C) -> None:
         """A used call that can carry the next stream (the peer waits for a new first frame)."""
@@ -65,6 +66,10 @@ class CallPool(Generic[C]):
 
     def fresh(self) -> C:
         """A call started now (to retry on after a spare failed)."""
+        return self._begin()
+
+    def _begin(self) -> C:
+        self.started += 1
         return self._start()
 
     def _schedule_refill(self) -> None:
@@ -77,7 +82,7 @@ class CallPool(Generic[C]):
     def _refill(self) -> None:
         self._refill_scheduled = False
         while not self._closed and len(self._spares) < self._size:
-            self._spares.append(self._start())
+            self._spares.append(self._begin())
 
     def close(self) -> None:
         self._closed = True
