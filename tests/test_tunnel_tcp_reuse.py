@@ -35,14 +35,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# What close_first's server read after its own FIN, one entry per connection.
+received_after_fin: list[bytes] = []
+
+
 async def close_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """The server says its line and finishes sending first, then answers what it still gets."""
     writer.write(b"hello first")
     writer.write_eof()
     received_after_fin.append(await reader.read())
-
-
-received_after_fin: list[bytes] = []
 
 
 async def reset_after_hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
