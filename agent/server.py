@@ -64,6 +64,7 @@ class AgentServer:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         resolv_conf_path: str | None = None,
         hosts_path: str | None = None,
+        tcp_stream_reuse: bool = True,
     ) -> None:
         self._listen = parse_listen(listen)
         check_policy(self._listen, token, None if token_sha256 is None else token_sha256.hex())
@@ -72,6 +73,8 @@ class AgentServer:
         self._connect_timeout = connect_timeout
         self._resolv_conf_path = resolv_conf_path
         self._hosts_path = hosts_path
+        # False behaves as an agent from before reuse (tests of old agents).
+        self._tcp_stream_reuse = tcp_stream_reuse
         self._server: grpc.aio.Server | None = None
         self.send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
         self._active = 0
@@ -161,6 +164,7 @@ class AgentServer:
                 hosts=info.hosts,
                 max_message_bytes=MAX_MESSAGE_BYTES,
                 datagram_batches=True,
+                tcp_stream_reuse=self._tcp_stream_reuse,
                 source_routes=[
                     rpc.SourceRoute(
                         family=rpc.wire_family(route.family),
@@ -175,7 +179,7 @@ class AgentServer:
         async with self._call(context, "Connect"):
             await _headers_now(context)
             try:
-                await TcpRelay(context, self._connect_timeout, self.send_budget).run()
+                await TcpRelay(context, self._connect_timeout, self.send_budget, reuse=self._tcp_stream_reuse).run()
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:

@@ -13,6 +13,12 @@ so data that cannot be sent yet stays in the kernel's socket buffers, not here.
 The stream ends when both directions are finished, or at once on a reset. If the
 client goes away (cancel), the remote connection is reset too (SO_LINGER 0), as a
 program that dies with the socket open would cause.
+
+Reuse: when the ``open`` frame asks for it (and this agent offers it), a connection that
+ended cleanly (both directions finished, or the dial failed) does not end the stream: the
+agent sends ``ended`` (after ``failure``: nothing) and waits for the client's next ``open``.
+A new stream costs both processes its start, the auth check, headers and status (a
+quarter of the gRPC operations of a short connection); a reset still ends the stream.
 """
 
 from __future__ import annotations
@@ -81,23 +87,39 @@ def _writable_now(sock: socket.socket) -> bool:
 
 
 class TcpRelay:
-    def __init__(self, context: rpc.TcpContext, connect_timeout: float, budget: SendBudget | None = None) -> None:
+    def __init__(
+        self, context: rpc.TcpContext, connect_timeout: float, budget: SendBudget | None = None, *, reuse: bool = True
+    ) -> None:
         self._context = context
         self._budget = budget
         self._connect_timeout = connect_timeout
+        self._reuse_offered = reuse
         self._sock: socket.socket | None = None
-        self._client_done = False  # the client sent shutdown_write
+        # Per connection: the client sent shutdown_write; the stream stays for the next one.
+        self._client_done = False
+        self._reuse = False
 
     async def run(self) -> None:
         try:
-            first = await self._read_frame()
-            if first is None:
-                return  # client gave up before opening: nothing to do
-            if first.WhichOneof("kind") != "open":
-                raise _Protocol(f"first frame must be 'open', got {first.WhichOneof('kind')!r}")
-            if not await self._open(first.open):
-                return
-            await self._relay()
+            while True:
+                first = await self._read_frame()
+                if first is None:
+                    return  # client gave up before opening (or after a connection): nothing to do
+                if first.WhichOneof("kind") != "open":
+                    raise _Protocol(f"first frame must be 'open', got {first.WhichOneof('kind')!r}")
+                self._client_done = False
+                self._reuse = self._reuse_offered and first.open.reuse
+                if await self._open(first.open):
+                    clean = await self._relay()
+                    if self._sock is not None:
+                        self._sock.close()  # both directions ended: FIN went both ways
+                        self._sock = None
+                    if not clean:
+                        return
+                    if self._reuse:
+                        await self._context.write(rpc.TcpServerFrame(ended=True))
+                if not self._reuse:
+                    return
         except _Protocol as exc:
             log.warning("Connect stream from %s: protocol error: %s", self._context.peer(), exc)
             self._abort_remote()
@@ -136,7 +158,8 @@ class TcpRelay:
         await self._context.write(rpc.TcpServerFrame(opened=opened))
         return True
 
-    async def _relay(self) -> None:
+    async def _relay(self) -> bool:
+        """Relay until both directions finished (True) or a reset (False, reset frame sent)."""
         up = asyncio.create_task(self._upstream())
         down = asyncio.create_task(self._downstream())
         try:
@@ -144,6 +167,7 @@ class TcpRelay:
             for task in done:
                 task.result()  # re-raise a protocol error or a reset
             # Both directions finished normally when no task raised.
+            return True
         except _Reset as reset:
             for task in (up, down):
                 task.cancel()
@@ -155,6 +179,7 @@ class TcpRelay:
             if not self._context.done():
                 with contextlib.suppress(Exception):  # the client may be gone already
                     await self._context.write(rpc.TcpServerFrame(reset=reset.failure))
+            return False
         finally:
             for task in (up, down):
                 task.cancel()
@@ -200,7 +225,8 @@ class TcpRelay:
                 raise _Reset(exc) from None
             if not data:
                 # When the client had finished sending, the stream ends now and its OK status
-                # says eof: one message less per connection (an older client reads it so too).
+                # (or, reused, the ``ended`` frame) says eof: one message less per connection
+                # (an older client reads it so too).
                 if not self._client_done:
                     await self._context.write(rpc.TcpServerFrame(eof=True))
                 return

@@ -10,6 +10,10 @@ dropped, never handed out; a failure of a handed-out spare before anything was s
 on it is safe to retry on a fresh call (``TcpStream.open`` does that once).
 The agent sees a spare as an open stream that has not sent its first frame yet; its
 handler just waits. ``close()`` cancels the spares.
+
+A stream whose connection ended cleanly on an agent that reuses streams comes back with
+``give_back`` and is handed out before any other: a program making connection after
+connection then starts no new stream at all. At most ``keep`` idle streams are kept.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ C = TypeVar("C", bound=_Call)
 
 
 class CallPool(Generic[C]):
-    def __init__(self, start: Callable[[], C], size: int) -> None:
+    def __init__(self, start: Callable[[], C], size: int, keep: int | None = None) -> None:
         self._start = start
         self._size = size
+        self._keep = max(size, keep if keep is not None else size)
+        self.started = 0  # calls started so far (a reused call is not started again)
         self._spares: deque[C] = deque()
         self._refill_scheduled = False
         self._closed = False
@@ -45,7 +51,14 @@ class CallPool(Generic[C]):
                 self._schedule_refill()
                 return call, True
         self._schedule_refill()
-        return self._start(), False
+        return self._begin(), False
+
+    def give_back(self, call: C) -> None:
+        """A used call that can carry the next stream (the peer waits for a new first frame)."""
+        if self._closed or call.done() or len(self._spares) >= self._keep:
+            call.cancel()
+            return
+        self._spares.appendleft(call)
 
     def fill(self) -> None:
         """Start the spares soon (from the running loop)."""
@@ -53,6 +66,10 @@ class CallPool(Generic[C]):
 
     def fresh(self) -> C:
         """A call started now (to retry on after a spare failed)."""
+        return self._begin()
+
+    def _begin(self) -> C:
+        self.started += 1
         return self._start()
 
     def _schedule_refill(self) -> None:
@@ -65,7 +82,7 @@ class CallPool(Generic[C]):
     def _refill(self) -> None:
         self._refill_scheduled = False
         while not self._closed and len(self._spares) < self._size:
-            self._spares.append(self._start())
+            self._spares.append(self._begin())
 
     def close(self) -> None:
         self._closed = True

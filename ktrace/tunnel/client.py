@@ -40,6 +40,9 @@ TUNNEL_WAIT = 10.0
 # Streams kept started ahead of need, per kind (see call_pool.py), and UDP sessions kept
 # open ahead of need, per address family in use (see udp_session.SessionSpares).
 SPARE_CALLS = 2
+# Idle Connect streams kept for reuse after their connection ended (call_pool.py): enough for
+# a program's bursts of short connections; beyond that a stream ends as without reuse.
+KEEP_TCP_CALLS = 16
 SPARE_UDP_SESSIONS = 2
 # TCP data queued in gRPC by all streams together, and how long a write waits for it
 # (ktrace_agent/budget.py): bounds memory with many busy connections.
@@ -58,6 +61,7 @@ class AgentInfo:
     datagram_batches: bool = False  # the agent accepts several datagrams in one frame
     # Per IP version the agent told (none from an older agent): its source towards the cluster.
     source_routes: tuple[SourceRoute, ...] = ()
+    tcp_stream_reuse: bool = False  # a Connect stream can carry one connection after another
 
 
 DEFAULT_UNREACHABLE_HINT = "is it running, and is the port-forward up?"
@@ -89,6 +93,7 @@ def _parse_info(reply: rpc.HandshakeReply) -> AgentInfo:
         max_message_bytes=reply.max_message_bytes,
         datagram_batches=reply.datagram_batches,
         source_routes=_parse_source_routes(reply.source_routes),
+        tcp_stream_reuse=reply.tcp_stream_reuse,
     )
 
 
@@ -115,7 +120,7 @@ class AgentClient:
         self._metadata = rpc.bearer_metadata(token)
         self.info = info
         metadata = self._metadata
-        self._tcp_calls = CallPool(lambda: self._stub.connect(metadata=metadata), SPARE_CALLS)
+        self._tcp_calls = CallPool(lambda: self._stub.connect(metadata=metadata), SPARE_CALLS, KEEP_TCP_CALLS)
         self._udp_calls = CallPool(lambda: self._stub.datagrams(metadata=metadata), SPARE_CALLS)
         self._udp_sessions = SessionSpares(self._udp_calls, SPARE_UDP_SESSIONS, info.datagram_batches)
         self.send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
@@ -180,7 +185,9 @@ class AgentClient:
         deadline = loop.time() + (timeout if timeout is not None else TUNNEL_WAIT)
         while True:
             try:
-                return await TcpStream.open(self._tcp_calls, dest, timeout, self.send_budget)
+                return await TcpStream.open(
+                    self._tcp_calls, dest, timeout, self.send_budget, reuse=self.info.tcp_stream_reuse
+                )
             except TunnelLost as lost:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -189,6 +196,11 @@ class AgentClient:
                     await asyncio.wait_for(self._channel.channel_ready(), remaining)
                 except TimeoutError:
                     raise TunnelError("ETIMEDOUT", f"the tunnel to the agent is down ({lost.message})") from lost
+
+    @property
+    def tcp_streams_started(self) -> int:
+        """``Connect`` streams started so far (spares included; a reused stream counts once)."""
+        return self._tcp_calls.started
 
     def start_udp(self, family: int) -> UdpSession:
         """A UDP socket on the agent whose datagrams may be sent before the agent answered

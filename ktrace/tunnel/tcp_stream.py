@@ -8,6 +8,11 @@ data in the kernel (and the program feels the back-pressure). Half-closes cross 
 tunnel (local EOF → ``shutdown_write``; agent ``eof`` → ``shutdown(SHUT_WR)``) and so
 do resets (agent ``reset`` → local RST via SO_LINGER 0; local reset → the stream is
 cancelled, which the agent turns into an RST on its side).
+
+Reuse (when the agent offers it): the ``open`` frame asks the agent to keep the stream;
+a connection that ends cleanly (the agent's ``ended`` frame after our ``shutdown_write``,
+or a dial ``failure``) gives the call back to the pool for the next connection. Anything
+else (a reset, an abort, an error) ends the call as before.
 """
 
 from __future__ import annotations
@@ -57,9 +62,19 @@ def reset_socket(sock: socket.socket) -> None:
 class TcpStream:
     """An open ``Connect`` stream. ``local``: the agent socket's address; ``peer``: the destination."""
 
-    def __init__(self, call: rpc.TcpCall, local: Endpoint, peer: Endpoint, budget: SendBudget | None = None) -> None:
+    def __init__(
+        self,
+        call: rpc.TcpCall,
+        local: Endpoint,
+        peer: Endpoint,
+        budget: SendBudget | None = None,
+        reuse_in: CallPool[rpc.TcpCall] | None = None,
+    ) -> None:
         self._call = call
         self._budget = budget
+        self._reuse_in = reuse_in  # the pool the call goes back to once the connection ended cleanly
+        self._ended = False  # the agent said ``ended``
+        self._given_back = False
         self.local = local
         self.peer = peer
         self.opened_at = time.monotonic()  # for the report: how long the connection lived
@@ -68,24 +83,36 @@ class TcpStream:
 
     @classmethod
     async def open(
-        cls, calls: CallPool[rpc.TcpCall], dest: Endpoint, timeout: float | None, budget: SendBudget | None = None
+        cls,
+        calls: CallPool[rpc.TcpCall],
+        dest: Endpoint,
+        timeout: float | None,
+        budget: SendBudget | None = None,
+        *,
+        reuse: bool = False,
     ) -> TcpStream:
+        """``reuse``: the agent offers stream reuse (``HandshakeReply.tcp_stream_reuse``)."""
         call, spare = calls.take()
+        reuse_in = calls if reuse else None
         try:
-            stream = await cls._open_on(call, dest, timeout)
+            stream = await cls._open_on(call, dest, timeout, reuse_in)
         except _CallLost:
             if not spare:
                 raise
-            # The spare had ended before anything reached the agent on it (channel
-            # re-established, agent restarted): one retry on a call started now.
-            stream = await cls._open_on(calls.fresh(), dest, timeout)
+            # The spare (or reused) call had ended before anything reached the agent on it
+            # (channel re-established, agent restarted): one retry on a call started now.
+            stream = await cls._open_on(calls.fresh(), dest, timeout, reuse_in)
         stream._budget = budget
         return stream
 
     @classmethod
-    async def _open_on(cls, call: rpc.TcpCall, dest: Endpoint, timeout: float | None) -> TcpStream:
+    async def _open_on(
+        cls, call: rpc.TcpCall, dest: Endpoint, timeout: float | None, reuse_in: CallPool[rpc.TcpCall] | None
+    ) -> TcpStream:
         timeout_ms = max(1, round(timeout * 1000)) if timeout is not None else 0
-        frame = rpc.TcpClientFrame(open=rpc.TcpOpen(destination=rpc.encode_address(dest), timeout_ms=timeout_ms))
+        frame = rpc.TcpClientFrame(
+            open=rpc.TcpOpen(destination=rpc.encode_address(dest), timeout_ms=timeout_ms, reuse=reuse_in is not None)
+        )
         # The read is in flight while the write completes: the answer is taken as soon
         # as it arrives instead of one event-loop hand-off after the write's completion.
         reading = asyncio.ensure_future(call.read())
@@ -117,16 +144,21 @@ class TcpStream:
         assert isinstance(reply, rpc.TcpServerFrame)
         kind = reply.WhichOneof("kind")
         if kind == "failure":
-            call.cancel()
+            if reuse_in is not None:
+                reuse_in.give_back(call)  # the agent waits for the next open on it
+            else:
+                call.cancel()
             raise TunnelError(reply.failure.errno_name or "EIO", reply.failure.message)
         if kind != "opened":
             call.cancel()
             raise TunnelError("EIO", f"agent answered {kind!r} to open")
-        return cls(call, rpc.decode_address(reply.opened.local), rpc.decode_address(reply.opened.peer))
+        local, peer = rpc.decode_address(reply.opened.local), rpc.decode_address(reply.opened.peer)
+        return cls(call, local, peer, reuse_in=reuse_in)
 
     async def abort(self) -> None:
         """End the stream now; the agent resets its connection."""
-        self._call.cancel()
+        if not self._given_back:  # else the call carries another connection now
+            self._call.cancel()
 
     async def splice(self, sock: socket.socket) -> TcpStats:
         """Relay between the local connection and the stream until both directions end or one
@@ -139,6 +171,9 @@ class TcpStream:
             done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()
+            if self._ended and self._reuse_in is not None:
+                self._given_back = True
+                self._reuse_in.give_back(self._call)
         except _Reset as reset:
             stats.outcome = reset.outcome
             self._call.cancel()
@@ -216,6 +251,13 @@ class TcpStream:
             elif kind == "eof":
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_WR)  # sock_sendall returned: nothing is left to flush
+            elif kind == "ended" and self._reuse_in is not None:
+                # Both directions are finished on the agent (it read our shutdown_write): the
+                # remote's FIN, if no eof frame said it, and nothing follows for this connection.
+                self._ended = True
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
+                return
             elif kind == "reset":
                 raise _Reset(f"reset: {frame.reset.errno_name or 'ECONNRESET'}")
             else:
