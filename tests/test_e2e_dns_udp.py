@@ -408,6 +408,18 @@ got = libc.recvfrom(s.fileno(), buf, 100, 0, name, ctypes.byref(size))
 print("short name", got, buf.value, name.raw[:6].hex(), name.raw[6:].hex(), size.value)
 s.send(b"no name"); ready()
 print("no name", libc.recvfrom(s.fileno(), buf, 100, 0, None, None), buf.value)
+class Iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+class Msghdr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.c_void_p),
+                ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+s.send(b"recvmsg short name"); ready()  # recvmsg: the source is rewritten at the syscall's exit
+name = ctypes.create_string_buffer(16)
+iov = Iovec(ctypes.cast(buf, ctypes.c_void_p), 100)
+msg = Msghdr(ctypes.cast(name, ctypes.c_void_p), 6, ctypes.cast(ctypes.pointer(iov), ctypes.c_void_p), 1, None, 0, 0)
+got = libc.recvmsg(s.fileno(), ctypes.byref(msg), 0)
+print("recvmsg short name", got, buf.value, name.raw[:6].hex(), name.raw[6:].hex(), msg.namelen)
 s.setblocking(False)
 try:
     s.recvfrom(100)
@@ -429,7 +441,8 @@ print("unconnected", u.recvfrom(100))
 def test_recvfrom_under_ktrace_is_the_kernels(ktrace_cluster: NamespaceCluster) -> None:
     """recvfrom() on a relayed socket, done by ktrace at the syscall's entry when a datagram is
     queued (else by the kernel, its source rewritten at the exit): flags, short buffers for
-    data and name, no name, nothing queued, blocking; same output as in the cluster."""
+    data and name (at entry, and recvmsg's at exit), no name, nothing queued, blocking; same
+    output as in the cluster."""
     c = ktrace_cluster
     in_cluster = c.run_cluster([sys.executable, "-c", RECVFROM_WAYS, c.echo_v4], timeout=60)
     assert in_cluster.returncode == 0, in_cluster
@@ -437,7 +450,7 @@ def test_recvfrom_under_ktrace_is_the_kernels(ktrace_cluster: NamespaceCluster) 
     echo = f"('{c.echo_v4}', 7)"
     assert lines[0] == f"peek (b'peeked', {echo}) (b'peeked', {echo})", lines
     assert lines[1] == f"trunc (16, {echo})", lines
-    assert lines[5] == "nothing queued EAGAIN", lines
+    assert lines[6] == "nothing queued EAGAIN", lines
     traced = c.run_laptop(c.ktrace_argv(sys.executable, "-c", RECVFROM_WAYS, c.echo_v4), timeout=60)
     assert traced.returncode == 0, traced
     assert traced.stdout.splitlines() == lines, traced

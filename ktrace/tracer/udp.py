@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import ipaddress
 import os
 import socket
 import struct
@@ -248,9 +249,24 @@ class UdpRedirector:
             return None
         return sockaddr.encode(family, peer.ip, peer.port)
 
+    def _true_source_of_prefix(self, family: int, written: bytes) -> bytes | None:
+        """``_true_source`` for a name buffer shorter than a sockaddr: the kernel wrote only the
+        first bytes. The family and port are enough to find the relay when what is there of the
+        address is a loopback address a relay sends from."""
+        if len(written) < 4:
+            return None
+        port = struct.unpack_from("!H", written, 2)[0]
+        peer = self.relays.peer_of(family, port)
+        if peer is None:
+            return None
+        loopback = ("127.0.0.1",) if family == socket.AF_INET else ("::1", "::ffff:127.0.0.1")
+        if not any(sockaddr.encode(family, ipaddress.ip_address(host), port).startswith(written) for host in loopback):
+            return None
+        return sockaddr.encode(family, peer.ip, peer.port)
+
     def _rewrite_name(self, tid: int, family: int, name_ptr: int, buffer_len: int, len_ptr: int, len_size: int) -> None:
         written = kernel.read_memory(tid, name_ptr, min(buffer_len, sockaddr.MAX_SOCKADDR_LEN))
-        true = self._true_source(family, written)
+        true = self._true_source(family, written) or self._true_source_of_prefix(family, written)
         if true is None:
             return
         data, full = sockaddr.fill_name_buffer(true, buffer_len)
