@@ -192,8 +192,9 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 @pytest.mark.parametrize("launcher", ["exec-from-thread", "posix_spawn"])
-def test_programs_started_in_unusual_ways_are_traced(launcher: str, ktrace_cluster: NamespaceCluster,
-                                                     programs: Programs) -> None:
+def test_programs_started_in_unusual_ways_are_traced(
+    launcher: str, ktrace_cluster: NamespaceCluster, programs: Programs
+) -> None:
     c = ktrace_cluster
     script = EXEC_FROM_THREAD if launcher == "exec-from-thread" else POSIX_SPAWN
     argv = [sys.executable, "-c", script, programs["cconnect"], c.hello_v4, str(c.hello_port)]
