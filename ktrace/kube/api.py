@@ -170,6 +170,22 @@ class KubeApi:
         decoded = json.loads(text) if text else {}
         return decoded if isinstance(decoded, dict) else {"items": decoded}
 
+    async def delete_pod(self, namespace: str, name: str, timeout: float = REQUEST_TIMEOUT) -> bool:
+        """Delete a pod with a 1 s grace period; False when it was already gone (404)."""
+        try:
+            await self.request(
+                ApiCall("delete", "pods", namespace, name),
+                "DELETE",
+                f"/api/v1/namespaces/{namespace}/pods/{name}",
+                body={"gracePeriodSeconds": 1},
+                timeout=timeout,
+            )
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
     async def watch(
         self, call: ApiCall, path: str, query: Sequence[tuple[str, str]], *, read_timeout: float
     ) -> AsyncIterator[dict[str, Any]]:

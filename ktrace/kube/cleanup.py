@@ -46,16 +46,7 @@ async def _cleanup(cluster: ClusterChoice, all_namespaces: bool, include_running
                 continue
             if meta.get("deletionTimestamp"):
                 continue
-            try:
-                await api.request(
-                    ApiCall("delete", "pods", ns, name),
-                    "DELETE",
-                    f"/api/v1/namespaces/{ns}/pods/{name}",
-                    body={"gracePeriodSeconds": 1},
-                )
-            except KubeApiError as exc:
-                if exc.status != 404:
-                    raise
+            if not await api.delete_pod(ns, name):
                 continue
             phase = (pod.get("status") or {}).get("phase", "?")
             print(f"deleted pod {ns}/{name} ({phase})")

@@ -364,16 +364,8 @@ async def _agent_in_cluster(api: KubeApi, options: KubeOptions) -> AsyncIterator
 
 async def _delete_pod(api: KubeApi, namespace: str, name: str) -> None:
     try:
-        await api.request(
-            ApiCall("delete", "pods", namespace, name),
-            "DELETE",
-            f"/api/v1/namespaces/{namespace}/pods/{name}",
-            body={"gracePeriodSeconds": 1},
-            timeout=DELETE_TIMEOUT,
-        )
+        await api.delete_pod(namespace, name, timeout=DELETE_TIMEOUT)
     except KubeApiError as exc:
-        if exc.status == 404:
-            return
         report(
             f"warning: could not delete the agent pod {namespace}/{name}: {explain(exc).message} "
             f"(hint: it exits by itself when idle; `ktrace cleanup -n {namespace}` deletes it)"
