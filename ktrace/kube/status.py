@@ -97,12 +97,13 @@ def agent_state(pod: Mapping[str, Any], container: str, *, ephemeral: bool = Fal
         waiting = state.get("waiting") or {}
         reason = waiting.get("reason") or "Waiting"
         message = _one_line(waiting.get("message") or "")
+        detail = reason + (f": {message}" if message else "")
         if reason in _IMAGE_FAILURES:
             return AgentState(
                 "ended",
                 reason,
                 KtraceError(
-                    f"cannot pull the agent image {image} for {where}: {reason}" + (f": {message}" if message else ""),
+                    f"cannot pull the agent image {image} for {where}: {detail}",
                     "check --agent-image and --agent-pull-policy; a private registry needs --agent-pull-secret",
                 ),
             )
@@ -111,13 +112,13 @@ def agent_state(pod: Mapping[str, Any], container: str, *, ephemeral: bool = Fal
                 "ended",
                 reason,
                 KtraceError(
-                    f"cannot start the agent in {where}: {reason}" + (f": {message}" if message else ""),
+                    f"cannot start the agent in {where}: {detail}",
                     "the image must be ktrace's agent image (Dockerfile), runnable as a non-root user",
                 ),
             )
         if reason == "ContainerCreating":
             return AgentState("waiting", "starting the agent container (pulling the image if needed)")
-        return AgentState("waiting", f"agent container {reason}" + (f": {message}" if message else ""))
+        return AgentState("waiting", f"agent container {detail}")
 
     phase = status.get("phase") or "Pending"
     if phase in ("Failed", "Succeeded"):
