@@ -52,11 +52,18 @@ async def reset_after_hello(reader: asyncio.StreamReader, writer: asyncio.Stream
     writer.transport.abort()
 
 
-async def echo_connection(client: AgentClient, port: int, payload: bytes) -> TcpStats:
-    """The program sends, finishes sending first, reads the echo to EOF."""
+async def spliced(
+    client: AgentClient, port: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Task[TcpStats]]:
+    """A tunnelled connection to ``port``: the program's end, and the splice running it."""
     stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{port}"))
     (p_reader, p_writer), k_sock = await local_pair()
-    splice = asyncio.create_task(stream.splice(k_sock))
+    return p_reader, p_writer, asyncio.create_task(stream.splice(k_sock))
+
+
+async def echo_connection(client: AgentClient, port: int, payload: bytes) -> TcpStats:
+    """The program sends, finishes sending first, reads the echo to EOF."""
+    p_reader, p_writer, splice = await spliced(client, port)
     p_writer.write(payload)
     p_writer.write_eof()
     assert await p_reader.read() == payload.upper()
@@ -67,9 +74,7 @@ async def echo_connection(client: AgentClient, port: int, payload: bytes) -> Tcp
 
 async def server_first_connection(client: AgentClient, port: int) -> TcpStats:
     """The remote finishes first; the program still sends after that FIN, then closes."""
-    stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{port}"))
-    (p_reader, p_writer), k_sock = await local_pair()
-    splice = asyncio.create_task(stream.splice(k_sock))
+    p_reader, p_writer, splice = await spliced(client, port)
     assert await p_reader.read() == b"hello first"  # the remote's FIN reached the program
     p_writer.write(b"after your FIN")
     p_writer.write_eof()
@@ -79,9 +84,7 @@ async def server_first_connection(client: AgentClient, port: int) -> TcpStats:
 
 
 async def reset_connection(client: AgentClient, port: int) -> TcpStats:
-    stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{port}"))
-    (p_reader, p_writer), k_sock = await local_pair()
-    splice = asyncio.create_task(stream.splice(k_sock))
+    p_reader, p_writer, splice = await spliced(client, port)
     p_writer.write(b"hello")
     stats = await splice
     with contextlib.suppress(ConnectionResetError):
