@@ -40,8 +40,6 @@ class ReadGate:
         self._sock = sock
         self._budget = budget
         self._chunk = chunk
-        self.reads = 0  # recv() calls that returned data
-        self.waits = 0  # times the socket had nothing and was waited on
 
     async def read(self) -> tuple[bytes, int]:
         """The next data and the budget taken for it; ``(b"", 0)`` at EOF. Raises OSError
@@ -56,7 +54,6 @@ class ReadGate:
                     if not sock.recv(1, socket.MSG_PEEK):
                         return b"", 0
                 except (BlockingIOError, InterruptedError):
-                    self.waits += 1
                     await self._readable()
                 continue
             want = min(pending, self._chunk)
@@ -76,7 +73,6 @@ class ReadGate:
             if taken > len(data):
                 self.release(taken - len(data))
                 taken = len(data)
-            self.reads += 1
             return data, taken
 
     def release(self, taken: int) -> None:
