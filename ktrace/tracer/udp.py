@@ -33,10 +33,7 @@ from ktrace.tracer.kernel import Registers, TraceeGone
 from ktrace.tracer.sockaddr import InetAddr
 from ktrace.tracer.threads import ThreadGroups
 from ktrace.tracer.tracer import Complete, Outcome, Resume, WatchExit
-from ktrace.tunnel.types import Endpoint
-
-MAX_DATAGRAM = 65536
-
+from ktrace.tunnel.types import MAX_DATAGRAM, Endpoint
 
 # ktrace's own recvfrom into one preallocated buffer (only the tracer's thread receives here):
 # the source comes back as the kernel's sockaddr bytes, as the program would get them.

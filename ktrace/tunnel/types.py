@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+# Room for the largest UDP payload (65,507 bytes over IPv4, 65,527 over IPv6).
+MAX_DATAGRAM = 65536
+
 
 @dataclass(frozen=True)
 class Endpoint:

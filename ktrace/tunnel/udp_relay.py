@@ -34,13 +34,12 @@ from typing import Protocol
 from .client import AgentClient
 from .dns_answers import addresses_in_answer
 from .local_dns import LocalResolver
-from .types import Endpoint, IPAddress, TunnelError
+from .types import MAX_DATAGRAM, Endpoint, IPAddress, TunnelError
 from .udp_session import UdpSession
 
 log = logging.getLogger("ktrace.tunnel")
 
 READS_PER_WAKEUP = 64  # bound the work one readable relay can do per loop iteration
-MAX_DATAGRAM = 65536
 DNS_PORT = 53
 # Program sockets ktrace started to track since the last sweep before the next one runs,
 # whatever the timer says: each holds a relay socket here (and, once it sent, an agent
