@@ -145,6 +145,7 @@ def run(options: RunOptions) -> int:
 class _AgentAccess:
     address: str
     token: str | None
+    where: str  # how the report names the agent: its address, "local", or the pod
     kube: KubeAgent | None = None  # the agent in the cluster, which can be lost mid-run
 
 
@@ -156,23 +157,22 @@ async def _agent_access(options: RunOptions, token: str | None) -> AsyncIterator
         from ktrace.kube.session import kube_agent
 
         async with kube_agent(options.kube or KubeOptions()) as kube:
-            yield _AgentAccess(kube.address, kube.token, kube)
+            yield _AgentAccess(kube.address, kube.token, kube.where, kube)
         return
     if agent != "local":
-        yield _AgentAccess(agent, token)
+        yield _AgentAccess(agent, token, agent)
         return
     # An agent inside this process that dials from this machine: the same
     # gRPC path as a remote one, on a private unix socket.
-    from ktrace_agent.server import AgentServer
+    from ktrace_agent.server import DEFAULT_CONNECT_TIMEOUT, AgentServer
 
     with tempfile.TemporaryDirectory(prefix="ktrace-") as tmp:
         local_token = secrets.token_urlsafe(24)
-        server = AgentServer(f"unix:{tmp}/agent.sock", token=local_token)
-        if options.connect_timeout is not None:
-            server = AgentServer(f"unix:{tmp}/agent.sock", token=local_token, connect_timeout=options.connect_timeout)
+        timeout = DEFAULT_CONNECT_TIMEOUT if options.connect_timeout is None else options.connect_timeout
+        server = AgentServer(f"unix:{tmp}/agent.sock", token=local_token, connect_timeout=timeout)
         await server.start()
         try:
-            yield _AgentAccess(f"unix:{tmp}/agent.sock", local_token)
+            yield _AgentAccess(f"unix:{tmp}/agent.sock", local_token, "local")
         finally:
             await server.stop()
 
@@ -285,7 +285,7 @@ async def _session(
                     launcher.release(child, options.command[0])
                 except LaunchError as exc:
                     raise KtraceError(str(exc), exit_code=exc.exit_code) from None
-                recorder.start(options.command, access.kube.where if access.kube is not None else access.address)
+                recorder.start(options.command, access.where)
                 tracer = Tracer(session, child.pid, loop)
                 tracer.start()
                 result = await _until_finished(tracer, endpoint, access.kube)
