@@ -226,7 +226,6 @@ def read_memory(tid: int, address: int, size: int) -> bytes:
         got = _process_vm_readv(tid, _read_iovecs[0], 1, _read_iovecs[1], 1, 0)
         if got == size:
             return ctypes.string_at(_read_buffer, size)
-        buf = _read_buffer
     else:
         buf = ctypes.create_string_buffer(size)
         local = Iovec(ctypes.cast(buf, ctypes.c_void_p), size)
@@ -239,7 +238,7 @@ def read_memory(tid: int, address: int, size: int) -> bytes:
         raise OSError(err, os.strerror(err))
     if got != size:
         raise OSError(errno.EFAULT, "partial read of tracee memory")
-    return buf.raw[:size]
+    return buf.raw
 
 
 def read_int(tid: int, address: int) -> int:

@@ -122,6 +122,8 @@ class NetworkHandler:
             return Resume()
         info = SocketInfo(family, socket.SOCK_DGRAM, inode)
         if regs.nr == SYS.recvfrom:
+            if not (regs.arg(4) and regs.arg(5) and decide.recvfrom_in_ktrace(regs.arg(3) & 0xFFFFFFFF)):
+                return self.udp.recvfrom(tid, regs, info)  # no source asked for, or the exit path
             try:
                 dup = kernel.duplicate_fd(tid, regs.arg(0))
             except OSError as exc:
@@ -230,12 +232,6 @@ class NetworkHandler:
             return Resume()
         kept = socket.socket(fileno=os.dup(sock.fileno()))
         return Deferred(self._redirect_tcp(tid, kept, info, decision, payload))
-
-    def on_exec(self, tid: int) -> None:
-        pass
-
-    def on_thread_exit(self, tid: int) -> None:
-        pass
 
     def stream_closed(self, stream: TcpStream) -> None:
         inode = self._streams.pop(id(stream), None)

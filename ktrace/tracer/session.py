@@ -31,8 +31,6 @@ class SessionHandler:
         # exec from a non-leader thread gives it the leader's id: what was known of it is stale.
         self.threads.forget(tid)
         self.files.scratch.exec_happened(tid)
-        self.network.on_exec(tid)
 
     def on_thread_exit(self, tid: int) -> None:
         self.threads.forget(tid)
-        self.network.on_thread_exit(tid)

@@ -115,15 +115,16 @@ class UdpRedirector:
             # glibc connects a socket to port 0 of every address it sorts (RFC 6724), only to
             # read its source address: no relay (nor, later, an agent session) for that.
             err = sock.connect_ex(self.relays.sink_for(info.family))
-            if not err:
-                self.relays.connected_to_sink(info.inode, info.family, dest, sock.getsockname()[1])
         else:
             err = sock.connect_ex(self.relays.relay_for(info.inode, info.family, dest))
         if err:
             return Complete(-err)
+        own_port = sock.getsockname()[1]
+        if dest.port == 0:
+            self.relays.connected_to_sink(info.inode, info.family, dest, own_port)
         self.sockets[info.inode] = info.family
         self.connected[info.inode] = addr
-        self.own_ports[info.inode] = sock.getsockname()[1]
+        self.own_ports[info.inode] = own_port
         self.descriptors[info.inode] = (self.threads.of(tid), fd)
         self._note(tid, dest, "connect", info.inode)
         return Complete(0)
