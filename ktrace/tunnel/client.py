@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -97,11 +98,14 @@ def _parse_info(reply: rpc.HandshakeReply) -> AgentInfo:
     )
 
 
+_IP_VERSIONS = {rpc.FAMILY_INET: 4, rpc.FAMILY_INET6: 6}
+
+
 def _parse_source_routes(routes: Iterable[rpc.SourceRoute]) -> tuple[SourceRoute, ...]:
     """The first usable entry per IP version; malformed ones are ignored (the kernel answers then)."""
     found: dict[int, SourceRoute] = {}
     for route in routes:
-        version = {rpc.FAMILY_INET: 4, rpc.FAMILY_INET6: 6}.get(route.family)
+        version = _IP_VERSIONS.get(route.family)
         if version is None or version in found:
             continue
         if len(route.ip) in (4, 16):
@@ -190,12 +194,11 @@ class AgentClient:
                 )
             except TunnelLost as lost:
                 remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise TunnelError("ETIMEDOUT", f"the tunnel to the agent is down ({lost.message})") from lost
-                try:
-                    await asyncio.wait_for(self._channel.channel_ready(), remaining)
-                except TimeoutError:
-                    raise TunnelError("ETIMEDOUT", f"the tunnel to the agent is down ({lost.message})") from lost
+                if remaining > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._channel.channel_ready(), remaining)
+                        continue
+                raise TunnelError("ETIMEDOUT", f"the tunnel to the agent is down ({lost.message})") from lost
 
     @property
     def tcp_streams_started(self) -> int:

@@ -13,6 +13,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 MAX_DATAGRAM = 65536
 
 
+def errno_number(name: str, default: int) -> int:
+    """This system's errno number for ``name`` (the agent's may differ per architecture), or ``default``."""
+    value = getattr(_errno, name, None)
+    return value if isinstance(value, int) and name.startswith("E") else default
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """An IP endpoint. IPv4-mapped IPv6 addresses are kept as given (the tracer decides)."""
@@ -73,8 +79,7 @@ class SourceRoute:
     @property
     def errno(self) -> int:
         """The local errno number of ``errno_name`` (ENETUNREACH when this system has no such name)."""
-        value = getattr(_errno, self.errno_name, None)
-        return value if isinstance(value, int) and self.errno_name.startswith("E") else _errno.ENETUNREACH
+        return errno_number(self.errno_name, _errno.ENETUNREACH)
 
 
 class TunnelError(Exception):
@@ -88,8 +93,7 @@ class TunnelError(Exception):
     @property
     def errno(self) -> int:
         """The local errno number for ``errno_name``; EIO when this system has no such name."""
-        value = getattr(_errno, self.errno_name, None)
-        return value if isinstance(value, int) and self.errno_name.startswith("E") else _errno.EIO
+        return errno_number(self.errno_name, _errno.EIO)
 
 
 class TunnelLost(TunnelError):

@@ -35,7 +35,7 @@ from .client import AgentClient
 from .dns_answers import addresses_in_answer
 from .local_dns import LocalResolver
 from .types import MAX_DATAGRAM, Endpoint, IPAddress, TunnelError
-from .udp_session import UdpSession
+from .udp_session import REFILL_DELAY, UdpSession
 
 log = logging.getLogger("ktrace.tunnel")
 
@@ -52,7 +52,6 @@ SWEEP_AFTER_NEW_SOCKETS = 512
 # first connect or send on a new socket (each glibc lookup) would otherwise wait for; later,
 # the event loop is usually idle, waiting for the agent.
 RELAY_SPARES = 2
-RELAY_REFILL_DELAY = 0.003
 
 DnsCallback = Callable[[str, list[IPAddress]], None]
 
@@ -283,7 +282,7 @@ class UdpRelays:
         spares = self._spare_relays.setdefault(relay_family, [])
         if relay_family not in self._relay_refills:
             loop = asyncio.get_running_loop()
-            self._relay_refills[relay_family] = loop.call_later(RELAY_REFILL_DELAY, self._refill_relays, relay_family)
+            self._relay_refills[relay_family] = loop.call_later(REFILL_DELAY, self._refill_relays, relay_family)
         if spares:
             return spares.pop()
         sock = self._bound(relay_family)
