@@ -210,10 +210,15 @@ class UdpRelays:
         state = self._sockets.get(sock_key)
         if state is None:
             return None
+        if state.session is None or state.session.closed.is_set():
+            state.last_used = time.monotonic()
+        return self._session(state)
+
+    def _session(self, state: _ProgramSocket) -> UdpSession:
+        """The socket's open session, started (a spare taken) if it has none."""
         session = state.session
         if session is None or session.closed.is_set():
             session = state.session = self._start_session(state)
-            state.last_used = time.monotonic()
         return session
 
     def session_of(self, sock_key: int) -> UdpSession | None:
@@ -373,10 +378,7 @@ class UdpRelays:
             if self._local_dns is not None and self._local_dns.wants(payload):
                 self._local_dns.forward(payload, lambda answer: self._from_remote(state, peer, answer))
                 return
-        session = state.session
-        if session is None or session.closed.is_set():
-            session = state.session = self._start_session(state)
-        if not session.send(peer, payload):
+        if not self._session(state).send(peer, payload):
             self.dropped += 1
 
     def _start_session(self, state: _ProgramSocket) -> UdpSession:
