@@ -205,7 +205,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "ktrace") -> int:
 
             return run(run_options(vars(args), command))
         if args.command_name == "doctor":
-            import ktrace.kube.options  # noqa: F401 - registers the Kubernetes settings (ktrace.toml may use them)
             from ktrace.doctor import run_doctor
 
             return run_doctor(getattr(args, "config", None))

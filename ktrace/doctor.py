@@ -364,6 +364,7 @@ def run_checks(settings: config.Settings) -> list[CheckResult]:
 
 
 def run_doctor(config_file: str | None) -> int:
+    _plugin_checks()  # importing a plugin registers its settings, which ktrace.toml may use
     try:
         settings = config.load({}, os.environ, os.getcwd(), config_file)
     except config.ConfigError as exc:

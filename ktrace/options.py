@@ -55,9 +55,10 @@ def run_options(
 ) -> RunOptions:
     settings = load_settings(flags, env, cwd)
     kube = kube_options(settings)
-    if kube is not None and ignored_for_target(kube):
+    ignored = ignored_for_target(kube) if kube is not None else []
+    if ignored:
         print(
-            f"ktrace: warning: {', '.join(ignored_for_target(kube))} do not apply with --target: ignored",
+            f"ktrace: warning: {', '.join(ignored)} do not apply with --target: ignored",
             file=sys.stderr,
         )
     return RunOptions(

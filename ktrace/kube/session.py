@@ -108,7 +108,7 @@ class KubeAgent:
 
     def _unreachable(self) -> KtraceError:
         final = self._bridge.final_error
-        if final is not None and final.__cause__ is not None and isinstance(final.__cause__, KubeApiError):
+        if final is not None and isinstance(final.__cause__, KubeApiError):
             return explain(final.__cause__, context=self._api.context)
         reason = self._bridge.last_error or "no answer"
         return KtraceError(
@@ -242,9 +242,8 @@ async def _resolve_target(api: KubeApi, target: Target) -> dict[str, Any]:
         raise KtraceError(f"--target {target}: {exc}", "target a running pod") from None
     except KubeApiError as exc:
         if exc.status == 404:
-            kind = "pod" if target.kind == "pod" else "deployment"
             raise KtraceError(
-                f"{kind} {target.name} not found in namespace {ns}", "check --target and -n/--namespace"
+                f"{target.kind} {target.name} not found in namespace {ns}", "check --target and -n/--namespace"
             ) from None
         raise
     return pod
