@@ -162,7 +162,7 @@ class UdpRelays:
             relay_family = self._relay_family(family)
             sink = self._sinks.get(relay_family)
             if sink is None:
-                sink = self._bound(relay_family)
+                sink, _ = self._bound(relay_family)
                 self._sinks[relay_family] = sink
                 asyncio.get_running_loop().add_reader(sink.fileno(), self._sink_readable, sink)
             host, port = sink.getsockname()[:2]
@@ -273,7 +273,8 @@ class UdpRelays:
         return socket.AF_INET6 if family == socket.AF_INET6 and self._ipv6 else socket.AF_INET
 
     @staticmethod
-    def _bound(relay_family: int) -> socket.socket:
+    def _bound(relay_family: int) -> tuple[socket.socket, tuple[str, int]]:
+        """A new non-blocking loopback UDP socket, and the address it got."""
         sock = socket.socket(relay_family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
@@ -281,7 +282,7 @@ class UdpRelays:
         except BaseException:
             sock.close()
             raise
-        return sock
+        return sock, sock.getsockname()[:2]
 
     def _bound_relay_socket(self, relay_family: int) -> tuple[socket.socket, tuple[str, int]]:
         spares = self._spare_relays.setdefault(relay_family, [])
@@ -290,19 +291,17 @@ class UdpRelays:
             self._relay_refills[relay_family] = loop.call_later(REFILL_DELAY, self._refill_relays, relay_family)
         if spares:
             return spares.pop()
-        sock = self._bound(relay_family)
-        return sock, sock.getsockname()[:2]
+        return self._bound(relay_family)
 
     def _refill_relays(self, relay_family: int) -> None:
         del self._relay_refills[relay_family]
         spares = self._spare_relays[relay_family]
         while len(spares) < RELAY_SPARES:
             try:
-                sock = self._bound(relay_family)
+                spares.append(self._bound(relay_family))
             except OSError as exc:  # out of descriptors: relays are then made when needed (and fail there)
                 log.debug("UDP relay spare: %s", exc)
                 return
-            spares.append((sock, sock.getsockname()[:2]))
 
     def _new_relay(self, state: _ProgramSocket, peer: Endpoint) -> _Relay:
         relay_family = self._relay_family(state.family)
