@@ -36,6 +36,8 @@ TcpOpen = pb.TcpOpen
 TcpOpened = pb.TcpOpened
 UdpClientFrame = pb.UdpClientFrame
 UdpServerFrame = pb.UdpServerFrame
+UdpClientFrames = pb.UdpClientFrames
+UdpServerFrames = pb.UdpServerFrames
 UdpOpen = pb.UdpOpen
 UdpOpened = pb.UdpOpened
 Datagram = pb.Datagram
@@ -58,6 +60,8 @@ class AgentService(Protocol):
     async def Connect(self, request_iterator: Any, context: TcpContext) -> None: ...
 
     async def Datagrams(self, request_iterator: Any, context: UdpContext) -> None: ...
+
+    async def DatagramSessions(self, request_iterator: Any, context: UdpContext) -> None: ...
 
 
 def register(service: AgentService, server: grpc.aio.Server) -> None:

@@ -20,6 +20,7 @@ from . import __version__, host_info, rpc
 from .budget import SendBudget
 from .listen import ConfigError, TokenCheck, check_policy, parse_listen
 from .tcp_relay import TcpRelay
+from .udp_mux import SessionCount, UdpSessions
 from .udp_relay import UdpRelay
 
 log = logging.getLogger("ktrace_agent")
@@ -65,6 +66,7 @@ class AgentServer:
         resolv_conf_path: str | None = None,
         hosts_path: str | None = None,
         tcp_stream_reuse: bool = True,
+        udp_multiplex: bool = True,
     ) -> None:
         self._listen = parse_listen(listen)
         check_policy(self._listen, token, None if token_sha256 is None else token_sha256.hex())
@@ -75,6 +77,8 @@ class AgentServer:
         self._hosts_path = hosts_path
         # False behaves as an agent from before reuse (tests of old agents).
         self._tcp_stream_reuse = tcp_stream_reuse
+        self._udp_multiplex = udp_multiplex  # False: no DatagramSessions, as before it existed
+        self.udp_sessions = SessionCount()
         self._server: grpc.aio.Server | None = None
         self.send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
         self._active = 0
@@ -165,6 +169,7 @@ class AgentServer:
                 max_message_bytes=MAX_MESSAGE_BYTES,
                 datagram_batches=True,
                 tcp_stream_reuse=self._tcp_stream_reuse,
+                udp_multiplex=self._udp_multiplex,
                 source_routes=[
                     rpc.SourceRoute(
                         family=rpc.wire_family(route.family),
@@ -195,6 +200,19 @@ class AgentServer:
                 raise
             except Exception as exc:
                 log.warning("Datagrams stream from %s failed: %s", context.peer(), exc)
+                raise
+
+    async def DatagramSessions(self, request_iterator: object, context: rpc.UdpContext) -> None:
+        async with self._call(context, "DatagramSessions"):
+            if not self._udp_multiplex:
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "DatagramSessions is not offered")
+            await _headers_now(context)
+            try:
+                await UdpSessions(context, self.udp_sessions).run()
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                log.warning("DatagramSessions stream from %s failed: %s", context.peer(), exc)
                 raise
 
 

@@ -23,7 +23,7 @@ import os
 import socket
 import struct
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 
@@ -58,6 +58,20 @@ def enable_icmp_errors(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
 
 
+def bound_socket(family: int) -> socket.socket:
+    """A new UDP socket of the agent, bound to a random port of the kernel's choosing (RFC
+    5452: a resolver's every socket gets a fresh one), with ICMP errors enabled."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        # Bind now rather than on first send so `opened` can tell the source port.
+        sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))  # noqa: S104
+        enable_icmp_errors(sock)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def extended_errno(ancdata: list[tuple[int, int, bytes]]) -> int | None:
     """ee_errno of the ``struct sock_extended_err`` (linux/errqueue.h: u32 ee_errno first)
     in the control messages of an error-queue read."""
@@ -82,8 +96,17 @@ def drain_error_queue(sock: socket.socket, limit: int = 64) -> list[tuple[tuple[
     return found
 
 
-class _Socket(asyncio.DatagramProtocol):
-    def __init__(self, queue: asyncio.Queue[rpc.UdpServerFrame], sock: socket.socket) -> None:
+class FrameSink(Protocol):
+    """Where a socket's frames for the client wait: ``put_nowait`` raises ``asyncio.QueueFull``
+    when full (an ``asyncio.Queue``, or one session's share of a multiplexed stream's)."""
+
+    def put_nowait(self, item: rpc.UdpServerFrame) -> None: ...
+
+
+class AgentSocket(asyncio.DatagramProtocol):
+    """One UDP socket of the agent: what it receives, and its errors, go to ``queue``."""
+
+    def __init__(self, queue: FrameSink, sock: socket.socket) -> None:
         self.queue = queue
         self.sock = sock
         self.dropped_in = 0
@@ -129,7 +152,7 @@ class _Socket(asyncio.DatagramProtocol):
             self._put(rpc.UdpServerFrame(failure=rpc.Failure(errno_name=errno_name(exc), message=describe(exc))))
 
 
-class _PortZero:
+class PortZero:
     """Datagrams to port 0 of a peer. Linux refuses ``sendto()`` to port 0 (EINVAL), yet a
     socket *connected* to port 0 sends, and the peer's port unreachable then makes a program's
     socket connected there fail with ECONNREFUSED. A program under ktrace (connected through
@@ -138,7 +161,7 @@ class _PortZero:
     while. glibc connects to port 0 to sort addresses (RFC 6724) but never sends: this path is
     rare and bounded."""
 
-    def __init__(self, family: int, queue: asyncio.Queue[rpc.UdpServerFrame]) -> None:
+    def __init__(self, family: int, queue: FrameSink) -> None:
         self._family = family
         self._queue = queue
         self._sockets: dict[IPAddress, tuple[socket.socket, asyncio.TimerHandle]] = {}
@@ -198,6 +221,21 @@ class _PortZero:
             self._close(ip)
 
 
+def send_datagram(
+    transport: asyncio.DatagramTransport, family: int, port_zero: PortZero, ip: IPAddress, port: int, payload: bytes
+) -> bool | rpc.Failure:
+    """Send one datagram of the client's from the socket of ``transport``: True, False when it
+    had to be dropped (buffer full), or the failure to tell the client (a wrong family)."""
+    if family == socket.AF_INET and ip.version == 6:
+        return rpc.Failure(errno_name="EAFNOSUPPORT", message=f"IPv6 destination {ip} on an IPv4 socket")
+    if port == 0:
+        return port_zero.send(ip, payload)
+    if _buffered(transport) >= SEND_BUFFER_LIMIT:
+        return False
+    transport.sendto(payload, rpc.sockaddr_for(ip, port, family))
+    return True
+
+
 def _buffered(transport: asyncio.DatagramTransport) -> int:
     """Bytes the transport holds because the kernel buffer was full (selector transports expose it)."""
     size = getattr(transport, "get_write_buffer_size", None)
@@ -208,7 +246,7 @@ class UdpRelay:
     def __init__(self, context: rpc.UdpContext) -> None:
         self._context = context
         self.dropped_out = 0
-        self._port_zero: _PortZero | None = None
+        self._port_zero: PortZero | None = None
 
     async def run(self) -> None:
         first = await self._read_frame()
@@ -223,10 +261,7 @@ class UdpRelay:
         else:
             await self._protocol_error(f"unknown address family {first.open.family}")
         try:
-            sock = socket.socket(family, socket.SOCK_DGRAM)
-            # Bind now rather than on first send so `opened` can tell the source port.
-            sock.bind(("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))  # noqa: S104
-            enable_icmp_errors(sock)
+            sock = bound_socket(family)
         except OSError as exc:
             failure = rpc.Failure(errno_name=errno_name(exc), message=f"UDP socket: {describe(exc)}")
             await self._context.write(rpc.UdpServerFrame(failure=failure))
@@ -237,8 +272,8 @@ class UdpRelay:
         host, port = sock.getsockname()[:2]
         queue.put_nowait(rpc.UdpServerFrame(opened=rpc.UdpOpened(local=rpc.encode_address(host, port))))
         loop = asyncio.get_running_loop()
-        transport, protocol = await loop.create_datagram_endpoint(lambda: _Socket(queue, sock), sock=sock)
-        self._port_zero = _PortZero(family, queue)
+        transport, protocol = await loop.create_datagram_endpoint(lambda: AgentSocket(queue, sock), sock=sock)
+        self._port_zero = PortZero(family, queue)
         try:
             sender = asyncio.create_task(self._send_back(queue, first.open.batches))
             try:
@@ -294,18 +329,12 @@ class UdpRelay:
             ip, port = rpc.decode_address(datagram.peer)
         except rpc.AddressError as exc:
             await self._protocol_error(str(exc))
-        if family == socket.AF_INET and ip.version == 6:
-            failure = rpc.Failure(errno_name="EAFNOSUPPORT", message=f"IPv6 destination {ip} on an IPv4 socket")
-            await replies.put(rpc.UdpServerFrame(failure=failure))  # through the one writer
-            return
-        if port == 0 and self._port_zero is not None:
-            if not self._port_zero.send(ip, datagram.payload):
-                self.dropped_out += 1
-            return
-        if _buffered(transport) >= SEND_BUFFER_LIMIT:
+        assert self._port_zero is not None
+        outcome = send_datagram(transport, family, self._port_zero, ip, port, datagram.payload)
+        if isinstance(outcome, rpc.Failure):
+            await replies.put(rpc.UdpServerFrame(failure=outcome))  # through the one writer
+        elif not outcome:
             self.dropped_out += 1
-            return
-        transport.sendto(datagram.payload, rpc.sockaddr_for(ip, port, family))
 
     async def _send_back(self, queue: asyncio.Queue[rpc.UdpServerFrame], batches: bool) -> None:
         """Network → client, one write at a time (the queue absorbs bursts, then drops);

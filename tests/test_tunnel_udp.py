@@ -14,7 +14,7 @@ from agent_helpers import TOKEN, agent, agent_and_client, run
 from ktrace.tunnel import rpc
 from ktrace.tunnel.call_pool import CallPool
 from ktrace.tunnel.types import Endpoint, TunnelError
-from ktrace.tunnel.udp_session import SessionSpares
+from ktrace.tunnel.udp_session import SessionSpares, UdpSession
 
 
 class _Echo(asyncio.DatagramProtocol):
@@ -122,7 +122,8 @@ def test_udp_sessions_are_opened_ahead_of_need(tmp_path: pathlib.Path) -> None:
             async with agent(address, token=TOKEN) as server:
                 channel = grpc.aio.insecure_channel(address)
                 metadata = rpc.bearer_metadata(TOKEN)
-                spares = SessionSpares(CallPool(lambda: rpc.Stub(channel).datagrams(metadata=metadata), 2), 2)
+                calls = CallPool(lambda: rpc.Stub(channel).datagrams(metadata=metadata), 2)
+                spares = SessionSpares(lambda family: UdpSession.start(calls, family), 2)
                 first = spares.take(socket.AF_INET)  # none spare yet: opened now
                 assert spares.idle(socket.AF_INET) == ()
                 received: asyncio.Queue[bytes] = asyncio.Queue()
@@ -168,7 +169,8 @@ def test_spare_sessions_are_replaced_later_unless_none_is_left(tmp_path: pathlib
         async with agent(address, token=TOKEN):
             channel = grpc.aio.insecure_channel(address)
             metadata = rpc.bearer_metadata(TOKEN)
-            spares = SessionSpares(CallPool(lambda: rpc.Stub(channel).datagrams(metadata=metadata), 2), 2)
+            calls = CallPool(lambda: rpc.Stub(channel).datagrams(metadata=metadata), 2)
+            spares = SessionSpares(lambda family: UdpSession.start(calls, family), 2)
             taken = [spares.take(socket.AF_INET)]
             await asyncio.sleep(0)  # one loop turn: the first refill is at once
             assert len(spares.idle(socket.AF_INET)) == 2

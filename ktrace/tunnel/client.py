@@ -22,7 +22,8 @@ from . import rpc
 from .call_pool import CallPool
 from .tcp_stream import TcpStream
 from .types import AgentUnavailable, Endpoint, IPAddress, SourceRoute, TcpStats, TunnelError, TunnelLost
-from .udp_session import SessionSpares, UdpSession
+from .udp_mux import UdpMux
+from .udp_session import Session, SessionSpares, UdpSession
 
 __all__ = [
     "AgentClient",
@@ -63,6 +64,7 @@ class AgentInfo:
     # Per IP version the agent told (none from an older agent): its source towards the cluster.
     source_routes: tuple[SourceRoute, ...] = ()
     tcp_stream_reuse: bool = False  # a Connect stream can carry one connection after another
+    udp_multiplex: bool = False  # UDP sessions can share DatagramSessions streams
 
 
 DEFAULT_UNREACHABLE_HINT = "is it running, and is the port-forward up?"
@@ -95,6 +97,7 @@ def _parse_info(reply: rpc.HandshakeReply) -> AgentInfo:
         datagram_batches=reply.datagram_batches,
         source_routes=_parse_source_routes(reply.source_routes),
         tcp_stream_reuse=reply.tcp_stream_reuse,
+        udp_multiplex=reply.udp_multiplex,
     )
 
 
@@ -126,7 +129,10 @@ class AgentClient:
         metadata = self._metadata
         self._tcp_calls = CallPool(lambda: self._stub.connect(metadata=metadata), SPARE_CALLS, KEEP_TCP_CALLS)
         self._udp_calls = CallPool(lambda: self._stub.datagrams(metadata=metadata), SPARE_CALLS)
-        self._udp_sessions = SessionSpares(self._udp_calls, SPARE_UDP_SESSIONS, info.datagram_batches)
+        # With an agent that offers it, every UDP session is one of many on a shared stream;
+        # else each has a stream of its own (the spare calls above).
+        self._udp_mux = UdpMux(lambda: self._stub.datagram_sessions(metadata=metadata)) if info.udp_multiplex else None
+        self._udp_sessions = SessionSpares(self._new_udp_session, SPARE_UDP_SESSIONS)
         self.send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
 
     @classmethod
@@ -170,7 +176,10 @@ class AgentClient:
     def prime(self) -> None:
         """Start the spare streams (needs the running loop)."""
         self._tcp_calls.fill()
-        self._udp_calls.fill()
+        if self._udp_mux is not None:
+            self._udp_mux.prime()
+        else:
+            self._udp_calls.fill()
 
     async def ping(self, timeout: float = 10.0) -> None:
         """A handshake on the open channel: proves the path to the agent works and keeps an agent
@@ -205,17 +214,31 @@ class AgentClient:
         """``Connect`` streams started so far (spares included; a reused stream counts once)."""
         return self._tcp_calls.started
 
-    def start_udp(self, family: int) -> UdpSession:
+    def start_udp(self, family: int) -> Session:
         """A UDP socket on the agent whose datagrams may be sent before the agent answered
         (opened ahead of need when one of that family was asked for before)."""
         return self._udp_sessions.take(family)
 
-    async def open_udp(self, family: int) -> UdpSession:
+    async def open_udp(self, family: int) -> Session:
         """A UDP socket on the agent (``socket.AF_INET`` or ``AF_INET6``)."""
+        if self._udp_mux is not None:
+            return await self._udp_mux.open(family)
         return await UdpSession.open(self._udp_calls, family, self.info.datagram_batches)
+
+    def _new_udp_session(self, family: int) -> Session:
+        if self._udp_mux is not None:
+            return self._udp_mux.start(family)
+        return UdpSession.start(self._udp_calls, family, self.info.datagram_batches)
+
+    @property
+    def udp_streams_started(self) -> int:
+        """``Datagrams`` and ``DatagramSessions`` streams started so far (spares included)."""
+        return self._udp_calls.started + (self._udp_mux.streams_started if self._udp_mux is not None else 0)
 
     async def close(self) -> None:
         await self._udp_sessions.close()
+        if self._udp_mux is not None:
+            await self._udp_mux.close()
         self._tcp_calls.close()
         self._udp_calls.close()
         await self._channel.close()
@@ -227,6 +250,6 @@ class AgentClient:
         await self.close()
 
 
-async def wait_closed(session: UdpSession, timeout: float) -> None:
+async def wait_closed(session: Session, timeout: float) -> None:
     """Wait for a UDP session to end (tests, shutdown)."""
     await asyncio.wait_for(session.closed.wait(), timeout)

@@ -29,6 +29,8 @@ TcpServerFrame = pb.TcpServerFrame
 TcpOpen = pb.TcpOpen
 UdpClientFrame = pb.UdpClientFrame
 UdpServerFrame = pb.UdpServerFrame
+UdpClientFrames = pb.UdpClientFrames
+UdpServerFrames = pb.UdpServerFrames
 UdpOpen = pb.UdpOpen
 Datagram = pb.Datagram
 DatagramBatch = pb.DatagramBatch
@@ -67,6 +69,9 @@ class Stub:
         self.handshake: grpc.aio.UnaryUnaryMultiCallable[pb.HandshakeRequest, pb.HandshakeReply] = stub.Handshake
         self.connect: grpc.aio.StreamStreamMultiCallable[pb.TcpClientFrame, pb.TcpServerFrame] = stub.Connect
         self.datagrams: grpc.aio.StreamStreamMultiCallable[pb.UdpClientFrame, pb.UdpServerFrame] = stub.Datagrams
+        self.datagram_sessions: grpc.aio.StreamStreamMultiCallable[pb.UdpClientFrame, pb.UdpServerFrame] = (
+            stub.DatagramSessions
+        )
 
 
 def decode_address(address: pb.Address) -> Endpoint:

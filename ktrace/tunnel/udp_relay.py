@@ -35,7 +35,7 @@ from .client import AgentClient
 from .dns_answers import addresses_in_answer
 from .local_dns import LocalResolver
 from .types import MAX_DATAGRAM, Endpoint, IPAddress, TunnelError
-from .udp_session import REFILL_DELAY, UdpSession
+from .udp_session import REFILL_DELAY, Session
 
 log = logging.getLogger("ktrace.tunnel")
 
@@ -100,7 +100,7 @@ class _ProgramSocket:
     key: int
     family: int
     relays: dict[Endpoint, _Relay] = field(default_factory=dict)
-    session: UdpSession | None = None
+    session: Session | None = None
     program_address: tuple[str, int] | None = None  # where replies go: the last source seen
     last_used: float = field(default_factory=time.monotonic)
     sink_user: tuple[int, int] | None = None  # (sink family, program port) while connected to a sink
@@ -206,7 +206,7 @@ class UdpRelays:
         session = self._session_now(sock_key)
         return session.local_port if session is not None and not session.closed.is_set() else None
 
-    def _session_now(self, sock_key: int) -> UdpSession | None:
+    def _session_now(self, sock_key: int) -> Session | None:
         state = self._sockets.get(sock_key)
         if state is None:
             return None
@@ -214,14 +214,14 @@ class UdpRelays:
             state.last_used = time.monotonic()
         return self._session(state)
 
-    def _session(self, state: _ProgramSocket) -> UdpSession:
+    def _session(self, state: _ProgramSocket) -> Session:
         """The socket's open session, started (a spare taken) if it has none."""
         session = state.session
         if session is None or session.closed.is_set():
             session = state.session = self._start_session(state)
         return session
 
-    def session_of(self, sock_key: int) -> UdpSession | None:
+    def session_of(self, sock_key: int) -> Session | None:
         """The open session of a program socket, if any (diagnostics, tests)."""
         state = self._sockets.get(sock_key)
         return state.session if state is not None else None
@@ -380,7 +380,7 @@ class UdpRelays:
         if not self._session(state).send(peer, payload):
             self.dropped += 1
 
-    def _start_session(self, state: _ProgramSocket) -> UdpSession:
+    def _start_session(self, state: _ProgramSocket) -> Session:
         # Pipelined: the datagram follows the session's open frame on the stream, so a
         # DNS query does not wait a round trip for the agent's answer to open first.
         session_family = socket.AF_INET6 if state.family == socket.AF_INET6 else socket.AF_INET

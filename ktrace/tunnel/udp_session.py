@@ -16,6 +16,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import grpc
 import grpc.aio
@@ -32,6 +33,32 @@ QUEUE_DATAGRAMS = 512
 REFILL_DELAY = 0.003
 
 Receiver = Callable[[Endpoint, bytes], None]
+
+
+class Session(Protocol):
+    """What the relays use of a UDP session: a ``UdpSession`` (a stream of its own) or a
+    ``udp_mux.MuxSession`` (one of many on a shared stream)."""
+
+    closed: asyncio.Event
+    dropped: int
+
+    @property
+    def local(self) -> Endpoint: ...
+
+    @property
+    def local_port(self) -> int | None: ...
+
+    def send(self, dest: Endpoint, payload: bytes) -> bool: ...
+
+    def set_receiver(self, callback: Receiver) -> None: ...
+
+    def set_error_receiver(self, callback: Callable[[TunnelError], None]) -> None: ...
+
+    def set_peer_error_receiver(self, callback: Callable[[Endpoint, TunnelError], None]) -> None: ...
+
+    async def until_answered(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 class _CallLost(TunnelLost):
@@ -229,15 +256,16 @@ class SessionSpares:
     when asked for); one that ended meanwhile (agent restarted, refused) is dropped.
     """
 
-    def __init__(self, calls: CallPool[rpc.UdpCall], size: int, batches: bool = False) -> None:
-        self._calls = calls
+    def __init__(self, start: Callable[[int], Session], size: int) -> None:
+        """``start(family)``: a new session whose ``open`` is on its way (``UdpSession.start``,
+        ``UdpMux.start``)."""
+        self._start = start
         self._size = size
-        self._batches = batches
-        self._spares: dict[int, list[UdpSession]] = {}
+        self._spares: dict[int, list[Session]] = {}
         self._refills: dict[int, tuple[asyncio.Handle, bool]] = {}  # family -> (scheduled refill, urgent)
         self._closed = False
 
-    def take(self, family: int) -> UdpSession:
+    def take(self, family: int) -> Session:
         """An open (or opening) session of ``family``: a spare if one is left."""
         spares = self._spares.setdefault(family, [])
         while spares:
@@ -246,9 +274,9 @@ class SessionSpares:
                 self._schedule_refill(family, urgent=not spares)
                 return session
         self._schedule_refill(family, urgent=True)
-        return UdpSession.start(self._calls, family, self._batches)
+        return self._start(family)
 
-    def idle(self, family: int) -> tuple[UdpSession, ...]:
+    def idle(self, family: int) -> tuple[Session, ...]:
         """The spares of ``family``, next to be handed out first (diagnostics, tests)."""
         return tuple(self._spares.get(family, ()))
 
@@ -274,7 +302,7 @@ class SessionSpares:
         self._refills.pop(family, None)
         spares = self._spares[family]
         while not self._closed and len(spares) < self._size:
-            spares.append(UdpSession.start(self._calls, family, self._batches))
+            spares.append(self._start(family))
 
     async def close(self) -> None:
         self._closed = True

@@ -1,0 +1,323 @@
+"""UDP sessions multiplexed on a few long-lived ``DatagramSessions`` streams.
+
+Used when the agent offers it (``HandshakeReply.udp_multiplex``; the protocol is in
+ktrace_agent/udp_mux.py). A ``MuxSession`` behaves as a ``UdpSession`` (udp_session.py):
+its own agent socket with its own random port, ``send`` that never blocks, the same
+receivers. What it saves: opening one is a frame on a stream that is already there,
+closing one is a frame too, where a ``UdpSession`` starts a stream (HTTP/2 headers both
+ways, the agent's auth check and handler start) and cancels it, in both processes, for
+every program socket (every glibc lookup).
+
+Frames of all sessions of a stream wait in one queue and the ones waiting together leave
+as one ``frames`` message (a resolver's A and AAAA questions, another session's ``open``).
+Every session keeps at most ``QUEUE_DATAGRAMS`` datagrams waiting (more are dropped and
+counted, as a full socket buffer drops them). A session is put on the first stream with
+room (``MAX_SESSIONS_PER_STREAM``, the agent's cap); another stream starts when all are
+full. A stream that ends (the agent went away, the tunnel broke, a protocol error) ends
+every session on it at once: those not answered yet hear ``TunnelLost``, like a lost
+``Datagrams`` stream; the next session starts a new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+from collections.abc import Callable
+
+import grpc
+import grpc.aio
+from ktrace_agent.batching import MAX_BATCH_BYTES, MAX_BATCH_DATAGRAMS
+from ktrace_agent.udp_mux import MAX_SESSIONS_PER_STREAM
+
+from . import rpc
+from .types import Endpoint, TunnelError, TunnelLost
+from .udp_session import QUEUE_DATAGRAMS, Receiver
+
+log = logging.getLogger("ktrace.tunnel")
+
+
+class _StreamLost(TunnelLost):
+    """The stream ended before the agent answered the session's ``open``."""
+
+
+class MuxSession:
+    """One program socket's session on a shared stream (made by ``UdpMux.start``)."""
+
+    def __init__(self, stream: _MuxStream, number: int) -> None:
+        self._stream = stream
+        self.number = number
+        self._local: Endpoint | None = None
+        self._answered = asyncio.Event()
+        self._open_error: TunnelError | None = None
+        self._receiver: Receiver | None = None
+        self._on_error: Callable[[TunnelError], None] | None = None
+        self._on_peer_error: Callable[[Endpoint, TunnelError], None] | None = None
+        self.waiting = 0  # datagrams queued on the stream, not yet written
+        self.dropped = 0
+        self.closed = asyncio.Event()
+
+    async def until_answered(self) -> None:
+        """Wait for the agent's answer to ``open`` (or its refusal, or the stream's end)."""
+        await self._answered.wait()
+
+    @property
+    def local(self) -> Endpoint:
+        """The agent socket's address (known once the agent answered)."""
+        if self._local is None:
+            raise RuntimeError("the UDP session is not open yet")
+        return self._local
+
+    @property
+    def local_port(self) -> int | None:
+        """The agent socket's port, the one peers see (None until the agent answered, or if it refused)."""
+        return self._local.port if self._local is not None else None
+
+    @property
+    def open_error(self) -> TunnelError | None:
+        """Why the agent did not open the session (or the stream ended first), once answered."""
+        return self._open_error
+
+    def send(self, dest: Endpoint, payload: bytes) -> bool:
+        """Queue one datagram for ``dest``; False when dropped (queue full or session closed)."""
+        if self.closed.is_set() or self.waiting >= QUEUE_DATAGRAMS:
+            self.dropped += 1
+            return False
+        frame = rpc.UdpClientFrame(
+            datagram=rpc.Datagram(peer=rpc.encode_address(dest), payload=payload), session=self.number
+        )
+        self.waiting += 1
+        self._stream.put(frame, self)
+        return True
+
+    def set_receiver(self, callback: Receiver) -> None:
+        self._receiver = callback
+
+    def set_error_receiver(self, callback: Callable[[TunnelError], None]) -> None:
+        self._on_error = callback
+
+    def set_peer_error_receiver(self, callback: Callable[[Endpoint, TunnelError], None]) -> None:
+        """ICMP errors the agent's socket got for datagrams to a known peer."""
+        self._on_peer_error = callback
+
+    async def close(self) -> None:
+        """Tell the agent to close the session's socket (once; the stream goes on)."""
+        if not self.closed.is_set():
+            self.closed.set()
+            self._stream.forget(self, tell_agent=True)
+        if not self._answered.is_set():
+            self._open_error = _StreamLost("EIO", "the session was closed before the agent answered")
+            self._answered.set()
+
+    # --- called by the stream ---
+
+    def received(self, frame: rpc.UdpServerFrame) -> None:
+        kind = frame.WhichOneof("kind")
+        if kind == "datagram":
+            self._deliver(frame.datagram)
+        elif kind == "batch":
+            for datagram in frame.batch.datagrams:
+                self._deliver(datagram)
+        elif kind == "opened" and not self._answered.is_set():
+            self._local = rpc.decode_address(frame.opened.local)
+            self._answered.set()
+        elif kind == "refused":
+            self._end(TunnelError(frame.refused.errno_name or "EIO", frame.refused.message))
+        elif kind == "failure":
+            self._notify(TunnelError(frame.failure.errno_name or "EIO", frame.failure.message))
+        elif kind == "peer_failure" and self._on_peer_error is not None:
+            failure = frame.peer_failure.failure
+            try:
+                peer = rpc.decode_address(frame.peer_failure.peer)
+                self._on_peer_error(peer, TunnelError(failure.errno_name or "EIO", failure.message))
+            except Exception:
+                log.exception("UDP peer error callback failed")
+
+    def stream_ended(self, why: str) -> None:
+        if not self._answered.is_set():
+            self._end(_StreamLost("EIO", why))
+        else:
+            self.closed.set()
+
+    def _deliver(self, datagram: rpc.Datagram) -> None:
+        if self._receiver is not None and not self.closed.is_set():
+            source = rpc.decode_address(datagram.peer)
+            try:
+                self._receiver(source, datagram.payload)
+            except Exception:
+                log.exception("UDP receiver callback failed")
+
+    def _end(self, error: TunnelError) -> None:
+        """The session is over without having been open: refused, or its stream ended first."""
+        notify = not self.closed.is_set()
+        self.closed.set()
+        self._stream.forget(self, tell_agent=False)
+        if not self._answered.is_set():
+            self._open_error = error
+            self._answered.set()
+        if notify:
+            self._notify(error)
+
+    def _notify(self, error: TunnelError) -> None:
+        if self._on_error is not None:
+            try:
+                self._on_error(error)
+            except Exception:
+                log.exception("UDP error callback failed")
+
+
+class _MuxStream:
+    def __init__(self, call: rpc.UdpCall, on_end: Callable[[_MuxStream], None]) -> None:
+        self._call = call
+        self._on_end = on_end
+        self._numbers = itertools.count(1)
+        self.sessions: dict[int, MuxSession] = {}
+        self._queue: asyncio.Queue[tuple[rpc.UdpClientFrame, MuxSession | None]] = asyncio.Queue()
+        self.ended = False
+        self._tasks = (asyncio.create_task(self._write_loop()), asyncio.create_task(self._read_loop()))
+
+    @property
+    def full(self) -> bool:
+        return self.ended or len(self.sessions) >= MAX_SESSIONS_PER_STREAM
+
+    def open_session(self, family: int) -> MuxSession:
+        session = MuxSession(self, next(self._numbers))
+        self.sessions[session.number] = session
+        wire_family = rpc.FAMILY_INET6 if family == socket.AF_INET6 else rpc.FAMILY_INET
+        self.put(rpc.UdpClientFrame(open=rpc.UdpOpen(family=wire_family), session=session.number), None)
+        return session
+
+    def put(self, frame: rpc.UdpClientFrame, sender: MuxSession | None) -> None:
+        self._queue.put_nowait((frame, sender))
+
+    def forget(self, session: MuxSession, tell_agent: bool) -> None:
+        if self.sessions.pop(session.number, None) is not None and tell_agent and not self.ended:
+            self.put(rpc.UdpClientFrame(close=True, session=session.number), None)
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                frames = [self._taken(*await self._queue.get())]
+                size = len(frames[0].datagram.payload)
+                while len(frames) < MAX_BATCH_DATAGRAMS and size < MAX_BATCH_BYTES and not self._queue.empty():
+                    frames.append(self._taken(*self._queue.get_nowait()))
+                    size += len(frames[-1].datagram.payload)
+                if len(frames) == 1:
+                    await self._call.write(frames[0])
+                else:
+                    await self._call.write(rpc.UdpClientFrame(frames=rpc.UdpClientFrames(frames=frames)))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, RuntimeError) as exc:
+            self._ended(f"tunnel: {exc}")  # the reader sees why too; make sure it stops
+            self._call.cancel()
+
+    @staticmethod
+    def _taken(frame: rpc.UdpClientFrame, sender: MuxSession | None) -> rpc.UdpClientFrame:
+        if sender is not None:
+            sender.waiting -= 1
+        return frame
+
+    async def _read_loop(self) -> None:
+        why = "the agent ended the stream"
+        try:
+            while True:
+                message: object = await self._call.read()
+                if message is grpc.aio.EOF:
+                    return
+                assert isinstance(message, rpc.UdpServerFrame)
+                if message.WhichOneof("kind") == "frames":
+                    for frame in message.frames.frames:
+                        self._dispatch(frame)
+                else:
+                    self._dispatch(message)
+        except grpc.aio.AioRpcError as exc:
+            why = f"tunnel: {exc.code().name}: {exc.details()}"
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                log.debug("UDP sessions stream ended: %s", why)
+        finally:
+            self._ended(why)
+
+    def _dispatch(self, frame: rpc.UdpServerFrame) -> None:
+        session = self.sessions.get(frame.session)
+        if session is not None:  # else closed here already: what was on its way is dropped
+            session.received(frame)
+
+    def _ended(self, why: str) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self._on_end(self)
+        sessions, self.sessions = list(self.sessions.values()), {}
+        for session in sessions:
+            session.stream_ended(why)
+
+    async def close(self) -> None:
+        self._ended("ktrace closed the stream")
+        self._call.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await task
+
+
+class UdpMux:
+    """The ``DatagramSessions`` streams of one agent channel, and the sessions on them."""
+
+    def __init__(self, start_call: Callable[[], rpc.UdpCall]) -> None:
+        self._start_call = start_call
+        self._streams: list[_MuxStream] = []
+        self.streams_started = 0
+        self._closed = False
+
+    def prime(self) -> None:
+        """Start the first stream now, so the first session does not wait for it."""
+        if not self._streams and not self._closed:
+            self._new_stream()
+
+    def start(self, family: int) -> MuxSession:
+        """A session whose ``open`` is on its way; ``send`` works at once. If the agent refuses
+        it, or the stream ends first, the error receiver hears why and the session closes."""
+        stream = next((s for s in self._streams if not s.full), None) or self._new_stream()
+        return stream.open_session(family)
+
+    async def open(self, family: int) -> MuxSession:
+        """A session the agent has answered; raises ``TunnelError`` if it refused. A stream lost
+        before the answer (one that was there before the tunnel broke) is retried once."""
+        for attempt in range(2):
+            session = self.start(family)
+            try:
+                await session.until_answered()
+            except BaseException:
+                await session.close()
+                raise
+            error = session.open_error
+            if error is None:
+                return session
+            if not isinstance(error, _StreamLost) or attempt:
+                raise error
+        raise AssertionError("unreachable")
+
+    def _new_stream(self) -> _MuxStream:
+        if self._closed:
+            raise TunnelError("EIO", "the tunnel is closed")
+        stream = _MuxStream(self._start_call(), self._stream_ended)
+        self.streams_started += 1
+        self._streams.append(stream)
+        return stream
+
+    def _stream_ended(self, stream: _MuxStream) -> None:
+        with contextlib.suppress(ValueError):
+            self._streams.remove(stream)
+
+    @property
+    def sessions(self) -> int:
+        """Sessions open on all streams (tests, diagnostics)."""
+        return sum(len(stream.sessions) for stream in self._streams)
+
+    async def close(self) -> None:
+        self._closed = True
+        streams, self._streams = self._streams, []
+        for stream in streams:
+            await stream.close()
