@@ -1,0 +1,455 @@
+"""UDP sessions multiplexed on DatagramSessions streams, through a real agent to real loopback
+UDP servers: many sessions on one stream, each with an agent socket and port of its own;
+errors stay with their session; closing frees the agent's socket; a lost stream or a killed
+agent ends every session at once; a malformed frame ends the stream, not the agent; the
+agent's caps; and old agents / old clients keep one stream per session."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import pathlib
+import signal
+import socket
+import subprocess
+from typing import Any, cast
+
+import grpc
+import grpc.aio
+import pytest
+from agent_helpers import TOKEN, agent, agent_and_client, agent_command, run, wait_for_line
+from ktrace_agent.server import AgentServer
+
+from ktrace.tunnel import client as client_module
+from ktrace.tunnel import rpc
+from ktrace.tunnel.client import AgentClient
+from ktrace.tunnel.types import Endpoint, TunnelError
+from ktrace.tunnel.udp_mux import MuxSession
+from ktrace.tunnel.udp_session import Session, UdpSession
+
+DEADLINE = 10.0
+
+
+class _Echo(asyncio.DatagramProtocol):
+    """Answers every datagram with ``<payload upper-cased> from <source port>``."""
+
+    def __init__(self) -> None:
+        self.sources: list[tuple[Any, ...]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.sources.append(addr)
+        self.transport.sendto(data.upper() + b" from %d" % addr[1], addr)
+
+
+async def _echo_server() -> tuple[asyncio.DatagramTransport, _Echo, Endpoint]:
+    transport, protocol = await asyncio.get_running_loop().create_datagram_endpoint(_Echo, local_addr=("127.0.0.1", 0))
+    return transport, protocol, Endpoint.parse(f"127.0.0.1:{transport.get_extra_info('sockname')[1]}")
+
+
+def _closed_port() -> Endpoint:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return Endpoint.parse(f"127.0.0.1:{s.getsockname()[1]}")
+
+
+class _Inbox:
+    """What one session received, and the errors it heard."""
+
+    def __init__(self, session: Session) -> None:
+        self.datagrams: asyncio.Queue[tuple[Endpoint, bytes]] = asyncio.Queue()
+        self.errors: asyncio.Queue[TunnelError] = asyncio.Queue()
+        self.peer_errors: asyncio.Queue[tuple[Endpoint, str]] = asyncio.Queue()
+        session.set_receiver(lambda source, payload: self.datagrams.put_nowait((source, payload)))
+        session.set_error_receiver(self.errors.put_nowait)
+        session.set_peer_error_receiver(lambda peer, error: self.peer_errors.put_nowait((peer, error.errno_name)))
+
+    async def next(self) -> tuple[Endpoint, bytes]:
+        return await asyncio.wait_for(self.datagrams.get(), DEADLINE)
+
+
+def _port_in_use(port: int) -> bool:
+    """Whether a UDP socket holds ``port`` on the wildcard address (where the agent binds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+        return False
+
+
+async def _until(condition: Any, what: str) -> None:
+    async with asyncio.timeout(DEADLINE):
+        while not condition():
+            await asyncio.sleep(0.005)  # polling a state of the other side, with a deadline
+    assert condition(), what
+
+
+def test_many_sessions_share_one_stream_each_with_its_own_agent_socket(tmp_path: pathlib.Path) -> None:
+    """40 sessions, started at once and used together: one stream, 40 agent ports, every
+    answer routed to the session that asked; closing a session frees its agent socket."""
+
+    async def scenario() -> None:
+        transport, echo, dest = await _echo_server()
+        try:
+            async with agent_and_client(f"unix:{tmp_path}/a.sock") as (server, client):
+                assert client.info.udp_multiplex
+                sessions = [client.start_udp(socket.AF_INET) for _ in range(40)]
+                assert all(isinstance(session, MuxSession) for session in sessions)
+                inboxes = [_Inbox(session) for session in sessions]
+                for i, session in enumerate(sessions):
+                    assert session.send(dest, b"question %d" % i)
+                for i, (session, inbox) in enumerate(zip(sessions, inboxes, strict=True)):
+                    source, payload = await inbox.next()
+                    assert source == dest
+                    assert payload == b"QUESTION %d from %d" % (i, session.local.port)
+                ports = {session.local.port for session in sessions}
+                assert len(ports) == 40  # one agent socket, one random port, per session
+                assert {addr[1] for addr in echo.sources} == ports
+                assert client.udp_streams_started == 1
+                assert server.udp_sessions.open >= 40  # the spares opened ahead of need too
+
+                # A second round on the same sessions: still one stream, still their own ports.
+                for i, session in enumerate(sessions):
+                    session.send(dest, b"again %d" % i)
+                for i, (session, inbox) in enumerate(zip(sessions, inboxes, strict=True)):
+                    assert (await inbox.next())[1] == b"AGAIN %d from %d" % (i, session.local.port)
+
+                closing = sessions[:20]
+                assert all(_port_in_use(session.local.port) for session in closing)
+                open_before = server.udp_sessions.open
+                for session in closing:
+                    await session.close()
+                await _until(lambda: server.udp_sessions.open == open_before - 20, "the agent closed 20 sessions")
+                await _until(
+                    lambda: not any(_port_in_use(session.local.port) for session in closing),
+                    "the closed sessions' ports are free",
+                )
+                assert not closing[0].send(dest, b"after close")
+                for i, session in enumerate(sessions[20:]):
+                    session.send(dest, b"still %d" % i)
+                    assert (await inboxes[20 + i].next())[1] == b"STILL %d from %d" % (i, session.local.port)
+                assert client.udp_streams_started == 1
+        finally:
+            transport.close()
+
+    run(scenario())
+
+
+def test_an_error_on_one_session_leaves_the_others_alone(tmp_path: pathlib.Path) -> None:
+    """A port unreachable reaches only the session whose datagram caused it; a refused open
+    (the agent's cap) ends only that session."""
+
+    async def scenario() -> None:
+        transport, _echo, dest = await _echo_server()
+        try:
+            async with agent_and_client(f"unix:{tmp_path}/a.sock") as (server, client):
+                first, second = await client.open_udp(socket.AF_INET), await client.open_udp(socket.AF_INET)
+                one, two = _Inbox(first), _Inbox(second)
+                nobody = _closed_port()
+                first.send(nobody, b"nobody home")
+                assert await asyncio.wait_for(one.peer_errors.get(), DEADLINE) == (nobody, "ECONNREFUSED")
+                second.send(dest, b"fine")
+                assert (await two.next())[1] == b"FINE from %d" % second.local.port
+                first.send(dest, b"first survives")
+                assert (await one.next())[1] == b"FIRST SURVIVES from %d" % first.local.port
+                assert two.peer_errors.empty() and two.errors.empty() and one.errors.empty()
+
+                # The agent's cap on sessions: the next open is refused, only that one.
+                server.udp_sessions.limit = server.udp_sessions.open
+                with pytest.raises(TunnelError) as refused:
+                    await client.open_udp(socket.AF_INET)
+                assert refused.value.errno_name == "EMFILE"
+                second.send(dest, b"second survives")
+                assert (await two.next())[1] == b"SECOND SURVIVES from %d" % second.local.port
+                server.udp_sessions.limit = 1_000_000
+                third = await client.open_udp(socket.AF_INET)
+                three = _Inbox(third)
+                third.send(dest, b"room again")
+                assert (await three.next())[1] == b"ROOM AGAIN from %d" % third.local.port
+                assert client.udp_streams_started == 1
+        finally:
+            transport.close()
+
+    run(scenario())
+
+
+def test_the_per_stream_cap_refuses_only_the_session_beyond_it(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        transport, _echo, dest = await _echo_server()
+        monkeypatch.setattr("ktrace_agent.udp_mux.MAX_SESSIONS_PER_STREAM", 3)
+        try:
+            async with (
+                agent(f"unix:{tmp_path}/a.sock", token=TOKEN),
+                grpc.aio.insecure_channel(f"unix:{tmp_path}/a.sock") as channel,
+            ):
+                call = rpc.Stub(channel).datagram_sessions(metadata=rpc.bearer_metadata(TOKEN))
+                opens = [_open(n) for n in (1, 2, 3, 4)]
+                await call.write(rpc.UdpClientFrame(frames=rpc.UdpClientFrames(frames=opens)))
+                answers = await _read_frames(call, 4)
+                assert [(f.session, f.WhichOneof("kind")) for f in answers] == [
+                    (1, "opened"),
+                    (2, "opened"),
+                    (3, "opened"),
+                    (4, "refused"),
+                ]
+                assert answers[3].refused.errno_name == "EMFILE"
+                await call.write(_datagram(3, dest, b"three"))
+                (answer,) = await _read_frames(call, 1)
+                assert (answer.session, answer.datagram.payload) == (3, b"THREE from %d" % answers[2].opened.local.port)
+                await call.write(rpc.UdpClientFrame(close=True, session=1))
+                await call.write(_open(5))
+                (fifth,) = await _read_frames(call, 1)
+                assert (fifth.session, fifth.WhichOneof("kind")) == (5, "opened")
+                call.cancel()
+        finally:
+            transport.close()
+
+    run(scenario())
+
+
+def _open(number: int, family: int = rpc.FAMILY_INET) -> rpc.UdpClientFrame:
+    request = rpc.UdpOpen()
+    request.family = family  # type: ignore[assignment]  # any number, also one no Family names
+    return rpc.UdpClientFrame(open=request, session=number)
+
+
+def _datagram(number: int, dest: Endpoint, payload: bytes) -> rpc.UdpClientFrame:
+    return rpc.UdpClientFrame(datagram=rpc.Datagram(peer=rpc.encode_address(dest), payload=payload), session=number)
+
+
+async def _read_frames(call: rpc.UdpCall, count: int) -> list[rpc.UdpServerFrame]:
+    """The next ``count`` frames, ``frames`` messages unpacked."""
+    frames: list[rpc.UdpServerFrame] = []
+    while len(frames) < count:
+        message = await asyncio.wait_for(call.read(), DEADLINE)
+        assert isinstance(message, rpc.UdpServerFrame)
+        if message.WhichOneof("kind") == "frames":
+            frames.extend(message.frames.frames)
+        else:
+            frames.append(message)
+    return frames
+
+
+def test_wire_frames_waiting_together_travel_together(tmp_path: pathlib.Path) -> None:
+    """Two sessions opened and used in one message; the answers of both come back in one
+    ``frames`` message when they wait together; datagrams for a closed or never opened
+    session are dropped without ending the stream."""
+
+    async def scenario() -> None:
+        transport, _echo, dest = await _echo_server()
+        try:
+            async with (
+                agent(f"unix:{tmp_path}/a.sock", token=TOKEN),
+                grpc.aio.insecure_channel(f"unix:{tmp_path}/a.sock") as channel,
+            ):
+                call = rpc.Stub(channel).datagram_sessions(metadata=rpc.bearer_metadata(TOKEN))
+                first = [_open(7), _open(9), _datagram(7, dest, b"a"), _datagram(9, dest, b"b")]
+                await call.write(rpc.UdpClientFrame(frames=rpc.UdpClientFrames(frames=first)))
+                frames = await _read_frames(call, 4)
+                opened = {f.session: f.opened.local.port for f in frames if f.WhichOneof("kind") == "opened"}
+                assert set(opened) == {7, 9} and opened[7] != opened[9]
+                answers = {f.session: f.datagram.payload for f in frames if f.WhichOneof("kind") == "datagram"}
+                assert answers == {7: b"A from %d" % opened[7], 9: b"B from %d" % opened[9]}
+
+                # Both answers waiting on the agent at once leave in one message.
+                await call.write(rpc.UdpClientFrame(close=True, session=9))
+                await call.write(_datagram(9, dest, b"closed"))
+                await call.write(_datagram(11, dest, b"never opened"))
+                batch = [_datagram(7, dest, b"x%d" % i) for i in range(20)]
+                await call.write(rpc.UdpClientFrame(frames=rpc.UdpClientFrames(frames=batch)))
+                got = await _read_frames(call, 20)
+                assert {(f.session, f.datagram.payload) for f in got} == {
+                    (7, b"X%d from %d" % (i, opened[7])) for i in range(20)
+                }
+                assert _port_in_use(opened[7])
+                call.cancel()
+        finally:
+            transport.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(rpc.UdpClientFrame(open=rpc.UdpOpen(family=rpc.FAMILY_INET)), id="session-0"),
+        pytest.param(_open(1), id="open-twice"),
+        pytest.param(
+            rpc.UdpClientFrame(datagram=rpc.Datagram(peer=rpc.Address(ip=b"\x01\x02\x03", port=53)), session=1),
+            id="bad-address",
+        ),
+        pytest.param(
+            rpc.UdpClientFrame(frames=rpc.UdpClientFrames(frames=[rpc.UdpClientFrame(frames=rpc.UdpClientFrames())])),
+            id="nested-frames",
+        ),
+        pytest.param(_open(2, family=7), id="unknown-family"),
+    ],
+)
+def test_a_malformed_frame_ends_the_stream_and_its_sessions_not_the_agent(
+    bad: rpc.UdpClientFrame, tmp_path: pathlib.Path
+) -> None:
+    async def scenario() -> None:
+        transport, _echo, dest = await _echo_server()
+        try:
+            async with (
+                agent(f"unix:{tmp_path}/a.sock", token=TOKEN) as server,
+                grpc.aio.insecure_channel(f"unix:{tmp_path}/a.sock") as channel,
+            ):
+                call = rpc.Stub(channel).datagram_sessions(metadata=rpc.bearer_metadata(TOKEN))
+                await call.write(_open(1))
+                (opened,) = await _read_frames(call, 1)
+                assert opened.WhichOneof("kind") == "opened"
+                await call.write(bad)
+                assert await asyncio.wait_for(call.code(), DEADLINE) == grpc.StatusCode.INVALID_ARGUMENT
+                await _until(lambda: server.udp_sessions.open == 0, "the stream's sessions were closed")
+                await _until(lambda: not _port_in_use(opened.opened.local.port), "its socket is closed")
+
+                client = await AgentClient.connect(server.address, TOKEN, timeout=DEADLINE)
+                try:
+                    session = await client.open_udp(socket.AF_INET)
+                    inbox = _Inbox(session)
+                    session.send(dest, b"agent still here")
+                    assert (await inbox.next())[1] == b"AGENT STILL HERE from %d" % session.local.port
+                finally:
+                    await client.close()
+        finally:
+            transport.close()
+
+    run(scenario())
+
+
+def test_a_lost_stream_ends_every_session_at_once_and_the_next_gets_a_new_one(tmp_path: pathlib.Path) -> None:
+    async def scenario() -> None:
+        transport, _echo, dest = await _echo_server()
+        address = f"unix:{tmp_path}/a.sock"
+        client: AgentClient | None = None
+        try:
+            async with agent(address, token=TOKEN) as server:
+                client = await AgentClient.connect(address, TOKEN, timeout=DEADLINE)
+                sessions = [await client.open_udp(socket.AF_INET) for _ in range(5)]
+                await server.stop(grace=None)
+                for session in sessions:
+                    await asyncio.wait_for(session.closed.wait(), DEADLINE)
+                    assert not session.send(dest, b"lost")
+                await server.start()
+                session = await client.open_udp(socket.AF_INET)
+                inbox = _Inbox(session)
+                session.send(dest, b"new stream")
+                assert (await inbox.next())[1] == b"NEW STREAM from %d" % session.local.port
+                assert client.udp_streams_started == 2
+        finally:
+            if client is not None:
+                await client.close()
+            transport.close()
+
+    run(scenario())
+
+
+def test_a_killed_agent_fails_sessions_promptly_even_unanswered_ones(tmp_path: pathlib.Path) -> None:
+    """SIGKILL of a real agent process: answered sessions close, one still waiting for its
+    answer hears the loss (never hangs)."""
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    proc = subprocess.Popen(
+        agent_command("--listen", f"unix:{tmp_path}/a.sock", "--token-file", str(tmp_path / "token")),
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_line(proc, "listening on", deadline=30)
+
+        async def scenario() -> None:
+            transport, _echo, dest = await _echo_server()
+            client = await AgentClient.connect(f"unix:{tmp_path}/a.sock", TOKEN, timeout=DEADLINE)
+            try:
+                answered = [await client.open_udp(socket.AF_INET) for _ in range(3)]
+                proc.send_signal(signal.SIGSTOP)  # the next open cannot be answered
+                waiting = client.start_udp(socket.AF_INET6)
+                inbox = _Inbox(waiting)
+                waiting.send(dest, b"into the void")
+                proc.kill()
+                for session in [*answered, waiting]:
+                    await asyncio.wait_for(session.closed.wait(), DEADLINE)
+                await asyncio.wait_for(waiting.until_answered(), DEADLINE)
+                assert waiting.local_port is None
+                assert (await asyncio.wait_for(inbox.errors.get(), DEADLINE)).errno_name == "EIO"
+            finally:
+                await client.close()
+                transport.close()
+
+        run(scenario())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+_parse_info = client_module._parse_info
+
+
+def _parse_info_ignoring_multiplex(reply: rpc.HandshakeReply) -> client_module.AgentInfo:
+    info = _parse_info(reply)
+    assert info.udp_multiplex  # the agent offers it; this client ignores the offer
+    return dataclasses.replace(info, udp_multiplex=False)
+
+
+@pytest.mark.parametrize("old", ["agent", "client"])
+def test_without_multiplex_on_either_side_each_session_has_its_own_stream(
+    old: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent that does not offer DatagramSessions (an older one), or a client that does not
+    use it (an older one): a Datagrams stream per session, as before, and everything works."""
+
+    async def scenario() -> None:
+        if old == "client":
+            monkeypatch.setattr(client_module, "_parse_info", _parse_info_ignoring_multiplex)
+        transport, echo, dest = await _echo_server()
+        try:
+            async with agent_and_client(f"unix:{tmp_path}/a.sock", udp_multiplex=old != "agent") as (server, client):
+                assert not client.info.udp_multiplex
+                sessions = [await client.open_udp(socket.AF_INET) for _ in range(5)]
+                assert all(isinstance(session, UdpSession) for session in sessions)
+                for i, session in enumerate(sessions):
+                    inbox = _Inbox(session)
+                    session.send(dest, b"old %d" % i)
+                    assert (await inbox.next())[1] == b"OLD %d from %d" % (i, session.local.port)
+                assert len({addr[1] for addr in echo.sources}) == 5
+                assert client.udp_streams_started >= 5
+                assert server.udp_sessions.open == 0  # no DatagramSessions stream at all
+                for session in sessions:
+                    await session.close()
+        finally:
+            transport.close()
+
+    run(scenario())
+
+
+def test_an_agent_without_multiplex_refuses_the_stream(tmp_path: pathlib.Path) -> None:
+    async def scenario() -> None:
+        address = f"unix:{tmp_path}/a.sock"
+        async with agent(address, token=TOKEN, udp_multiplex=False), grpc.aio.insecure_channel(address) as channel:
+            call = rpc.Stub(channel).datagram_sessions(metadata=rpc.bearer_metadata(TOKEN))
+            with contextlib.suppress(grpc.aio.AioRpcError):  # the agent may have ended it already
+                await call.write(_open(1))
+            assert await asyncio.wait_for(call.code(), DEADLINE) == grpc.StatusCode.UNIMPLEMENTED
+
+    run(scenario())
+
+
+def test_an_unauthenticated_stream_is_rejected(tmp_path: pathlib.Path) -> None:
+    async def scenario() -> None:
+        address = f"unix:{tmp_path}/a.sock"
+        async with agent(address, token=TOKEN) as server, grpc.aio.insecure_channel(address) as channel:
+            call = rpc.Stub(channel).datagram_sessions(metadata=rpc.bearer_metadata("wrong"))
+            with contextlib.suppress(grpc.aio.AioRpcError):  # the agent may have ended it already
+                await call.write(_open(1))
+            assert await asyncio.wait_for(call.code(), DEADLINE) == grpc.StatusCode.UNAUTHENTICATED
+            assert isinstance(server, AgentServer) and server.udp_sessions.open == 0
+
+    run(scenario())
