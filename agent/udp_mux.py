@@ -22,7 +22,7 @@ session on it ends, its sockets closed, as when the stream is lost; the agent go
 
 Bounds: at most ``MAX_SESSIONS_PER_STREAM`` sessions per stream and ``MAX_SESSIONS`` in
 the agent (each is a descriptor); frames for the client wait in one queue per stream, at
-most ``QUEUE_DATAGRAMS`` per session and ``QUEUE_FRAMES`` per stream (beyond that,
+most ``QUEUE_DATAGRAMS`` (512) per session and ``QUEUE_FRAMES`` (2,048) per stream (beyond that,
 received datagrams and errors are dropped and counted, as a full socket buffer drops
 them); ``opened`` and ``refused`` always fit (one per session).
 """
@@ -51,7 +51,7 @@ log = logging.getLogger("ktrace_agent")
 # hundreds at once. The agent-wide cap keeps its descriptors for TCP too.
 MAX_SESSIONS_PER_STREAM = 1024
 MAX_SESSIONS = 16384
-QUEUE_FRAMES = 4096
+QUEUE_FRAMES = 2048
 
 
 class SessionCount:
@@ -229,10 +229,14 @@ class UdpSessions:
         loop = asyncio.get_running_loop()
         try:
             transport, protocol = await loop.create_datagram_endpoint(lambda: AgentSocket(sink, sock), sock=sock)
-        except BaseException:
+        except BaseException as exc:
             sock.close()
             self._count.give()
-            raise
+            if not isinstance(exc, OSError):
+                raise
+            # `opened` is on its way: the client takes this as an error on the session's socket.
+            self._refuse(number, errno_name(exc), f"UDP socket: {describe(exc)}")
+            return
         self._sessions[number] = _Session(family, transport, protocol, PortZero(family, sink))
 
     def _refuse(self, number: int, errno: str, message: str) -> None:

@@ -453,3 +453,29 @@ def test_an_unauthenticated_stream_is_rejected(tmp_path: pathlib.Path) -> None:
             assert isinstance(server, AgentServer) and server.udp_sessions.open == 0
 
     run(scenario())
+
+
+def test_ktrace_ending_closes_every_agent_socket(tmp_path: pathlib.Path) -> None:
+    """The client closing (ktrace's shutdown) ends the stream: the agent closes the sockets of
+    all sessions on it, spares included."""
+
+    async def scenario() -> None:
+        transport, _echo, dest = await _echo_server()
+        try:
+            async with agent(f"unix:{tmp_path}/a.sock", token=TOKEN) as server:
+                client = await AgentClient.connect(server.address, TOKEN, timeout=DEADLINE)
+                sessions = [client.start_udp(socket.AF_INET) for _ in range(6)]
+                inboxes = [_Inbox(session) for session in sessions]
+                for session in sessions:
+                    session.send(dest, b"hi")
+                for inbox in inboxes:
+                    await inbox.next()
+                ports = [session.local.port for session in sessions]
+                assert server.udp_sessions.open >= 6
+                await client.close()
+                await _until(lambda: server.udp_sessions.open == 0, "the agent closed every session")
+                await _until(lambda: not any(_port_in_use(port) for port in ports), "their ports are free")
+        finally:
+            transport.close()
+
+    run(scenario())

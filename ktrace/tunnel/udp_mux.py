@@ -235,6 +235,10 @@ class _MuxStream:
             why = f"tunnel: {exc.code().name}: {exc.details()}"
             if exc.code() != grpc.StatusCode.CANCELLED:
                 log.debug("UDP sessions stream ended: %s", why)
+        except Exception as exc:  # a malformed frame from the agent (an address): end the stream
+            why = f"malformed frame from the agent: {exc}"
+            log.warning("UDP sessions stream: %s", why)
+            self._call.cancel()
         finally:
             self._ended(why)
 
@@ -300,11 +304,13 @@ class UdpMux:
         raise AssertionError("unreachable")
 
     def _new_stream(self) -> _MuxStream:
-        if self._closed:
-            raise TunnelError("EIO", "the tunnel is closed")
+        # Once closed (ktrace ends), a late session still gets a stream, on the closed channel:
+        # it fails at once and its sessions hear it, like any lost stream; never an exception
+        # into the relay's callbacks.
         stream = _MuxStream(self._start_call(), self._stream_ended)
         self.streams_started += 1
-        self._streams.append(stream)
+        if not self._closed:
+            self._streams.append(stream)
         return stream
 
     def _stream_ended(self, stream: _MuxStream) -> None:
