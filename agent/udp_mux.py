@@ -42,7 +42,7 @@ import grpc
 from . import rpc
 from .batching import MAX_BATCH_BYTES, MAX_BATCH_DATAGRAMS
 from .errnames import describe, errno_name
-from .udp_relay import QUEUE_DATAGRAMS, AgentSocket, PortZero, bound_socket, send_datagram
+from .udp_relay import MAX_DATAGRAM, QUEUE_DATAGRAMS, AgentSocket, PortZero, bound_socket, send_datagram
 
 log = logging.getLogger("ktrace_agent")
 
@@ -126,15 +126,52 @@ class _SessionSink:
             raise asyncio.QueueFull
 
 
+class _SessionSocket:
+    """A session's agent socket, read and written without an asyncio transport: making one takes
+    no loop turn (``create_datagram_endpoint`` awaits one), so the ``open`` frames of one
+    message are all answered before the writer runs, in one message, and a session costs less.
+    Behaves as the transport did: what the socket receives, and its errors (a send's too), go
+    to the ``AgentSocket``; a send that finds the kernel buffer full is dropped and counted."""
+
+    def __init__(self, sock: socket.socket, protocol: AgentSocket) -> None:
+        self._sock = sock
+        self._protocol = protocol
+        self.dropped_out = 0
+        sock.setblocking(False)
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data, addr = self._sock.recvfrom(MAX_DATAGRAM)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # IP_RECVERR: an ICMP error reads as one
+            self._protocol.error_received(exc)
+            return
+        self._protocol.datagram_received(data, addr)  # reads what else is queued, too
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self._sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.dropped_out += 1
+        except OSError as exc:
+            self._protocol.error_received(exc)
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._sock.close()
+
+
 @dataclass
 class _Session:
     family: int
-    transport: asyncio.DatagramTransport
+    socket: _SessionSocket
     protocol: AgentSocket
     port_zero: PortZero
 
     def close(self) -> None:
-        self.transport.close()
+        self.socket.close()
         self.port_zero.close()
 
 
@@ -223,21 +260,17 @@ class UdpSessions:
             self._refuse(number, errno_name(exc), f"UDP socket: {describe(exc)}")
             return
         host, port = sock.getsockname()[:2]
-        opened = rpc.UdpOpened(local=rpc.encode_address(host, port))
-        self._outbox.put(rpc.UdpServerFrame(opened=opened, session=number), counted=False)
         sink = _SessionSink(self._outbox, number)
-        loop = asyncio.get_running_loop()
+        protocol = AgentSocket(sink, sock)
         try:
-            transport, protocol = await loop.create_datagram_endpoint(lambda: AgentSocket(sink, sock), sock=sock)
-        except BaseException as exc:
+            session_socket = _SessionSocket(sock, protocol)
+        except BaseException:
             sock.close()
             self._count.give()
-            if not isinstance(exc, OSError):
-                raise
-            # `opened` is on its way: the client takes this as an error on the session's socket.
-            self._refuse(number, errno_name(exc), f"UDP socket: {describe(exc)}")
-            return
-        self._sessions[number] = _Session(family, transport, protocol, PortZero(family, sink))
+            raise
+        opened = rpc.UdpOpened(local=rpc.encode_address(host, port))
+        self._outbox.put(rpc.UdpServerFrame(opened=opened, session=number), counted=False)
+        self._sessions[number] = _Session(family, session_socket, protocol, PortZero(family, sink))
 
     def _refuse(self, number: int, errno: str, message: str) -> None:
         failure = rpc.Failure(errno_name=errno, message=message)
@@ -252,7 +285,7 @@ class UdpSessions:
             ip, port = rpc.decode_address(datagram.peer)
         except rpc.AddressError as exc:
             await self._protocol_error(str(exc))
-        outcome = send_datagram(session.transport, session.family, session.port_zero, ip, port, datagram.payload)
+        outcome = send_datagram(session.socket, session.family, session.port_zero, ip, port, datagram.payload)
         if isinstance(outcome, rpc.Failure):
             if not self._outbox.put(rpc.UdpServerFrame(failure=outcome, session=number)):
                 self.dropped_in += 1
@@ -266,6 +299,7 @@ class UdpSessions:
         session.close()
         self._count.give()
         self.dropped_in += session.protocol.dropped_in
+        self.dropped_out += session.socket.dropped_out
 
     async def _send_back(self) -> None:
         """Network → client, one write at a time; what waits together leaves as one message."""

@@ -221,8 +221,14 @@ class PortZero:
             self._close(ip)
 
 
+class DatagramSender(Protocol):
+    """What ``send_datagram`` sends through: an asyncio datagram transport, or udp_mux's own."""
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None: ...
+
+
 def send_datagram(
-    transport: asyncio.DatagramTransport, family: int, port_zero: PortZero, ip: IPAddress, port: int, payload: bytes
+    transport: DatagramSender, family: int, port_zero: PortZero, ip: IPAddress, port: int, payload: bytes
 ) -> bool | rpc.Failure:
     """Send one datagram of the client's from the socket of ``transport``: True, False when it
     had to be dropped (buffer full), or the failure to tell the client (a wrong family)."""
@@ -236,7 +242,7 @@ def send_datagram(
     return True
 
 
-def _buffered(transport: asyncio.DatagramTransport) -> int:
+def _buffered(transport: DatagramSender) -> int:
     """Bytes the transport holds because the kernel buffer was full (selector transports expose it)."""
     size = getattr(transport, "get_write_buffer_size", None)
     return int(size()) if callable(size) else 0

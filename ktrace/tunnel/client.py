@@ -46,6 +46,10 @@ SPARE_CALLS = 2
 # a program's bursts of short connections; beyond that a stream ends as without reuse.
 KEEP_TCP_CALLS = 16
 SPARE_UDP_SESSIONS = 2
+# On a shared DatagramSessions stream: up to 6 spares, replaced 4 at a time once 2 are left,
+# so their open frames and the agent's answers travel 4 to a message.
+MUX_SPARE_UDP_SESSIONS = 6
+MUX_SPARE_LOW = 2
 # TCP data queued in gRPC by all streams together, and how long a write waits for it
 # (ktrace_agent/budget.py): bounds memory with many busy connections.
 SEND_BUDGET_BYTES = 16 * 1024 * 1024
@@ -132,7 +136,10 @@ class AgentClient:
         # With an agent that offers it, every UDP session is one of many on a shared stream;
         # else each has a stream of its own (the spare calls above).
         self._udp_mux = UdpMux(lambda: self._stub.datagram_sessions(metadata=metadata)) if info.udp_multiplex else None
-        self._udp_sessions = SessionSpares(self._new_udp_session, SPARE_UDP_SESSIONS)
+        if self._udp_mux is not None:
+            self._udp_sessions = SessionSpares(self._new_udp_session, MUX_SPARE_UDP_SESSIONS, MUX_SPARE_LOW)
+        else:
+            self._udp_sessions = SessionSpares(self._new_udp_session, SPARE_UDP_SESSIONS)
         self.send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
 
     @classmethod

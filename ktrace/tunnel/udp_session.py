@@ -254,13 +254,18 @@ class SessionSpares:
 
     Spares are kept only for families in use (the first session of a family is started
     when asked for); one that ended meanwhile (agent restarted, refused) is dropped.
+    Replaced once no more than ``low`` are left, all at once: on a shared stream
+    (udp_mux.py) their ``open`` frames then leave as one message, and the agent answers
+    them with one.
     """
 
-    def __init__(self, start: Callable[[int], Session], size: int) -> None:
+    def __init__(self, start: Callable[[int], Session], size: int, low: int | None = None) -> None:
         """``start(family)``: a new session whose ``open`` is on its way (``UdpSession.start``,
-        ``UdpMux.start``)."""
+        ``UdpMux.start``). ``low``: refill when this many are left (default: one less than
+        ``size``, i.e. after every take)."""
         self._start = start
         self._size = size
+        self._low = size - 1 if low is None else low
         self._spares: dict[int, list[Session]] = {}
         self._refills: dict[int, tuple[asyncio.Handle, bool]] = {}  # family -> (scheduled refill, urgent)
         self._closed = False
@@ -271,7 +276,8 @@ class SessionSpares:
         while spares:
             session = spares.pop(0)
             if not session.closed.is_set():
-                self._schedule_refill(family, urgent=not spares)
+                if len(spares) <= self._low:
+                    self._schedule_refill(family, urgent=not spares)
                 return session
         self._schedule_refill(family, urgent=True)
         return self._start(family)
