@@ -268,6 +268,17 @@ def test_wire_frames_waiting_together_travel_together(tmp_path: pathlib.Path) ->
                     (7, b"X%d from %d" % (i, opened[7])) for i in range(20)
                 }
                 assert _port_in_use(opened[7])
+
+                # Opens sent together are answered together: one message, whatever the load.
+                await call.write(
+                    rpc.UdpClientFrame(frames=rpc.UdpClientFrames(frames=[_open(n) for n in (21, 22, 23, 24)]))
+                )
+                message = await asyncio.wait_for(call.read(), DEADLINE)
+                assert isinstance(message, rpc.UdpServerFrame) and message.WhichOneof("kind") == "frames"
+                assert [(f.session, f.WhichOneof("kind")) for f in message.frames.frames] == [
+                    (n, "opened") for n in (21, 22, 23, 24)
+                ]
+                assert len({f.opened.local.port for f in message.frames.frames}) == 4
                 call.cancel()
         finally:
             transport.close()
@@ -475,6 +486,41 @@ def test_ktrace_ending_closes_every_agent_socket(tmp_path: pathlib.Path) -> None
                 await client.close()
                 await _until(lambda: server.udp_sessions.open == 0, "the agent closed every session")
                 await _until(lambda: not any(_port_in_use(port) for port in ports), "their ports are free")
+        finally:
+            transport.close()
+
+    run(scenario())
+
+
+def test_spares_on_a_shared_stream_are_replaced_several_at_a_time(tmp_path: pathlib.Path) -> None:
+    """Spares are taken down to the low mark before they are replaced, then all at once (their
+    opens leave as one message); every spare handed out has its own answered agent socket."""
+
+    async def scenario() -> None:
+        transport, echo, dest = await _echo_server()
+        try:
+            async with agent_and_client(f"unix:{tmp_path}/a.sock") as (server, client):
+                size, low = client_module.MUX_SPARE_UDP_SESSIONS, client_module.MUX_SPARE_LOW
+                assert 0 < low < size - 1
+                first = client.start_udp(socket.AF_INET)  # none spare yet: opened now, spares follow
+                await asyncio.sleep(0)  # one loop turn: with none left, the refill is at once
+                spares = client._udp_sessions.idle(socket.AF_INET)
+                assert len(spares) == size
+                taken = [first]
+                for left in range(size - 1, low, -1):
+                    taken.append(client.start_udp(socket.AF_INET))
+                    await asyncio.sleep(0)
+                    assert len(client._udp_sessions.idle(socket.AF_INET)) == left  # not replaced yet
+                taken.append(client.start_udp(socket.AF_INET))  # down to the low mark: replaced later
+                assert taken[1:] == list(spares[: len(taken) - 1])
+                await _until(lambda: len(client._udp_sessions.idle(socket.AF_INET)) == size, "refilled to size")
+                inboxes = [_Inbox(session) for session in taken]
+                for i, session in enumerate(taken):
+                    session.send(dest, b"spare %d" % i)
+                for i, (session, inbox) in enumerate(zip(taken, inboxes, strict=True)):
+                    assert (await inbox.next())[1] == b"SPARE %d from %d" % (i, session.local.port)
+                assert len({addr[1] for addr in echo.sources}) == len(taken)
+                assert server.udp_sessions.open == len(taken) + size
         finally:
             transport.close()
 
