@@ -24,7 +24,9 @@ Bounds: at most ``MAX_SESSIONS_PER_STREAM`` sessions per stream and ``MAX_SESSIO
 the agent (each is a descriptor); frames for the client wait in one queue per stream, at
 most ``QUEUE_DATAGRAMS`` (512) per session and ``QUEUE_FRAMES`` (2,048) per stream (beyond that,
 received datagrams and errors are dropped and counted, as a full socket buffer drops
-them); ``opened`` and ``refused`` always fit (one per session).
+them). The answers to ``open`` (``opened``, ``refused``) are never dropped; a client that
+opens sessions while it leaves ``QUEUE_ANSWERS`` (2,048) answers unread has its stream ended
+(RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ log = logging.getLogger("ktrace_agent")
 MAX_SESSIONS_PER_STREAM = 1024
 MAX_SESSIONS = 16384
 QUEUE_FRAMES = 2048
+QUEUE_ANSWERS = 2048
 
 
 class SessionCount:
@@ -73,12 +76,13 @@ class SessionCount:
 
 class _Outbox:
     """Frames for the client from every session of one stream, in order, bounded per session
-    and in total; ``opened`` / ``refused`` (one per session) always fit."""
+    and in total; ``opened`` / ``refused`` (not counted) always fit, ``answers`` says how many wait."""
 
     def __init__(self) -> None:
         self._frames: deque[tuple[rpc.UdpServerFrame, bool]] = deque()  # (frame, counted)
         self._waiting: dict[int, int] = {}  # session -> counted frames queued
         self._counted = 0
+        self.answers = 0  # frames not counted (answers to open) waiting
         self._ready = asyncio.Event()
 
     def put(self, frame: rpc.UdpServerFrame, counted: bool = True) -> bool:
@@ -88,6 +92,8 @@ class _Outbox:
                 return False
             self._waiting[frame.session] = waiting + 1
             self._counted += 1
+        else:
+            self.answers += 1
         self._frames.append((frame, counted))
         self._ready.set()
         return True
@@ -108,6 +114,8 @@ class _Outbox:
                     self._waiting[frame.session] = left
                 else:
                     del self._waiting[frame.session]
+            else:
+                self.answers -= 1
             taken.append(frame)
             size += len(frame.datagram.payload)
         return taken
@@ -239,6 +247,10 @@ class UdpSessions:
             await self._protocol_error(f"unexpected {kind!r} frame in a session")
 
     async def _open(self, number: int, request: rpc.UdpOpen) -> None:
+        if self._outbox.answers >= QUEUE_ANSWERS:
+            message = f"{QUEUE_ANSWERS} answers to open frames not read yet"
+            log.warning("DatagramSessions stream from %s: %s", self._context.peer(), message)
+            await self._context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         if number in self._sessions:
             await self._protocol_error(f"session {number} is open already")
         if request.family == rpc.FAMILY_INET:

@@ -19,7 +19,10 @@ import grpc
 import grpc.aio
 import pytest
 from agent_helpers import TOKEN, agent, agent_and_client, agent_command, run, wait_for_line
+from ktrace_agent import rpc as agent_rpc
+from ktrace_agent import udp_mux
 from ktrace_agent.server import AgentServer
+from ktrace_agent.udp_relay import QUEUE_DATAGRAMS
 
 from ktrace.tunnel import client as client_module
 from ktrace.tunnel import rpc
@@ -523,5 +526,55 @@ def test_spares_on_a_shared_stream_are_replaced_several_at_a_time(tmp_path: path
                 assert server.udp_sessions.open == len(taken) + size
         finally:
             transport.close()
+
+    run(scenario())
+
+
+def test_a_client_that_leaves_its_answers_unread_cannot_grow_the_agent_without_bound(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers to ``open`` are never dropped, so their queue is bounded another way: a stream
+    that opens sessions while that many answers wait unread (its peer stopped reading) ends."""
+    monkeypatch.setattr("ktrace_agent.udp_mux.QUEUE_ANSWERS", 0)  # every answer counts as unread
+
+    async def scenario() -> None:
+        async with (
+            agent(f"unix:{tmp_path}/a.sock", token=TOKEN) as server,
+            grpc.aio.insecure_channel(f"unix:{tmp_path}/a.sock") as channel,
+        ):
+            call = rpc.Stub(channel).datagram_sessions(metadata=rpc.bearer_metadata(TOKEN))
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await call.write(_open(1))
+            assert await asyncio.wait_for(call.code(), DEADLINE) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert server.udp_sessions.open == 0
+
+    run(scenario())
+
+
+def test_the_agents_outbox_bounds_per_session_and_per_stream() -> None:
+    """Pure queue logic: received datagrams are bounded per session and per stream, answers to
+    ``open`` always fit and are counted until taken; what is taken leaves in order."""
+
+    async def scenario() -> None:
+        outbox = udp_mux._Outbox()
+        datagram = agent_rpc.Datagram(peer=agent_rpc.encode_address("10.0.0.1", 53), payload=b"x")
+        assert outbox.put(agent_rpc.UdpServerFrame(opened=agent_rpc.UdpOpened(), session=1), counted=False)
+        per_session = [outbox.put(agent_rpc.UdpServerFrame(datagram=datagram, session=1)) for _ in range(600)]
+        assert per_session.count(True) == QUEUE_DATAGRAMS
+        others = [
+            outbox.put(agent_rpc.UdpServerFrame(datagram=datagram, session=n))
+            for n in range(2, 10)
+            for _ in range(QUEUE_DATAGRAMS)
+        ]
+        assert others.count(True) == udp_mux.QUEUE_FRAMES - QUEUE_DATAGRAMS
+        assert outbox.put(agent_rpc.UdpServerFrame(refused=agent_rpc.Failure(), session=99), counted=False)
+        assert outbox.answers == 2
+        taken: list[agent_rpc.UdpServerFrame] = []
+        while len(taken) < udp_mux.QUEUE_FRAMES + 2:
+            taken += await outbox.take()
+        assert outbox.answers == 0
+        assert (taken[0].session, taken[0].WhichOneof("kind")) == (1, "opened")
+        assert (taken[-1].session, taken[-1].WhichOneof("kind")) == (99, "refused")
+        assert outbox.put(agent_rpc.UdpServerFrame(datagram=datagram, session=1))  # room again
 
     run(scenario())
