@@ -301,6 +301,48 @@ def test_udp_socket_lifecycle(ktrace_cluster: NamespaceCluster) -> None:
     ], traced
 
 
+MIXED_SENDMMSG = r"""
+import ctypes, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+local = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+local.bind(("127.0.0.1", 0))
+local.settimeout(10)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(local.getsockname())
+payloads = [b"to the local peer", b"to the cluster"]
+buffers = [ctypes.create_string_buffer(p, len(p)) for p in payloads]
+iovecs = ctypes.create_string_buffer(32)
+for i, b in enumerate(buffers):
+    struct.pack_into("=QQ", iovecs, 16 * i, ctypes.addressof(b), len(b))
+raw = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 7) + socket.inet_aton(sys.argv[1]) + bytes(8)
+echo = ctypes.create_string_buffer(raw, len(raw))
+vec = ctypes.create_string_buffer(128)
+# The first message names no destination (it goes to the connected peer), the second the echo.
+struct.pack_into("=QI4xQQQQi", vec, 0, 0, 0, ctypes.addressof(iovecs), 1, 0, 0, 0)
+struct.pack_into("=QI4xQQQQi", vec, 64, ctypes.addressof(echo), len(raw), ctypes.addressof(iovecs) + 16, 1, 0, 0, 0)
+sent = libc.sendmmsg(s.fileno(), vec, 2, 0)
+print("sent", sent, [struct.unpack_from("=I", vec, 64 * i + 56)[0] for i in range(2)])
+s.send(b"end")
+got = []
+while not got or got[-1] != b"end":
+    got.append(local.recv(100))
+print("local peer got", got)
+"""
+
+
+def test_sendmmsg_mixing_a_connected_peer_and_a_cluster_destination(ktrace_cluster: NamespaceCluster) -> None:
+    """sendmmsg on a socket connected to a local peer: a message without a destination goes to
+    that peer, one naming a cluster address through the agent, each to its own."""
+    c = ktrace_cluster
+    without, traced = both(c, [sys.executable, "-c", MIXED_SENDMMSG, c.echo_v4])
+    assert without.stdout.startswith("sent 1 [17, 0]"), without  # no route to the cluster from here
+    assert traced.returncode == 0, traced
+    assert traced.stdout.splitlines() == [
+        "sent 2 [17, 14]",
+        "local peer got [b'to the local peer', b'end']",
+    ], traced
+
+
 FASTOPEN = r"""
 import socket, sys
 s = socket.socket()
