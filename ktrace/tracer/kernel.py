@@ -17,6 +17,7 @@ import ctypes.util
 import errno
 import os
 import struct
+from collections.abc import Callable
 from typing import Any, Final
 
 from ptrace import PtraceError
@@ -303,11 +304,12 @@ def _syscall(*args: int) -> int:
     return result
 
 
-def duplicate_fd(tid: int, fd: int) -> int:
+def duplicate_fd(tid: int, fd: int, thread_group: Callable[[int], int]) -> int:
     """A duplicate of thread `tid`'s descriptor `fd` in ktrace (same open file).
 
     pidfd_getfd(2) needs Linux 5.6; the PIDFD_THREAD pidfd (6.9) lets a thread
-    id be used directly, else the thread group id is looked up.
+    id be used directly, else the thread group id is asked of `thread_group`
+    (the tracer's cache, `ThreadGroups.of`, rather than /proc on every call).
     """
     try:
         pidfd = _syscall(SYS_PIDFD_OPEN, tid, PIDFD_THREAD)
@@ -316,7 +318,7 @@ def duplicate_fd(tid: int, fd: int) -> int:
             raise TraceeGone(tid) from None
         if exc.errno != errno.EINVAL:
             raise
-        pidfd = _syscall(SYS_PIDFD_OPEN, thread_group_of(tid), 0)
+        pidfd = _syscall(SYS_PIDFD_OPEN, thread_group(tid), 0)
     try:
         return _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
     finally:

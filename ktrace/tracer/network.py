@@ -125,7 +125,7 @@ class NetworkHandler:
             if not (regs.arg(4) and regs.arg(5) and decide.recvfrom_in_ktrace(regs.arg(3) & 0xFFFFFFFF)):
                 return self.udp.recvfrom(tid, regs, info)  # no source asked for, or the exit path
             try:
-                dup = kernel.duplicate_fd(tid, regs.arg(0))
+                dup = kernel.duplicate_fd(tid, regs.arg(0), self.threads.of)
             except OSError as exc:
                 if isinstance(exc, TraceeGone):
                     raise
@@ -411,7 +411,7 @@ class NetworkHandler:
         if fd > 0x7FFFFFFF:
             return Resume()  # not an int: EBADF from the kernel
         try:
-            dup = kernel.duplicate_fd(tid, fd)
+            dup = kernel.duplicate_fd(tid, fd, self.threads.of)
         except OSError as exc:
             if isinstance(exc, TraceeGone):
                 raise

@@ -413,7 +413,7 @@ class UdpRedirector:
             return
         tgid, fd = where
         try:
-            dup = kernel.duplicate_fd(tgid, fd)
+            dup = kernel.duplicate_fd(tgid, fd, self.threads.of)
         except OSError:  # TraceeGone included: the process or descriptor is gone
             return
         with socket.socket(fileno=dup) as program:
