@@ -52,6 +52,17 @@ class Response:
         return Response(self.question.with_id(message_id), self.outcome, self.addresses)
 
 
+def _message(payload: bytes, *, response: bool) -> dns.message.Message | None:
+    """``payload`` parsed, when it is a DNS response (``response``) or a query (not)."""
+    try:
+        message = dns.message.from_wire(payload, ignore_trailing=True)
+    except (dns.exception.DNSException, ValueError):
+        return None
+    if bool(message.flags & dns.flags.QR) != response:
+        return None
+    return message
+
+
 def _question(message: dns.message.Message) -> Question | None:
     if not message.question:
         return None
@@ -96,13 +107,8 @@ def _cached_without_id(parse: Callable[[bytes], _P | None]) -> Callable[[bytes],
 
 def parse_question_uncached(payload: bytes) -> Question | None:
     """``parse_question`` without the cache (the reference its tests compare with)."""
-    try:
-        message = dns.message.from_wire(payload, ignore_trailing=True)
-    except (dns.exception.DNSException, ValueError):
-        return None
-    if message.flags & dns.flags.QR:
-        return None
-    return _question(message)
+    message = _message(payload, response=False)
+    return _question(message) if message is not None else None
 
 
 _questions = _cached_without_id(parse_question_uncached)
@@ -115,11 +121,8 @@ def parse_question(payload: bytes) -> Question | None:
 
 def parse_response_uncached(payload: bytes) -> Response | None:
     """``parse_response`` without the cache (the reference its tests compare with)."""
-    try:
-        message = dns.message.from_wire(payload, ignore_trailing=True)
-    except (dns.exception.DNSException, ValueError):
-        return None
-    if not message.flags & dns.flags.QR:
+    message = _message(payload, response=True)
+    if message is None:
         return None
     question = _question(message)
     if question is None:
@@ -163,11 +166,8 @@ def build_query(name: str, qtype: str = "A") -> bytes:
 
 def servfail_for(query: bytes) -> bytes | None:
     """A SERVFAIL response to ``query`` (when ktrace cannot forward it), or None if it is not a query."""
-    try:
-        message = dns.message.from_wire(query, ignore_trailing=True)
-    except (dns.exception.DNSException, ValueError):
-        return None
-    if message.flags & dns.flags.QR:
+    message = _message(query, response=False)
+    if message is None:
         return None
     response = dns.message.make_response(message)
     response.set_rcode(dns.rcode.SERVFAIL)
