@@ -229,17 +229,10 @@ def read_memory(tid: int, address: int, size: int) -> bytes:
             return ctypes.string_at(_read_buffer, size)
     else:
         buf = ctypes.create_string_buffer(size)
-        local = Iovec(ctypes.cast(buf, ctypes.c_void_p), size)
-        remote = Iovec(address, size)
-        got = _libc.process_vm_readv(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-    if got < 0:
-        err = ctypes.get_errno()
-        if err == errno.ESRCH:
-            raise TraceeGone(tid)
-        raise OSError(err, os.strerror(err))
-    if got != size:
-        raise OSError(errno.EFAULT, "partial read of tracee memory")
-    return buf.raw
+        got = _transfer_large(_libc.process_vm_readv, tid, address, buf, size)
+        if got == size:
+            return buf.raw
+    raise _transfer_error(tid, got, "read")
 
 
 def read_int(tid: int, address: int) -> int:
@@ -267,17 +260,27 @@ def write_memory(tid: int, address: int, data: bytes) -> None:
         _write_remote.iov_len = size
         got = _process_vm_writev(tid, _write_iovecs[0], 1, _write_iovecs[1], 1, 0)
     else:
-        buf = ctypes.create_string_buffer(data, size)
-        local = Iovec(ctypes.cast(buf, ctypes.c_void_p), size)
-        remote = Iovec(address, size)
-        got = _libc.process_vm_writev(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        got = _transfer_large(_libc.process_vm_writev, tid, address, ctypes.create_string_buffer(data, size), size)
+    if got != size:
+        raise _transfer_error(tid, got, "write")
+
+
+def _transfer_large(call: Any, tid: int, address: int, buf: ctypes.Array[ctypes.c_char], size: int) -> int:
+    """process_vm_readv/writev (``call``) of ``size`` bytes between ``buf`` and the tracee's
+    ``address``, for the transfers larger than the preallocated buffers."""
+    local = Iovec(ctypes.cast(buf, ctypes.c_void_p), size)
+    remote = Iovec(address, size)
+    return int(call(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))
+
+
+def _transfer_error(tid: int, got: int, what: str) -> Exception:
+    """What a process_vm_readv/writev that moved ``got`` bytes, not all, raises."""
     if got < 0:
         err = ctypes.get_errno()
         if err == errno.ESRCH:
-            raise TraceeGone(tid)
-        raise OSError(err, os.strerror(err))
-    if got != size:
-        raise OSError(errno.EFAULT, "partial write of tracee memory")
+            return TraceeGone(tid)
+        return OSError(err, os.strerror(err))
+    return OSError(errno.EFAULT, f"partial {what} of tracee memory")
 
 
 def read_c_string(tid: int, address: int, limit: int = 4096) -> bytes:
