@@ -414,7 +414,7 @@ class UdpRedirector:
         tgid, fd = where
         try:
             dup = kernel.duplicate_fd(tgid, fd, self.threads.of)
-        except OSError:  # TraceeGone included: the process or descriptor is gone
+        except (OSError, TraceeGone):  # the process or its descriptor is gone
             return
         with socket.socket(fileno=dup) as program:
             if os.fstat(program.fileno()).st_ino != inode:
