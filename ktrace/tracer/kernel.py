@@ -80,7 +80,9 @@ _libc.process_vm_writev.restype = ctypes.c_ssize_t
 
 
 class TraceeGone(Exception):
-    """The tracee no longer exists (or is not stopped for us any more)."""
+    """The tracee no longer exists (or is not stopped for us any more).
+
+    Not an OSError: ``except OSError`` (a bad pointer, a bad descriptor) lets it through."""
 
 
 class Iovec(ctypes.Structure):

@@ -126,9 +126,7 @@ class NetworkHandler:
                 return self.udp.recvfrom(tid, regs, info)  # no source asked for, or the exit path
             try:
                 dup = kernel.duplicate_fd(tid, regs.arg(0), self.threads.of)
-            except OSError as exc:
-                if isinstance(exc, TraceeGone):
-                    raise
+            except OSError:
                 return self.udp.recvfrom(tid, regs, info)  # the exit path needs no descriptor
             try:
                 return self.udp.recvfrom(tid, regs, info, dup)
@@ -223,9 +221,7 @@ class NetworkHandler:
         fd, addr_ptr, addr_len = regs.arg(0), regs.arg(1), regs.arg(2) & 0xFFFFFFFF
         try:
             raw = kernel.read_memory(tid, addr_ptr, min(addr_len, sockaddr.MAX_SOCKADDR_LEN))
-        except OSError as exc:
-            if isinstance(exc, TraceeGone):
-                raise
+        except OSError:
             return Resume()  # the kernel reports EFAULT itself
         addr = sockaddr.decode(raw)
         if not isinstance(addr, sockaddr.InetAddr):
@@ -385,9 +381,7 @@ class NetworkHandler:
     def _write_name(tid: int, name_ptr: int, len_ptr: int, name: bytes) -> Complete:
         try:
             buffer_len = kernel.read_int(tid, len_ptr)
-        except OSError as exc:
-            if isinstance(exc, TraceeGone):
-                raise
+        except OSError:
             return Complete(-errno.EFAULT)
         if buffer_len < 0:
             return Complete(-errno.EINVAL)
@@ -395,9 +389,7 @@ class NetworkHandler:
         try:
             kernel.write_memory(tid, name_ptr, data)
             kernel.write_memory(tid, len_ptr, struct.pack("=i", full))
-        except OSError as exc:
-            if isinstance(exc, TraceeGone):
-                raise
+        except OSError:
             return Complete(-errno.EFAULT)
         return Complete(0)
 
@@ -413,8 +405,6 @@ class NetworkHandler:
         try:
             dup = kernel.duplicate_fd(tid, fd, self.threads.of)
         except OSError as exc:
-            if isinstance(exc, TraceeGone):
-                raise
             if exc.errno == errno.EBADF:
                 return Resume()
             if not self._warned_no_descriptor:
