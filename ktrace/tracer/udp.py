@@ -49,6 +49,9 @@ _libc_recvfrom.argtypes = (
     ctypes.c_void_p,
 )
 _libc_recvfrom.restype = ctypes.c_ssize_t
+_libc_sendto = _libc.sendto
+_libc_sendto.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+_libc_sendto.restype = ctypes.c_ssize_t
 _recv_buffer = ctypes.create_string_buffer(MAX_DATAGRAM)
 _recv_name = ctypes.create_string_buffer(128)  # sockaddr_storage
 _recv_name_len = ctypes.c_uint32(0)
@@ -79,6 +82,9 @@ class Outgoing:
     # One a message: None for no destination, a malformed one (the kernel's EINVAL) or an
     # unreadable one (the kernel's EFAULT).
     destinations: tuple[sockaddr.Decoded | None, ...]
+    # One a message: the name's bytes as the program passed them (at most a sockaddr_storage);
+    # None for no name (or a length of 0, which the kernel takes for none) or an unreadable one.
+    names: tuple[bytes | None, ...]
     unreadable: bool = False  # a destination could not be read
 
     @property
@@ -99,21 +105,28 @@ def read_outgoing(tid: int, regs: Registers) -> Outgoing:
         headers = tuple(msghdr.decode_msghdr(raw[i * size : i * size + msghdr.MSGHDR_SIZE]) for i in range(count))
         names = [(h.name, h.namelen) for h in headers]
     destinations: list[sockaddr.Decoded | None] = []
+    raw_names: list[bytes | None] = []
     unreadable = False
     for pointer, length in names:
-        if not pointer:
-            destinations.append(None)
-            continue
-        try:
-            raw = kernel.read_memory(tid, pointer, min(length, sockaddr.MAX_SOCKADDR_LEN))
-        except TraceeGone:
-            raise
-        except OSError:
-            unreadable = True
-            destinations.append(None)
-        else:
-            destinations.append(sockaddr.decode(raw))
-    return Outgoing(headers, tuple(destinations), unreadable)
+        raw_name: bytes | None = None
+        if pointer:
+            try:
+                raw_name = kernel.read_memory(tid, pointer, min(length, sockaddr.MAX_SOCKADDR_LEN))
+            except TraceeGone:
+                raise
+            except OSError:
+                unreadable = True
+        destinations.append(sockaddr.decode(raw_name) if raw_name is not None else None)
+        raw_names.append(raw_name or None)
+    return Outgoing(headers, tuple(destinations), tuple(raw_names), unreadable)
+
+
+def _sendto(sock: socket.socket, payload: bytes, flags: int, name: bytes, namelen: int) -> int:
+    """sendto() with the destination's bytes as the program wrote them: the byte count or -errno."""
+    if namelen > sockaddr.MAX_SOCKADDR_LEN:
+        return -errno.EINVAL  # the kernel copies no more than a sockaddr_storage
+    sent = int(_libc_sendto(sock.fileno(), payload, len(payload), flags, name, len(name)))
+    return sent if sent >= 0 else -ctypes.get_errno()
 
 
 @dataclass(frozen=True)
@@ -245,7 +258,7 @@ class UdpRedirector:
         if all(dest is None for dest in dests):
             return Resume()  # nothing remote by address: the kernel (and the relay, if connected) does it
         sent = 0
-        for index, (hdr, dest) in enumerate(zip(outgoing.headers, dests, strict=True)):
+        for index, (hdr, dest, name) in enumerate(zip(outgoing.headers, dests, outgoing.names, strict=True)):
             try:
                 payload = self._gather(tid, hdr)
             except (OverflowError, OSError, ValueError):
@@ -253,6 +266,10 @@ class UdpRedirector:
             else:
                 if dest is not None:
                     result = self._send_one(tid, sock, info, dest, payload, flags)
+                elif name is not None:
+                    # Named, but not for the cluster (a local destination, or one the kernel
+                    # refuses): sent to that name, as the kernel would.
+                    result = _sendto(sock, payload, flags, name, hdr.namelen)
                 else:
                     try:
                         result = sock.send(payload, flags)
