@@ -108,26 +108,34 @@ def write_archive(
 ) -> str:
     """Write the archive to ``out`` (atomically) and return the manifest digest."""
     layer_blobs = [_file_blob(p) for p in layers]
-    config = _json_blob(image_config(
-        [b.digest for b in layer_blobs], entrypoint=entrypoint, cmd=cmd, env=env, user=user, workdir=workdir
-    ))
-    manifest = _json_blob({
-        "schemaVersion": 2,
-        "mediaType": MANIFEST_TYPE,
-        "config": {"mediaType": CONFIG_TYPE, "digest": config.digest, "size": config.size},
-        "layers": [{"mediaType": LAYER_TYPE, "digest": b.digest, "size": b.size} for b in layer_blobs],
-    })
-    tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else "latest"
-    index = _json_blob({
-        "schemaVersion": 2,
-        "mediaType": INDEX_TYPE,
-        "manifests": [{
+    config = _json_blob(
+        image_config(
+            [b.digest for b in layer_blobs], entrypoint=entrypoint, cmd=cmd, env=env, user=user, workdir=workdir
+        )
+    )
+    manifest = _json_blob(
+        {
+            "schemaVersion": 2,
             "mediaType": MANIFEST_TYPE,
-            "digest": manifest.digest,
-            "size": manifest.size,
-            "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": tag},
-        }],
-    })
+            "config": {"mediaType": CONFIG_TYPE, "digest": config.digest, "size": config.size},
+            "layers": [{"mediaType": LAYER_TYPE, "digest": b.digest, "size": b.size} for b in layer_blobs],
+        }
+    )
+    tag = name.rsplit(":", 1)[1] if ":" in name.rsplit("/", 1)[-1] else "latest"
+    index = _json_blob(
+        {
+            "schemaVersion": 2,
+            "mediaType": INDEX_TYPE,
+            "manifests": [
+                {
+                    "mediaType": MANIFEST_TYPE,
+                    "digest": manifest.digest,
+                    "size": manifest.size,
+                    "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": tag},
+                }
+            ],
+        }
+    )
     tmp = out.with_name(out.name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         _add(tar, "oci-layout", _json_blob({"imageLayoutVersion": "1.0.0"}))
@@ -142,9 +150,7 @@ def write_archive(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=pathlib.Path)
     parser.add_argument("name")
     parser.add_argument("--layer", type=pathlib.Path, action="append", required=True)
@@ -155,8 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir")
     args = parser.parse_args(argv)
     digest = write_archive(
-        args.out, args.name, args.layer, entrypoint=args.entrypoint, cmd=args.cmd, env=args.env,
-        user=args.user, workdir=args.workdir,
+        args.out,
+        args.name,
+        args.layer,
+        entrypoint=args.entrypoint,
+        cmd=args.cmd,
+        env=args.env,
+        user=args.user,
+        workdir=args.workdir,
     )
     print(digest)
     return 0

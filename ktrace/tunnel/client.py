@@ -200,11 +200,6 @@ class AgentClient:
                         continue
                 raise TunnelError("ETIMEDOUT", f"the tunnel to the agent is down ({lost.message})") from lost
 
-    @property
-    def tcp_streams_started(self) -> int:
-        """``Connect`` streams started so far (spares included; a reused stream counts once)."""
-        return self._tcp_calls.started
-
     def start_udp(self, family: int) -> UdpSession:
         """A UDP socket on the agent whose datagrams may be sent before the agent answered
         (opened ahead of need when one of that family was asked for before)."""
