@@ -11,7 +11,7 @@ import sys
 from . import __version__
 from .listen import ConfigError, parse_token_sha256, read_token_file
 from .server import DEFAULT_CONNECT_TIMEOUT, AgentServer
-from .tuning import raise_fd_limit
+from .tuning import raise_fd_limit, tune_gc
 
 log = logging.getLogger("ktrace_agent")
 
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             resolv_conf_path=args.resolv_conf,
             hosts_path=args.hosts,
         )
+        tune_gc()
         asyncio.run(_serve(server))
     except ConfigError as exc:
         print(f"ktrace-agent: error: {exc}", file=sys.stderr)

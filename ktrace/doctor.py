@@ -244,7 +244,7 @@ class _Probe:
             except OSError as exc:
                 self.errors["process_vm_readv"] = os.strerror(exc.errno or errno.EIO)
             try:
-                os.close(kernel.duplicate_fd(tid, regs.arg(0)))
+                os.close(kernel.duplicate_fd(tid, regs.arg(0), kernel.thread_group_of))
                 self.getfd_ok = True
             except OSError as exc:
                 self.errors["pidfd_getfd"] = os.strerror(exc.errno or errno.EIO)

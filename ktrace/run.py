@@ -133,6 +133,7 @@ def run(options: RunOptions) -> int:
     child = launcher.fork_child(path, options.command, env, seccomp.build(filter_rules(local_outcomes)))
     tuning.raise_fd_limit()  # for ktrace only: the program, forked already, keeps the user's limit
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
+    tuning.tune_gc()
     try:
         return asyncio.run(_session(options, child, token, log_json))
     finally:

@@ -32,8 +32,10 @@ def run(coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
 
 
 @contextlib.asynccontextmanager
-async def agent(listen: str, **kwargs: Any) -> AsyncIterator[AgentServer]:
-    server = AgentServer(listen, **kwargs)
+async def agent(
+    listen: str, server_class: type[AgentServer] = AgentServer, **kwargs: Any
+) -> AsyncIterator[AgentServer]:
+    server = server_class(listen, **kwargs)
     await server.start()
     try:
         yield server

@@ -301,6 +301,59 @@ def test_udp_socket_lifecycle(ktrace_cluster: NamespaceCluster) -> None:
     ], traced
 
 
+MIXED_SENDMMSG = r"""
+import ctypes, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+local = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+local.bind(("127.0.0.1", 0))
+local.settimeout(10)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(10)
+named = sys.argv[2] == "named"
+if not named:
+    s.connect(local.getsockname())
+payloads = [b"to the local peer", b"to the cluster"]
+buffers = [ctypes.create_string_buffer(p, len(p)) for p in payloads]
+iovecs = ctypes.create_string_buffer(32)
+for i, b in enumerate(buffers):
+    struct.pack_into("=QQ", iovecs, 16 * i, ctypes.addressof(b), len(b))
+def sockaddr(ip, port):
+    raw = struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + socket.inet_aton(ip) + bytes(8)
+    return ctypes.create_string_buffer(raw, len(raw))
+echo = sockaddr(sys.argv[1], 7)
+peer = sockaddr(*local.getsockname())
+vec = ctypes.create_string_buffer(128)
+# The first message names the local peer ("named") or nothing (it goes to the connected peer),
+# the second names the echo in the cluster.
+first_name = (ctypes.addressof(peer), 16) if named else (0, 0)
+struct.pack_into("=QI4xQQQQi", vec, 0, *first_name, ctypes.addressof(iovecs), 1, 0, 0, 0)
+struct.pack_into("=QI4xQQQQi", vec, 64, ctypes.addressof(echo), 16, ctypes.addressof(iovecs) + 16, 1, 0, 0, 0)
+sent = libc.sendmmsg(s.fileno(), vec, 2, 0)
+print("sent", sent, [struct.unpack_from("=I", vec, 64 * i + 56)[0] for i in range(2)])
+s.sendto(b"end", local.getsockname())
+got = []
+while not got or got[-1] != b"end":
+    got.append(local.recv(100))
+print("local peer got", got)
+if named:
+    print("reply", s.recvfrom(100))
+"""
+
+
+@pytest.mark.parametrize("first", ["connected", "named"])
+def test_sendmmsg_mixing_a_local_and_a_cluster_destination(first: str, ktrace_cluster: NamespaceCluster) -> None:
+    """sendmmsg of a message for a local peer (the connected one, or named) and one naming a
+    cluster address: each goes to its own, the local one from here, the other through the agent."""
+    c = ktrace_cluster
+    without, traced = both(c, [sys.executable, "-c", MIXED_SENDMMSG, c.echo_v4, first])
+    assert without.stdout.startswith("sent 1 [17, 0]"), without  # no route to the cluster from here
+    assert traced.returncode == 0, traced
+    expected = ["sent 2 [17, 14]", "local peer got [b'to the local peer', b'end']"]
+    if first == "named":
+        expected.append(f"reply (b'to the cluster', ('{c.echo_v4}', 7))")
+    assert traced.stdout.splitlines() == expected, traced
+
+
 FASTOPEN = r"""
 import socket, sys
 s = socket.socket()

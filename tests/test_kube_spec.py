@@ -76,7 +76,6 @@ def test_options_reach_the_pod() -> None:
         labels={"team": "payments", "app.kubernetes.io/managed-by": "someone-else"},
         annotations={"owner": "me@example.com"},
         idle_exit=12.5,
-        connect_timeout=3,
     )
     pod = spec.agent_pod("p", "ns", "s1", 30000, HASH, options)
     (container,) = pod["spec"]["containers"]
@@ -90,7 +89,8 @@ def test_options_reach_the_pod() -> None:
     assert pod["metadata"]["labels"]["team"] == "payments"
     assert pod["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "ktrace"  # cleanup depends on it
     assert pod["metadata"]["annotations"] == {"owner": "me@example.com"}
-    assert container["args"][-4:] == ["--idle-exit", "12.5", "--connect-timeout", "3"]
+    # The user's --connect-timeout is sent with each connection, not given to the agent.
+    assert container["args"] == ["--listen", "127.0.0.1:30000", "--token-sha256", HASH, "--idle-exit", "12.5"]
 
 
 def test_ephemeral_container() -> None:

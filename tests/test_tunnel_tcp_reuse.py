@@ -11,11 +11,14 @@ import dataclasses
 import pathlib
 import socket
 import struct
+from typing import Any, cast
 
 import grpc
 import grpc.aio
 import pytest
 from agent_helpers import TOKEN, LoopbackServer, agent, agent_and_client, local_pair, run, upper_echo
+from ktrace_agent import rpc as agent_rpc
+from ktrace_agent.server import AgentServer
 
 from ktrace.tunnel import client as client_module
 from ktrace.tunnel import rpc
@@ -33,6 +36,44 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class StreamWatchingAgent(AgentServer):
+    """The real agent, noting which of its ``Connect`` streams carried each ``open``: what
+    stream reuse changes, seen where it happens."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opens: list[int] = []  # per ``open`` frame read, in order: the number of its stream
+        self._streams = 0
+
+    async def Connect(self, request_iterator: object, context: agent_rpc.TcpContext) -> None:
+        self._streams += 1
+        noting = _OpensNoted(context, self._streams, self.opens)
+        await super().Connect(request_iterator, cast(agent_rpc.TcpContext, noting))
+
+
+class _OpensNoted:
+    """A ``Connect`` stream's context that notes each ``open`` the agent reads from it."""
+
+    def __init__(self, context: agent_rpc.TcpContext, stream: int, opens: list[int]) -> None:
+        self._context = context
+        self._stream = stream
+        self._opens = opens
+
+    async def read(self) -> object:
+        frame = await self._context.read()
+        if isinstance(frame, agent_rpc.TcpClientFrame) and frame.WhichOneof("kind") == "open":
+            self._opens.append(self._stream)
+        return frame
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def watching(server: AgentServer) -> StreamWatchingAgent:
+    assert isinstance(server, StreamWatchingAgent)
+    return server
 
 
 # What close_first's server read after its own FIN, one entry per connection.
@@ -103,11 +144,11 @@ def test_one_stream_carries_sequential_connections(listen: str) -> None:
             LoopbackServer(upper_echo) as echo,
             LoopbackServer(close_first) as first,
             LoopbackServer(reset_after_hello) as resetting,
-            agent_and_client(listen) as (_, client),
+            agent_and_client(listen, server_class=StreamWatchingAgent) as (server, client),
         ):
+            opens = watching(server).opens
             assert client.info.tcp_stream_reuse
             assert await echo_connection(client, echo.port, b"warm up") == TcpStats(7, 7, "closed")
-            started = client.tcp_streams_started
             refused = _free_port()
             for i in range(20):
                 payload = b"connection %d " % i * (i + 1)
@@ -117,7 +158,7 @@ def test_one_stream_carries_sequential_connections(listen: str) -> None:
                 assert info.value.errno_name == "ECONNREFUSED"
                 stats = await server_first_connection(client, first.port)
                 assert stats == TcpStats(bytes_up=14, bytes_down=11, outcome="closed")
-            assert client.tcp_streams_started == started  # every one of the 60 reused the stream
+            assert opens == [opens[0]] * 61  # the warm-up's stream carried every one of the 60
             assert echo.accepted == 21
             assert first.accepted == 20
             await asyncio.wait_for(first.handlers_done.wait(), 10)
@@ -125,8 +166,8 @@ def test_one_stream_carries_sequential_connections(listen: str) -> None:
 
             assert (await reset_connection(client, resetting.port)).outcome == "reset: ECONNRESET"
             assert await echo_connection(client, echo.port, b"after the reset") == TcpStats(15, 15)
-            # The reset stream was not handed out again: another one started in its place.
-            assert client.tcp_streams_started > started
+            # The reset stream was not handed out again: the next connection ran on another one.
+            assert opens[-2] == opens[0] and opens[-1] != opens[0]
 
     run(scenario())
 
@@ -160,11 +201,12 @@ def test_without_reuse_on_either_side_each_connection_has_its_own_stream(
         async with (
             LoopbackServer(upper_echo) as echo,
             LoopbackServer(close_first) as first,
-            agent_and_client(f"unix:{tmp_path}/a.sock", tcp_stream_reuse=old != "agent") as (_, client),
+            agent_and_client(
+                f"unix:{tmp_path}/a.sock", tcp_stream_reuse=old != "agent", server_class=StreamWatchingAgent
+            ) as (server, client),
         ):
             assert not client.info.tcp_stream_reuse
             assert await echo_connection(client, echo.port, b"warm up") == TcpStats(7, 7)
-            started = client.tcp_streams_started
             for i in range(5):
                 payload = b"connection %d" % i
                 assert await echo_connection(client, echo.port, payload) == TcpStats(len(payload), len(payload))
@@ -172,8 +214,9 @@ def test_without_reuse_on_either_side_each_connection_has_its_own_stream(
                     await client.open_tcp(Endpoint.parse(f"127.0.0.1:{_free_port()}"))
                 assert info.value.errno_name == "ECONNREFUSED"
                 assert (await server_first_connection(client, first.port)) == TcpStats(14, 11)
-            # One new stream per connection (the spares are refilled as they are taken).
-            await _until_started(client, started + 15)
+            # Each connection and each refused dial on a stream of its own.
+            opens = watching(server).opens
+            assert len(opens) == len(set(opens)) == 16
             await asyncio.wait_for(first.handlers_done.wait(), 10)
             assert received_after_fin == [b"after your FIN"] * 5
 
@@ -187,12 +230,6 @@ def _parse_info_ignoring_reuse(reply: rpc.HandshakeReply) -> client_module.Agent
     info = _parse_info(reply)
     assert info.tcp_stream_reuse  # the agent offers it; this client ignores the offer
     return dataclasses.replace(info, tcp_stream_reuse=False)
-
-
-async def _until_started(client: AgentClient, count: int) -> None:
-    async with asyncio.timeout(10):
-        while client.tcp_streams_started < count:
-            await asyncio.sleep(0.005)
 
 
 def test_wire_frames_of_a_reused_stream(tmp_path: pathlib.Path) -> None:
@@ -279,14 +316,14 @@ def test_a_restarted_agent_gets_a_fresh_stream(tmp_path: pathlib.Path) -> None:
         async with LoopbackServer(upper_echo) as echo:
             client: AgentClient | None = None
             try:
-                async with agent(address, token=TOKEN):
+                async with agent(address, StreamWatchingAgent, token=TOKEN) as first:
                     client = await AgentClient.connect(address, TOKEN, timeout=10)
                     assert await echo_connection(client, echo.port, b"one") == TcpStats(3, 3)
-                    started = client.tcp_streams_started
+                    assert len(watching(first).opens) == 1
                 # The agent stopped, ending every stream, the kept ones too.
-                async with agent(address, token=TOKEN):
+                async with agent(address, StreamWatchingAgent, token=TOKEN) as second:
                     assert await echo_connection(client, echo.port, b"two") == TcpStats(3, 3)
-                    assert client.tcp_streams_started > started
+                    assert len(watching(second).opens) == 1  # on a stream of the new agent
             finally:
                 if client is not None:
                     await client.close()

@@ -34,6 +34,29 @@ from ktrace.tunnel.udp_session import Session, UdpSession
 DEADLINE = 10.0
 
 
+class StreamCountingAgent(AgentServer):
+    """The real agent, counting the UDP streams it served: what multiplexing changes, seen where
+    it happens."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.datagram_streams = 0  # one per session without multiplexing
+        self.session_streams = 0  # DatagramSessions: shared by many sessions
+
+    async def Datagrams(self, request_iterator: object, context: agent_rpc.UdpContext) -> None:
+        self.datagram_streams += 1
+        await super().Datagrams(request_iterator, context)
+
+    async def DatagramSessions(self, request_iterator: object, context: agent_rpc.UdpContext) -> None:
+        self.session_streams += 1
+        await super().DatagramSessions(request_iterator, context)
+
+
+def counting(server: AgentServer) -> StreamCountingAgent:
+    assert isinstance(server, StreamCountingAgent)
+    return server
+
+
 class _Echo(asyncio.DatagramProtocol):
     """Answers every datagram with ``<payload upper-cased> from <source port>``."""
 
@@ -98,7 +121,10 @@ def test_many_sessions_share_one_stream_each_with_its_own_agent_socket(tmp_path:
     async def scenario() -> None:
         transport, echo, dest = await _echo_server()
         try:
-            async with agent_and_client(f"unix:{tmp_path}/a.sock") as (server, client):
+            async with agent_and_client(f"unix:{tmp_path}/a.sock", server_class=StreamCountingAgent) as (
+                server,
+                client,
+            ):
                 assert client.info.udp_multiplex
                 sessions = [client.start_udp(socket.AF_INET) for _ in range(40)]
                 assert all(isinstance(session, MuxSession) for session in sessions)
@@ -112,7 +138,7 @@ def test_many_sessions_share_one_stream_each_with_its_own_agent_socket(tmp_path:
                 ports = {session.local.port for session in sessions}
                 assert len(ports) == 40  # one agent socket, one random port, per session
                 assert {addr[1] for addr in echo.sources} == ports
-                assert client.udp_streams_started == 1
+                assert (counting(server).session_streams, counting(server).datagram_streams) == (1, 0)
                 assert server.udp_sessions.open >= 40  # the spares opened ahead of need too
 
                 # A second round on the same sessions: still one stream, still their own ports.
@@ -135,7 +161,7 @@ def test_many_sessions_share_one_stream_each_with_its_own_agent_socket(tmp_path:
                 for i, session in enumerate(sessions[20:]):
                     session.send(dest, b"still %d" % i)
                     assert (await inboxes[20 + i].next())[1] == b"STILL %d from %d" % (i, session.local.port)
-                assert client.udp_streams_started == 1
+                assert (counting(server).session_streams, counting(server).datagram_streams) == (1, 0)
         finally:
             transport.close()
 
@@ -149,7 +175,10 @@ def test_an_error_on_one_session_leaves_the_others_alone(tmp_path: pathlib.Path)
     async def scenario() -> None:
         transport, _echo, dest = await _echo_server()
         try:
-            async with agent_and_client(f"unix:{tmp_path}/a.sock") as (server, client):
+            async with agent_and_client(f"unix:{tmp_path}/a.sock", server_class=StreamCountingAgent) as (
+                server,
+                client,
+            ):
                 first, second = await client.open_udp(socket.AF_INET), await client.open_udp(socket.AF_INET)
                 one, two = _Inbox(first), _Inbox(second)
                 nobody = _closed_port()
@@ -173,7 +202,7 @@ def test_an_error_on_one_session_leaves_the_others_alone(tmp_path: pathlib.Path)
                 three = _Inbox(third)
                 third.send(dest, b"room again")
                 assert (await three.next())[1] == b"ROOM AGAIN from %d" % third.local.port
-                assert client.udp_streams_started == 1
+                assert (counting(server).session_streams, counting(server).datagram_streams) == (1, 0)
         finally:
             transport.close()
 
@@ -344,7 +373,7 @@ def test_a_lost_stream_ends_every_session_at_once_and_the_next_gets_a_new_one(tm
         address = f"unix:{tmp_path}/a.sock"
         client: AgentClient | None = None
         try:
-            async with agent(address, token=TOKEN) as server:
+            async with agent(address, StreamCountingAgent, token=TOKEN) as server:
                 client = await AgentClient.connect(address, TOKEN, timeout=DEADLINE)
                 sessions = [await client.open_udp(socket.AF_INET) for _ in range(5)]
                 await server.stop(grace=None)
@@ -356,7 +385,7 @@ def test_a_lost_stream_ends_every_session_at_once_and_the_next_gets_a_new_one(tm
                 inbox = _Inbox(session)
                 session.send(dest, b"new stream")
                 assert (await inbox.next())[1] == b"NEW STREAM from %d" % session.local.port
-                assert client.udp_streams_started == 2
+                assert (counting(server).session_streams, counting(server).datagram_streams) == (2, 0)
         finally:
             if client is not None:
                 await client.close()
@@ -425,7 +454,9 @@ def test_without_multiplex_on_either_side_each_session_has_its_own_stream(
             monkeypatch.setattr(client_module, "_parse_info", _parse_info_ignoring_multiplex)
         transport, echo, dest = await _echo_server()
         try:
-            async with agent_and_client(f"unix:{tmp_path}/a.sock", udp_multiplex=old != "agent") as (server, client):
+            async with agent_and_client(
+                f"unix:{tmp_path}/a.sock", server_class=StreamCountingAgent, udp_multiplex=old != "agent"
+            ) as (server, client):
                 assert not client.info.udp_multiplex
                 sessions = [await client.open_udp(socket.AF_INET) for _ in range(5)]
                 assert all(isinstance(session, UdpSession) for session in sessions)
@@ -434,8 +465,9 @@ def test_without_multiplex_on_either_side_each_session_has_its_own_stream(
                     session.send(dest, b"old %d" % i)
                     assert (await inbox.next())[1] == b"OLD %d from %d" % (i, session.local.port)
                 assert len({addr[1] for addr in echo.sources}) == 5
-                assert client.udp_streams_started >= 5
-                assert server.udp_sessions.open == 0  # no DatagramSessions stream at all
+                assert counting(server).datagram_streams >= 5  # one per session (and spares)
+                assert counting(server).session_streams == 0
+                assert server.udp_sessions.open == 0
                 for session in sessions:
                     await session.close()
         finally:

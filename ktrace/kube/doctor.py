@@ -2,8 +2,9 @@
 right ktrace uses (SelfSubjectAccessReview, so nothing is created). One ``KubeCheck`` per check.
 
 ``check_kube(ClusterChoice())`` is synchronous and never raises for a cluster problem: each
-problem is a failed check whose message says how to fix it. ``checks(settings)`` is what
-``ktrace doctor`` calls (``PLUGIN_CHECKS``): the same, as its ``CheckResult`` lines.
+problem is a failed check whose message says what is wrong, and its ``fix`` (where there is one)
+what to do. ``checks(settings)`` is what ``ktrace doctor`` calls (``PLUGIN_CHECKS``): the same,
+as its ``CheckResult`` lines.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ class KubeCheck:
     ok: bool
     message: str
     required: bool = True  # False: only some features need it (e.g. --target); report a failure as a warning
+    fix: str | None = None  # what to do about a failure
+
+    def result(self) -> CheckResult:
+        """As a ``ktrace doctor`` line."""
+        from ktrace.doctor import CheckResult, Status
+
+        status = Status.OK if self.ok else Status.FAIL if self.required else Status.WARN
+        return CheckResult(self.name, status, self.message, self.fix)
 
 
 def checks(settings: config.Settings) -> Iterable[CheckResult]:
@@ -44,12 +53,7 @@ def checks(settings: config.Settings) -> Iterable[CheckResult]:
     agent = settings.get("agent") or "kube"
     if agent != "kube":
         return [CheckResult("kube", Status.SKIP, f"the agent is {agent}, not in a cluster")]
-    results = []
-    for check in check_kube(cluster_choice(settings)):
-        detail, _, fix = check.message.partition(" Fix: ")
-        status = Status.OK if check.ok else Status.FAIL if check.required else Status.WARN
-        results.append(CheckResult(check.name, status, detail, fix or None))
-    return results
+    return [check.result() for check in check_kube(cluster_choice(settings))]
 
 
 def check_kube(cluster: ClusterChoice) -> list[KubeCheck]:
@@ -122,14 +126,18 @@ async def _check_right(api: KubeApi, right: Right, server: tuple[int, int] | Non
         )
     except KubeApiError as exc:
         return KubeCheck(name, False, _line(explain(exc, context=api.context)), required)
-    status = review.get("status") or {}
+    return review_check(name, right, ns, required, review.get("status") or {})
+
+
+def review_check(name: str, right: Right, ns: str, required: bool, status: dict[str, object]) -> KubeCheck:
+    """The check of ``right`` from a SelfSubjectAccessReview's ``status``."""
     if status.get("allowed"):
         return KubeCheck(name, True, f"allowed in namespace {ns}: {right.why}", required)
     reason = status.get("reason") or status.get("evaluationError") or ""
     return KubeCheck(
         name,
         False,
-        f"not allowed in namespace {ns}" + (f" ({reason})" if reason else "") + f"; needed to {right.why}."
-        f" Fix: {RBAC_FIX.format(ns=ns)}",
+        f"not allowed in namespace {ns}" + (f" ({reason})" if reason else "") + f"; needed to {right.why}.",
         required,
+        RBAC_FIX.format(ns=ns),
     )

@@ -119,7 +119,8 @@ class AgentOptions:
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str] = field(default_factory=dict)
     idle_exit: float = DEFAULT_IDLE_EXIT
-    connect_timeout: float | None = None
+    # No connect timeout of the agent's own: the user's --connect-timeout travels with each
+    # connection (TcpOpen.timeout_ms); the agent's default serves when the user set none.
 
     def __post_init__(self) -> None:
         if self.pull_policy is not None and self.pull_policy not in PULL_POLICIES:
@@ -147,10 +148,7 @@ class AgentOptions:
 
 def agent_args(port: int, token_hash: str, options: AgentOptions) -> list[str]:
     """The agent's command line (the image's entrypoint is the agent)."""
-    args = ["--listen", f"127.0.0.1:{port}", "--token-sha256", token_hash, "--idle-exit", f"{options.idle_exit:g}"]
-    if options.connect_timeout is not None:
-        args += ["--connect-timeout", f"{options.connect_timeout:g}"]
-    return args
+    return ["--listen", f"127.0.0.1:{port}", "--token-sha256", token_hash, "--idle-exit", f"{options.idle_exit:g}"]
 
 
 def _container_security() -> dict[str, Any]:

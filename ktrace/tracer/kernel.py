@@ -17,6 +17,7 @@ import ctypes.util
 import errno
 import os
 import struct
+from collections.abc import Callable
 from typing import Any, Final
 
 from ptrace import PtraceError
@@ -85,7 +86,9 @@ _libc.process_vm_writev.restype = ctypes.c_ssize_t
 
 
 class TraceeGone(Exception):
-    """The tracee no longer exists (or is not stopped for us any more)."""
+    """The tracee no longer exists (or is not stopped for us any more).
+
+    Not an OSError: ``except OSError`` (a bad pointer, a bad descriptor) lets it through."""
 
 
 class Iovec(ctypes.Structure):
@@ -234,17 +237,10 @@ def read_memory(tid: int, address: int, size: int) -> bytes:
             return ctypes.string_at(_read_buffer, size)
     else:
         buf = ctypes.create_string_buffer(size)
-        local = Iovec(ctypes.cast(buf, ctypes.c_void_p), size)
-        remote = Iovec(address, size)
-        got = _libc.process_vm_readv(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-    if got < 0:
-        err = ctypes.get_errno()
-        if err == errno.ESRCH:
-            raise TraceeGone(tid)
-        raise OSError(err, os.strerror(err))
-    if got != size:
-        raise OSError(errno.EFAULT, "partial read of tracee memory")
-    return buf.raw
+        got = _transfer_large(_libc.process_vm_readv, tid, address, buf, size)
+        if got == size:
+            return buf.raw
+    raise _transfer_error(tid, got, "read")
 
 
 def read_int(tid: int, address: int) -> int:
@@ -272,17 +268,27 @@ def write_memory(tid: int, address: int, data: bytes) -> None:
         _write_remote.iov_len = size
         got = _process_vm_writev(tid, _write_iovecs[0], 1, _write_iovecs[1], 1, 0)
     else:
-        buf = ctypes.create_string_buffer(data, size)
-        local = Iovec(ctypes.cast(buf, ctypes.c_void_p), size)
-        remote = Iovec(address, size)
-        got = _libc.process_vm_writev(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        got = _transfer_large(_libc.process_vm_writev, tid, address, ctypes.create_string_buffer(data, size), size)
+    if got != size:
+        raise _transfer_error(tid, got, "write")
+
+
+def _transfer_large(call: Any, tid: int, address: int, buf: ctypes.Array[ctypes.c_char], size: int) -> int:
+    """process_vm_readv/writev (``call``) of ``size`` bytes between ``buf`` and the tracee's
+    ``address``, for the transfers larger than the preallocated buffers."""
+    local = Iovec(ctypes.cast(buf, ctypes.c_void_p), size)
+    remote = Iovec(address, size)
+    return int(call(tid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0))
+
+
+def _transfer_error(tid: int, got: int, what: str) -> Exception:
+    """What a process_vm_readv/writev that moved ``got`` bytes, not all, raises."""
     if got < 0:
         err = ctypes.get_errno()
         if err == errno.ESRCH:
-            raise TraceeGone(tid)
-        raise OSError(err, os.strerror(err))
-    if got != size:
-        raise OSError(errno.EFAULT, "partial write of tracee memory")
+            return TraceeGone(tid)
+        return OSError(err, os.strerror(err))
+    return OSError(errno.EFAULT, f"partial {what} of tracee memory")
 
 
 def read_c_string(tid: int, address: int, limit: int = 4096) -> bytes:
@@ -309,11 +315,12 @@ def _syscall(*args: int) -> int:
     return result
 
 
-def duplicate_fd(tid: int, fd: int) -> int:
+def duplicate_fd(tid: int, fd: int, thread_group: Callable[[int], int]) -> int:
     """A duplicate of thread `tid`'s descriptor `fd` in ktrace (same open file).
 
     pidfd_getfd(2) needs Linux 5.6; the PIDFD_THREAD pidfd (6.9) lets a thread
-    id be used directly, else the thread group id is looked up.
+    id be used directly, else the thread group id is asked of `thread_group`
+    (the tracer's cache, `ThreadGroups.of`, rather than /proc on every call).
     """
     try:
         pidfd = _syscall(SYS_PIDFD_OPEN, tid, PIDFD_THREAD)
@@ -322,7 +329,7 @@ def duplicate_fd(tid: int, fd: int) -> int:
             raise TraceeGone(tid) from None
         if exc.errno != errno.EINVAL:
             raise
-        pidfd = _syscall(SYS_PIDFD_OPEN, thread_group_of(tid), 0)
+        pidfd = _syscall(SYS_PIDFD_OPEN, thread_group(tid), 0)
     try:
         return _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
     finally:

@@ -20,13 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ktrace.rules import RouteDecision
-from ktrace.tracer import arch, decide, kernel, msghdr, sockaddr
+from ktrace.tracer import arch, decide, kernel, sockaddr
 from ktrace.tracer.decide import Passthrough, Redirected, RedirectTcp, RoutingPolicy, SocketInfo
 from ktrace.tracer.kernel import Registers, TraceeGone
 from ktrace.tracer.sockaddr import InetAddr
 from ktrace.tracer.threads import ThreadGroups
 from ktrace.tracer.tracer import Complete, Deferred, Outcome, Resume, WatchExit
-from ktrace.tracer.udp import UdpRedirector
+from ktrace.tracer.udp import UdpRedirector, read_outgoing
 from ktrace.tunnel.client import AgentClient, TcpStream
 from ktrace.tunnel.dns_map import DnsMap, DnsTcpTap
 from ktrace.tunnel.endpoint import LoopbackEndpoint
@@ -125,10 +125,8 @@ class NetworkHandler:
             if not (regs.arg(4) and regs.arg(5) and decide.recvfrom_in_ktrace(regs.arg(3) & 0xFFFFFFFF)):
                 return self.udp.recvfrom(tid, regs, info)  # no source asked for, or the exit path
             try:
-                dup = kernel.duplicate_fd(tid, regs.arg(0))
-            except OSError as exc:
-                if isinstance(exc, TraceeGone):
-                    raise
+                dup = kernel.duplicate_fd(tid, regs.arg(0), self.threads.of)
+            except OSError:
                 return self.udp.recvfrom(tid, regs, info)  # the exit path needs no descriptor
             try:
                 return self.udp.recvfrom(tid, regs, info, dup)
@@ -141,12 +139,12 @@ class NetworkHandler:
     def _send(self, tid: int, regs: Registers) -> Outcome:
         assert self.udp is not None
         try:
-            destinations = self._send_destinations(tid, regs)
+            outgoing = read_outgoing(tid, regs)
         except TraceeGone:
             raise
         except (OSError, ValueError):
             return Resume()  # unreadable arguments: the kernel reports EFAULT/EINVAL itself
-        if not any(isinstance(addr, InetAddr) for addr in destinations):
+        if not outgoing.names_ip:
             # Decided before duplicating the descriptor (two syscalls, then three more to
             # tell what the socket is): most sends name no IP destination (glibc's DNS
             # queries are a sendmmsg on a connected socket, its netlink requests a sendto
@@ -161,41 +159,19 @@ class NetworkHandler:
                 return Resume()
             if info.type == socket.SOCK_STREAM:
                 if regs.nr == SYS.sendto and regs.arg(3) & MSG_FASTOPEN:
-                    return self._fast_open(tid, regs, sock, info)
+                    return self._fast_open(tid, regs, sock, info, outgoing.destinations[0])
                 return Resume()
             if not info.is_udp:
-                return self._send_uncarried(destinations, info)
+                return self._send_uncarried(outgoing.destinations, info)
             if regs.nr == SYS.sendto:
-                return self.udp.sendto(tid, regs, sock, info)
+                return self.udp.sendto(tid, regs, sock, info, outgoing)
             if regs.nr == SYS.sendmsg:
-                return self.udp.sendmsg(tid, regs, sock, info)
-            return self.udp.sendmmsg(tid, regs, sock, info)
+                return self.udp.sendmsg(tid, regs, sock, info, outgoing)
+            return self.udp.sendmmsg(tid, regs, sock, info, outgoing)
         finally:
             sock.close()
 
-    @staticmethod
-    def _send_destinations(tid: int, regs: Registers) -> list[sockaddr.Decoded | None]:
-        """The destinations a sendto/sendmsg/sendmmsg names (none for a connected socket);
-        None for one that is malformed or unreadable."""
-        if regs.nr == SYS.sendto:
-            names = [(regs.arg(4), regs.arg(5) & 0xFFFFFFFF)]
-        else:
-            count = 1 if regs.nr == SYS.sendmsg else min(regs.arg(2) & 0xFFFFFFFF, msghdr.IOV_MAX)
-            size = msghdr.MSGHDR_SIZE if regs.nr == SYS.sendmsg else msghdr.MMSGHDR_SIZE
-            raw = kernel.read_memory(tid, regs.arg(1), count * size)
-            headers = [msghdr.decode_msghdr(raw[i * size : i * size + msghdr.MSGHDR_SIZE]) for i in range(count)]
-            names = [(h.name, h.namelen) for h in headers if h.name]
-        found: list[sockaddr.Decoded | None] = []
-        for pointer, length in names:
-            try:
-                found.append(sockaddr.decode(kernel.read_memory(tid, pointer, min(length, sockaddr.MAX_SOCKADDR_LEN))))
-            except TraceeGone:
-                raise
-            except OSError:
-                found.append(None)  # unreadable: the kernel fails the call (or that message) with EFAULT
-        return found
-
-    def _send_uncarried(self, destinations: list[sockaddr.Decoded | None], info: SocketInfo) -> Outcome:
+    def _send_uncarried(self, destinations: tuple[sockaddr.Decoded | None, ...], info: SocketInfo) -> Outcome:
         """A send with a destination on an ICMP, raw or UDP-Lite socket: fails for a remote one."""
         for addr in destinations:
             decision = decide.decide_uncarried(addr, info, self.policy)
@@ -216,16 +192,17 @@ class NetworkHandler:
             )
         return Complete(-errno.ENETUNREACH)
 
-    def _fast_open(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo) -> Outcome:
+    def _fast_open(
+        self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo, addr: sockaddr.Decoded | None
+    ) -> Outcome:
         """sendto(MSG_FASTOPEN) on a TCP socket is connect() followed by send()."""
         try:
-            raw = kernel.read_memory(tid, regs.arg(4), min(regs.arg(5) & 0xFFFFFFFF, sockaddr.MAX_SOCKADDR_LEN))
             payload = kernel.read_memory(tid, regs.arg(1), min(regs.arg(2), 1 << 20))
         except TraceeGone:
             raise
         except OSError:
             return Resume()
-        decision = decide.decide_connect(sockaddr.decode(raw), info, info.inode in self.redirected, self.policy)
+        decision = decide.decide_connect(addr, info, info.inode in self.redirected, self.policy)
         if isinstance(decision, decide.Unsupported):
             return self._unsupported(decision)
         if isinstance(decision, Passthrough):
@@ -244,9 +221,7 @@ class NetworkHandler:
         fd, addr_ptr, addr_len = regs.arg(0), regs.arg(1), regs.arg(2) & 0xFFFFFFFF
         try:
             raw = kernel.read_memory(tid, addr_ptr, min(addr_len, sockaddr.MAX_SOCKADDR_LEN))
-        except OSError as exc:
-            if isinstance(exc, TraceeGone):
-                raise
+        except OSError:
             return Resume()  # the kernel reports EFAULT itself
         addr = sockaddr.decode(raw)
         if not isinstance(addr, sockaddr.InetAddr):
@@ -406,9 +381,7 @@ class NetworkHandler:
     def _write_name(tid: int, name_ptr: int, len_ptr: int, name: bytes) -> Complete:
         try:
             buffer_len = kernel.read_int(tid, len_ptr)
-        except OSError as exc:
-            if isinstance(exc, TraceeGone):
-                raise
+        except OSError:
             return Complete(-errno.EFAULT)
         if buffer_len < 0:
             return Complete(-errno.EINVAL)
@@ -416,9 +389,7 @@ class NetworkHandler:
         try:
             kernel.write_memory(tid, name_ptr, data)
             kernel.write_memory(tid, len_ptr, struct.pack("=i", full))
-        except OSError as exc:
-            if isinstance(exc, TraceeGone):
-                raise
+        except OSError:
             return Complete(-errno.EFAULT)
         return Complete(0)
 
@@ -432,10 +403,8 @@ class NetworkHandler:
         if fd > 0x7FFFFFFF:
             return Resume()  # not an int: EBADF from the kernel
         try:
-            dup = kernel.duplicate_fd(tid, fd)
+            dup = kernel.duplicate_fd(tid, fd, self.threads.of)
         except OSError as exc:
-            if isinstance(exc, TraceeGone):
-                raise
             if exc.errno == errno.EBADF:
                 return Resume()
             if not self._warned_no_descriptor:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ktrace.tracer import decide, kernel, msghdr, sockaddr
+from ktrace.tracer.arch import SYSCALLS
 from ktrace.tracer.decide import AgentSources, Route, RoutingPolicy, SocketInfo
 from ktrace.tracer.kernel import Registers, TraceeGone
 from ktrace.tracer.sockaddr import InetAddr
@@ -48,6 +49,9 @@ _libc_recvfrom.argtypes = (
     ctypes.c_void_p,
 )
 _libc_recvfrom.restype = ctypes.c_ssize_t
+_libc_sendto = _libc.sendto
+_libc_sendto.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+_libc_sendto.restype = ctypes.c_ssize_t
 _recv_buffer = ctypes.create_string_buffer(MAX_DATAGRAM)
 _recv_name = ctypes.create_string_buffer(128)  # sockaddr_storage
 _recv_name_len = ctypes.c_uint32(0)
@@ -66,6 +70,63 @@ class RelayTable(Protocol):
     def refuse(self, sock_key: int, peer: Endpoint, program: socket.socket) -> bool: ...
 
     def agent_port(self, sock_key: int) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """The messages of one sendto/sendmsg/sendmmsg as read from the program's memory, once:
+    the tracer decides from their destinations and the redirector sends from the same copy
+    (another thread of the program may rewrite a destination meanwhile)."""
+
+    headers: tuple[msghdr.MsgHdr, ...]  # sendmsg: one; sendmmsg: one a message; sendto: none
+    # One a message: None for no destination, a malformed one (the kernel's EINVAL) or an
+    # unreadable one (the kernel's EFAULT).
+    destinations: tuple[sockaddr.Decoded | None, ...]
+    # One a message: the name's bytes as the program passed them (at most a sockaddr_storage);
+    # None for no name (or a length of 0, which the kernel takes for none) or an unreadable one.
+    names: tuple[bytes | None, ...]
+    unreadable: bool = False  # a destination could not be read
+
+    @property
+    def names_ip(self) -> bool:
+        return any(isinstance(addr, InetAddr) for addr in self.destinations)
+
+
+def read_outgoing(tid: int, regs: Registers) -> Outgoing:
+    """The messages of sendto/sendmsg/sendmmsg ``regs`` and where they go; raises OSError or
+    ValueError when the message headers themselves cannot be read."""
+    headers: tuple[msghdr.MsgHdr, ...] = ()
+    if regs.nr == SYSCALLS.sendto:
+        names = [(regs.arg(4), regs.arg(5) & 0xFFFFFFFF)]
+    else:
+        count = 1 if regs.nr == SYSCALLS.sendmsg else min(regs.arg(2) & 0xFFFFFFFF, msghdr.IOV_MAX)
+        size = msghdr.MSGHDR_SIZE if regs.nr == SYSCALLS.sendmsg else msghdr.MMSGHDR_SIZE
+        raw = kernel.read_memory(tid, regs.arg(1), count * size)
+        headers = tuple(msghdr.decode_msghdr(raw[i * size : i * size + msghdr.MSGHDR_SIZE]) for i in range(count))
+        names = [(h.name, h.namelen) for h in headers]
+    destinations: list[sockaddr.Decoded | None] = []
+    raw_names: list[bytes | None] = []
+    unreadable = False
+    for pointer, length in names:
+        raw_name: bytes | None = None
+        if pointer:
+            try:
+                raw_name = kernel.read_memory(tid, pointer, min(length, sockaddr.MAX_SOCKADDR_LEN))
+            except TraceeGone:
+                raise
+            except OSError:
+                unreadable = True
+        destinations.append(sockaddr.decode(raw_name) if raw_name is not None else None)
+        raw_names.append(raw_name or None)
+    return Outgoing(headers, tuple(destinations), tuple(raw_names), unreadable)
+
+
+def _sendto(sock: socket.socket, payload: bytes, flags: int, name: bytes, namelen: int) -> int:
+    """sendto() with the destination's bytes as the program wrote them: the byte count or -errno."""
+    if namelen > sockaddr.MAX_SOCKADDR_LEN:
+        return -errno.EINVAL  # the kernel copies no more than a sockaddr_storage
+    sent = int(_libc_sendto(sock.fileno(), payload, len(payload), flags, name, len(name)))
+    return sent if sent >= 0 else -ctypes.get_errno()
 
 
 @dataclass(frozen=True)
@@ -131,14 +192,13 @@ class UdpRedirector:
 
     # -- sending -----------------------------------------------------------------------
 
-    def _remote(self, info: SocketInfo, raw: bytes) -> tuple[InetAddr, Endpoint] | None:
-        addr = sockaddr.decode(raw)
+    def _remote(self, info: SocketInfo, addr: sockaddr.Decoded | None) -> Endpoint | None:
         if not isinstance(addr, InetAddr) or addr.family != info.family:
             return None
         dest = addr.endpoint
         if self.policy.route(dest, "udp") is Route.LOCAL:
             return None
-        return addr, dest
+        return dest
 
     def _send_one(
         self, tid: int, sock: socket.socket, info: SocketInfo, dest: Endpoint, payload: bytes, flags: int
@@ -154,16 +214,10 @@ class UdpRedirector:
         except OSError as exc:
             return -(exc.errno or errno.EIO)
 
-    def sendto(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo) -> Outcome:
-        buf, length, flags, addr_ptr, addr_len = regs.arg(1), regs.arg(2), regs.arg(3), regs.arg(4), regs.arg(5)
-        try:
-            raw = kernel.read_memory(tid, addr_ptr, min(addr_len & 0xFFFFFFFF, sockaddr.MAX_SOCKADDR_LEN))
-        except TraceeGone:
-            raise
-        except OSError:
-            return Resume()
-        remote = self._remote(info, raw)
-        if remote is None:
+    def sendto(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo, outgoing: Outgoing) -> Outcome:
+        buf, length, flags = regs.arg(1), regs.arg(2), regs.arg(3)
+        dest = self._remote(info, outgoing.destinations[0])
+        if dest is None:
             return Resume()
         try:
             payload = kernel.read_memory(tid, buf, min(length, MAX_DATAGRAM))
@@ -173,7 +227,7 @@ class UdpRedirector:
             return Complete(-errno.EFAULT)
         if length > MAX_DATAGRAM:
             return Complete(-errno.EMSGSIZE)
-        return Complete(self._send_one(tid, sock, info, remote[1], payload, flags & 0xFFFFFFFF))
+        return Complete(self._send_one(tid, sock, info, dest, payload, flags & 0xFFFFFFFF))
 
     def _gather(self, tid: int, hdr: msghdr.MsgHdr) -> bytes:
         iovecs = msghdr.decode_iovecs(kernel.read_memory(tid, hdr.iov, hdr.iovlen * msghdr.IOVEC_SIZE), hdr.iovlen)
@@ -182,49 +236,40 @@ class UdpRedirector:
             raise OverflowError
         return b"".join(kernel.read_memory(tid, base, length) for base, length in iovecs)
 
-    def sendmsg(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo) -> Outcome:
+    def sendmsg(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo, outgoing: Outgoing) -> Outcome:
+        dest = self._remote(info, outgoing.destinations[0])
+        if dest is None:
+            return Resume()
         try:
-            hdr = msghdr.decode_msghdr(kernel.read_memory(tid, regs.arg(1), msghdr.MSGHDR_SIZE))
-            if not hdr.name:
-                return Resume()
-            remote = self._remote(info, kernel.read_memory(tid, hdr.name, min(hdr.namelen, sockaddr.MAX_SOCKADDR_LEN)))
-            if remote is None:
-                return Resume()
-            payload = self._gather(tid, hdr)
+            payload = self._gather(tid, outgoing.headers[0])
         except TraceeGone:
             raise
         except OverflowError:
             return Complete(-errno.EMSGSIZE)
         except (OSError, ValueError):
             return Resume()
-        return Complete(self._send_one(tid, sock, info, remote[1], payload, regs.arg(2) & 0xFFFFFFFF))
+        return Complete(self._send_one(tid, sock, info, dest, payload, regs.arg(2) & 0xFFFFFFFF))
 
-    def sendmmsg(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo) -> Outcome:
-        base, vlen, flags = regs.arg(1), min(regs.arg(2) & 0xFFFFFFFF, msghdr.IOV_MAX), regs.arg(3) & 0xFFFFFFFF
-        try:
-            raw = kernel.read_memory(tid, base, vlen * msghdr.MMSGHDR_SIZE)
-            headers = [msghdr.decode_msghdr(raw[i * 64 : i * 64 + 56]) for i in range(vlen)]
-            names = [
-                self._remote(info, kernel.read_memory(tid, h.name, min(h.namelen, sockaddr.MAX_SOCKADDR_LEN)))
-                if h.name
-                else None
-                for h in headers
-            ]
-        except TraceeGone:
-            raise
-        except (OSError, ValueError):
-            return Resume()
-        if all(name is None for name in names):
+    def sendmmsg(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo, outgoing: Outgoing) -> Outcome:
+        base, flags = regs.arg(1), regs.arg(3) & 0xFFFFFFFF
+        if outgoing.unreadable:
+            return Resume()  # the kernel fails the message it cannot read (EFAULT)
+        dests = [self._remote(info, addr) for addr in outgoing.destinations]
+        if all(dest is None for dest in dests):
             return Resume()  # nothing remote by address: the kernel (and the relay, if connected) does it
         sent = 0
-        for index, (hdr, remote) in enumerate(zip(headers, names, strict=True)):
+        for index, (hdr, dest, name) in enumerate(zip(outgoing.headers, dests, outgoing.names, strict=True)):
             try:
                 payload = self._gather(tid, hdr)
             except (OverflowError, OSError, ValueError):
                 result = -errno.EMSGSIZE
             else:
-                if remote is not None:
-                    result = self._send_one(tid, sock, info, remote[1], payload, flags)
+                if dest is not None:
+                    result = self._send_one(tid, sock, info, dest, payload, flags)
+                elif name is not None:
+                    # Named, but not for the cluster (a local destination, or one the kernel
+                    # refuses): sent to that name, as the kernel would.
+                    result = _sendto(sock, payload, flags, name, hdr.namelen)
                 else:
                     try:
                         result = sock.send(payload, flags)
@@ -232,7 +277,8 @@ class UdpRedirector:
                         result = -(exc.errno or errno.EIO)
             if result < 0:
                 return Complete(sent if sent else result)
-            kernel.write_memory(tid, base + index * 64 + msghdr.MSG_LEN_OFFSET, struct.pack("=I", result))
+            entry = base + index * msghdr.MMSGHDR_SIZE
+            kernel.write_memory(tid, entry + msghdr.MSG_LEN_OFFSET, struct.pack("=I", result))
             sent += 1
         return Complete(sent)
 
@@ -384,8 +430,8 @@ class UdpRedirector:
             return
         tgid, fd = where
         try:
-            dup = kernel.duplicate_fd(tgid, fd)
-        except OSError:  # TraceeGone included: the process or descriptor is gone
+            dup = kernel.duplicate_fd(tgid, fd, self.threads.of)
+        except (OSError, TraceeGone):  # the process or its descriptor is gone
             return
         with socket.socket(fileno=dup) as program:
             if os.fstat(program.fileno()).st_ino != inode:

@@ -38,7 +38,6 @@ class CallPool(Generic[C]):
         self._start = start
         self._size = size
         self._keep = max(size, keep if keep is not None else size)
-        self.started = 0  # calls started so far (a reused call is not started again)
         self._spares: deque[C] = deque()
         self._refill_scheduled = False
         self._closed = False
@@ -51,7 +50,7 @@ class CallPool(Generic[C]):
                 self._schedule_refill()
                 return call, True
         self._schedule_refill()
-        return self._begin(), False
+        return self._start(), False
 
     def give_back(self, call: C) -> None:
         """A used call that can carry the next stream (the peer waits for a new first frame)."""
@@ -66,10 +65,6 @@ class CallPool(Generic[C]):
 
     def fresh(self) -> C:
         """A call started now (to retry on after a spare failed)."""
-        return self._begin()
-
-    def _begin(self) -> C:
-        self.started += 1
         return self._start()
 
     def _schedule_refill(self) -> None:
@@ -82,7 +77,7 @@ class CallPool(Generic[C]):
     def _refill(self) -> None:
         self._refill_scheduled = False
         while not self._closed and len(self._spares) < self._size:
-            self._spares.append(self._begin())
+            self._spares.append(self._start())
 
     def close(self) -> None:
         self._closed = True

@@ -216,11 +216,6 @@ class AgentClient:
                         continue
                 raise TunnelError("ETIMEDOUT", f"the tunnel to the agent is down ({lost.message})") from lost
 
-    @property
-    def tcp_streams_started(self) -> int:
-        """``Connect`` streams started so far (spares included; a reused stream counts once)."""
-        return self._tcp_calls.started
-
     def start_udp(self, family: int) -> Session:
         """A UDP socket on the agent whose datagrams may be sent before the agent answered
         (opened ahead of need when one of that family was asked for before)."""
@@ -236,11 +231,6 @@ class AgentClient:
         if self._udp_mux is not None:
             return self._udp_mux.start(family)
         return UdpSession.start(self._udp_calls, family, self.info.datagram_batches)
-
-    @property
-    def udp_streams_started(self) -> int:
-        """``Datagrams`` and ``DatagramSessions`` streams started so far (spares included)."""
-        return self._udp_calls.started + (self._udp_mux.streams_started if self._udp_mux is not None else 0)
 
     async def close(self) -> None:
         await self._udp_sessions.close()

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, Self, TypeVar
 
 import dns.exception
 import dns.flags
@@ -36,12 +38,29 @@ class Question:
     name: str  # without the final dot, as asked (case kept)
     qtype: str  # "A", "AAAA", ... or "TYPE65"
 
+    def with_id(self, message_id: int) -> Question:
+        return Question(message_id, self.name, self.qtype)
+
 
 @dataclass(frozen=True)
 class Response:
     question: Question
     outcome: str  # "answer", "NODATA", "truncated", or the rcode name (NXDOMAIN, SERVFAIL, ...)
     addresses: tuple[IPAddress, ...]
+
+    def with_id(self, message_id: int) -> Response:
+        return Response(self.question.with_id(message_id), self.outcome, self.addresses)
+
+
+def _message(payload: bytes, *, response: bool) -> dns.message.Message | None:
+    """``payload`` parsed, when it is a DNS response (``response``) or a query (not)."""
+    try:
+        message = dns.message.from_wire(payload, ignore_trailing=True)
+    except (dns.exception.DNSException, ValueError):
+        return None
+    if bool(message.flags & dns.flags.QR) != response:
+        return None
+    return message
 
 
 def _question(message: dns.message.Message) -> Question | None:
@@ -63,65 +82,47 @@ _CACHED_MESSAGES = 256
 _CACHEABLE_BYTES = 2048
 
 
-def _message_id(payload: bytes) -> int:
-    return int.from_bytes(payload[:2], "big")
+class _Parsed(Protocol):
+    def with_id(self, message_id: int) -> Self: ...
 
 
-def parse_question(payload: bytes) -> Question | None:
-    """The first question of a DNS query message, or None when it is not a query."""
-    if len(payload) > _CACHEABLE_BYTES:
-        return parse_question_uncached(payload)
-    question = _question_without_id(payload[2:])
-    if question is None:
-        return None
-    return Question(_message_id(payload), question.name, question.qtype)
+_P = TypeVar("_P", bound=_Parsed)
 
 
-@functools.lru_cache(maxsize=_CACHED_MESSAGES)
-def _question_without_id(body: bytes) -> Question | None:
-    return parse_question_uncached(b"\0\0" + body)
+def _cached_without_id(parse: Callable[[bytes], _P | None]) -> Callable[[bytes], _P | None]:
+    """``parse``, cached by the message without its ID, the ID put back (see above)."""
+
+    @functools.lru_cache(maxsize=_CACHED_MESSAGES)
+    def without_id(body: bytes) -> _P | None:
+        return parse(b"\0\0" + body)
+
+    def cached(payload: bytes) -> _P | None:
+        if len(payload) > _CACHEABLE_BYTES:
+            return parse(payload)
+        parsed = without_id(payload[2:])
+        return None if parsed is None else parsed.with_id(int.from_bytes(payload[:2], "big"))
+
+    return cached
 
 
 def parse_question_uncached(payload: bytes) -> Question | None:
     """``parse_question`` without the cache (the reference its tests compare with)."""
-    try:
-        message = dns.message.from_wire(payload, ignore_trailing=True)
-    except (dns.exception.DNSException, ValueError):
-        return None
-    if message.flags & dns.flags.QR:
-        return None
-    return _question(message)
+    message = _message(payload, response=False)
+    return _question(message) if message is not None else None
 
 
-def parse_response(payload: bytes) -> Response | None:
-    """A DNS response's question, outcome and A/AAAA addresses, or None when it is not one.
-
-    A truncated answer (TC) that carries no records is "truncated": the resolver
-    retries over TCP, so it is not a failure. Cached by content (see above): the DNS
-    map and the report both read each answer the program receives, and the same
-    answers come back for every lookup of a name.
-    """
-    if len(payload) > _CACHEABLE_BYTES:
-        return parse_response_uncached(payload)
-    response = _response_without_id(payload[2:])
-    if response is None:
-        return None
-    question = Question(_message_id(payload), response.question.name, response.question.qtype)
-    return Response(question, response.outcome, response.addresses)
+_questions = _cached_without_id(parse_question_uncached)
 
 
-@functools.lru_cache(maxsize=_CACHED_MESSAGES)
-def _response_without_id(body: bytes) -> Response | None:
-    return parse_response_uncached(b"\0\0" + body)
+def parse_question(payload: bytes) -> Question | None:
+    """The first question of a DNS query message, or None when it is not a query."""
+    return _questions(payload)
 
 
 def parse_response_uncached(payload: bytes) -> Response | None:
     """``parse_response`` without the cache (the reference its tests compare with)."""
-    try:
-        message = dns.message.from_wire(payload, ignore_trailing=True)
-    except (dns.exception.DNSException, ValueError):
-        return None
-    if not message.flags & dns.flags.QR:
+    message = _message(payload, response=True)
+    if message is None:
         return None
     question = _question(message)
     if question is None:
@@ -144,6 +145,20 @@ def parse_response_uncached(payload: bytes) -> Response | None:
     return Response(question, outcome, addresses)
 
 
+_responses = _cached_without_id(parse_response_uncached)
+
+
+def parse_response(payload: bytes) -> Response | None:
+    """A DNS response's question, outcome and A/AAAA addresses, or None when it is not one.
+
+    A truncated answer (TC) that carries no records is "truncated": the resolver
+    retries over TCP, so it is not a failure. Cached by content (see above): the DNS
+    map and the report both read each answer the program receives, and the same
+    answers come back for every lookup of a name.
+    """
+    return _responses(payload)
+
+
 def build_query(name: str, qtype: str = "A") -> bytes:
     """A recursive query for ``name`` (absolute), for ktrace's own lookups."""
     return dns.message.make_query(dns.name.from_text(name), dns.rdatatype.from_text(qtype)).to_wire()
@@ -151,11 +166,8 @@ def build_query(name: str, qtype: str = "A") -> bytes:
 
 def servfail_for(query: bytes) -> bytes | None:
     """A SERVFAIL response to ``query`` (when ktrace cannot forward it), or None if it is not a query."""
-    try:
-        message = dns.message.from_wire(query, ignore_trailing=True)
-    except (dns.exception.DNSException, ValueError):
-        return None
-    if message.flags & dns.flags.QR:
+    message = _message(query, response=False)
+    if message is None:
         return None
     response = dns.message.make_response(message)
     response.set_rcode(dns.rcode.SERVFAIL)

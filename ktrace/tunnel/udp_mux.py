@@ -272,7 +272,6 @@ class UdpMux:
     def __init__(self, start_call: Callable[[], rpc.UdpCall]) -> None:
         self._start_call = start_call
         self._streams: list[_MuxStream] = []
-        self.streams_started = 0
         self._closed = False
 
     def prime(self) -> None:
@@ -308,7 +307,6 @@ class UdpMux:
         # it fails at once and its sessions hear it, like any lost stream; never an exception
         # into the relay's callbacks.
         stream = _MuxStream(self._start_call(), self._stream_ended)
-        self.streams_started += 1
         if not self._closed:
             self._streams.append(stream)
         return stream

@@ -485,4 +485,4 @@ def test_doctor_checks(cluster: KubeCluster) -> None:
     assert missing and all(c.name.startswith("kube right: ") for c in missing)
     create = next(c for c in missing if c.name == "kube right: create pods")
     assert create.required and "not allowed in namespace default" in create.message
-    assert "docs/rbac.yaml" in create.message
+    assert create.fix is not None and "docs/rbac.yaml" in create.fix

@@ -1,0 +1,75 @@
+"""kernel.read_memory / write_memory against a real process: through the preallocated buffer
+(small) and a buffer of their own (larger than it), and their errors."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from e2e_helpers import read_line
+
+from ktrace.tracer import kernel
+
+pytestmark = pytest.mark.timeout(30)
+
+SIZE = 200_000  # more than kernel._READ_BUFFER_SIZE
+# A process that holds SIZE bytes of a known pattern and prints where they are.
+HOLDER = rf"""
+import ctypes, sys
+data = ctypes.create_string_buffer(bytes(i % 251 for i in range({SIZE})), {SIZE})
+print(ctypes.addressof(data), flush=True)
+sys.stdin.read()
+"""
+PATTERN = bytes(i % 251 for i in range(SIZE))
+
+
+@pytest.fixture
+def holder() -> Iterator[tuple[int, int]]:
+    """(pid, address of the pattern)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        yield proc.pid, int(read_line(proc, timeout=20))
+    finally:
+        proc.kill()
+        proc.communicate(timeout=20)
+
+
+def test_small_and_large_reads(holder: tuple[int, int]) -> None:
+    pid, address = holder
+    assert SIZE > kernel._READ_BUFFER_SIZE
+    assert kernel.read_memory(pid, address + 7, 16) == PATTERN[7:23]
+    assert kernel.read_memory(pid, address, SIZE) == PATTERN
+    assert kernel.read_memory(pid, address, 0) == b""
+
+
+def test_small_and_large_writes_read_back(holder: tuple[int, int]) -> None:
+    pid, address = holder
+    large = bytes(255 - b for b in PATTERN)
+    kernel.write_memory(pid, address, large)
+    assert kernel.read_memory(pid, address, SIZE) == large
+    kernel.write_memory(pid, address + 100, b"small")
+    assert kernel.read_memory(pid, address + 98, 9) == large[98:100] + b"small" + large[105:107]
+
+
+@pytest.mark.parametrize("size", [16, SIZE])
+def test_unmapped_memory_is_efault(holder: tuple[int, int], size: int) -> None:
+    pid, _address = holder
+    with pytest.raises(OSError) as read:
+        kernel.read_memory(pid, 4096, size)
+    assert read.value.errno == errno.EFAULT
+    with pytest.raises(OSError) as write:
+        kernel.write_memory(pid, 4096, bytes(size))
+    assert write.value.errno == errno.EFAULT
+
+
+@pytest.mark.parametrize("size", [16, SIZE])
+def test_a_process_that_is_gone_is_tracee_gone(size: int) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait(timeout=20)  # reaped: its pid names no process
+    with pytest.raises(kernel.TraceeGone):
+        kernel.read_memory(gone.pid, 4096, size)
+    with pytest.raises(kernel.TraceeGone):
+        kernel.write_memory(gone.pid, 4096, bytes(size))
