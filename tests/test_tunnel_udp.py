@@ -122,7 +122,13 @@ def test_udp_sessions_are_opened_ahead_of_need(tmp_path: pathlib.Path) -> None:
             async with agent(address, token=TOKEN) as server:
                 channel = grpc.aio.insecure_channel(address)
                 metadata = rpc.bearer_metadata(TOKEN)
-                calls = CallPool(lambda: rpc.Stub(channel).datagrams(metadata=metadata), 2)
+                started: list[rpc.UdpCall] = []
+
+                def start_call() -> rpc.UdpCall:
+                    started.append(rpc.Stub(channel).datagrams(metadata=metadata))
+                    return started[-1]
+
+                calls = CallPool(start_call, 2)
                 spares = SessionSpares(lambda family: UdpSession.start(calls, family), 2)
                 first = spares.take(socket.AF_INET)  # none spare yet: opened now
                 assert spares.idle(socket.AF_INET) == ()
@@ -144,7 +150,14 @@ def test_udp_sessions_are_opened_ahead_of_need(tmp_path: pathlib.Path) -> None:
                 dead = spares.idle(socket.AF_INET)
                 for spare in dead:
                     await asyncio.wait_for(spare.closed.wait(), 10)
+                # The pool's own spare calls end too, once gRPC has heard of it (a call taken in
+                # between would be one a stopped agent still owed an answer to).
+                for call in started:
+                    await asyncio.wait_for(call.code(), 10)
                 await server.start()
+                # A call started while the channel is still backing off from the lost agent fails
+                # at once (UNAVAILABLE); ktrace's client waits for the tunnel the same way.
+                await asyncio.wait_for(channel.channel_ready(), 10)
                 third = spares.take(socket.AF_INET)
                 assert third not in dead
                 third.set_receiver(lambda _source, payload: received.put_nowait(payload))
