@@ -394,6 +394,41 @@ def test_a_lost_stream_ends_every_session_at_once_and_the_next_gets_a_new_one(tm
     run(scenario())
 
 
+def test_a_session_started_while_the_agent_is_away_waits_for_it(tmp_path: pathlib.Path) -> None:
+    """While the tunnel is down (the agent restarting, a port-forward reconnecting) a new
+    session's stream waits for it, as a connect does, instead of failing at once: the program's
+    datagrams leave when the agent is back, not after a resolver's 5 s retry."""
+
+    async def scenario() -> None:
+        transport, _echo, dest = await _echo_server()
+        address = f"unix:{tmp_path}/a.sock"
+        client: AgentClient | None = None
+        try:
+            async with agent(address, token=TOKEN) as server:
+                client = await AgentClient.connect(address, TOKEN, timeout=DEADLINE)
+                first = await client.open_udp(socket.AF_INET)
+                await server.stop(grace=None)
+                await asyncio.wait_for(first.closed.wait(), DEADLINE)
+                # Until gRPC has given up on the agent for now, even a call that does not wait
+                # for it would be queued: wait for the state where such a call fails at once.
+                channel = client._channel
+                while (state := channel.get_state(try_to_connect=True)) != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                    await asyncio.wait_for(channel.wait_for_state_change(state), DEADLINE)
+                session = client.start_udp(socket.AF_INET)
+                inbox = _Inbox(session)
+                assert session.send(dest, b"while away")
+                await server.start()
+                _source, payload = await inbox.next()
+                assert payload == b"WHILE AWAY from %d" % session.local.port
+                assert inbox.errors.empty()
+        finally:
+            if client is not None:
+                await client.close()
+            transport.close()
+
+    run(scenario())
+
+
 def test_a_killed_agent_fails_sessions_promptly_even_unanswered_ones(tmp_path: pathlib.Path) -> None:
     """SIGKILL of a real agent process: answered sessions close, one still waiting for its
     answer hears the loss (never hangs)."""

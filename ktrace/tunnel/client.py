@@ -134,8 +134,16 @@ class AgentClient:
         self._tcp_calls = CallPool(lambda: self._stub.connect(metadata=metadata), SPARE_CALLS, KEEP_TCP_CALLS)
         self._udp_calls = CallPool(lambda: self._stub.datagrams(metadata=metadata), SPARE_CALLS)
         # With an agent that offers it, every UDP session is one of many on a shared stream;
-        # else each has a stream of its own (the spare calls above).
-        self._udp_mux = UdpMux(lambda: self._stub.datagram_sessions(metadata=metadata)) if info.udp_multiplex else None
+        # else each has a stream of its own (the spare calls above). A shared stream started
+        # while the tunnel is down waits for it (wait_for_ready), as a connect does
+        # (open_tcp): its sessions' datagrams, queued and bounded per session, then leave
+        # when the agent is back, where without it the program's datagrams were dropped and
+        # a resolver asked again only after its timeout (glibc: 5 s).
+        self._udp_mux = (
+            UdpMux(lambda: self._stub.datagram_sessions(metadata=metadata, wait_for_ready=True))
+            if info.udp_multiplex
+            else None
+        )
         if self._udp_mux is not None:
             self._udp_sessions = SessionSpares(self._new_udp_session, MUX_SPARE_UDP_SESSIONS, MUX_SPARE_LOW)
         else:
