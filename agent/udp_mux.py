@@ -44,7 +44,16 @@ import grpc
 from . import rpc
 from .batching import MAX_BATCH_BYTES, MAX_BATCH_DATAGRAMS
 from .errnames import describe, errno_name
-from .udp_relay import MAX_DATAGRAM, QUEUE_DATAGRAMS, AgentSocket, PortZero, bound_socket, send_datagram
+from .udp_relay import (
+    MAX_DATAGRAM,
+    QUEUE_DATAGRAMS,
+    AgentSocket,
+    PortZero,
+    bound_socket,
+    protocol_error,
+    read_client_frame,
+    send_datagram,
+)
 
 log = logging.getLogger("ktrace_agent")
 
@@ -219,15 +228,10 @@ class UdpSessions:
                 )
 
     async def _read_frame(self) -> rpc.UdpClientFrame | None:
-        msg: object = await self._context.read()
-        if msg is grpc.aio.EOF:
-            return None
-        assert isinstance(msg, rpc.UdpClientFrame)
-        return msg
+        return await read_client_frame(self._context)
 
     async def _protocol_error(self, message: str) -> NoReturn:
-        log.warning("DatagramSessions stream from %s: protocol error: %s", self._context.peer(), message)
-        await self._context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        await protocol_error(self._context, "DatagramSessions", message)
 
     async def _handle(self, frame: rpc.UdpClientFrame) -> None:
         kind = frame.WhichOneof("kind")

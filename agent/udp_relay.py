@@ -248,6 +248,21 @@ def _buffered(transport: DatagramSender) -> int:
     return int(size()) if callable(size) else 0
 
 
+async def read_client_frame(context: rpc.UdpContext) -> rpc.UdpClientFrame | None:
+    """The client's next frame on a ``Datagrams`` or ``DatagramSessions`` stream; None at its end."""
+    msg: object = await context.read()
+    if msg is grpc.aio.EOF:
+        return None
+    assert isinstance(msg, rpc.UdpClientFrame)
+    return msg
+
+
+async def protocol_error(context: rpc.UdpContext, stream: str, message: str) -> NoReturn:
+    """End this stream (only) with INVALID_ARGUMENT: the client broke the protocol."""
+    log.warning("%s stream from %s: protocol error: %s", stream, context.peer(), message)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
 class UdpRelay:
     def __init__(self, context: rpc.UdpContext) -> None:
         self._context = context
@@ -300,15 +315,10 @@ class UdpRelay:
                 )
 
     async def _read_frame(self) -> rpc.UdpClientFrame | None:
-        msg: object = await self._context.read()
-        if msg is grpc.aio.EOF:
-            return None
-        assert isinstance(msg, rpc.UdpClientFrame)
-        return msg
+        return await read_client_frame(self._context)
 
     async def _protocol_error(self, message: str) -> NoReturn:
-        log.warning("Datagrams stream from %s: protocol error: %s", self._context.peer(), message)
-        await self._context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        await protocol_error(self._context, "Datagrams", message)
 
     async def _forward(
         self, transport: asyncio.DatagramTransport, family: int, replies: asyncio.Queue[rpc.UdpServerFrame]

@@ -34,7 +34,7 @@ from ktrace_agent.udp_mux import MAX_SESSIONS_PER_STREAM
 
 from . import rpc
 from .types import Endpoint, TunnelError, TunnelLost
-from .udp_session import QUEUE_DATAGRAMS, Receiver
+from .udp_session import QUEUE_DATAGRAMS, SessionBase
 
 log = logging.getLogger("ktrace.tunnel")
 
@@ -43,42 +43,14 @@ class _StreamLost(TunnelLost):
     """The stream ended before the agent answered the session's ``open``."""
 
 
-class MuxSession:
+class MuxSession(SessionBase):
     """One program socket's session on a shared stream (made by ``UdpMux.start``)."""
 
     def __init__(self, stream: _MuxStream, number: int) -> None:
+        super().__init__()
         self._stream = stream
         self.number = number
-        self._local: Endpoint | None = None
-        self._answered = asyncio.Event()
-        self._open_error: TunnelError | None = None
-        self._receiver: Receiver | None = None
-        self._on_error: Callable[[TunnelError], None] | None = None
-        self._on_peer_error: Callable[[Endpoint, TunnelError], None] | None = None
         self.waiting = 0  # datagrams queued on the stream, not yet written
-        self.dropped = 0
-        self.closed = asyncio.Event()
-
-    async def until_answered(self) -> None:
-        """Wait for the agent's answer to ``open`` (or its refusal, or the stream's end)."""
-        await self._answered.wait()
-
-    @property
-    def local(self) -> Endpoint:
-        """The agent socket's address (known once the agent answered)."""
-        if self._local is None:
-            raise RuntimeError("the UDP session is not open yet")
-        return self._local
-
-    @property
-    def local_port(self) -> int | None:
-        """The agent socket's port, the one peers see (None until the agent answered, or if it refused)."""
-        return self._local.port if self._local is not None else None
-
-    @property
-    def open_error(self) -> TunnelError | None:
-        """Why the agent did not open the session (or the stream ended first), once answered."""
-        return self._open_error
 
     def send(self, dest: Endpoint, payload: bytes) -> bool:
         """Queue one datagram for ``dest``; False when dropped (queue full or session closed)."""
@@ -91,16 +63,6 @@ class MuxSession:
         self.waiting += 1
         self._stream.put(frame, self)
         return True
-
-    def set_receiver(self, callback: Receiver) -> None:
-        self._receiver = callback
-
-    def set_error_receiver(self, callback: Callable[[TunnelError], None]) -> None:
-        self._on_error = callback
-
-    def set_peer_error_receiver(self, callback: Callable[[Endpoint, TunnelError], None]) -> None:
-        """ICMP errors the agent's socket got for datagrams to a known peer."""
-        self._on_peer_error = callback
 
     async def close(self) -> None:
         """Tell the agent to close the session's socket (once; the stream goes on)."""
@@ -121,33 +83,19 @@ class MuxSession:
             for datagram in frame.batch.datagrams:
                 self._deliver(datagram)
         elif kind == "opened" and not self._answered.is_set():
-            self._local = rpc.decode_address(frame.opened.local)
-            self._answered.set()
+            self._opened_at(frame.opened.local)
         elif kind == "refused":
             self._end(TunnelError(frame.refused.errno_name or "EIO", frame.refused.message))
         elif kind == "failure":
             self._notify(TunnelError(frame.failure.errno_name or "EIO", frame.failure.message))
-        elif kind == "peer_failure" and self._on_peer_error is not None:
-            failure = frame.peer_failure.failure
-            try:
-                peer = rpc.decode_address(frame.peer_failure.peer)
-                self._on_peer_error(peer, TunnelError(failure.errno_name or "EIO", failure.message))
-            except Exception:
-                log.exception("UDP peer error callback failed")
+        elif kind == "peer_failure":
+            self._peer_failed(frame.peer_failure)
 
     def stream_ended(self, why: str) -> None:
         if not self._answered.is_set():
             self._end(_StreamLost("EIO", why))
         else:
             self.closed.set()
-
-    def _deliver(self, datagram: rpc.Datagram) -> None:
-        if self._receiver is not None and not self.closed.is_set():
-            source = rpc.decode_address(datagram.peer)
-            try:
-                self._receiver(source, datagram.payload)
-            except Exception:
-                log.exception("UDP receiver callback failed")
 
     def _end(self, error: TunnelError) -> None:
         """The session is over without having been open: refused, or its stream ended first."""
@@ -159,13 +107,6 @@ class MuxSession:
             self._answered.set()
         if notify:
             self._notify(error)
-
-    def _notify(self, error: TunnelError) -> None:
-        if self._on_error is not None:
-            try:
-                self._on_error(error)
-            except Exception:
-                log.exception("UDP error callback failed")
 
 
 class _MuxStream:

@@ -65,27 +65,93 @@ class _CallLost(TunnelLost):
     """The stream failed before the agent answered ``open``."""
 
 
-class UdpSession:
+class SessionBase:
+    """What a ``UdpSession`` and a ``udp_mux.MuxSession`` share: the agent's answer to
+    ``open``, the agent socket's address, the receivers and their calls."""
+
+    def __init__(self) -> None:
+        self._local: Endpoint | None = None
+        self._answered = asyncio.Event()
+        self._open_error: TunnelError | None = None
+        self._receiver: Receiver | None = None
+        self._on_error: Callable[[TunnelError], None] | None = None
+        self._on_peer_error: Callable[[Endpoint, TunnelError], None] | None = None
+        self.dropped = 0
+        self.closed = asyncio.Event()
+
+    async def until_answered(self) -> None:
+        """Wait for the agent's answer to ``open`` (or its refusal, or the stream's end)."""
+        await self._answered.wait()
+
+    @property
+    def local(self) -> Endpoint:
+        """The agent socket's address (known once the agent answered)."""
+        if self._local is None:
+            raise RuntimeError("the UDP session is not open yet")
+        return self._local
+
+    @property
+    def local_port(self) -> int | None:
+        """The agent socket's port, the one peers see (None until the agent answered, or if it refused)."""
+        return self._local.port if self._local is not None else None
+
+    @property
+    def open_error(self) -> TunnelError | None:
+        """Why the agent did not open the session (or the stream ended first), once answered."""
+        return self._open_error
+
+    def set_receiver(self, callback: Receiver) -> None:
+        self._receiver = callback
+
+    def set_error_receiver(self, callback: Callable[[TunnelError], None]) -> None:
+        self._on_error = callback
+
+    def set_peer_error_receiver(self, callback: Callable[[Endpoint, TunnelError], None]) -> None:
+        """ICMP errors the agent's socket got for datagrams to a known peer."""
+        self._on_peer_error = callback
+
+    def _opened_at(self, local: rpc.Address) -> None:
+        self._local = rpc.decode_address(local)
+        self._answered.set()
+
+    def _deliver(self, datagram: rpc.Datagram) -> None:
+        if self._receiver is not None and not self.closed.is_set():
+            source = rpc.decode_address(datagram.peer)
+            try:
+                self._receiver(source, datagram.payload)
+            except Exception:
+                log.exception("UDP receiver callback failed")
+
+    def _peer_failed(self, failure: rpc.PeerFailure) -> None:
+        if self._on_peer_error is not None:
+            try:
+                peer = rpc.decode_address(failure.peer)
+                self._on_peer_error(peer, TunnelError(failure.failure.errno_name or "EIO", failure.failure.message))
+            except Exception:
+                log.exception("UDP peer error callback failed")
+
+    def _notify(self, error: TunnelError) -> None:
+        if self._on_error is not None:
+            try:
+                self._on_error(error)
+            except Exception:
+                log.exception("UDP error callback failed")
+
+
+class UdpSession(SessionBase):
     """Start with ``start`` (datagrams may be sent at once: they follow the ``open`` frame
     on the stream, so the first one does not wait for the agent's answer) or ``open``
     (returns once the agent has answered)."""
 
     def __init__(self, call: rpc.UdpCall, family: int, batches: bool = False) -> None:
         """``batches``: the agent accepts ``batch`` frames (its handshake said so)."""
+        super().__init__()
         self._call = call
         self._batches = batches
-        self._local: Endpoint | None = None
-        self._answered = asyncio.Event()
-        self._open_error: TunnelError | None = None
         self._queue: asyncio.Queue[rpc.UdpClientFrame] = asyncio.Queue(QUEUE_DATAGRAMS)
         wire_family = rpc.FAMILY_INET6 if family == socket.AF_INET6 else rpc.FAMILY_INET
         # Always ready to receive batches: the agent sends them only after this says so.
         self._queue.put_nowait(rpc.UdpClientFrame(open=rpc.UdpOpen(family=wire_family, batches=True)))
-        self._receiver: Receiver | None = None
-        self._on_error: Callable[[TunnelError], None] | None = None
-        self._on_peer_error: Callable[[Endpoint, TunnelError], None] | None = None
-        self.dropped = 0
-        self.closed = asyncio.Event()
         self._closing = False
         self._tasks = (asyncio.create_task(self._write_loop()), asyncio.create_task(self._read_loop()))
 
@@ -116,22 +182,6 @@ class UdpSession:
             raise self._open_error
         return self
 
-    async def until_answered(self) -> None:
-        """Wait for the agent's answer to ``open`` (or its refusal, or the stream's end)."""
-        await self._answered.wait()
-
-    @property
-    def local(self) -> Endpoint:
-        """The agent socket's address (known once the agent answered)."""
-        if self._local is None:
-            raise RuntimeError("the UDP session is not open yet")
-        return self._local
-
-    @property
-    def local_port(self) -> int | None:
-        """The agent socket's port, the one peers see (None until the agent answered, or if it refused)."""
-        return self._local.port if self._local is not None else None
-
     def send(self, dest: Endpoint, payload: bytes) -> bool:
         """Queue one datagram for ``dest``; False when dropped (queue full or session closed)."""
         if self.closed.is_set():
@@ -144,16 +194,6 @@ class UdpSession:
             self.dropped += 1
             return False
         return True
-
-    def set_receiver(self, callback: Receiver) -> None:
-        self._receiver = callback
-
-    def set_error_receiver(self, callback: Callable[[TunnelError], None]) -> None:
-        self._on_error = callback
-
-    def set_peer_error_receiver(self, callback: Callable[[Endpoint, TunnelError], None]) -> None:
-        """ICMP errors the agent's socket got for datagrams to a known peer."""
-        self._on_peer_error = callback
 
     async def close(self) -> None:
         self._closing = True
@@ -185,28 +225,20 @@ class UdpSession:
                 assert isinstance(frame, rpc.UdpServerFrame)
                 kind = frame.WhichOneof("kind")
                 if kind == "datagram":
-                    self._received(frame.datagram)
+                    self._deliver(frame.datagram)
                 elif kind == "batch":
                     for datagram in frame.batch.datagrams:
-                        self._received(datagram)
+                        self._deliver(datagram)
                 elif kind == "opened" and not self._answered.is_set():
-                    self._local = rpc.decode_address(frame.opened.local)
-                    self._answered.set()
+                    self._opened_at(frame.opened.local)
                 elif kind == "failure":
                     error = TunnelError(frame.failure.errno_name or "EIO", frame.failure.message)
                     if not self._answered.is_set():
                         self._refused(error)
                         return  # the agent ends the stream after refusing to open
-                    if self._on_error is not None:
-                        self._on_error(error)
+                    self._notify(error)
                 elif kind == "peer_failure":
-                    if self._on_peer_error is not None:
-                        failure = frame.peer_failure.failure
-                        try:
-                            peer = rpc.decode_address(frame.peer_failure.peer)
-                            self._on_peer_error(peer, TunnelError(failure.errno_name or "EIO", failure.message))
-                        except Exception:
-                            log.exception("UDP peer error callback failed")
+                    self._peer_failed(frame.peer_failure)
                 elif not self._answered.is_set():
                     self._refused(TunnelError("EIO", f"agent answered {kind!r} to open"))
                     return
@@ -222,23 +254,12 @@ class UdpSession:
                 self._refused(_CallLost("EIO", "agent ended the stream without an answer"), notify=not self._closing)
             self.closed.set()
 
-    def _received(self, datagram: rpc.Datagram) -> None:
-        if self._receiver is not None:
-            source = rpc.decode_address(datagram.peer)
-            try:
-                self._receiver(source, datagram.payload)
-            except Exception:
-                log.exception("UDP receiver callback failed")
-
     def _refused(self, error: TunnelError, notify: bool = True) -> None:
         self._open_error = error
         self._answered.set()
         self.closed.set()
-        if notify and self._on_error is not None:
-            try:
-                self._on_error(error)
-            except Exception:
-                log.exception("UDP error callback failed")
+        if notify:
+            self._notify(error)
 
 
 class SessionSpares:
