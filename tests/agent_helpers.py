@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from ktrace_agent.server import AgentServer
 
@@ -53,6 +53,33 @@ async def agent_and_client(
             yield server, client
         finally:
             await client.close()
+
+
+class UdpEcho(asyncio.DatagramProtocol):
+    """A loopback UDP server answering every datagram with its payload upper-cased, followed
+    by `` from <source port>`` when ``tell_source``; ``sources`` lists who sent."""
+
+    def __init__(self, tell_source: bool = False) -> None:
+        self.tell_source = tell_source
+        self.sources: list[tuple[Any, ...]] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.sources.append(addr)
+        reply = data.upper() + (b" from %d" % addr[1] if self.tell_source else b"")
+        self.transport.sendto(reply, addr)
+
+
+async def udp_echo(
+    host: str = "127.0.0.1", tell_source: bool = False
+) -> tuple[asyncio.DatagramTransport, UdpEcho, int]:
+    """A started ``UdpEcho`` on ``host``: its transport (close it), the protocol and its port."""
+    transport, protocol = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: UdpEcho(tell_source), local_addr=(host, 0)
+    )
+    return transport, protocol, transport.get_extra_info("sockname")[1]
 
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

@@ -9,12 +9,12 @@ import contextlib
 import pathlib
 import socket
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import cast
 
 import grpc
 import grpc.aio
 import pytest
-from agent_helpers import TOKEN, agent, agent_and_client, run
+from agent_helpers import TOKEN, agent, agent_and_client, run, udp_echo
 from ktrace_agent import batching
 
 from ktrace.tunnel import rpc
@@ -67,20 +67,11 @@ def test_gather_stays_within_its_limits() -> None:
     assert len(payloads(first)) == 2 and large.qsize() == 2  # a batch stops once it is large enough
 
 
-class _Echo(asyncio.DatagramProtocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.transport.sendto(data.upper(), addr)
-
-
 @pytest.mark.parametrize("accepts_batches", [True, False])
 def test_agent_takes_batches_and_sends_them_only_when_accepted(tmp_path: pathlib.Path, accepts_batches: bool) -> None:
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(_Echo, local_addr=("127.0.0.1", 0))
-        echo = rpc.Address(ip=bytes([127, 0, 0, 1]), port=transport.get_extra_info("sockname")[1])
+        transport, _, port = await udp_echo()
+        echo = rpc.Address(ip=bytes([127, 0, 0, 1]), port=port)
         try:
             async with (
                 agent(f"unix:{tmp_path}/a.sock", token=TOKEN) as server,

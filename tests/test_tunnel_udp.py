@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import socket
-from typing import Any, cast
 
 import grpc.aio
 import pytest
-from agent_helpers import TOKEN, agent, agent_and_client, run
+from agent_helpers import TOKEN, UdpEcho, agent, agent_and_client, run, udp_echo
 
 from ktrace.tunnel import rpc
 from ktrace.tunnel.call_pool import CallPool
@@ -17,21 +16,8 @@ from ktrace.tunnel.types import Endpoint, TunnelError
 from ktrace.tunnel.udp_session import SessionSpares, UdpSession
 
 
-class _Echo(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.sources: list[tuple[Any, ...]] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        self.sources.append(addr)
-        self.transport.sendto(data.upper(), addr)
-
-
-async def _echo_server(host: str) -> tuple[asyncio.DatagramTransport, _Echo, int]:
-    transport, protocol = await asyncio.get_running_loop().create_datagram_endpoint(_Echo, local_addr=(host, 0))
-    return transport, protocol, transport.get_extra_info("sockname")[1]
+async def _echo_server(host: str) -> tuple[asyncio.DatagramTransport, UdpEcho, int]:
+    return await udp_echo(host)
 
 
 @pytest.mark.parametrize(("family", "host"), [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])

@@ -13,12 +13,12 @@ import pathlib
 import signal
 import socket
 import subprocess
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
-from agent_helpers import TOKEN, agent, agent_and_client, agent_command, run, wait_for_line
+from agent_helpers import TOKEN, UdpEcho, agent, agent_and_client, agent_command, run, udp_echo, wait_for_line
 from ktrace_agent import rpc as agent_rpc
 from ktrace_agent import udp_mux
 from ktrace_agent.server import AgentServer
@@ -57,23 +57,10 @@ def counting(server: AgentServer) -> StreamCountingAgent:
     return server
 
 
-class _Echo(asyncio.DatagramProtocol):
+async def _echo_server() -> tuple[asyncio.DatagramTransport, UdpEcho, Endpoint]:
     """Answers every datagram with ``<payload upper-cased> from <source port>``."""
-
-    def __init__(self) -> None:
-        self.sources: list[tuple[Any, ...]] = []
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        self.sources.append(addr)
-        self.transport.sendto(data.upper() + b" from %d" % addr[1], addr)
-
-
-async def _echo_server() -> tuple[asyncio.DatagramTransport, _Echo, Endpoint]:
-    transport, protocol = await asyncio.get_running_loop().create_datagram_endpoint(_Echo, local_addr=("127.0.0.1", 0))
-    return transport, protocol, Endpoint.parse(f"127.0.0.1:{transport.get_extra_info('sockname')[1]}")
+    transport, protocol, port = await udp_echo(tell_source=True)
+    return transport, protocol, Endpoint.parse(f"127.0.0.1:{port}")
 
 
 def _closed_port() -> Endpoint:

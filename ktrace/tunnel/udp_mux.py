@@ -77,19 +77,12 @@ class MuxSession(SessionBase):
 
     def received(self, frame: rpc.UdpServerFrame) -> None:
         kind = frame.WhichOneof("kind")
-        if kind == "datagram":
-            self._deliver(frame.datagram)
-        elif kind == "batch":
-            for datagram in frame.batch.datagrams:
-                self._deliver(datagram)
-        elif kind == "opened" and not self._answered.is_set():
-            self._opened_at(frame.opened.local)
-        elif kind == "refused":
+        if self._received_common(frame, kind):
+            return
+        if kind == "refused":
             self._end(TunnelError(frame.refused.errno_name or "EIO", frame.refused.message))
         elif kind == "failure":
             self._notify(TunnelError(frame.failure.errno_name or "EIO", frame.failure.message))
-        elif kind == "peer_failure":
-            self._peer_failed(frame.peer_failure)
 
     def stream_ended(self, why: str) -> None:
         if not self._answered.is_set():

@@ -110,9 +110,22 @@ class SessionBase:
         """ICMP errors the agent's socket got for datagrams to a known peer."""
         self._on_peer_error = callback
 
-    def _opened_at(self, local: rpc.Address) -> None:
-        self._local = rpc.decode_address(local)
-        self._answered.set()
+    def _received_common(self, frame: rpc.UdpServerFrame, kind: str | None) -> bool:
+        """The frames both kinds of stream treat alike (datagrams, the answer to ``open``, a
+        peer's ICMP error); False for any other, which the caller handles."""
+        if kind == "datagram":
+            self._deliver(frame.datagram)
+        elif kind == "batch":
+            for datagram in frame.batch.datagrams:
+                self._deliver(datagram)
+        elif kind == "opened" and not self._answered.is_set():
+            self._local = rpc.decode_address(frame.opened.local)
+            self._answered.set()
+        elif kind == "peer_failure":
+            self._peer_failed(frame.peer_failure)
+        else:
+            return False
+        return True
 
     def _deliver(self, datagram: rpc.Datagram) -> None:
         if self._receiver is not None and not self.closed.is_set():
@@ -224,21 +237,14 @@ class UdpSession(SessionBase):
                     return
                 assert isinstance(frame, rpc.UdpServerFrame)
                 kind = frame.WhichOneof("kind")
-                if kind == "datagram":
-                    self._deliver(frame.datagram)
-                elif kind == "batch":
-                    for datagram in frame.batch.datagrams:
-                        self._deliver(datagram)
-                elif kind == "opened" and not self._answered.is_set():
-                    self._opened_at(frame.opened.local)
-                elif kind == "failure":
+                if self._received_common(frame, kind):
+                    continue
+                if kind == "failure":
                     error = TunnelError(frame.failure.errno_name or "EIO", frame.failure.message)
                     if not self._answered.is_set():
                         self._refused(error)
                         return  # the agent ends the stream after refusing to open
                     self._notify(error)
-                elif kind == "peer_failure":
-                    self._peer_failed(frame.peer_failure)
                 elif not self._answered.is_set():
                     self._refused(TunnelError("EIO", f"agent answered {kind!r} to open"))
                     return
