@@ -174,6 +174,15 @@ def agent_command(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from ktrace_agent.main import main; sys.exit(main())", *args]
 
 
+def end_process(proc: subprocess.Popen[bytes]) -> None:
+    """Kill an agent process started with ``agent_command`` if it still runs, reap it, close its stderr."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
 def wait_for_line(proc: subprocess.Popen[bytes], needle: str, deadline: float) -> str:
     """Read the agent's stderr until a line containing ``needle``; fail at the deadline or on exit."""
     assert proc.stderr is not None

@@ -20,6 +20,7 @@ from agent_helpers import (
     agent,
     agent_and_client,
     agent_command,
+    end_process,
     local_pair,
     run,
     upper_echo,
@@ -224,11 +225,7 @@ def test_cli_idle_exit(tmp_path: pathlib.Path) -> None:
         run(use_it())
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        end_process(proc)
 
 
 def test_cli_sigterm_is_clean(tmp_path: pathlib.Path) -> None:
@@ -238,11 +235,7 @@ def test_cli_sigterm_is_clean(tmp_path: pathlib.Path) -> None:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        end_process(proc)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,17 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from agent_helpers import TOKEN, UdpEcho, agent, agent_and_client, agent_command, run, udp_echo, wait_for_line
+from agent_helpers import (
+    TOKEN,
+    UdpEcho,
+    agent,
+    agent_and_client,
+    agent_command,
+    end_process,
+    run,
+    udp_echo,
+    wait_for_line,
+)
 from ktrace_agent import rpc as agent_rpc
 from ktrace_agent import udp_mux
 from ktrace_agent.server import AgentServer
@@ -448,11 +458,7 @@ def test_a_killed_agent_fails_sessions_promptly_even_unanswered_ones(tmp_path: p
 
         run(scenario())
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        end_process(proc)
 
 
 _parse_info = client_module._parse_info
