@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -180,40 +180,36 @@ class AgentServer:
                 ],
             )
 
-    async def Connect(self, request_iterator: object, context: rpc.TcpContext) -> None:
-        async with self._call(context, "Connect"):
+    async def _stream(
+        self, context: grpc.aio.ServicerContext[Any, Any], what: str, run: Callable[[], Awaitable[None]]
+    ) -> None:
+        """A data stream: authenticated and counted (``_call``) before ``run`` makes anything,
+        headers sent at once, and a failure logged with the stream's kind before it ends the
+        stream (only this one)."""
+        async with self._call(context, what):
             await _headers_now(context)
             try:
-                await TcpRelay(context, self._connect_timeout, self.send_budget, reuse=self._tcp_stream_reuse).run()
+                await run()
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                log.warning("Connect stream from %s failed: %s", context.peer(), exc)
+                log.warning("%s stream from %s failed: %s", what, context.peer(), exc)
                 raise
+
+    async def Connect(self, request_iterator: object, context: rpc.TcpContext) -> None:
+        def relay() -> Awaitable[None]:
+            return TcpRelay(context, self._connect_timeout, self.send_budget, reuse=self._tcp_stream_reuse).run()
+
+        await self._stream(context, "Connect", relay)
 
     async def Datagrams(self, request_iterator: object, context: rpc.UdpContext) -> None:
-        async with self._call(context, "Datagrams"):
-            await _headers_now(context)
-            try:
-                await UdpRelay(context).run()
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception as exc:
-                log.warning("Datagrams stream from %s failed: %s", context.peer(), exc)
-                raise
+        await self._stream(context, "Datagrams", lambda: UdpRelay(context).run())
 
     async def DatagramSessions(self, request_iterator: object, context: rpc.UdpContext) -> None:
-        async with self._call(context, "DatagramSessions"):
-            if not self._udp_multiplex:
+        if not self._udp_multiplex:
+            async with self._call(context, "DatagramSessions"):
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, "DatagramSessions is not offered")
-            await _headers_now(context)
-            try:
-                await UdpSessions(context, self.udp_sessions).run()
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception as exc:
-                log.warning("DatagramSessions stream from %s failed: %s", context.peer(), exc)
-                raise
+        await self._stream(context, "DatagramSessions", lambda: UdpSessions(context, self.udp_sessions).run())
 
 
 async def _headers_now(context: grpc.aio.ServicerContext[Any, Any]) -> None:

@@ -249,11 +249,6 @@ class UdpMux:
         with contextlib.suppress(ValueError):
             self._streams.remove(stream)
 
-    @property
-    def sessions(self) -> int:
-        """Sessions open on all streams (tests, diagnostics)."""
-        return sum(len(stream.sessions) for stream in self._streams)
-
     async def close(self) -> None:
         self._closed = True
         streams, self._streams = self._streams, []
