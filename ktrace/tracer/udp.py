@@ -318,7 +318,9 @@ class UdpRedirector:
         kernel.write_memory(tid, len_ptr, full.to_bytes(len_size, "little"))
 
     def recvfrom(self, tid: int, regs: Registers, info: SocketInfo, fd: int | None = None) -> Outcome:
-        """``fd``: ktrace's duplicate of the program's socket, to receive in its place."""
+        """``fd``: ktrace's duplicate of the program's socket, to receive in its place; given
+        only when its flags allow that (``decide.recvfrom_in_ktrace``, checked by the caller
+        before it duplicates the descriptor)."""
         name_ptr, len_ptr = regs.arg(4), regs.arg(5)
         if not name_ptr or not len_ptr:
             return Resume()
@@ -328,7 +330,7 @@ class UdpRedirector:
             raise
         except OSError:
             return Resume()
-        if fd is not None and buffer_len >= 0 and decide.recvfrom_in_ktrace(regs.arg(3) & 0xFFFFFFFF):
+        if fd is not None and buffer_len >= 0:
             done = self._recvfrom_now(tid, regs, info, fd, buffer_len)
             if done is not None:
                 return done
