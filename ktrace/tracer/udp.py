@@ -159,14 +159,12 @@ class UdpRedirector:
         self, tid: int, fd: int, sock: socket.socket, info: SocketInfo, addr: sockaddr.Decoded | None
     ) -> Outcome:
         """connect() on a UDP socket: to a remote peer means to its relay."""
-        if not isinstance(addr, InetAddr) or addr.family != info.family:
-            # AF_UNSPEC disconnects; anything else is the kernel's business.
+        dest = self._remote(info, addr)
+        if dest is None:
+            # AF_UNSPEC disconnects, a local peer is the kernel's, and so is anything else.
             self._disconnected(info.inode)
             return Resume()
-        dest = addr.endpoint
-        if self.policy.route(dest, "udp") is Route.LOCAL:
-            self._disconnected(info.inode)
-            return Resume()
+        assert isinstance(addr, InetAddr)  # _remote found an IP destination in it
         unreachable = decide.udp_no_route(dest, self.sources)
         if unreachable is not None:
             # The agent has no route of this IP version (an IPv4-only pod): its kernel would
