@@ -315,6 +315,11 @@ def _syscall(*args: int) -> int:
     return result
 
 
+# The pidfd_open flags this kernel refused (PIDFD_THREAD before Linux 6.9): every socket stop
+# duplicates a descriptor, and a refused flag would cost a failing syscall each time.
+_refused_pidfd_flags: set[int] = set()
+
+
 def duplicate_fd(tid: int, fd: int, thread_group: Callable[[int], int]) -> int:
     """A duplicate of thread `tid`'s descriptor `fd` in ktrace (same open file).
 
@@ -322,13 +327,17 @@ def duplicate_fd(tid: int, fd: int, thread_group: Callable[[int], int]) -> int:
     id be used directly, else the thread group id is asked of `thread_group`
     (the tracer's cache, `ThreadGroups.of`, rather than /proc on every call).
     """
-    try:
-        pidfd = _syscall(SYS_PIDFD_OPEN, tid, PIDFD_THREAD)
-    except OSError as exc:
-        if exc.errno == errno.ESRCH:
-            raise TraceeGone(tid) from None
-        if exc.errno != errno.EINVAL:
-            raise
+    pidfd = -1
+    if PIDFD_THREAD not in _refused_pidfd_flags:
+        try:
+            pidfd = _syscall(SYS_PIDFD_OPEN, tid, PIDFD_THREAD)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise TraceeGone(tid) from None
+            if exc.errno != errno.EINVAL:
+                raise
+            _refused_pidfd_flags.add(PIDFD_THREAD)  # a kernel before 6.9: not asked again
+    if pidfd < 0:
         pidfd = _syscall(SYS_PIDFD_OPEN, thread_group(tid), 0)
     try:
         return _syscall(SYS_PIDFD_GETFD, pidfd, fd, 0)
