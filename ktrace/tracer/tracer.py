@@ -153,6 +153,11 @@ class Tracer:
     # -- signals ----------------------------------------------------------------
 
     def _on_signals(self) -> None:
+        self._take_signals()
+        # The SIGCHLD just read was raised by the first stop waiting (if any): not counted.
+        self._drain(reaped=-1)
+
+    def _take_signals(self) -> None:
         for signo, code, _sender in kernel.read_signals(self._signal_fd):
             if signo == signal.SIGCHLD:
                 continue
@@ -162,9 +167,16 @@ class Tracer:
             if code != SI_KERNEL and self.result.exit_code is None and self.result.signal is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.main_pid, signo)
-        self._drain()
 
-    def _drain(self) -> None:
+    def _drain(self, reaped: int = 0) -> None:
+        """Handle every stop waiting, then the ones that come within the spin.
+
+        ``reaped`` counts the stops handled since the signalfd was last read: each may have
+        left a SIGCHLD pending there, and a pending SIGCHLD is a wake-up of the event loop
+        that finds nothing to do (~20-40 µs, on the program's path when it comes just before
+        the relay's datagram, say). So before going back to the loop, the signalfd is read once
+        more and waitpid asked again: a stop after that read raises a SIGCHLD of its own.
+        """
         spin_until = 0.0
         while True:
             try:
@@ -176,9 +188,15 @@ class Tracer:
                 self._maybe_finish()
                 return
             if tid == 0:
-                if spin_until == 0.0 or time.monotonic() > spin_until:
+                if spin_until != 0.0 and time.monotonic() <= spin_until:
+                    continue
+                if reaped <= 0 or self._signal_fd < 0:
                     return
+                self._take_signals()
+                reaped = 0
+                spin_until = 0.0
                 continue
+            reaped += 1
             self._resumed_now = False
             with contextlib.suppress(TraceeGone):
                 self._on_status(tid, status)
