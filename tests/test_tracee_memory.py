@@ -54,6 +54,33 @@ def test_small_and_large_writes_read_back(holder: tuple[int, int]) -> None:
     assert kernel.read_memory(pid, address + 98, 9) == large[98:100] + b"small" + large[105:107]
 
 
+def test_writes_in_parts_land_in_order_in_one_call_or_several(holder: tuple[int, int]) -> None:
+    pid, address = holder
+    kernel.write_memory(pid, address, PATTERN)
+    kernel.write_memory_parts(pid, ((address + 10, b"one"), (address + 400, b""), (address + 300, b"three")))
+    assert kernel.read_memory(pid, address + 8, 7) == PATTERN[8:10] + b"one" + PATTERN[13:15]
+    assert kernel.read_memory(pid, address + 299, 7) == PATTERN[299:300] + b"three" + PATTERN[305:306]
+    assert kernel.read_memory(pid, address + 400, 1) == PATTERN[400:401]
+    # Larger than the preallocated buffer, and more parts than one call takes: one by one.
+    big = bytes(255 - b for b in PATTERN[: kernel._READ_BUFFER_SIZE])
+    kernel.write_memory_parts(pid, ((address, big), (address + SIZE - 4, b"tail")))
+    assert kernel.read_memory(pid, address, len(big)) == big
+    assert kernel.read_memory(pid, address + SIZE - 4, 4) == b"tail"
+    parts = [(address + 1000 + 10 * i, b"p%d" % i) for i in range(kernel._MAX_PARTS + 2)]
+    kernel.write_memory_parts(pid, parts)
+    assert [kernel.read_memory(pid, a, len(d)) for a, d in parts] == [d for _a, d in parts]
+
+
+def test_writes_in_parts_stop_at_an_unmapped_part(holder: tuple[int, int]) -> None:
+    pid, address = holder
+    kernel.write_memory(pid, address, PATTERN)
+    with pytest.raises(OSError) as write:
+        kernel.write_memory_parts(pid, ((address + 20, b"first"), (4096, b"unmapped"), (address + 40, b"third")))
+    assert write.value.errno == errno.EFAULT
+    assert kernel.read_memory(pid, address + 20, 5) == b"first"
+    assert kernel.read_memory(pid, address + 40, 5) == PATTERN[40:45]
+
+
 @pytest.mark.parametrize("size", [16, SIZE])
 def test_unmapped_memory_is_efault(holder: tuple[int, int], size: int) -> None:
     pid, _address = holder

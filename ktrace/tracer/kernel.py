@@ -17,7 +17,7 @@ import ctypes.util
 import errno
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from ptrace import PtraceError
@@ -270,6 +270,43 @@ def write_memory(tid: int, address: int, data: bytes) -> None:
     else:
         got = _transfer_large(_libc.process_vm_writev, tid, address, ctypes.create_string_buffer(data, size), size)
     if got != size:
+        raise _transfer_error(tid, got, "write")
+
+
+# Several places written at one stop (a received datagram, its source and the source's
+# length; a socket name and its length): one process_vm_writev with an iovec each, instead
+# of a syscall each.
+_MAX_PARTS = 4
+_parts_local = (Iovec * _MAX_PARTS)()
+_parts_remote = (Iovec * _MAX_PARTS)()
+
+
+def write_memory_parts(tid: int, parts: Sequence[tuple[int, bytes]]) -> None:
+    """``write_memory`` of each (address, data), in order, in one syscall when they fit the
+    preallocated buffer. Raises as ``write_memory`` does; the parts before an unmapped one
+    may have been written (the kernel stops there, as it would copying them one by one)."""
+    total = sum(len(data) for _address, data in parts)
+    if len(parts) > _MAX_PARTS or total > _READ_BUFFER_SIZE:
+        for address, data in parts:
+            write_memory(tid, address, data)
+        return
+    base = ctypes.addressof(_write_buffer)
+    count = offset = 0
+    for address, data in parts:
+        size = len(data)
+        if not size:
+            continue
+        ctypes.memmove(base + offset, data, size)
+        _parts_local[count].iov_base = base + offset
+        _parts_local[count].iov_len = size
+        _parts_remote[count].iov_base = address
+        _parts_remote[count].iov_len = size
+        offset += size
+        count += 1
+    if not count:
+        return
+    got = _process_vm_writev(tid, _parts_local, count, _parts_remote, count, 0)
+    if got != total:
         raise _transfer_error(tid, got, "write")
 
 

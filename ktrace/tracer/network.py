@@ -387,8 +387,7 @@ class NetworkHandler:
             return Complete(-errno.EINVAL)
         data, full = sockaddr.fill_name_buffer(name, buffer_len)
         try:
-            kernel.write_memory(tid, name_ptr, data)
-            kernel.write_memory(tid, len_ptr, struct.pack("=i", full))
+            kernel.write_memory_parts(tid, ((name_ptr, data), (len_ptr, struct.pack("=i", full))))
         except OSError:
             return Complete(-errno.EFAULT)
         return Complete(0)

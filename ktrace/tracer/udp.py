@@ -312,8 +312,7 @@ class UdpRedirector:
         if true is None:
             return
         data, full = sockaddr.fill_name_buffer(true, buffer_len)
-        kernel.write_memory(tid, name_ptr, data)
-        kernel.write_memory(tid, len_ptr, full.to_bytes(len_size, "little"))
+        kernel.write_memory_parts(tid, ((name_ptr, data), (len_ptr, full.to_bytes(len_size, "little"))))
 
     def recvfrom(self, tid: int, regs: Registers, info: SocketInfo, fd: int | None = None) -> Outcome:
         """``fd``: ktrace's duplicate of the program's socket, to receive in its place; given
@@ -360,9 +359,14 @@ class UdpRedirector:
         name = self._true_source(info.family, raw) or raw
         stored, full = sockaddr.fill_name_buffer(name, buffer_len)
         try:
-            kernel.write_memory(tid, regs.arg(1), ctypes.string_at(_recv_buffer, min(got, size)))
-            kernel.write_memory(tid, regs.arg(4), stored)
-            kernel.write_memory(tid, regs.arg(5), struct.pack("=I", full))
+            kernel.write_memory_parts(
+                tid,
+                (
+                    (regs.arg(1), ctypes.string_at(_recv_buffer, min(got, size))),
+                    (regs.arg(4), stored),
+                    (regs.arg(5), struct.pack("=I", full)),
+                ),
+            )
         except TraceeGone:
             raise
         except OSError:
