@@ -34,7 +34,7 @@ from ktrace_agent.udp_mux import MAX_SESSIONS_PER_STREAM
 
 from . import rpc
 from .types import Endpoint, TunnelError, TunnelLost
-from .udp_session import QUEUE_DATAGRAMS, SessionBase
+from .udp_session import QUEUE_DATAGRAMS, AfterMessage, SessionBase, run_after
 
 log = logging.getLogger("ktrace.tunnel")
 
@@ -75,9 +75,9 @@ class MuxSession(SessionBase):
 
     # --- called by the stream ---
 
-    def received(self, frame: rpc.UdpServerFrame) -> None:
+    def received(self, frame: rpc.UdpServerFrame, after: AfterMessage) -> None:
         kind = frame.WhichOneof("kind")
-        if self._received_common(frame, kind):
+        if self._received_common(frame, kind, after):
             return
         if kind == "refused":
             self._end(TunnelError(frame.refused.errno_name or "EIO", frame.refused.message))
@@ -160,11 +160,15 @@ class _MuxStream:
                 if message is grpc.aio.EOF:
                     return
                 assert isinstance(message, rpc.UdpServerFrame)
-                if message.WhichOneof("kind") == "frames":
-                    for frame in message.frames.frames:
-                        self._dispatch(frame)
-                else:
-                    self._dispatch(message)
+                after: AfterMessage = []
+                try:
+                    if message.WhichOneof("kind") == "frames":
+                        for frame in message.frames.frames:
+                            self._dispatch(frame, after)
+                    else:
+                        self._dispatch(message, after)
+                finally:
+                    run_after(after)  # a malformed frame later in the message: still done
         except grpc.aio.AioRpcError as exc:
             why = f"tunnel: {exc.code().name}: {exc.details()}"
             if exc.code() != grpc.StatusCode.CANCELLED:
@@ -176,10 +180,10 @@ class _MuxStream:
         finally:
             self._ended(why)
 
-    def _dispatch(self, frame: rpc.UdpServerFrame) -> None:
+    def _dispatch(self, frame: rpc.UdpServerFrame, after: AfterMessage) -> None:
         session = self.sessions.get(frame.session)
         if session is not None:  # else closed here already: what was on its way is dropped
-            session.received(frame)
+            session.received(frame, after)
 
     def _ended(self, why: str) -> None:
         if self.ended:

@@ -375,7 +375,7 @@ class UdpRelays:
             if self._observer is not None:
                 self._observer.sent(state.key, peer, payload)
             if self._local_dns is not None and self._local_dns.wants(payload):
-                self._local_dns.forward(payload, lambda answer: self._from_remote(state, peer, answer))
+                self._local_dns.forward(payload, lambda answer: self._answered_here(state, peer, answer))
                 return
         if not self._session(state).send(peer, payload):
             self.dropped += 1
@@ -393,15 +393,27 @@ class UdpRelays:
 
     # --- remote → program ---
 
-    def _from_remote(self, state: _ProgramSocket, source: Endpoint, payload: bytes) -> None:
+    def _from_remote(self, state: _ProgramSocket, source: Endpoint, payload: bytes) -> Callable[[], None] | None:
         state.last_used = time.monotonic()
         self._deliver(state, source, payload)
-        # After delivering: parsing an answer costs ~100s of µs that the program need not
+        if source.port != DNS_PORT:
+            return None
+        # After delivering, and after the other datagrams of the same message (the session
+        # calls this back then): parsing an answer costs tens of µs that the program need not
         # wait for. The map is still up to date before ktrace sees the program's next
-        # syscall, which this same (single-threaded) loop handles after this callback.
-        if source.port == DNS_PORT and self._observer is not None:
+        # syscall, which this same (single-threaded) loop handles after the message.
+        return lambda: self._observe_answer(state, source, payload)
+
+    def _answered_here(self, state: _ProgramSocket, source: Endpoint, payload: bytes) -> None:
+        """An answer made without the agent (``LocalDns``): one datagram, observed at once."""
+        later = self._from_remote(state, source, payload)
+        if later is not None:
+            later()
+
+    def _observe_answer(self, state: _ProgramSocket, source: Endpoint, payload: bytes) -> None:
+        if self._observer is not None:
             self._observer.received(state.key, source, payload)
-        if source.port == DNS_PORT and self._on_dns_answer is not None:
+        if self._on_dns_answer is not None:
             answer = addresses_in_answer(payload)
             if answer is not None and answer[1]:
                 try:
