@@ -55,6 +55,9 @@ log = logging.getLogger("ktrace.run")
 
 ENOSYS = 38
 SOL_SOCKET, SO_ERROR = 1, 4
+# sizeof(struct sockaddr_in): the kernel refuses a shorter address for any IP destination
+# (udp_sendmsg, and udpv6_sendmsg, whose IPv6 minimum is larger still; TCP fast open too).
+MIN_IP_SOCKADDR_LEN = 16
 # After the program exits: how long its last bytes get to reach the agent.
 SHUTDOWN_GRACE = 2.0
 # When the agent is gone mid-run: how long the program has after SIGTERM before SIGKILL.
@@ -91,8 +94,11 @@ def filter_rules(local_outcomes: bool = False) -> list[seccomp.Rule]:
         # UDP: a send with a destination, and receives whose source ktrace may have to
         # restore. sendto/recvfrom without an address (a connected socket, or a TCP
         # send/recv) never stop; sendmsg/recvmsg carry the address inside struct msghdr,
-        # out of the filter's reach, so they always stop.
-        seccomp.trace(sys.sendto, unless_arg_zero=4),
+        # out of the filter's reach, so they always stop. Nor does a sendto whose address
+        # is shorter than any IP one (the kernel refuses that for an IP destination,
+        # EINVAL, with or without ktrace): glibc's netlink request at every getaddrinfo
+        # (AI_ADDRCONFIG, a 12-byte sockaddr_nl), Go's interface listing.
+        seccomp.trace(sys.sendto, unless_arg_zero=4, at_least=(5, MIN_IP_SOCKADDR_LEN)),
         seccomp.trace(sys.recvfrom, unless_arg_zero=4),
         seccomp.trace(sys.sendmsg),
         seccomp.trace(sys.recvmsg),

@@ -52,6 +52,36 @@ def test_conditional_rule_checks_both_halves_of_the_argument() -> None:
     assert seccomp.evaluate(prog, SYS.connect, arch.AUDIT_ARCH_X86_64) == seccomp.RET_ALLOW
 
 
+def test_a_sendto_to_an_address_shorter_than_an_ip_one_does_not_stop() -> None:
+    """The default filter: sendto stops only with an address of at least sizeof(sockaddr_in)
+    (glibc's netlink request, a 12-byte sockaddr_nl, runs; the kernel refuses a shorter IP one)."""
+    tag = seccomp.RET_TRACE | SYS.sendto
+    for addr, length, expected in [
+        (0, 16, seccomp.RET_ALLOW),  # no address: a connected socket
+        (0x7FFF0000, 12, seccomp.RET_ALLOW),  # sockaddr_nl
+        (0x7FFF0000, 0, seccomp.RET_ALLOW),
+        (0x7FFF0000, 15, seccomp.RET_ALLOW),
+        (0x7FFF0000, 16, tag),  # sockaddr_in
+        (0x7FFF0000, 28, tag),  # sockaddr_in6
+        (0x7FFF0000, 110, tag),  # a long AF_UNIX path: ktrace's handler lets it run
+        (0x7FFF0000, 0xFFFFFFFF, tag),  # -1: the kernel's EINVAL, seen by ktrace as before
+        (1 << 40, 16, tag),  # an address in the high half only
+        (1 << 40, 12 | 1 << 32, seccomp.RET_ALLOW),  # the kernel reads an int: the high half is not it
+        (0x7FFF0000, 16 | 1 << 32, tag),
+    ]:
+        assert run(SYS.sendto, args=(3, 0, 0, 0, addr, length)) == expected, (hex(addr), hex(length))
+    # The other rules still match after the sendto block, whatever path it took.
+    for length in (0, 12, 16):
+        assert run(SYS.recvfrom, args=(3, 0, 0, 0, 0x7FFF0000, length)) == seccomp.RET_TRACE | SYS.recvfrom
+    assert run(SYS.connect) == seccomp.RET_TRACE | SYS.connect
+
+
+def test_at_least_needs_unless_arg_zero() -> None:
+    rule = seccomp.Rule(SYS.sendto, seccomp.RET_TRACE, at_least=(5, 16))
+    with pytest.raises(ValueError, match="unless_arg_zero"):
+        seccomp.build([rule])
+
+
 def test_rules_after_a_conditional_rule_still_match() -> None:
     prog = seccomp.build([seccomp.trace(SYS.sendto, unless_arg_zero=4), seccomp.trace(SYS.connect)])
     assert seccomp.evaluate(prog, SYS.connect, arch.AUDIT_ARCH_X86_64) == seccomp.RET_TRACE | SYS.connect

@@ -73,12 +73,22 @@ class Rule:
     # (argument index, value): the action applies only when the low 32 bits of every
     # listed argument equal the value (ints like getsockopt's level and optname).
     only_if_args: tuple[tuple[int, int], ...] = ()
+    # (argument index, minimum): with `unless_arg_zero`, the action applies only when the
+    # low 32 bits of that argument are at least the minimum too (unsigned: a negative int
+    # counts as large). For sendto's address length: see `filter_rules`.
+    at_least: tuple[int, int] | None = None
 
 
-def trace(nr: int, *, unless_arg_zero: int | None = None, only_if_args: tuple[tuple[int, int], ...] = ()) -> Rule:
+def trace(
+    nr: int,
+    *,
+    unless_arg_zero: int | None = None,
+    only_if_args: tuple[tuple[int, int], ...] = (),
+    at_least: tuple[int, int] | None = None,
+) -> Rule:
     # The 16-bit data of RET_TRACE is what PTRACE_GETEVENTMSG returns at the
     # stop; the syscall number is a convenient tag.
-    return Rule(nr, RET_TRACE | (nr & 0xFFFF), unless_arg_zero, only_if_args)
+    return Rule(nr, RET_TRACE | (nr & 0xFFFF), unless_arg_zero, only_if_args, at_least)
 
 
 def fail(nr: int, errno: int) -> Rule:
@@ -114,19 +124,27 @@ def _rule_block(rule: Rule) -> list[Insn]:
             block += [_ld(off_arg_low(index)), _jeq(value & 0xFFFFFFFF, 0, 2 * (count - k - 1) + 1)]
         return [*block, _ret(rule.action), _ret(RET_ALLOW)]
     if rule.unless_arg_zero is None:
+        if rule.at_least is not None:
+            raise ValueError("at_least goes with unless_arg_zero")
         return [_jeq(rule.nr, 0, 1), _ret(rule.action)]
     i = rule.unless_arg_zero
-    # nr matches: the argument decides. Reloading clobbers the accumulator, so
+    at_least: list[Insn] = []
+    if rule.at_least is not None:
+        index, minimum = rule.at_least
+        # below the minimum: skip the action, to ALLOW
+        at_least = [_ld(off_arg_low(index)), _jge(minimum & 0xFFFFFFFF, 0, 1)]
+    # nr matches: the arguments decide. Reloading clobbers the accumulator, so
     # this block ends in a return on every path once nr matched.
-    return [
-        _jeq(rule.nr, 0, 6),
+    rest = [
         _ld(off_arg_low(i)),
-        _jeq(0, 0, 2),  # low word zero? then check the high word
+        _jeq(0, 0, 2),  # low word zero? then check the high word; else on to at_least
         _ld(off_arg_high(i)),
-        _jeq(0, 1, 0),
+        _jeq(0, len(at_least) + 1, 0),  # zero: over at_least and the action, to ALLOW
+        *at_least,
         _ret(rule.action),
         _ret(RET_ALLOW),
     ]
+    return [_jeq(rule.nr, 0, len(rest)), *rest]
 
 
 def build(
