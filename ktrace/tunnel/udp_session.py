@@ -258,8 +258,11 @@ class UdpSession(SessionBase):
                 assert isinstance(frame, rpc.UdpServerFrame)
                 kind = frame.WhichOneof("kind")
                 after: AfterMessage = []
-                if self._received_common(frame, kind, after):
+                try:
+                    common = self._received_common(frame, kind, after)
+                finally:
                     run_after(after)
+                if common:
                     continue
                 if kind == "failure":
                     error = TunnelError(frame.failure.errno_name or "EIO", frame.failure.message)
