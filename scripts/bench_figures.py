@@ -146,19 +146,40 @@ def syscall_dd(env: BenchEnv, s: Sizes) -> Figure:
     return _with_floor_note(_runs(fig, s.runs, one))
 
 
+# tests/programs/stopfloor.c: the same open loop with its opens handed to a supervisor in C
+# that only lets each one go on, as a ptrace tracer or a seccomp user-notification listener,
+# sleeping between stops or spinning: what a stop costs here whatever the tracer's language.
+STOP_FLOORS = ("trace", "trace-spin", "notif", "notif-spin")
+
+
 def open_loop(env: BenchEnv, s: Sizes) -> Figure:
     fig = Figure("open_loop", f"open+close loop ({s.open_calls:,} opens)", "ms", "none", None, "no ktrace")
     argv = [env.programs["csysloop"], "open", str(s.open_calls), "/etc/hostname"]
+    floors: dict[str, list[float]] = {mode: [] for mode in STOP_FLOORS}
 
     def one() -> None:
         fig.baseline_samples.append(_field(env.run("laptop", argv), "elapsed_ns") / 1e6)
         fig.samples.append(_field(env.run("laptop", env.ktrace_argv(*argv)), "elapsed_ns") / 1e6)
+        for mode, samples in floors.items():
+            samples.append(_field(env.run("laptop", [env.programs["stopfloor"], mode, *argv]), "elapsed_ns") / 1e6)
 
     _runs(fig, s.runs, one)
-    if fig.value is not None and fig.baseline is not None:
-        per_open = (fig.value - fig.baseline) * 1000 / s.open_calls
+    baseline = fig.baseline
+    if fig.value is not None and baseline is not None:
+        per_open = (fig.value - baseline) * 1000 / s.open_calls
         fig.extra["added_us_per_open"] = per_open
         fig.notes.append(f"open/openat stop for the resolv.conf view: +{per_open:.1f} µs per open")
+        added = {}
+        for mode, samples in floors.items():
+            value = median(samples)
+            if value is not None:
+                added[mode] = fig.extra[f"floor_{mode}_us_per_open"] = (value - baseline) * 1000 / s.open_calls
+        if len(added) == len(STOP_FLOORS):
+            fig.notes.append(
+                "floor of a stop here, C supervisors that only let each open go on: ptrace "
+                f"+{added['trace']:.1f} µs per open (sleeping between stops), +{added['trace-spin']:.1f} µs "
+                f"(spinning); seccomp user notification +{added['notif']:.1f} / +{added['notif-spin']:.1f} µs"
+            )
     return fig
 
 

@@ -51,6 +51,7 @@ SPECS: dict[str, Spec] = {
     "csysloop": Spec("gcc", "csysloop.c"),
     "cbenchsrv": Spec("gcc", "cbenchsrv.c", ("-pthread",)),
     "cnetbench": Spec("gcc", "cnetbench.c", static=False),
+    "stopfloor": Spec("gcc", "stopfloor.c"),  # the least a stopped syscall costs, C supervisors
 }
 
 

@@ -47,6 +47,9 @@ def test_quick_bench_measures_every_figure(ns_cluster: object, tmp_path: pathlib
         if fig["peer_name"]:
             assert fig["peer_samples"], fid
     assert figures["concurrent_1000"]["condition_ok"] is not None
+    # The stop floors (C supervisors, tests/programs/stopfloor.c) are measured in the same run.
+    for mode in ("trace", "trace-spin", "notif", "notif-spin"):
+        assert f"floor_{mode}_us_per_open" in figures["open_loop"]["extra"], mode
     table = (tmp_path / "bench.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| figure")]
     assert len(rows) == len(FIGURE_IDS)
