@@ -2,7 +2,7 @@
 
 A resolver's A and AAAA answers often leave the agent in one message and the program waits
 for both; the report's and the DNS map's parse of each answer come after the last one is
-delivered (``SessionBase._deliver``, ``run_after``). Driven through the client's real stream
+delivered (``SessionBase._deliver``, ``followed_up``). Driven through the client's real stream
 code with a stand-in for the gRPC call (the ordering is ktrace's own logic; the end-to-end
 path is in test_tunnel_udp_mux.py and test_e2e_dns_udp.py).
 """

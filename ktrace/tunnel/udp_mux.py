@@ -34,7 +34,7 @@ from ktrace_agent.udp_mux import MAX_SESSIONS_PER_STREAM
 
 from . import rpc
 from .types import Endpoint, TunnelError, TunnelLost
-from .udp_session import QUEUE_DATAGRAMS, AfterMessage, SessionBase, run_after
+from .udp_session import QUEUE_DATAGRAMS, AfterMessage, SessionBase, end_call, followed_up, server_messages
 
 log = logging.getLogger("ktrace.tunnel")
 
@@ -155,20 +155,11 @@ class _MuxStream:
     async def _read_loop(self) -> None:
         why = "the agent ended the stream"
         try:
-            while True:
-                message: object = await self._call.read()
-                if message is grpc.aio.EOF:
-                    return
-                assert isinstance(message, rpc.UdpServerFrame)
-                after: AfterMessage = []
-                try:
-                    if message.WhichOneof("kind") == "frames":
-                        for frame in message.frames.frames:
-                            self._dispatch(frame, after)
-                    else:
-                        self._dispatch(message, after)
-                finally:
-                    run_after(after)  # a malformed frame later in the message: still done
+            async for message in server_messages(self._call):
+                frames = message.frames.frames if message.WhichOneof("kind") == "frames" else (message,)
+                with followed_up() as after:
+                    for frame in frames:
+                        self._dispatch(frame, after)
         except grpc.aio.AioRpcError as exc:
             why = f"tunnel: {exc.code().name}: {exc.details()}"
             if exc.code() != grpc.StatusCode.CANCELLED:
@@ -196,12 +187,7 @@ class _MuxStream:
 
     async def close(self) -> None:
         self._ended("ktrace closed the stream")
-        self._call.cancel()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                await task
+        await end_call(self._call, self._tasks)
 
 
 class UdpMux:

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Protocol
 
 import grpc
@@ -135,7 +135,7 @@ class SessionBase:
         # A resolver's A and AAAA answers often come in one message, and the program waits for
         # both: every datagram of a message reaches the program first, and what the receiver
         # does besides (the report's and the DNS map's parse, ~40 µs an answer) comes after
-        # (``run_after``), before ktrace's loop turns to anything else.
+        # (``followed_up``), before ktrace's loop turns to anything else.
         if self._receiver is not None and not self.closed.is_set():
             source = rpc.decode_address(datagram.peer)
             try:
@@ -162,13 +162,39 @@ class SessionBase:
                 log.exception("UDP error callback failed")
 
 
-def run_after(after: AfterMessage) -> None:
-    """What the receivers left for once a message was delivered (``SessionBase._deliver``)."""
-    for later in after:
-        try:
-            later()
-        except Exception:
-            log.exception("UDP receiver's follow-up failed")
+async def server_messages(call: rpc.UdpCall) -> AsyncIterator[rpc.UdpServerFrame]:
+    """The agent's messages on a ``Datagrams`` or ``DatagramSessions`` call, until it ends it."""
+    while True:
+        message: object = await call.read()
+        if message is grpc.aio.EOF:
+            return
+        assert isinstance(message, rpc.UdpServerFrame)
+        yield message
+
+
+async def end_call(call: rpc.UdpCall, tasks: Sequence[asyncio.Task[None]]) -> None:
+    """Cancel a UDP stream and wait for its reading and writing tasks to end."""
+    call.cancel()
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+            await task
+
+
+@contextlib.contextmanager
+def followed_up() -> Iterator[AfterMessage]:
+    """The list a message's deliveries leave their follow-ups in (``SessionBase._deliver``), run
+    once the message is handled, also when a malformed frame in it ends the stream."""
+    after: AfterMessage = []
+    try:
+        yield after
+    finally:
+        for later in after:
+            try:
+                later()
+            except Exception:
+                log.exception("UDP receiver's follow-up failed")
 
 
 class UdpSession(SessionBase):
@@ -231,12 +257,7 @@ class UdpSession(SessionBase):
     async def close(self) -> None:
         self._closing = True
         self.closed.set()
-        self._call.cancel()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
-                await task
+        await end_call(self._call, self._tasks)
 
     async def _write_loop(self) -> None:
         try:
@@ -251,17 +272,10 @@ class UdpSession(SessionBase):
 
     async def _read_loop(self) -> None:
         try:
-            while True:
-                frame: object = await self._call.read()
-                if frame is grpc.aio.EOF:
-                    return
-                assert isinstance(frame, rpc.UdpServerFrame)
+            async for frame in server_messages(self._call):
                 kind = frame.WhichOneof("kind")
-                after: AfterMessage = []
-                try:
+                with followed_up() as after:
                     common = self._received_common(frame, kind, after)
-                finally:
-                    run_after(after)
                 if common:
                     continue
                 if kind == "failure":
