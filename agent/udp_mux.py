@@ -205,7 +205,7 @@ class UdpSessions:
     async def run(self) -> None:
         sender = asyncio.create_task(self._send_back())
         try:
-            while (message := await self._read_frame()) is not None:
+            while (message := await read_client_frame(self._context)) is not None:
                 if message.WhichOneof("kind") == "frames":
                     for frame in message.frames.frames:
                         await self._handle(frame)
@@ -226,9 +226,6 @@ class UdpSessions:
                     self.dropped_out,
                     self.dropped_unknown,
                 )
-
-    async def _read_frame(self) -> rpc.UdpClientFrame | None:
-        return await read_client_frame(self._context)
 
     async def _protocol_error(self, message: str) -> NoReturn:
         await protocol_error(self._context, "DatagramSessions", message)

@@ -270,7 +270,7 @@ class UdpRelay:
         self._port_zero: PortZero | None = None
 
     async def run(self) -> None:
-        first = await self._read_frame()
+        first = await read_client_frame(self._context)
         if first is None:
             return
         if first.WhichOneof("kind") != "open":
@@ -314,9 +314,6 @@ class UdpRelay:
                     self.dropped_out,
                 )
 
-    async def _read_frame(self) -> rpc.UdpClientFrame | None:
-        return await read_client_frame(self._context)
-
     async def _protocol_error(self, message: str) -> NoReturn:
         await protocol_error(self._context, "Datagrams", message)
 
@@ -324,7 +321,7 @@ class UdpRelay:
         self, transport: asyncio.DatagramTransport, family: int, replies: asyncio.Queue[rpc.UdpServerFrame]
     ) -> None:
         """Client → network, until the client closes its side."""
-        while (frame := await self._read_frame()) is not None:
+        while (frame := await read_client_frame(self._context)) is not None:
             kind = frame.WhichOneof("kind")
             if kind == "datagram":
                 await self._send(transport, family, replies, frame.datagram)
