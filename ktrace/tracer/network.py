@@ -147,8 +147,9 @@ class NetworkHandler:
         if not outgoing.names_ip:
             # Decided before duplicating the descriptor (two syscalls, then three more to
             # tell what the socket is): most sends name no IP destination (glibc's DNS
-            # queries are a sendmmsg on a connected socket, its netlink requests a sendto
-            # to an AF_NETLINK address), and every branch below lets those run unchanged.
+            # queries are a sendmmsg on a connected socket; a netlink request by sendmsg
+            # names an AF_NETLINK address; by sendto it does not even stop, filter_rules),
+            # and every branch below lets those run unchanged.
             return Resume()
         sock = self._socket(tid, regs.arg(0))
         if not isinstance(sock, socket.socket):
