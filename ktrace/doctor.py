@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 
 from ktrace import config
 from ktrace.errors import KtraceError
-from ktrace.tracer import arch, kernel, launcher, seccomp, sockaddr
-from ktrace.tracer.kernel import Registers
-from ktrace.tracer.tracer import FORWARDED_SIGNALS, Outcome, Resume, Tracer
+from ktrace.tracer import launcher, linux, seccomp, sockaddr, syscalls
+from ktrace.tracer.ptrace import kernel
+from ktrace.tracer.ptrace.loop import FORWARDED_SIGNALS, Tracer
+from ktrace.tracer.tracee import Outcome, Resume, Tracee
 
 PTRACE_CAP = 19  # CAP_SYS_PTRACE
 MIN_KERNEL = (5, 6)  # pidfd_getfd
@@ -207,8 +208,8 @@ def check_seccomp(settings: config.Settings) -> Iterable[CheckResult]:
     own = f"; ktrace itself runs under {facts.seccomp_filters} seccomp filter(s)" if facts.seccomp_filters else ""
 
     def install() -> None:
-        kernel.prepare_child_for_filter()
-        kernel.install_seccomp(seccomp.build([]))
+        linux.prepare_child_for_filter()
+        linux.install_seccomp(seccomp.build([]))
 
     err = _in_child(install)
     if err == 0:
@@ -235,16 +236,16 @@ class _Probe:
     getfd_ok: bool = False
     errors: dict[str, str] = field(default_factory=dict)
 
-    def on_syscall(self, tid: int, regs: Registers) -> Outcome:
-        if regs.nr == arch.SYSCALLS.connect:
+    def on_syscall(self, t: Tracee) -> Outcome:
+        if t.syscall == "connect":
             self.stops += 1
             try:
-                raw = kernel.read_memory(tid, regs.arg(1), min(regs.arg(2), sockaddr.MAX_SOCKADDR_LEN))
+                raw = t.read(t.arg(1), min(t.arg(2), sockaddr.MAX_SOCKADDR_LEN))
                 self.read_ok = isinstance(sockaddr.decode(raw), sockaddr.InetAddr)
             except OSError as exc:
                 self.errors["process_vm_readv"] = os.strerror(exc.errno or errno.EIO)
             try:
-                os.close(kernel.duplicate_fd(tid, regs.arg(0), kernel.thread_group_of))
+                os.close(t.duplicate(t.arg(0)))
                 self.getfd_ok = True
             except OSError as exc:
                 self.errors["pidfd_getfd"] = os.strerror(exc.errno or errno.EIO)
@@ -263,7 +264,9 @@ PROBE_PROGRAM = "import socket; socket.socket().connect_ex(('127.0.0.1', 9))"
 @register
 def check_ptrace(settings: config.Settings) -> Iterable[CheckResult]:
     argv = [sys.executable, "-I", "-S", "-c", PROBE_PROGRAM]
-    rules = [seccomp.trace(arch.SYSCALLS.connect)]
+    connect = syscalls.number("connect")
+    assert connect is not None
+    rules = [seccomp.trace(connect)]
     blocked = {signal.SIGCHLD, *FORWARDED_SIGNALS}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     child = launcher.fork_child(argv[0], argv, dict(os.environ), seccomp.build(rules))

@@ -29,16 +29,16 @@ from ktrace import reporting
 from ktrace.errors import KtraceError
 from ktrace.report.render import Verbosity
 from ktrace.rules import Route, RuleSet
-from ktrace.tracer import arch, launcher, seccomp
+from ktrace.tracer import launcher, seccomp, syscalls
 from ktrace.tracer.decide import AgentSources, RoutingPolicy, nameservers_of
+from ktrace.tracer.dispatch import SessionHandler
 from ktrace.tracer.files import FileViews
 from ktrace.tracer.launcher import LaunchError
 from ktrace.tracer.network import NetworkHandler
-from ktrace.tracer.scratch import ScratchPages
-from ktrace.tracer.session import SessionHandler
+from ktrace.tracer.ptrace.loop import FORWARDED_SIGNALS, Tracer, TraceResult
 from ktrace.tracer.threads import ThreadGroups
-from ktrace.tracer.tracer import FORWARDED_SIGNALS, Tracer, TraceResult
 from ktrace.tracer.udp import UdpRedirector
+from ktrace.tunnel.adapter import AgentTunnel
 from ktrace.tunnel.client import AgentClient, AgentInfo
 from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.endpoint import LoopbackEndpoint
@@ -53,11 +53,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ktrace.run")
 
-ENOSYS = 38
-SOL_SOCKET, SO_ERROR = 1, 4
-# sizeof(struct sockaddr_in): the kernel refuses a shorter address for any IP destination
-# (udp_sendmsg, and udpv6_sendmsg, whose IPv6 minimum is larger still; TCP fast open too).
-MIN_IP_SOCKADDR_LEN = 16
 # After the program exits: how long its last bytes get to reach the agent.
 SHUTDOWN_GRACE = 2.0
 # When the agent is gone mid-run: how long the program has after SIGTERM before SIGKILL.
@@ -80,37 +75,11 @@ class RunOptions:
     kube: KubeOptions | None = None  # --agent kube: the cluster, the target, the agent pod's options
 
 
-def filter_rules(local_outcomes: bool = False) -> list[seccomp.Rule]:
-    """``local_outcomes``: also stop at getsockopt(SOL_SOCKET, SO_ERROR), where a program
-    learns how its non-blocking connect() to a destination kept local by a rule ended
-    (only then: it costs a stop per such call)."""
-    sys = arch.SYSCALLS
-    extra = [seccomp.trace(sys.getsockopt, only_if_args=((1, SOL_SOCKET), (2, SO_ERROR)))] if local_outcomes else []
-    return [
-        *extra,
-        seccomp.trace(sys.connect),
-        seccomp.trace(sys.getpeername),
-        seccomp.trace(sys.getsockname),
-        # UDP: a send with a destination, and receives whose source ktrace may have to
-        # restore. sendto/recvfrom without an address (a connected socket, or a TCP
-        # send/recv) never stop; sendmsg/recvmsg carry the address inside struct msghdr,
-        # out of the filter's reach, so they always stop. Nor does a sendto whose address
-        # is shorter than any IP one (the kernel refuses that for an IP destination,
-        # EINVAL, with or without ktrace): glibc's netlink request at every getaddrinfo
-        # (AI_ADDRCONFIG, a 12-byte sockaddr_nl), Go's interface listing.
-        seccomp.trace(sys.sendto, unless_arg_zero=4, at_least=(5, MIN_IP_SOCKADDR_LEN)),
-        seccomp.trace(sys.recvfrom, unless_arg_zero=4),
-        seccomp.trace(sys.sendmsg),
-        seccomp.trace(sys.recvmsg),
-        seccomp.trace(sys.sendmmsg),
-        seccomp.trace(sys.recvmmsg),
-        # The resolver view: opening /etc/resolv.conf opens the agent's copy.
-        seccomp.trace(sys.open),
-        seccomp.trace(sys.openat),
-        seccomp.trace(sys.openat2),
-        # io_uring can connect and send without any syscall ktrace could see.
-        seccomp.fail(sys.io_uring_setup, ENOSYS),
-    ]
+def filter_features(options: RunOptions) -> frozenset[str]:
+    """The optional rows of syscalls.TABLE this run needs: getsockopt(SO_ERROR) only when a
+    rule keeps some destination local (the report then tells how such connects ended)."""
+    local_outcomes = any(rule.route is Route.LOCAL for rule in options.rules.rules)
+    return frozenset({"so_error"}) if local_outcomes else frozenset()
 
 
 def read_token(path: str) -> str:
@@ -135,8 +104,8 @@ def run(options: RunOptions) -> int:
     except LaunchError as exc:
         raise KtraceError(str(exc), exit_code=exc.exit_code) from None
     log_json = reporting.open_log(options.log_json)
-    local_outcomes = any(rule.route is Route.LOCAL for rule in options.rules.rules)
-    child = launcher.fork_child(path, options.command, env, seccomp.build(filter_rules(local_outcomes)))
+    filter_program = seccomp.build(syscalls.filter_rules(filter_features(options)))
+    child = launcher.fork_child(path, options.command, env, filter_program)
     tuning.raise_fd_limit()  # for ktrace only: the program, forked already, keeps the user's limit
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
     tuning.tune_gc()
@@ -240,23 +209,20 @@ async def _session(
                 policy = RoutingPolicy(options.rules, dns_map, nameservers_of(client.info.resolv_conf))
                 recorder = reporting.recorder(options, client.info, policy, log_json)
                 threads = ThreadGroups()
-                handler = NetworkHandler(
-                    client,
-                    LoopbackEndpoint(),
-                    policy,
-                    connect_timeout=options.connect_timeout,
-                    on_event=recorder.on_connect,
-                    dns_map=dns_map,
-                    threads=threads,
-                )
 
                 def closed(stream: TcpStream, stats: TcpStats) -> None:
                     handler.stream_closed(stream)
                     recorder.on_stream_closed(stream, stats)
 
                 endpoint = LoopbackEndpoint(on_closed=closed)
-                handler.endpoint = endpoint
                 await endpoint.start()
+                handler = NetworkHandler(
+                    AgentTunnel(client, endpoint, dns_map),
+                    policy,
+                    connect_timeout=options.connect_timeout,
+                    on_event=recorder.on_connect,
+                    threads=threads,
+                )
 
                 def socket_gone(inode: int) -> None:
                     udp.forget(inode)
@@ -281,10 +247,7 @@ async def _session(
                     sources=AgentSources.from_routes(client.info.source_routes, client.info.addresses),
                 )
                 handler.udp = udp
-                files = FileViews(
-                    served=_serve_resolver_files(views_dir, client.info, options.hosts),
-                    scratch=ScratchPages(threads=threads),
-                )
+                files = FileViews(served=_serve_resolver_files(views_dir, client.info, options.hosts))
                 session = SessionHandler(handler, files, threads)
                 launcher_seize(child)
                 released = True
@@ -293,7 +256,7 @@ async def _session(
                 except LaunchError as exc:
                     raise KtraceError(str(exc), exit_code=exc.exit_code) from None
                 recorder.start(options.command, access.where)
-                tracer = Tracer(session, child.pid, loop)
+                tracer = Tracer(session, child.pid, loop, threads_of=threads)
                 tracer.start()
                 result = await _until_finished(tracer, endpoint, access.kube)
                 status = 128 + result.signal if result.signal is not None else (result.exit_code or 0)
@@ -341,7 +304,7 @@ def _serve_resolver_files(directory: str, info: AgentInfo, hosts: str) -> dict[b
 
 
 def launcher_seize(child: launcher.PendingChild) -> None:
-    from ktrace.tracer import kernel
+    from ktrace.tracer.ptrace import kernel
 
     try:
         kernel.seize(child.pid)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ktrace.tracer import kernel, seccomp
+from ktrace.tracer import linux, seccomp
 
 ALLOW_ALL = seccomp.Insn(seccomp.BPF_RET | seccomp.BPF_K, 0, 0, seccomp.RET_ALLOW).pack()
 
@@ -18,8 +18,8 @@ def main(argv: list[str]) -> int:
     if not argv:
         print("usage: seccomp_floor.py PROGRAM [ARG...]", file=sys.stderr)
         return 2
-    kernel.prepare_child_for_filter()
-    kernel.install_seccomp(ALLOW_ALL)
+    linux.prepare_child_for_filter()
+    linux.install_seccomp(ALLOW_ALL)
     os.execvp(argv[0], argv)
 
 

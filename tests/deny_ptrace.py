@@ -8,14 +8,14 @@ import errno
 import os
 import sys
 
-from ktrace.tracer import kernel, seccomp
+from ktrace.tracer import linux, seccomp
 
 PTRACE_X86_64 = 101
 
 
 def main() -> None:
-    kernel.prepare_child_for_filter()  # NO_NEW_PRIVS: what lets an unprivileged process install it
-    kernel.install_seccomp(seccomp.build([seccomp.fail(PTRACE_X86_64, errno.EPERM)]))
+    linux.prepare_child_for_filter()  # NO_NEW_PRIVS: what lets an unprivileged process install it
+    linux.install_seccomp(seccomp.build([seccomp.fail(PTRACE_X86_64, errno.EPERM)]))
     os.execvp(sys.argv[1], sys.argv[1:])
 
 

@@ -1,4 +1,4 @@
-"""kernel.duplicate_fd against a real process, on both of its paths: a thread id used directly
+"""linux.duplicate_fd against a real process, on both of its paths: a thread id used directly
 (PIDFD_THREAD, Linux 6.9+) and, on older kernels, the thread group looked up from the tracer's
 cache instead of /proc."""
 
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from e2e_helpers import read_line
 
-from ktrace.tracer import kernel
+from ktrace.tracer import linux
 from ktrace.tracer.threads import ThreadGroups
 
 pytestmark = pytest.mark.timeout(30)
@@ -45,15 +45,15 @@ def second_thread() -> Iterator[tuple[int, int]]:
 
 @pytest.fixture
 def proc_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The threads whose group is read from /proc (kernel.thread_group_of, which it still does)."""
+    """The threads whose group is read from /proc (linux.thread_group_of, which it still does)."""
     reads: list[int] = []
-    real = kernel.thread_group_of
+    real = linux.thread_group_of
 
     def counted(tid: int) -> int:
         reads.append(tid)
         return real(tid)
 
-    monkeypatch.setattr(kernel, "thread_group_of", counted)
+    monkeypatch.setattr(linux, "thread_group_of", counted)
     return reads
 
 
@@ -69,10 +69,10 @@ def test_before_6_9_the_thread_group_comes_from_the_cache(
 ) -> None:
     pid, tid = second_thread
     # pidfd_open() refuses flags it does not know with EINVAL, as kernels before 6.9 refuse PIDFD_THREAD.
-    monkeypatch.setattr(kernel, "PIDFD_THREAD", 1)
+    monkeypatch.setattr(linux, "PIDFD_THREAD", 1)
     groups = ThreadGroups()
-    assert _is_its_stdin(kernel.duplicate_fd(tid, 0, groups.of), pid)
-    assert _is_its_stdin(kernel.duplicate_fd(tid, 0, groups.of), pid)
+    assert _is_its_stdin(linux.duplicate_fd(tid, 0, groups.of), pid)
+    assert _is_its_stdin(linux.duplicate_fd(tid, 0, groups.of), pid)
     assert proc_reads == [tid]  # once, for both
 
 
@@ -84,5 +84,5 @@ def _kernel_at_least(major: int, minor: int) -> bool:
 @pytest.mark.skipif(not _kernel_at_least(6, 9), reason="PIDFD_THREAD needs Linux 6.9")
 def test_from_6_9_a_thread_id_needs_no_lookup(second_thread: tuple[int, int], proc_reads: list[int]) -> None:
     pid, tid = second_thread
-    assert _is_its_stdin(kernel.duplicate_fd(tid, 0, ThreadGroups().of), pid)
+    assert _is_its_stdin(linux.duplicate_fd(tid, 0, ThreadGroups().of), pid)
     assert proc_reads == []

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from ktrace.run import filter_rules
-from ktrace.tracer import arch, seccomp
+from ktrace.tracer import arch, seccomp, syscalls
+from ktrace.tracer.syscalls import filter_rules
 
-SYS = arch.SYSCALLS
-PROGRAM = seccomp.build(filter_rules())
+
+class _Numbers:
+    """x86_64 syscall numbers by name (the table's, plus a few the filter must let run)."""
+
+    read, write, mmap = 0, 1, 9
+
+    def __getattr__(self, name: str) -> int:
+        nr = syscalls.number(name, arch.X86_64)
+        assert nr is not None
+        return nr
+
+
+SYS = _Numbers()
+PROGRAM = seccomp.build(filter_rules(on=arch.X86_64), on=arch.X86_64)
 
 
 def run(nr: int, audit_arch: int = arch.AUDIT_ARCH_X86_64, args: tuple[int, ...] = (0,) * 6) -> int:
@@ -30,10 +42,10 @@ def test_io_uring_setup_fails_with_enosys_without_a_stop() -> None:
 
 
 def test_x32_numbers_are_refused() -> None:
-    assert run(arch.X32_SYSCALL_BIT | SYS.connect) == seccomp.RET_ERRNO | 38
+    assert run(arch.X86_64.x32_bit | SYS.connect) == seccomp.RET_ERRNO | 38
 
 
-@pytest.mark.parametrize("nr", arch.I386_NETWORK_SYSCALLS)
+@pytest.mark.parametrize("nr", arch.X86_64.foreign_denied)
 def test_i386_network_syscalls_cannot_bypass_the_tunnel(nr: int) -> None:
     assert run(nr, arch.AUDIT_ARCH_I386) == seccomp.RET_ERRNO | 38
 
@@ -93,7 +105,7 @@ def test_program_is_whole_instructions() -> None:
 
 
 def test_getsockopt_so_error_stops_only_when_local_outcomes_are_wanted() -> None:
-    with_local = seccomp.build(filter_rules(local_outcomes=True))
+    with_local = seccomp.build(filter_rules(frozenset({"so_error"}), on=arch.X86_64), on=arch.X86_64)
     so_error = (3, 1, 4, 0x7FFF0000, 0x7FFF0010, 0)  # fd, SOL_SOCKET, SO_ERROR, optval, optlen
     assert seccomp.evaluate(with_local, SYS.getsockopt, arch.AUDIT_ARCH_X86_64, so_error) == (
         seccomp.RET_TRACE | SYS.getsockopt
@@ -113,3 +125,29 @@ def test_a_rule_takes_one_kind_of_argument_condition() -> None:
     rule = seccomp.Rule(SYS.getsockopt, seccomp.RET_TRACE, unless_arg_zero=1, only_if_args=((2, 4),))
     with pytest.raises(ValueError, match="not both"):
         seccomp.build([rule])
+
+
+def test_the_notification_backend_gets_the_same_filter_with_another_stop_action() -> None:
+    notify = seccomp.build(filter_rules(on=arch.X86_64), on=arch.X86_64, stop=seccomp.RET_USER_NOTIF)
+    assert seccomp.evaluate(notify, SYS.connect, arch.AUDIT_ARCH_X86_64) == seccomp.RET_USER_NOTIF
+    assert seccomp.evaluate(notify, SYS.io_uring_setup, arch.AUDIT_ARCH_X86_64) == seccomp.RET_ERRNO | 38
+    assert seccomp.evaluate(notify, SYS.read, arch.AUDIT_ARCH_X86_64) == seccomp.RET_ALLOW
+
+
+@pytest.mark.parametrize("row", [row for row in syscalls.TABLE if "aarch64" in row.numbers], ids=lambda r: r.name)
+def test_aarch64_filter_stops_the_table_s_rows_by_their_aarch64_numbers(row: syscalls.Row) -> None:
+    program = seccomp.build(filter_rules(frozenset({"so_error"}), on=arch.AARCH64), on=arch.AARCH64)
+    nr = row.numbers["aarch64"]
+    args = (3, 1, 4, 0x7FFF0000, 0x7FFF0000, 64)  # satisfies every row's argument condition
+    expected = seccomp.RET_TRACE | nr
+    if isinstance(row.when, syscalls.Fails):
+        expected = seccomp.RET_ERRNO | row.when.errno
+    assert seccomp.evaluate(program, nr, arch.AUDIT_ARCH_AARCH64, args) == expected
+    # The same number from another audit arch is not this syscall there: it never stops.
+    assert seccomp.evaluate(program, nr, arch.AUDIT_ARCH_X86_64, args) & 0xFFFF0000 != seccomp.RET_TRACE
+
+
+@pytest.mark.parametrize("nr", arch.AARCH64.foreign_denied)
+def test_aarch32_network_syscalls_cannot_bypass_the_tunnel(nr: int) -> None:
+    program = seccomp.build(filter_rules(on=arch.AARCH64), on=arch.AARCH64)
+    assert seccomp.evaluate(program, nr, arch.AUDIT_ARCH_ARM) == seccomp.RET_ERRNO | 38

@@ -189,18 +189,18 @@ class _Spinner:
 def _interrupted_by_signals(task: asyncio.Task[Any]) -> Iterator[list[int]]:
     """While starting the agent, SIGINT/SIGTERM/SIGHUP cancel ``task`` (``ktrace run`` has blocked them
     for the tracer's signalfd, so they are read from a signalfd of our own until the tracer starts)."""
-    from ktrace.tracer import kernel
+    from ktrace.tracer import linux
 
     wanted: set[int] = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
     if not wanted <= set(signal.pthread_sigmask(signal.SIG_BLOCK, set())):
         yield []  # not blocked (not under `ktrace run`): Python's own handlers apply
         return
     loop = asyncio.get_running_loop()
-    fd = kernel.signalfd(wanted)
+    fd = linux.signalfd(wanted)
     received: list[int] = []
 
     def on_signal() -> None:
-        for signo, _code, _pid in kernel.read_signals(fd):
+        for signo, _code, _pid in linux.read_signals(fd):
             if not received:
                 task.cancel()
             received.append(signo)

@@ -1,94 +1,105 @@
-"""Everything specific to the CPU architecture: syscall numbers and registers.
+"""What differs between CPU architectures: the audit arch seccomp reports, the registers
+a syscall uses, and the other ABIs a process of this arch can enter the kernel through.
 
-Only x86_64 is supported today. An aarch64 port adds a sibling table here and a
-register mapping in `kernel.py`; nothing else in the tracer names a register or
-a syscall number.
+Syscall numbers are not here: `syscalls.py` has one row per syscall with its number on
+each architecture. x86_64 runs end to end; aarch64 is described (its rows, registers and
+filter are unit-tested) but has not run on hardware yet.
 """
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 from typing import Final
 
-# linux/audit.h: EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE
+# linux/audit.h: EM_* | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE
 AUDIT_ARCH_X86_64: Final = 0xC000003E
-# EM_386 | __AUDIT_ARCH_LE: a 64-bit process can still enter the 32-bit syscall
-# table with `int 0x80`, where every number means something else.
+AUDIT_ARCH_AARCH64: Final = 0xC00000B7
+# The 32-bit ABIs a 64-bit process can still use (`int 0x80` on x86_64; AArch32 on arm64
+# kernels that run 32-bit code), where every syscall number means something else.
 AUDIT_ARCH_I386: Final = 0x40000003
-# x32 syscalls share AUDIT_ARCH_X86_64 and are told apart by this bit.
-X32_SYSCALL_BIT: Final = 0x40000000
-
-# The `syscall` instruction is 2 bytes (0f 05): rewinding rip by this much
-# re-executes it.
-SYSCALL_INSN_LEN: Final = 2
+AUDIT_ARCH_ARM: Final = 0x40000028
 
 
 @dataclass(frozen=True)
-class SyscallTable:
-    read: int
-    write: int
-    open: int
-    sendfile: int
-    connect: int
-    sendto: int
-    recvfrom: int
-    sendmsg: int
-    recvmsg: int
-    getsockname: int
-    getpeername: int
-    getsockopt: int
-    mmap: int
-    munmap: int
-    openat: int
-    recvmmsg: int
-    sendmmsg: int
-    io_uring_setup: int
-    openat2: int
+class Arch:
+    name: str  # the key of this arch in syscalls.Row.numbers
+    audit_arch: int
+    # Register names in the ptrace register structure.
+    nr_register: str
+    return_register: str
+    ip_register: str
+    arg_registers: tuple[str, str, str, str, str, str]
+    # Length of the syscall instruction (rewinding the instruction pointer by it re-issues the call).
+    syscall_insn_len: int
+    # The syscall number lives outside the general registers (aarch64: NT_ARM_SYSTEM_CALL):
+    # changing nr_register alone does not change the call.
+    nr_in_regset: bool
+    # Numbers of this arch's network syscalls in its foreign (32-bit) ABI: they fail with
+    # ENOSYS rather than reach the kernel unseen.
+    foreign_audit_arch: int
+    foreign_denied: tuple[int, ...]
+    # x32 syscalls share the native audit arch and set this bit in the number (0: none).
+    x32_bit: int = 0
 
 
-X86_64: Final = SyscallTable(
-    read=0,
-    write=1,
-    open=2,
-    sendfile=40,
-    connect=42,
-    sendto=44,
-    recvfrom=45,
-    sendmsg=46,
-    recvmsg=47,
-    getsockname=51,
-    getpeername=52,
-    getsockopt=55,
-    mmap=9,
-    munmap=11,
-    openat=257,
-    recvmmsg=299,
-    sendmmsg=307,
-    io_uring_setup=425,
-    openat2=437,
+X86_64: Final = Arch(
+    name="x86_64",
+    audit_arch=AUDIT_ARCH_X86_64,
+    nr_register="orig_rax",
+    return_register="rax",
+    ip_register="rip",
+    arg_registers=("rdi", "rsi", "rdx", "r10", "r8", "r9"),
+    syscall_insn_len=2,  # 0f 05
+    nr_in_regset=False,
+    foreign_audit_arch=AUDIT_ARCH_I386,
+    foreign_denied=(
+        102,  # socketcall
+        337,  # recvmmsg
+        345,  # sendmmsg
+        362,  # connect
+        369,  # sendto
+        370,  # sendmsg
+        371,  # recvfrom
+        372,  # recvmsg
+        425,  # io_uring_setup
+    ),
+    x32_bit=0x40000000,
 )
 
-# The i386 numbers of the network syscalls a 64-bit program could reach through
-# `int 0x80`. ktrace does not rewrite them; the filter makes them fail instead
-# of letting them bypass the tunnel.
-I386_NETWORK_SYSCALLS: Final = (
-    102,  # socketcall
-    337,  # recvmmsg
-    345,  # sendmmsg
-    362,  # connect
-    369,  # sendto
-    370,  # sendmsg
-    371,  # recvfrom
-    372,  # recvmsg
-    425,  # io_uring_setup
+AARCH64: Final = Arch(
+    name="aarch64",
+    audit_arch=AUDIT_ARCH_AARCH64,
+    # python-ptrace names the general registers r0..r30; x8 carries the number at entry.
+    nr_register="r8",
+    return_register="r0",
+    ip_register="pc",
+    arg_registers=("r0", "r1", "r2", "r3", "r4", "r5"),
+    syscall_insn_len=4,  # svc #0
+    nr_in_regset=True,
+    foreign_audit_arch=AUDIT_ARCH_ARM,
+    foreign_denied=(
+        283,  # connect
+        290,  # sendto
+        292,  # recvfrom
+        296,  # sendmsg
+        297,  # recvmsg
+        365,  # recvmmsg
+        374,  # sendmmsg
+        425,  # io_uring_setup
+    ),
 )
 
-SYSCALLS: Final = X86_64
-AUDIT_ARCH: Final = AUDIT_ARCH_X86_64
+ARCHES: Final = {arch.name: arch for arch in (X86_64, AARCH64)}
 
-# Register names in python-ptrace's user_regs_struct for x86_64.
-NR_REGISTER: Final = "orig_rax"
-RETURN_REGISTER: Final = "rax"
-IP_REGISTER: Final = "rip"
-SP_REGISTER: Final = "rsp"
-ARG_REGISTERS: Final = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+
+def native() -> Arch:
+    machine = platform.machine()
+    if machine in ("x86_64", "AMD64"):
+        return X86_64
+    if machine in ("aarch64", "arm64"):
+        return AARCH64
+    raise RuntimeError(f"ktrace does not support the {machine} architecture")
+
+
+NATIVE: Final = native()

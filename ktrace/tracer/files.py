@@ -10,24 +10,15 @@ way it always does.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 
-from ktrace.tracer import arch, kernel
-from ktrace.tracer.kernel import Registers, TraceeGone
-from ktrace.tracer.scratch import ScratchPages
-from ktrace.tracer.tracer import Outcome, Resume, Rewrite
+from ktrace.tracer.linux import AT_FDCWD
+from ktrace.tracer.tracee import NeedScratch, Outcome, Resume, Rewrite, Tracee, TraceeGone
 
-SYS = arch.SYSCALLS
-AT_FDCWD = -100
-
-
-def path_argument_index(nr: int) -> int | None:
-    if nr == SYS.open:
-        return 0
-    if nr in (SYS.openat, SYS.openat2):
-        return 1
-    return None
+# Where the path is among each open call's arguments.
+PATH_ARGUMENT = {"open": 0, "openat": 1, "openat2": 1}
 
 
 def absolute_path(path: bytes, base: bytes | None) -> bytes | None:
@@ -48,15 +39,14 @@ class FileViews:
     """Serves files by absolute path: {b'/etc/resolv.conf': b'/tmp/ktrace-x/resolv.conf'}."""
 
     served: dict[bytes, bytes]
-    scratch: ScratchPages = field(default_factory=ScratchPages)
     opened: list[bytes] = field(default_factory=list)  # served paths the program opened, for reports
 
-    def on_open(self, tid: int, regs: Registers) -> Outcome:
-        index = path_argument_index(regs.nr)
+    def on_open(self, t: Tracee) -> Outcome:
+        index = PATH_ARGUMENT.get(t.syscall)
         if index is None:
             return Resume()
         try:
-            path = kernel.read_c_string(tid, regs.arg(index), limit=4096)
+            path = t.read_string(t.arg(index), limit=4096)
         except TraceeGone:
             raise
         except OSError:
@@ -66,27 +56,18 @@ class FileViews:
             return Resume()
         base = None
         if not path.startswith(b"/"):
-            dirfd = regs.arg(0) if index == 1 else AT_FDCWD
-            base = self._directory(tid, dirfd)
+            base = t.directory(t.arg(0) if index == 1 else AT_FDCWD)
         full = absolute_path(path, base)
         replacement = self.served.get(full) if full is not None else None
         if replacement is None:
             return Resume()
-        if self.scratch.unavailable(tid):
-            return Resume()
-        slot = self.scratch.slot_for(tid, replacement + b"\0")
-        if slot is None:
-            injected, on_exit = self.scratch.inject_map(tid, regs)
-            return Rewrite(injected, on_exit)
-        self.opened.append(full or b"")
-        regs.set_arg(index, slot)
-        return Rewrite(regs)
-
-    @staticmethod
-    def _directory(tid: int, dirfd: int) -> bytes | None:
-        dirfd = int.from_bytes(dirfd.to_bytes(8, "little")[:4], "little", signed=True)
-        link = f"/proc/{tid}/cwd" if dirfd == AT_FDCWD else f"/proc/{tid}/fd/{dirfd}"
         try:
-            return os.readlink(link).encode()
-        except OSError:
-            return None
+            slot = t.stable_copy(replacement + b"\0")
+        except OSError as exc:
+            if exc.errno == errno.ENOMEM:
+                return Resume()  # no page could be mapped in this process: it reads this machine's file
+            raise
+        if slot is None:
+            return NeedScratch()
+        self.opened.append(full or b"")
+        return Rewrite(((index, slot),))

@@ -26,7 +26,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ktrace.tracer import kernel
+from ktrace.tracer import linux
 
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
@@ -83,8 +83,8 @@ def fork_child(path: str, argv: Sequence[str], env: Mapping[str, str], filter_pr
             if os.read(go_r, 1) != b"g":
                 os._exit(_CHILD_ABORT)
             os.close(go_r)
-            kernel.prepare_child_for_filter()
-            kernel.install_seccomp(filter_program)
+            linux.prepare_child_for_filter()
+            linux.install_seccomp(filter_program)
             os.execve(path, list(argv), env_bytes)
         except OSError as exc:
             os.write(err_w, struct.pack("=i", exc.errno or errno.EIO))
@@ -131,4 +131,4 @@ def reap(pid: int) -> None:
     except ProcessLookupError:
         return
     with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, kernel.WALL)
+        os.waitpid(pid, linux.WALL)

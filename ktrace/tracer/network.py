@@ -20,23 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ktrace.rules import RouteDecision
-from ktrace.tracer import arch, decide, kernel, sockaddr
+from ktrace.tracer import decide, sockaddr
 from ktrace.tracer.decide import Passthrough, Redirected, RedirectTcp, RoutingPolicy, SocketInfo
-from ktrace.tracer.kernel import Registers, TraceeGone
+from ktrace.tracer.ports import Dialled, TcpTunnel
 from ktrace.tracer.sockaddr import InetAddr
 from ktrace.tracer.threads import ThreadGroups
-from ktrace.tracer.tracer import Complete, Deferred, Outcome, Resume, WatchExit
+from ktrace.tracer.tracee import Complete, Deferred, Memory, Outcome, Resume, Tracee, TraceeGone, WatchExit
 from ktrace.tracer.udp import UdpRedirector, read_outgoing
-from ktrace.tunnel.client import AgentClient, TcpStream
-from ktrace.tunnel.dns_map import DnsMap, DnsTcpTap
-from ktrace.tunnel.endpoint import LoopbackEndpoint
 from ktrace.tunnel.types import Endpoint, TunnelError
 
 log = logging.getLogger("ktrace.network")
 
-SYS = arch.SYSCALLS
 MSG_FASTOPEN = 0x20000000
-DNS_PORT = 53
 BYPASS_RESOLVER_SOCKETS = frozenset(
     {
         b"/var/run/nscd/socket",
@@ -76,15 +71,13 @@ class _PendingLocal:
 
 @dataclass
 class NetworkHandler:
-    client: AgentClient
-    endpoint: LoopbackEndpoint
+    tunnel: TcpTunnel
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)
     connect_timeout: float | None = None
     on_event: Callable[[ConnectEvent], None] | None = None
     udp: UdpRedirector | None = None
-    dns_map: DnsMap | None = None
     redirected: dict[int, Redirected] = field(default_factory=dict)
-    _streams: dict[int, int] = field(default_factory=dict)  # id(stream) -> inode
+    _streams: dict[int, int] = field(default_factory=dict)  # id(dialled) -> inode
     _warned_no_descriptor: bool = False
     _warned_protocols: set[tuple[int, int]] = field(default_factory=set)
     # Non-blocking connect()s kept local, by socket inode, until the program learns
@@ -94,52 +87,51 @@ class NetworkHandler:
 
     # -- SyscallHandler ------------------------------------------------------------
 
-    def on_syscall(self, tid: int, regs: Registers) -> Outcome:
-        nr = regs.nr
-        if nr == SYS.connect:
-            return self._connect(tid, regs)
-        if nr == SYS.getsockopt:
-            return self._so_error(tid, regs)
-        if nr == SYS.getpeername:
-            return self._name(tid, regs, decide.peer_name, peer=True)
-        if nr == SYS.getsockname:
-            return self._name(tid, regs, decide.sock_name, peer=False)
-        if self.udp is None:
-            return Resume()
-        if nr in (SYS.recvfrom, SYS.recvmsg, SYS.recvmmsg):
-            return self._receive(tid, regs)
-        if nr in (SYS.sendto, SYS.sendmsg, SYS.sendmmsg):
-            return self._send(tid, regs)
-        return Resume()
+    def on_connect(self, t: Tracee) -> Outcome:
+        return self._connect(t)
+
+    def on_so_error(self, t: Tracee) -> Outcome:
+        return self._so_error(t)
+
+    def on_names(self, t: Tracee) -> Outcome:
+        if t.syscall == "getpeername":
+            return self._name(t, decide.peer_name, peer=True)
+        return self._name(t, decide.sock_name, peer=False)
+
+    def on_receive(self, t: Tracee) -> Outcome:
+        return self._receive(t) if self.udp is not None else Resume()
+
+    def on_send(self, t: Tracee) -> Outcome:
+        return self._send(t) if self.udp is not None else Resume()
 
     # -- UDP ------------------------------------------------------------------------------
 
-    def _receive(self, tid: int, regs: Registers) -> Outcome:
+    def _receive(self, t: Tracee) -> Outcome:
         assert self.udp is not None
-        inode = socket_inode(tid, regs.arg(0))
+        inode = t.inode(t.arg(0))
         family = self.udp.sockets.get(inode) if inode is not None else None
         if inode is None or family is None:
             return Resume()
         info = SocketInfo(family, socket.SOCK_DGRAM, inode)
-        if regs.nr == SYS.recvfrom:
-            if not (regs.arg(4) and regs.arg(5) and decide.recvfrom_in_ktrace(regs.arg(3) & 0xFFFFFFFF)):
-                return self.udp.recvfrom(tid, regs, info)  # no source asked for, or the exit path
+        if t.syscall == "recvfrom":
+            if not (t.arg(4) and t.arg(5) and decide.recvfrom_in_ktrace(t.arg(3) & 0xFFFFFFFF)):
+                return self.udp.recvfrom(t, info)  # no source asked for, or the exit path
             try:
-                dup = kernel.duplicate_fd(tid, regs.arg(0), self.threads.of)
+                dup = t.duplicate(t.arg(0))
             except OSError:
-                return self.udp.recvfrom(tid, regs, info)  # the exit path needs no descriptor
+                return self.udp.recvfrom(t, info)  # the exit path needs no descriptor
             try:
-                return self.udp.recvfrom(tid, regs, info, dup)
+                return self.udp.recvfrom(t, info, dup)
             finally:
                 os.close(dup)
-        if regs.nr == SYS.recvmsg:
-            return self.udp.recvmsg(tid, regs, info)
-        return self.udp.recvmmsg(tid, regs, info)
+        if t.syscall == "recvmsg":
+            return self.udp.recvmsg(t, info)
+        return self.udp.recvmmsg(t, info)
 
-    def _send(self, tid: int, regs: Registers) -> Outcome:
+    def _send(self, t: Tracee) -> Outcome:
         assert self.udp is not None
         try:
-            outgoing = read_outgoing(tid, regs)
+            outgoing = read_outgoing(t)
         except TraceeGone:
             raise
         except (OSError, ValueError):
@@ -151,7 +143,7 @@ class NetworkHandler:
             # names an AF_NETLINK address; by sendto it does not even stop, filter_rules),
             # and every branch below lets those run unchanged.
             return Resume()
-        sock = self._socket(tid, regs.arg(0))
+        sock = self._socket(t, t.arg(0))
         if not isinstance(sock, socket.socket):
             return sock
         try:
@@ -159,16 +151,16 @@ class NetworkHandler:
             if not info.is_ip:
                 return Resume()
             if info.type == socket.SOCK_STREAM:
-                if regs.nr == SYS.sendto and regs.arg(3) & MSG_FASTOPEN:
-                    return self._fast_open(tid, regs, sock, info, outgoing.destinations[0])
+                if t.syscall == "sendto" and t.arg(3) & MSG_FASTOPEN:
+                    return self._fast_open(t, sock, info, outgoing.destinations[0])
                 return Resume()
             if not info.is_udp:
                 return self._send_uncarried(outgoing.destinations, info)
-            if regs.nr == SYS.sendto:
-                return self.udp.sendto(tid, regs, sock, info, outgoing)
-            if regs.nr == SYS.sendmsg:
-                return self.udp.sendmsg(tid, regs, sock, info, outgoing)
-            return self.udp.sendmmsg(tid, regs, sock, info, outgoing)
+            if t.syscall == "sendto":
+                return self.udp.sendto(t, sock, info, outgoing)
+            if t.syscall == "sendmsg":
+                return self.udp.sendmsg(t, sock, info, outgoing)
+            return self.udp.sendmmsg(t, sock, info, outgoing)
         finally:
             sock.close()
 
@@ -193,12 +185,10 @@ class NetworkHandler:
             )
         return Complete(-errno.ENETUNREACH)
 
-    def _fast_open(
-        self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo, addr: sockaddr.Decoded | None
-    ) -> Outcome:
+    def _fast_open(self, t: Tracee, sock: socket.socket, info: SocketInfo, addr: sockaddr.Decoded | None) -> Outcome:
         """sendto(MSG_FASTOPEN) on a TCP socket is connect() followed by send()."""
         try:
-            payload = kernel.read_memory(tid, regs.arg(1), min(regs.arg(2), 1 << 20))
+            payload = t.read(t.arg(1), min(t.arg(2), 1 << 20))
         except TraceeGone:
             raise
         except OSError:
@@ -209,19 +199,19 @@ class NetworkHandler:
         if isinstance(decision, Passthrough):
             return Resume()
         kept = socket.socket(fileno=os.dup(sock.fileno()))
-        return Deferred(self._redirect_tcp(tid, kept, info, decision, payload))
+        return Deferred(self._redirect_tcp(t.tid, kept, info, decision, payload))
 
-    def stream_closed(self, stream: TcpStream) -> None:
-        inode = self._streams.pop(id(stream), None)
+    def stream_closed(self, dialled: Dialled) -> None:
+        inode = self._streams.pop(id(dialled), None)
         if inode is not None:
             self.redirected.pop(inode, None)
 
     # -- connect ----------------------------------------------------------------------
 
-    def _connect(self, tid: int, regs: Registers) -> Outcome:
-        fd, addr_ptr, addr_len = regs.arg(0), regs.arg(1), regs.arg(2) & 0xFFFFFFFF
+    def _connect(self, t: Tracee) -> Outcome:
+        fd, addr_ptr, addr_len = t.arg(0), t.arg(1), t.arg(2) & 0xFFFFFFFF
         try:
-            raw = kernel.read_memory(tid, addr_ptr, min(addr_len, sockaddr.MAX_SOCKADDR_LEN))
+            raw = t.read(addr_ptr, min(addr_len, sockaddr.MAX_SOCKADDR_LEN))
         except OSError:
             return Resume()  # the kernel reports EFAULT itself
         addr = sockaddr.decode(raw)
@@ -230,13 +220,13 @@ class NetworkHandler:
                 return self._connect_unix(raw)
             if not (isinstance(addr, sockaddr.OtherFamily) and addr.family == sockaddr.AF_UNSPEC):
                 return Resume()
-        sock = self._socket(tid, fd)
+        sock = self._socket(t, fd)
         if not isinstance(sock, socket.socket):
             return sock
         info = self._info(sock)
         if info.is_udp and self.udp is not None:
             try:
-                return self.udp.connect(tid, fd, sock, info, addr)
+                return self.udp.connect(t, fd, sock, info, addr)
             finally:
                 sock.close()
         decision = decide.decide_connect(addr, info, info.inode in self.redirected, self.policy)
@@ -251,15 +241,14 @@ class NetworkHandler:
             if route is not None and route.by_user_rule and self.on_event is not None and isinstance(addr, InetAddr):
                 return self._watch_local(addr.endpoint, route, info.inode)
             return Resume()
-        return Deferred(self._redirect_tcp(tid, sock, info, decision))
+        return Deferred(self._redirect_tcp(t.tid, sock, info, decision))
 
     def _watch_local(self, dest: Endpoint, route: RouteDecision, inode: int) -> Outcome:
         """A connect() that stays on this machine: report how the kernel answered it."""
         started = time.monotonic()
         pending = self._pending_local.get(inode)
 
-        def at_exit(tid: int, regs: Registers) -> None:
-            result = regs.retval
+        def at_exit(result: int, memory: Memory) -> None:
             if -516 <= result <= -512 or result == -errno.EALREADY:
                 return  # ERESTART*: the restarted connect() stops again; EALREADY: still going
             if pending is not None:  # connect() again to learn the outcome
@@ -268,10 +257,10 @@ class NetworkHandler:
                 self._emit(pending.event(outcome))
                 return
             if result == -errno.EINPROGRESS:
-                self._remember_local(inode, _PendingLocal(tid, dest, route, started))
+                self._remember_local(inode, _PendingLocal(memory.tid, dest, route, started))
                 return
             outcome = "ok" if result >= 0 else errno.errorcode.get(-result, str(-result))
-            self._emit(ConnectEvent(tid, dest, outcome, decision=route, duration=time.monotonic() - started))
+            self._emit(ConnectEvent(memory.tid, dest, outcome, decision=route, duration=time.monotonic() - started))
 
         return WatchExit(at_exit)
 
@@ -282,21 +271,21 @@ class NetworkHandler:
             self._emit(self._pending_local.pop(oldest).event("EINPROGRESS"))
         self._pending_local[inode] = pending
 
-    def _so_error(self, tid: int, regs: Registers) -> Outcome:
+    def _so_error(self, t: Tracee) -> Outcome:
         """getsockopt(SOL_SOCKET, SO_ERROR) (the filter stops only that): the outcome of a
         pending local connect, read at the exit from what the kernel wrote."""
         if not self._pending_local:
             return Resume()
-        inode = socket_inode(tid, regs.arg(0))
+        inode = t.inode(t.arg(0))
         if inode is None or inode not in self._pending_local:
             return Resume()
-        value_ptr = regs.arg(3)
+        value_ptr = t.arg(3)
 
-        def at_exit(tid: int, exit_regs: Registers) -> None:
-            if exit_regs.retval != 0:
+        def at_exit(result: int, memory: Memory) -> None:
+            if result != 0:
                 return
             try:
-                err = kernel.read_int(tid, value_ptr)
+                err = memory.read_int(value_ptr)
             except OSError:
                 return
             pending = self._pending_local.pop(inode, None)
@@ -333,18 +322,16 @@ class NetworkHandler:
 
         try:
             try:
-                stream = await self.client.open_tcp(decision.dest, self.connect_timeout)
+                stream = await self.tunnel.dial(decision.dest, self.connect_timeout)
             except TunnelError as exc:
                 return Complete(-exc.errno, reported(exc.errno_name))
-            host, port = self.endpoint.address(info.family)
+            host, port = self.tunnel.endpoint_address(info.family)
             err = sock.connect_ex((host, port))
             if err not in (0, errno.EINPROGRESS):
                 await stream.abort()
                 return Complete(-err, reported(errno.errorcode.get(err, str(err))))
-            if self.dns_map is not None and decision.dest.port == DNS_PORT:
-                stream.observe_down = DnsTcpTap(self.dns_map).feed
             source_port = sock.getsockname()[1]
-            self.endpoint.expect(info.family, source_port, stream)
+            self.tunnel.expect(info.family, source_port, stream, decision.dest)
             self.redirected[info.inode] = Redirected(info.family, decision.original, stream.local)
             self._streams[id(stream)] = info.inode
             report = reported("ok", stream.local)
@@ -359,9 +346,9 @@ class NetworkHandler:
 
     # -- getpeername / getsockname ------------------------------------------------------
 
-    def _name(self, tid: int, regs: Registers, render: Callable[[Redirected], bytes], *, peer: bool) -> Outcome:
-        fd, name_ptr, len_ptr = regs.arg(0), regs.arg(1), regs.arg(2)
-        inode = socket_inode(tid, fd)
+    def _name(self, t: Tracee, render: Callable[[Redirected], bytes], *, peer: bool) -> Outcome:
+        fd, name_ptr, len_ptr = t.arg(0), t.arg(1), t.arg(2)
+        inode = t.inode(fd)
         if inode is None:
             return Resume()
         entry = self.redirected.get(inode)
@@ -376,26 +363,26 @@ class NetworkHandler:
             name = self.udp.sock_name(inode)
         if name is None:
             return Resume()
-        return self._write_name(tid, name_ptr, len_ptr, name)
+        return self._write_name(t, name_ptr, len_ptr, name)
 
     @staticmethod
-    def _write_name(tid: int, name_ptr: int, len_ptr: int, name: bytes) -> Complete:
+    def _write_name(t: Tracee, name_ptr: int, len_ptr: int, name: bytes) -> Complete:
         try:
-            buffer_len = kernel.read_int(tid, len_ptr)
+            buffer_len = t.read_int(len_ptr)
         except OSError:
             return Complete(-errno.EFAULT)
         if buffer_len < 0:
             return Complete(-errno.EINVAL)
         data, full = sockaddr.fill_name_buffer(name, buffer_len)
         try:
-            kernel.write_memory_parts(tid, ((name_ptr, data), (len_ptr, struct.pack("=i", full))))
+            t.write(((name_ptr, data), (len_ptr, struct.pack("=i", full))))
         except OSError:
             return Complete(-errno.EFAULT)
         return Complete(0)
 
     # -- helpers ------------------------------------------------------------------------
 
-    def _socket(self, tid: int, fd: int) -> socket.socket | Resume | Complete:
+    def _socket(self, t: Tracee, fd: int) -> socket.socket | Resume | Complete:
         """ktrace's duplicate of the program's descriptor, or what the syscall should do
         without one: run unchanged when the kernel will refuse it anyway (a bad descriptor,
         not a socket), fail when ktrace cannot look (out of descriptors): a socket ktrace
@@ -403,7 +390,7 @@ class NetworkHandler:
         if fd > 0x7FFFFFFF:
             return Resume()  # not an int: EBADF from the kernel
         try:
-            dup = kernel.duplicate_fd(tid, fd, self.threads.of)
+            dup = t.duplicate(fd)
         except OSError as exc:
             if exc.errno == errno.EBADF:
                 return Resume()
@@ -412,7 +399,7 @@ class NetworkHandler:
                 log.warning(
                     "cannot inspect a socket of process %d (%s): its network calls fail with ENOBUFS "
                     "(hint: raise ktrace's descriptor limit, `ulimit -Hn`)",
-                    tid,
+                    t.tid,
                     exc.strerror or exc,
                 )
             return Complete(-errno.ENOBUFS)
@@ -433,14 +420,3 @@ class NetworkHandler:
         if self.on_event is not None:
             # A thread gone by now (reported at exit) is named by its own id.
             self.on_event(dataclasses.replace(event, pid=self.threads.of_or_self(event.pid)))
-
-
-def socket_inode(tid: int, fd: int) -> int | None:
-    """The inode of a tracee's socket descriptor, without duplicating it."""
-    try:
-        target = os.readlink(f"/proc/{tid}/fd/{fd}")
-    except OSError:
-        return None
-    if target.startswith("socket:[") and target.endswith("]"):
-        return int(target[8:-1])
-    return None

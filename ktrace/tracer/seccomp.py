@@ -11,12 +11,14 @@ Layout of `struct seccomp_data` (linux/seccomp.h), all little-endian here:
 
 from __future__ import annotations
 
+import dataclasses
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from ktrace.tracer import arch
+from ktrace.tracer.arch import Arch
 
 # linux/filter.h instruction classes and modes
 BPF_LD: Final = 0x00
@@ -32,6 +34,7 @@ BPF_RET: Final = 0x06
 RET_KILL_PROCESS: Final = 0x80000000
 RET_ERRNO: Final = 0x00050000
 RET_TRACE: Final = 0x7FF00000
+RET_USER_NOTIF: Final = 0x7FC00000
 RET_ALLOW: Final = 0x7FFF0000
 
 OFF_NR: Final = 0
@@ -86,6 +89,8 @@ def trace(
     only_if_args: tuple[tuple[int, int], ...] = (),
     at_least: tuple[int, int] | None = None,
 ) -> Rule:
+    """A syscall that stops. Built with RET_TRACE; `build(stop=...)` swaps in another action
+    (RET_USER_NOTIF) for every such rule."""
     # The 16-bit data of RET_TRACE is what PTRACE_GETEVENTMSG returns at the
     # stop; the syscall number is a convenient tag.
     return Rule(nr, RET_TRACE | (nr & 0xFFFF), unless_arg_zero, only_if_args, at_least)
@@ -147,36 +152,33 @@ def _rule_block(rule: Rule) -> list[Insn]:
     return [_jeq(rule.nr, 0, len(rest)), *rest]
 
 
-def build(
-    rules: Sequence[Rule],
-    *,
-    foreign_arch_denied: Iterable[int] = arch.I386_NETWORK_SYSCALLS,
-    enosys: int = 38,
-) -> bytes:
-    """Assemble the filter.
+def build(rules: Sequence[Rule], *, on: Arch = arch.NATIVE, stop: int = RET_TRACE, enosys: int = 38) -> bytes:
+    """Assemble the filter for architecture ``on``.
 
-    - A syscall from another ABI than the native one: the listed i386 network
-      syscalls fail with ENOSYS (they would bypass the tunnel); others run.
+    - A syscall from the arch's foreign (32-bit) ABI: its network syscalls fail with
+      ENOSYS (they would bypass the tunnel); others run.
     - x32 syscall numbers fail with ENOSYS.
-    - Native syscalls: the first matching rule decides; default ALLOW.
+    - Native syscalls: the first matching rule decides; default ALLOW. A stopping rule's
+      action is ``stop`` (RET_TRACE for ptrace, RET_USER_NOTIF for the notification backend).
     """
-    native: list[Insn] = [_ld(OFF_NR), _jge(arch.X32_SYSCALL_BIT, 0, 1), _ret(RET_ERRNO | enosys)]
+    native: list[Insn] = [_ld(OFF_NR)]
+    if on.x32_bit:
+        native += [_jge(on.x32_bit, 0, 1), _ret(RET_ERRNO | enosys)]
     for rule in rules:
-        native.extend(_rule_block(rule))
+        stopping = rule.action & 0xFFFF0000 == RET_TRACE and stop != RET_TRACE
+        native.extend(_rule_block(dataclasses.replace(rule, action=stop) if stopping else rule))
     native.append(_ret(RET_ALLOW))
 
     foreign: list[Insn] = [_ld(OFF_NR)]
-    for nr in foreign_arch_denied:
+    for nr in on.foreign_denied:
         foreign.extend([_jeq(nr, 0, 1), _ret(RET_ERRNO | enosys)])
     foreign.append(_ret(RET_ALLOW))
 
-    head = [_ld(OFF_ARCH), _jeq(arch.AUDIT_ARCH, 0, 1)]
-    # jeq true → next insn (a jump over the foreign block is expressed by
-    # putting the native block first and jumping to foreign on mismatch).
     jump_to_foreign = len(native)
     if jump_to_foreign > 255:
         raise ValueError("seccomp filter too long for an 8-bit jump")
-    head[1] = _jeq(arch.AUDIT_ARCH, 0, jump_to_foreign)
+    # On the native arch fall through into the native block; on any other, jump over it.
+    head = [_ld(OFF_ARCH), _jeq(on.audit_arch, 0, jump_to_foreign)]
     program = head + native + foreign
     if len(program) > 4096:
         raise ValueError("seccomp filter exceeds BPF_MAXINSNS")

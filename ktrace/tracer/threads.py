@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ktrace.tracer import kernel
+from ktrace.tracer import linux
+from ktrace.tracer.tracee import TraceeGone
 
 
 @dataclass
@@ -21,14 +22,14 @@ class ThreadGroups:
         """The process id of thread ``tid``; raises ``TraceeGone`` if it no longer exists."""
         known = self._known.get(tid)
         if known is None:
-            known = self._known[tid] = kernel.thread_group_of(tid)
+            known = self._known[tid] = linux.thread_group_of(tid)
         return known
 
     def of_or_self(self, tid: int) -> int:
         """As ``of``, but a thread already gone is named by its own id (for reports)."""
         try:
             return self.of(tid)
-        except kernel.TraceeGone:
+        except TraceeGone:
             return tid
 
     def forget(self, tid: int) -> None:

@@ -25,15 +25,13 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from ktrace.tracer import decide, kernel, msghdr, sockaddr
-from ktrace.tracer.arch import SYSCALLS
+from ktrace.tracer import decide, linux, msghdr, sockaddr
 from ktrace.tracer.decide import AgentSources, Route, RoutingPolicy, SocketInfo
-from ktrace.tracer.kernel import Registers, TraceeGone
+from ktrace.tracer.ports import RelayTable
 from ktrace.tracer.sockaddr import InetAddr
 from ktrace.tracer.threads import ThreadGroups
-from ktrace.tracer.tracer import Complete, Outcome, Resume, WatchExit
+from ktrace.tracer.tracee import Complete, Memory, Outcome, Resume, Tracee, TraceeGone, WatchExit
 from ktrace.tunnel.types import MAX_DATAGRAM, Endpoint
 
 # ktrace's own recvfrom into one preallocated buffer (only the tracer's thread receives here):
@@ -58,20 +56,6 @@ _recv_name_len = ctypes.c_uint32(0)
 _recv_name_ref = ctypes.byref(_recv_name_len)
 
 
-class RelayTable(Protocol):
-    def relay_for(self, sock_key: int, family: int, peer: Endpoint) -> tuple[str, int]: ...
-
-    def sink_for(self, family: int) -> tuple[str, int]: ...
-
-    def connected_to_sink(self, sock_key: int, family: int, peer: Endpoint, program_port: int) -> None: ...
-
-    def peer_of(self, family: int, relay_port: int) -> Endpoint | None: ...
-
-    def refuse(self, sock_key: int, peer: Endpoint, program: socket.socket) -> bool: ...
-
-    def agent_port(self, sock_key: int) -> int | None: ...
-
-
 @dataclass(frozen=True)
 class Outgoing:
     """The messages of one sendto/sendmsg/sendmmsg as read from the program's memory, once:
@@ -92,16 +76,16 @@ class Outgoing:
         return any(isinstance(addr, InetAddr) for addr in self.destinations)
 
 
-def read_outgoing(tid: int, regs: Registers) -> Outgoing:
-    """The messages of sendto/sendmsg/sendmmsg ``regs`` and where they go; raises OSError or
+def read_outgoing(t: Tracee) -> Outgoing:
+    """The messages of the sendto/sendmsg/sendmmsg ``t`` and where they go; raises OSError or
     ValueError when the message headers themselves cannot be read."""
     headers: tuple[msghdr.MsgHdr, ...] = ()
-    if regs.nr == SYSCALLS.sendto:
-        names = [(regs.arg(4), regs.arg(5) & 0xFFFFFFFF)]
+    if t.syscall == "sendto":
+        names = [(t.arg(4), t.arg(5) & 0xFFFFFFFF)]
     else:
-        count = 1 if regs.nr == SYSCALLS.sendmsg else min(regs.arg(2) & 0xFFFFFFFF, msghdr.IOV_MAX)
-        size = msghdr.MSGHDR_SIZE if regs.nr == SYSCALLS.sendmsg else msghdr.MMSGHDR_SIZE
-        raw = kernel.read_memory(tid, regs.arg(1), count * size)
+        count = 1 if t.syscall == "sendmsg" else min(t.arg(2) & 0xFFFFFFFF, msghdr.IOV_MAX)
+        size = msghdr.MSGHDR_SIZE if t.syscall == "sendmsg" else msghdr.MMSGHDR_SIZE
+        raw = t.read(t.arg(1), count * size)
         headers = tuple(msghdr.decode_msghdr(raw[i * size : i * size + msghdr.MSGHDR_SIZE]) for i in range(count))
         names = [(h.name, h.namelen) for h in headers]
     destinations: list[sockaddr.Decoded | None] = []
@@ -111,7 +95,7 @@ def read_outgoing(tid: int, regs: Registers) -> Outgoing:
         raw_name: bytes | None = None
         if pointer:
             try:
-                raw_name = kernel.read_memory(tid, pointer, min(length, sockaddr.MAX_SOCKADDR_LEN))
+                raw_name = t.read(pointer, min(length, sockaddr.MAX_SOCKADDR_LEN))
             except TraceeGone:
                 raise
             except OSError:
@@ -152,11 +136,13 @@ class UdpRedirector:
     sources: AgentSources = field(default_factory=AgentSources)
     own_ports: dict[int, int] = field(default_factory=dict)  # inode -> its own port, for connected ones
     _seen: dict[int, set[Endpoint]] = field(default_factory=dict)  # inode -> destinations reported
+    # A descriptor of a process's, outside any stop (process id, fd) -> ktrace's duplicate.
+    duplicate: Callable[[int, int], int] = field(default=lambda pid, fd: linux.duplicate_fd(pid, fd, lambda t: t))
 
     # -- connect ---------------------------------------------------------------------
 
     def connect(
-        self, tid: int, fd: int, sock: socket.socket, info: SocketInfo, addr: sockaddr.Decoded | None
+        self, t: Tracee, fd: int, sock: socket.socket, info: SocketInfo, addr: sockaddr.Decoded | None
     ) -> Outcome:
         """connect() on a UDP socket: to a remote peer means to its relay."""
         dest = self._remote(info, addr)
@@ -184,8 +170,8 @@ class UdpRedirector:
         self.sockets[info.inode] = info.family
         self.connected[info.inode] = addr
         self.own_ports[info.inode] = own_port
-        self.descriptors[info.inode] = (self.threads.of(tid), fd)
-        self._note(tid, dest, "connect", info.inode)
+        self.descriptors[info.inode] = (t.process, fd)
+        self._note(t.tid, dest, "connect", info.inode)
         return Complete(0)
 
     # -- sending -----------------------------------------------------------------------
@@ -212,44 +198,45 @@ class UdpRedirector:
         except OSError as exc:
             return -(exc.errno or errno.EIO)
 
-    def sendto(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo, outgoing: Outgoing) -> Outcome:
-        buf, length, flags = regs.arg(1), regs.arg(2), regs.arg(3)
+    def sendto(self, t: Tracee, sock: socket.socket, info: SocketInfo, outgoing: Outgoing) -> Outcome:
+        buf, length, flags = t.arg(1), t.arg(2), t.arg(3)
         dest = self._remote(info, outgoing.destinations[0])
         if dest is None:
             return Resume()
         try:
-            payload = kernel.read_memory(tid, buf, min(length, MAX_DATAGRAM))
+            payload = t.read(buf, min(length, MAX_DATAGRAM))
         except TraceeGone:
             raise
         except OSError:
             return Complete(-errno.EFAULT)
         if length > MAX_DATAGRAM:
             return Complete(-errno.EMSGSIZE)
-        return Complete(self._send_one(tid, sock, info, dest, payload, flags & 0xFFFFFFFF))
+        return Complete(self._send_one(t.tid, sock, info, dest, payload, flags & 0xFFFFFFFF))
 
-    def _gather(self, tid: int, hdr: msghdr.MsgHdr) -> bytes:
-        iovecs = msghdr.decode_iovecs(kernel.read_memory(tid, hdr.iov, hdr.iovlen * msghdr.IOVEC_SIZE), hdr.iovlen)
+    @staticmethod
+    def _gather(t: Tracee, hdr: msghdr.MsgHdr) -> bytes:
+        iovecs = msghdr.decode_iovecs(t.read(hdr.iov, hdr.iovlen * msghdr.IOVEC_SIZE), hdr.iovlen)
         total = sum(length for _base, length in iovecs)
         if total > MAX_DATAGRAM:
             raise OverflowError
-        return b"".join(kernel.read_memory(tid, base, length) for base, length in iovecs)
+        return b"".join(t.read(base, length) for base, length in iovecs)
 
-    def sendmsg(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo, outgoing: Outgoing) -> Outcome:
+    def sendmsg(self, t: Tracee, sock: socket.socket, info: SocketInfo, outgoing: Outgoing) -> Outcome:
         dest = self._remote(info, outgoing.destinations[0])
         if dest is None:
             return Resume()
         try:
-            payload = self._gather(tid, outgoing.headers[0])
+            payload = self._gather(t, outgoing.headers[0])
         except TraceeGone:
             raise
         except OverflowError:
             return Complete(-errno.EMSGSIZE)
         except (OSError, ValueError):
             return Resume()
-        return Complete(self._send_one(tid, sock, info, dest, payload, regs.arg(2) & 0xFFFFFFFF))
+        return Complete(self._send_one(t.tid, sock, info, dest, payload, t.arg(2) & 0xFFFFFFFF))
 
-    def sendmmsg(self, tid: int, regs: Registers, sock: socket.socket, info: SocketInfo, outgoing: Outgoing) -> Outcome:
-        base, flags = regs.arg(1), regs.arg(3) & 0xFFFFFFFF
+    def sendmmsg(self, t: Tracee, sock: socket.socket, info: SocketInfo, outgoing: Outgoing) -> Outcome:
+        base, flags = t.arg(1), t.arg(3) & 0xFFFFFFFF
         if outgoing.unreadable:
             return Resume()  # the kernel fails the message it cannot read (EFAULT)
         dests = [self._remote(info, addr) for addr in outgoing.destinations]
@@ -258,12 +245,12 @@ class UdpRedirector:
         sent = 0
         for index, (hdr, dest, name) in enumerate(zip(outgoing.headers, dests, outgoing.names, strict=True)):
             try:
-                payload = self._gather(tid, hdr)
+                payload = self._gather(t, hdr)
             except (OverflowError, OSError, ValueError):
                 result = -errno.EMSGSIZE
             else:
                 if dest is not None:
-                    result = self._send_one(tid, sock, info, dest, payload, flags)
+                    result = self._send_one(t.tid, sock, info, dest, payload, flags)
                 elif name is not None:
                     # Named, but not for the cluster (a local destination, or one the kernel
                     # refuses): sent to that name, as the kernel would.
@@ -276,7 +263,7 @@ class UdpRedirector:
             if result < 0:
                 return Complete(sent if sent else result)
             entry = base + index * msghdr.MMSGHDR_SIZE
-            kernel.write_memory(tid, entry + msghdr.MSG_LEN_OFFSET, struct.pack("=I", result))
+            t.write(((entry + msghdr.MSG_LEN_OFFSET, struct.pack("=I", result)),))
             sent += 1
         return Complete(sent)
 
@@ -306,45 +293,47 @@ class UdpRedirector:
             return None
         return sockaddr.encode(family, peer.ip, peer.port)
 
-    def _rewrite_name(self, tid: int, family: int, name_ptr: int, buffer_len: int, len_ptr: int, len_size: int) -> None:
-        written = kernel.read_memory(tid, name_ptr, min(buffer_len, sockaddr.MAX_SOCKADDR_LEN))
+    def _rewrite_name(
+        self, memory: Memory, family: int, name_ptr: int, buffer_len: int, len_ptr: int, len_size: int
+    ) -> None:
+        written = memory.read(name_ptr, min(buffer_len, sockaddr.MAX_SOCKADDR_LEN))
         true = self._true_source(family, written) or self._true_source_of_prefix(family, written)
         if true is None:
             return
         data, full = sockaddr.fill_name_buffer(true, buffer_len)
-        kernel.write_memory_parts(tid, ((name_ptr, data), (len_ptr, full.to_bytes(len_size, "little"))))
+        memory.write(((name_ptr, data), (len_ptr, full.to_bytes(len_size, "little"))))
 
-    def recvfrom(self, tid: int, regs: Registers, info: SocketInfo, fd: int | None = None) -> Outcome:
+    def recvfrom(self, t: Tracee, info: SocketInfo, fd: int | None = None) -> Outcome:
         """``fd``: ktrace's duplicate of the program's socket, to receive in its place; given
         only when its flags allow that (``decide.recvfrom_in_ktrace``, checked by the caller
         before it duplicates the descriptor)."""
-        name_ptr, len_ptr = regs.arg(4), regs.arg(5)
+        name_ptr, len_ptr = t.arg(4), t.arg(5)
         if not name_ptr or not len_ptr:
             return Resume()
         try:
-            buffer_len = kernel.read_int(tid, len_ptr)
+            buffer_len = t.read_int(len_ptr)
         except TraceeGone:
             raise
         except OSError:
             return Resume()
         if fd is not None and buffer_len >= 0:
-            done = self._recvfrom_now(tid, regs, info, fd, buffer_len)
+            done = self._recvfrom_now(t, info, fd, buffer_len)
             if done is not None:
                 return done
 
-        def at_exit(tid: int, exit_regs: Registers) -> None:
-            if exit_regs.retval >= 0 and buffer_len > 0:
-                self._rewrite_name(tid, info.family, name_ptr, buffer_len, len_ptr, 4)
+        def at_exit(result: int, memory: Memory) -> None:
+            if result >= 0 and buffer_len > 0:
+                self._rewrite_name(memory, info.family, name_ptr, buffer_len, len_ptr, 4)
 
         return WatchExit(at_exit)
 
-    def _recvfrom_now(self, tid: int, regs: Registers, info: SocketInfo, fd: int, buffer_len: int) -> Complete | None:
+    def _recvfrom_now(self, t: Tracee, info: SocketInfo, fd: int, buffer_len: int) -> Complete | None:
         """The program's recvfrom() done by ktrace on the same socket (``fd``, its duplicate),
         when a datagram (or a pending error) is there already: the resolver polled first, so
         it usually is. Saves the stop at the syscall's exit. None (nothing queued): the
         program's own call runs, blocking or failing with EAGAIN as it would, and its source
         is rewritten at its exit."""
-        length, flags = regs.arg(2), regs.arg(3) & 0xFFFFFFFF
+        length, flags = t.arg(2), t.arg(3) & 0xFFFFFFFF
         size = min(length, MAX_DATAGRAM)
         _recv_name_len.value = ctypes.sizeof(_recv_name)
         got = _libc_recvfrom(fd, _recv_buffer, size, flags | socket.MSG_DONTWAIT, _recv_name, _recv_name_ref)
@@ -359,13 +348,12 @@ class UdpRedirector:
         name = self._true_source(info.family, raw) or raw
         stored, full = sockaddr.fill_name_buffer(name, buffer_len)
         try:
-            kernel.write_memory_parts(
-                tid,
+            t.write(
                 (
-                    (regs.arg(1), ctypes.string_at(_recv_buffer, min(got, size))),
-                    (regs.arg(4), stored),
-                    (regs.arg(5), struct.pack("=I", full)),
-                ),
+                    (t.arg(1), ctypes.string_at(_recv_buffer, min(got, size))),
+                    (t.arg(4), stored),
+                    (t.arg(5), struct.pack("=I", full)),
+                )
             )
         except TraceeGone:
             raise
@@ -373,10 +361,10 @@ class UdpRedirector:
             return Complete(-errno.EFAULT)  # the kernel too drops the datagram it could not copy
         return Complete(got)
 
-    def recvmsg(self, tid: int, regs: Registers, info: SocketInfo) -> Outcome:
-        hdr_ptr = regs.arg(1)
+    def recvmsg(self, t: Tracee, info: SocketInfo) -> Outcome:
+        hdr_ptr = t.arg(1)
         try:
-            hdr = msghdr.decode_msghdr(kernel.read_memory(tid, hdr_ptr, msghdr.MSGHDR_SIZE))
+            hdr = msghdr.decode_msghdr(t.read(hdr_ptr, msghdr.MSGHDR_SIZE))
         except TraceeGone:
             raise
         except (OSError, ValueError):
@@ -384,28 +372,28 @@ class UdpRedirector:
         if not hdr.name or not hdr.namelen:
             return Resume()
 
-        def at_exit(tid: int, exit_regs: Registers) -> None:
-            if exit_regs.retval >= 0:
-                self._rewrite_name(tid, info.family, hdr.name, hdr.namelen, hdr_ptr + msghdr.NAMELEN_OFFSET, 4)
+        def at_exit(result: int, memory: Memory) -> None:
+            if result >= 0:
+                self._rewrite_name(memory, info.family, hdr.name, hdr.namelen, hdr_ptr + msghdr.NAMELEN_OFFSET, 4)
 
         return WatchExit(at_exit)
 
-    def recvmmsg(self, tid: int, regs: Registers, info: SocketInfo) -> Outcome:
-        base, vlen = regs.arg(1), min(regs.arg(2) & 0xFFFFFFFF, msghdr.IOV_MAX)
+    def recvmmsg(self, t: Tracee, info: SocketInfo) -> Outcome:
+        base, vlen = t.arg(1), min(t.arg(2) & 0xFFFFFFFF, msghdr.IOV_MAX)
         try:
-            raw = kernel.read_memory(tid, base, vlen * msghdr.MMSGHDR_SIZE)
+            raw = t.read(base, vlen * msghdr.MMSGHDR_SIZE)
             headers = [msghdr.decode_msghdr(raw[i * 64 : i * 64 + 56]) for i in range(vlen)]
         except TraceeGone:
             raise
         except (OSError, ValueError):
             return Resume()
 
-        def at_exit(tid: int, exit_regs: Registers) -> None:
-            for index in range(max(0, min(exit_regs.retval, vlen))):
+        def at_exit(result: int, memory: Memory) -> None:
+            for index in range(max(0, min(result, vlen))):
                 hdr = headers[index]
                 if hdr.name and hdr.namelen:
                     entry = base + index * msghdr.MMSGHDR_SIZE
-                    self._rewrite_name(tid, info.family, hdr.name, hdr.namelen, entry + msghdr.NAMELEN_OFFSET, 4)
+                    self._rewrite_name(memory, info.family, hdr.name, hdr.namelen, entry + msghdr.NAMELEN_OFFSET, 4)
 
         return WatchExit(at_exit)
 
@@ -434,7 +422,7 @@ class UdpRedirector:
             return
         tgid, fd = where
         try:
-            dup = kernel.duplicate_fd(tgid, fd, self.threads.of)
+            dup = self.duplicate(tgid, fd)
         except (OSError, TraceeGone):  # the process or its descriptor is gone
             return
         with socket.socket(fileno=dup) as program:

@@ -1,13 +1,9 @@
-"""The one module that talks to the kernel's tracing interfaces.
+"""Linux calls both interception backends use: the program's memory (process_vm_readv and
+process_vm_writev), its descriptors (pidfd_getfd), installing the seccomp filter, signalfd,
+and what /proc says of a thread. No ptrace here (that is `ptrace/kernel.py`).
 
-python-ptrace provides the ptrace(2) binding and the register structure; this
-module adds what it lacks: PTRACE_SEIZE/LISTEN/INTERRUPT and the EXITKILL
-option, seccomp filter installation, process_vm_readv/writev, pidfd_getfd and
-signalfd. Nothing else in ktrace imports python-ptrace or calls ptrace.
-
-Every call that targets a tracee raises `TraceeGone` when the tracee vanished
-(ESRCH): a thread can be killed at any moment, and callers treat that as a
-normal event rather than an error.
+Every call that targets a thread raises `TraceeGone` when it vanished (ESRCH): a thread can
+be killed at any moment, and callers treat that as a normal event rather than an error.
 """
 
 from __future__ import annotations
@@ -20,53 +16,17 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from ptrace import PtraceError
-from ptrace.binding import func as _pt
-
 from ktrace.tracer import arch
-
-# linux/ptrace.h
-PTRACE_CONT: Final = 7
-PTRACE_SYSCALL: Final = 24
-PTRACE_SETOPTIONS: Final = 0x4200
-PTRACE_GETEVENTMSG: Final = 0x4201
-PTRACE_SEIZE: Final = 0x4206
-PTRACE_INTERRUPT: Final = 0x4207
-PTRACE_LISTEN: Final = 0x4208
-
-PTRACE_O_TRACESYSGOOD: Final = 0x1
-PTRACE_O_TRACEFORK: Final = 0x2
-PTRACE_O_TRACEVFORK: Final = 0x4
-PTRACE_O_TRACECLONE: Final = 0x8
-PTRACE_O_TRACEEXEC: Final = 0x10
-PTRACE_O_TRACESECCOMP: Final = 0x80
-PTRACE_O_EXITKILL: Final = 0x100000
-
-PTRACE_EVENT_FORK: Final = 1
-PTRACE_EVENT_VFORK: Final = 2
-PTRACE_EVENT_CLONE: Final = 3
-PTRACE_EVENT_EXEC: Final = 4
-PTRACE_EVENT_SECCOMP: Final = 7
-PTRACE_EVENT_STOP: Final = 128
-
-TRACE_OPTIONS: Final = (
-    PTRACE_O_TRACESYSGOOD
-    | PTRACE_O_TRACEFORK
-    | PTRACE_O_TRACEVFORK
-    | PTRACE_O_TRACECLONE
-    | PTRACE_O_TRACEEXEC
-    | PTRACE_O_TRACESECCOMP
-    # If ktrace dies, every tracee dies with it: the program must never go on
-    # running (and connecting directly) without its tracer.
-    | PTRACE_O_EXITKILL
-)
+from ktrace.tracer.tracee import TraceeGone
 
 WALL: Final = 0x40000000  # __WALL: wait for threads and non-SIGCHLD children too
 
 PR_SET_PDEATHSIG: Final = 1
 PR_SET_NO_NEW_PRIVS: Final = 38
-SYS_SECCOMP: Final = 317
+PR_SET_CHILD_SUBREAPER: Final = 36
+SYS_SECCOMP: Final = {"x86_64": 317, "aarch64": 277}
 SECCOMP_SET_MODE_FILTER: Final = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER: Final = 1 << 3
 # Linux 4.17+. Without it, installing any filter may switch the task's Speculative Store
 # Bypass mitigation on (spec_store_bypass_disable=seccomp: the default before Linux 5.16,
 # still chosen by some distributions), slowing all of the program's code, not only its
@@ -85,129 +45,12 @@ _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _libc.process_vm_writev.restype = ctypes.c_ssize_t
 
 
-class TraceeGone(Exception):
-    """The tracee no longer exists (or is not stopped for us any more).
-
-    Not an OSError: ``except OSError`` (a bad pointer, a bad descriptor) lets it through."""
-
-
 class Iovec(ctypes.Structure):
     _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
 
 
 class SockFprog(ctypes.Structure):
     _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
-
-
-def _ptrace(request: int, pid: int, addr: int = 0, data: int = 0) -> int:
-    try:
-        return int(_pt.ptrace(request, pid, addr, data))
-    except PtraceError as exc:
-        if exc.errno == errno.ESRCH:
-            raise TraceeGone(pid) from None
-        raise OSError(exc.errno, f"ptrace({request:#x}, {pid}): {os.strerror(exc.errno or 0)}") from None
-
-
-# ---- attaching and resuming -------------------------------------------------
-
-
-def seize(pid: int, options: int = TRACE_OPTIONS) -> None:
-    _ptrace(PTRACE_SEIZE, pid, 0, options)
-
-
-def cont(tid: int, signal: int = 0) -> None:
-    _ptrace(PTRACE_CONT, tid, 0, signal)
-
-
-def cont_to_exit(tid: int, signal: int = 0) -> None:
-    """Resume and stop again at this syscall's exit (SIGTRAP|0x80)."""
-    _ptrace(PTRACE_SYSCALL, tid, 0, signal)
-
-
-def listen(tid: int) -> None:
-    """Leave a tracee in group-stop so that SIGCONT can wake it (job control)."""
-    _ptrace(PTRACE_LISTEN, tid)
-
-
-def interrupt(tid: int) -> None:
-    _ptrace(PTRACE_INTERRUPT, tid)
-
-
-def event_message(tid: int) -> int:
-    # The kernel stores an unsigned long; python-ptrace's helper passes a 4-byte
-    # int, which the kernel would overrun.
-    value = ctypes.c_ulong()
-    _ptrace(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(value))
-    return value.value
-
-
-# ---- registers ----------------------------------------------------------------
-
-
-class Registers:
-    """A tracee's general registers with arch-neutral accessors."""
-
-    __slots__ = ("raw",)
-
-    def __init__(self, raw: Any) -> None:
-        self.raw = raw
-
-    @property
-    def nr(self) -> int:
-        return int(ctypes.c_long(getattr(self.raw, arch.NR_REGISTER)).value)
-
-    @nr.setter
-    def nr(self, value: int) -> None:
-        setattr(self.raw, arch.NR_REGISTER, value & 0xFFFFFFFFFFFFFFFF)
-
-    @property
-    def retval(self) -> int:
-        return int(ctypes.c_long(getattr(self.raw, arch.RETURN_REGISTER)).value)
-
-    @retval.setter
-    def retval(self, value: int) -> None:
-        setattr(self.raw, arch.RETURN_REGISTER, value & 0xFFFFFFFFFFFFFFFF)
-
-    def arg(self, index: int) -> int:
-        return int(getattr(self.raw, arch.ARG_REGISTERS[index]))
-
-    def set_arg(self, index: int, value: int) -> None:
-        setattr(self.raw, arch.ARG_REGISTERS[index], value & 0xFFFFFFFFFFFFFFFF)
-
-    @property
-    def args(self) -> tuple[int, ...]:
-        return tuple(int(getattr(self.raw, name)) for name in arch.ARG_REGISTERS)
-
-    @property
-    def ip(self) -> int:
-        return int(getattr(self.raw, arch.IP_REGISTER))
-
-    @ip.setter
-    def ip(self, value: int) -> None:
-        setattr(self.raw, arch.IP_REGISTER, value)
-
-    def copy(self) -> Registers:
-        clone = type(self.raw)()
-        ctypes.pointer(clone)[0] = self.raw
-        return Registers(clone)
-
-
-def get_registers(tid: int) -> Registers:
-    try:
-        return Registers(_pt.ptrace_getregs(tid))
-    except PtraceError as exc:
-        if exc.errno == errno.ESRCH:
-            raise TraceeGone(tid) from None
-        raise
-
-
-def set_registers(tid: int, regs: Registers) -> None:
-    try:
-        _pt.ptrace_setregs(tid, regs.raw)
-    except PtraceError as exc:
-        if exc.errno == errno.ESRCH:
-            raise TraceeGone(tid) from None
-        raise
 
 
 # ---- memory -------------------------------------------------------------------
@@ -405,16 +248,20 @@ def prepare_child_for_filter() -> None:
     _libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
 
 
-def install_seccomp(program: bytes) -> None:
+def install_seccomp(program: bytes, *, listener: bool = False) -> int:
+    """Install ``program`` for the calling thread and its future children; with ``listener``,
+    return the user-notification listener descriptor (Linux 5.0+), else 0."""
     count = len(program) // 8
     buf = ctypes.create_string_buffer(program, len(program))
     prog = SockFprog(count, ctypes.cast(buf, ctypes.c_void_p))
+    nr = SYS_SECCOMP[arch.NATIVE.name]
+    extra = SECCOMP_FILTER_FLAG_NEW_LISTENER if listener else 0
     try:
-        _syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_SPEC_ALLOW, ctypes.addressof(prog))
+        return _syscall(nr, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_SPEC_ALLOW | extra, ctypes.addressof(prog))
     except OSError as exc:
         if exc.errno != errno.EINVAL:  # EINVAL: a kernel before 4.17, which has no such flag
             raise
-        _syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, 0, ctypes.addressof(prog))
+        return _syscall(nr, SECCOMP_SET_MODE_FILTER, extra, ctypes.addressof(prog))
 
 
 # ---- signals ------------------------------------------------------------------------
@@ -451,3 +298,30 @@ def read_signals(fd: int) -> list[tuple[int, int, int]]:
             # on each of the several wake-ups per lookup). A signal arriving now keeps the
             # descriptor readable for the event loop's next turn.
             return out
+
+
+# ---- /proc ----------------------------------------------------------------------------
+
+
+def socket_inode(tid: int, fd: int) -> int | None:
+    """The inode of a thread's socket descriptor, without duplicating it (None: not a socket)."""
+    try:
+        target = os.readlink(f"/proc/{tid}/fd/{fd}")
+    except OSError:
+        return None
+    if target.startswith("socket:[") and target.endswith("]"):
+        return int(target[8:-1])
+    return None
+
+
+AT_FDCWD: Final = -100
+
+
+def directory_of(tid: int, dirfd: int) -> bytes | None:
+    """The path of a thread's directory descriptor (AT_FDCWD: its working directory), or None."""
+    dirfd = int.from_bytes((dirfd & 0xFFFFFFFF).to_bytes(4, "little"), "little", signed=True)
+    link = f"/proc/{tid}/cwd" if dirfd == AT_FDCWD else f"/proc/{tid}/fd/{dirfd}"
+    try:
+        return os.readlink(link).encode()
+    except OSError:
+        return None

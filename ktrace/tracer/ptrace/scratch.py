@@ -24,8 +24,9 @@ import mmap as _mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ktrace.tracer import arch, kernel
-from ktrace.tracer.kernel import Registers
+from ktrace.tracer import arch, linux, syscalls
+from ktrace.tracer.ptrace import kernel
+from ktrace.tracer.ptrace.kernel import Registers
 from ktrace.tracer.threads import ThreadGroups
 
 PAGE_BYTES = 2 * 4096
@@ -62,7 +63,7 @@ class ScratchPages:
             return None
         slot = space.address + space.next_slot * SLOT_BYTES
         space.next_slot = (space.next_slot + 1) % SLOTS
-        kernel.write_memory(tid, slot, data)
+        linux.write_memory(tid, slot, data)
         return slot
 
     def unavailable(self, tid: int) -> bool:
@@ -74,7 +75,9 @@ class ScratchPages:
         callback that records the page and re-issues the original syscall."""
         saved = regs.copy()
         injected = regs.copy()
-        injected.nr = arch.SYSCALLS.mmap
+        mmap = syscalls.number("mmap")
+        assert mmap is not None
+        injected.nr = mmap
         for index, value in enumerate(
             (0, PAGE_BYTES, _mmap.PROT_READ | _mmap.PROT_WRITE, _mmap.MAP_PRIVATE | _mmap.MAP_ANONYMOUS, -1, 0)
         ):
@@ -89,7 +92,7 @@ class ScratchPages:
             else:
                 space.address = result
             restored = saved.copy()
-            restored.ip = saved.ip - arch.SYSCALL_INSN_LEN
+            restored.ip = saved.ip - arch.NATIVE.syscall_insn_len
             restored.retval = saved.nr
             kernel.set_registers(tid, restored)
 

@@ -22,16 +22,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from ktrace.tracer import kernel
-from ktrace.tracer.kernel import Registers, TraceeGone
+from ktrace.tracer import linux, syscalls
+from ktrace.tracer.ptrace import kernel
+from ktrace.tracer.ptrace.kernel import Registers
+from ktrace.tracer.ptrace.scratch import ScratchPages
+from ktrace.tracer.ptrace.tracee import PtraceMemory, PtraceTracee
+from ktrace.tracer.threads import ThreadGroups
+from ktrace.tracer.tracee import (
+    Complete,
+    Deferred,
+    InstallFd,
+    NeedScratch,
+    OnExit,
+    Outcome,
+    Resume,
+    Rewrite,
+    SyscallHandler,
+    TraceeGone,
+    WatchExit,
+)
 
 log = logging.getLogger("ktrace.tracer")
 
@@ -42,66 +59,18 @@ FORWARDED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP, sig
 # After a stop ktrace resumed at once, poll this long for the next stop before going
 # back to the event loop. A tracee that stops again soon (an open() loop, a burst of
 # UDP sends) is then seen without a SIGCHLD → signalfd → epoll wake-up of ktrace, which
-# costs tens of µs on a VM whose idle vCPUs halt. Measured (docs/performance.md): an
-# open() under ktrace 80 → 37 µs. Bounded, so a lone stop costs at most this much CPU.
+# costs tens of µs on a VM whose idle vCPUs halt (docs/performance.md). Bounded, so a lone
+# stop costs at most this much CPU.
 SPIN_SECONDS = 30e-6
 
-
-@dataclass(frozen=True)
-class Resume:
-    """Let the syscall run as the program issued it."""
-
-
-@dataclass(frozen=True)
-class Complete:
-    """Do not run the syscall; it returns `retval` (a negative errno for failure).
-
-    `then` runs right after the thread is resumed, before anything else on the loop: work
-    the program need not wait for (reporting what happened) comes after its syscall returns.
-    """
-
-    retval: int
-    then: Callable[[], None] | None = None
-
-
-@dataclass(frozen=True)
-class Rewrite:
-    """Run the syscall with these registers instead (for instance new arguments)."""
-
-    regs: Registers
-    on_exit: Callable[[int, Registers], None] | None = None
-
-
-@dataclass(frozen=True)
-class Deferred:
-    """Hold the thread at its stop until `outcome` resolves (e.g. the agent dialled)."""
-
-    outcome: Awaitable[Resume | Complete | Rewrite]
-
-
-@dataclass(frozen=True)
-class WatchExit:
-    """Let the syscall run and call `on_exit` at its exit stop (e.g. to rewrite a
-    source address that the kernel wrote)."""
-
-    on_exit: Callable[[int, Registers], None]
-
-
-Outcome = Resume | Complete | Rewrite | Deferred | WatchExit
-
-
-class SyscallHandler(Protocol):
-    def on_syscall(self, tid: int, regs: Registers) -> Outcome: ...
-
-    def on_exec(self, tid: int) -> None: ...
-
-    def on_thread_exit(self, tid: int) -> None: ...
+# What the loop runs at a syscall-exit stop: the thread and its registers there.
+_ExitHook = Callable[[int, Registers], None]
 
 
 @dataclass
 class _Thread:
     tid: int
-    on_exit: Callable[[int, Registers], None] | None = None
+    on_exit: _ExitHook | None = None
     parked: asyncio.Task[None] | None = None
 
 
@@ -116,6 +85,8 @@ class Tracer:
     handler: SyscallHandler
     main_pid: int
     loop: asyncio.AbstractEventLoop
+    threads_of: ThreadGroups = field(default_factory=ThreadGroups)
+    scratch: ScratchPages = field(default_factory=ScratchPages)
     threads: dict[int, _Thread] = field(default_factory=dict)
     result: TraceResult = field(default_factory=TraceResult)
     finished: asyncio.Future[TraceResult] | None = None
@@ -123,14 +94,17 @@ class Tracer:
     _resumed_now: bool = False  # the last stop was resumed synchronously (not parked)
     # Tracees whose exit was read before the fork/clone event that announces them.
     _gone_unknown: set[int] = field(default_factory=set)
+    _names: dict[int, str] = field(default_factory=dict)
 
     # -- lifecycle --------------------------------------------------------------
 
     def start(self) -> None:
         """Start watching; the caller has already blocked the signals below."""
+        self._names = syscalls.names_by_number()
+        self.scratch.threads = self.threads_of
         self.finished = self.loop.create_future()
         self.threads[self.main_pid] = _Thread(self.main_pid)
-        self._signal_fd = kernel.signalfd({signal.SIGCHLD, *FORWARDED_SIGNALS})
+        self._signal_fd = linux.signalfd({signal.SIGCHLD, *FORWARDED_SIGNALS})
         self.loop.add_reader(self._signal_fd, self._on_signals)
         # A stop may already be waiting (the exec event) before the first SIGCHLD
         # reaches the signalfd.
@@ -158,7 +132,7 @@ class Tracer:
         self._drain(reaped=-1)
 
     def _take_signals(self) -> None:
-        for signo, code, _sender in kernel.read_signals(self._signal_fd):
+        for signo, code, _sender in linux.read_signals(self._signal_fd):
             if signo == signal.SIGCHLD:
                 continue
             # A signal typed at the terminal (SI_KERNEL) reached the whole
@@ -180,7 +154,7 @@ class Tracer:
         spin_until = 0.0
         while True:
             try:
-                tid, status = os.waitpid(-1, os.WNOHANG | kernel.WALL)
+                tid, status = os.waitpid(-1, os.WNOHANG | linux.WALL)
             except ChildProcessError:
                 # No tracee is left at all (tracees count as children for waitpid): whatever
                 # the bookkeeping says, the program is gone.
@@ -238,6 +212,8 @@ class Tracer:
                 self.threads.pop(former, None)
                 self.handler.on_thread_exit(former)
             self.handler.on_exec(tid)
+            self.threads_of.forget(tid)
+            self.scratch.exec_happened(tid)
             kernel.cont(tid)
         elif event == kernel.PTRACE_EVENT_STOP:
             if sig in GROUP_STOP_SIGNALS:
@@ -254,6 +230,7 @@ class Tracer:
         if thread is not None and thread.parked is not None:
             thread.parked.cancel()
         self.handler.on_thread_exit(tid)
+        self.threads_of.forget(tid)
         if tid == self.main_pid:
             if os.WIFEXITED(status):
                 self.result.exit_code = os.WEXITSTATUS(status)
@@ -267,15 +244,20 @@ class Tracer:
 
     def _on_seccomp(self, thread: _Thread) -> None:
         regs = kernel.get_registers(thread.tid)
+        name = self._names.get(regs.nr)
+        if name is None:
+            kernel.cont(thread.tid)  # a number the filter should not have sent: run it
+            return
+        tracee = PtraceTracee(thread.tid, regs, name, self.threads_of, self.scratch)
         try:
-            outcome = self.handler.on_syscall(thread.tid, regs)
+            outcome = self.handler.on_syscall(tracee)
         except TraceeGone:
             raise
         except Exception:
-            # A bug in a handler must not wedge the program: run the syscall
-            # unchanged and report loudly.
-            log.exception("syscall handler failed; letting the syscall run unchanged")
-            outcome = Resume()
+            # A bug in a handler must not wedge the program: fail the syscall, never let a call
+            # ktrace could not decide on leave the machine unseen, and report loudly.
+            log.exception("syscall handler failed; the program's %s fails with EIO", name)
+            outcome = Complete(-errno.EIO)
         self._apply(thread, regs, outcome)
 
     def _apply(self, thread: _Thread, regs: Registers, outcome: Outcome) -> None:
@@ -296,26 +278,39 @@ class Tracer:
                 except Exception:
                     log.exception("after-resume callback failed")
         elif isinstance(outcome, Rewrite):
-            kernel.set_registers(tid, outcome.regs)
+            changed = regs.copy()
+            for index, value in outcome.args:
+                changed.set_arg(index, value)
+            kernel.set_registers(tid, changed)
             if outcome.on_exit is not None:
-                thread.on_exit = outcome.on_exit
+                thread.on_exit = _exit_hook(outcome.on_exit)
                 kernel.cont_to_exit(tid)
             else:
                 kernel.cont(tid)
         elif isinstance(outcome, WatchExit):
-            thread.on_exit = outcome.on_exit
+            thread.on_exit = _exit_hook(outcome.on_exit)
             kernel.cont_to_exit(tid)
+        elif isinstance(outcome, NeedScratch):
+            injected, mapped = self.scratch.inject_map(tid, regs)
+            kernel.set_registers(tid, injected)
+            thread.on_exit = mapped
+            kernel.cont_to_exit(tid)
+        elif isinstance(outcome, InstallFd):
+            # Handlers ask can_rewrite and never install descriptors under ptrace.
+            os.close(outcome.fd)
+            log.error("a handler asked to install a descriptor under ptrace; the call fails with ENOSYS")
+            self._apply(thread, regs, Complete(-errno.ENOSYS))
         else:
             thread.parked = self.loop.create_task(self._park(thread, regs, outcome.outcome))
 
-    async def _park(self, thread: _Thread, regs: Registers, pending: Awaitable[Resume | Complete | Rewrite]) -> None:
+    async def _park(self, thread: _Thread, regs: Registers, pending: Awaitable[Resume | Complete | InstallFd]) -> None:
         try:
             outcome: Outcome = await pending
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("deferred syscall failed; returning EIO to the program")
-            outcome = Complete(-5)
+            outcome = Complete(-errno.EIO)
         thread.parked = None
         if self.threads.get(thread.tid) is not thread:
             return
@@ -333,3 +328,15 @@ class Tracer:
             except Exception:
                 log.exception("syscall exit handler failed")
         kernel.cont(thread.tid)
+
+
+def _exit_hook(on_exit: OnExit) -> _ExitHook:
+    """A handler's exit callback (result and memory in, new result out) as the loop runs it."""
+
+    def hook(tid: int, regs: Registers) -> None:
+        replaced = on_exit(regs.retval, PtraceMemory(tid))
+        if replaced is not None and replaced != regs.retval:
+            regs.retval = replaced
+            kernel.set_registers(tid, regs)
+
+    return hook

@@ -1,0 +1,53 @@
+"""What the handlers see of the agent: the `Tunnel` protocol.
+
+ktrace/tunnel implements it over gRPC (`tunnel/ports_impl.py` adapts `AgentClient`, the
+loopback endpoint and the UDP relays); tests implement it with a scripted fake agent. The
+tracer package imports neither gRPC nor ktrace.tunnel: only these protocols and plain
+values.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Protocol
+
+from ktrace.tunnel.types import Endpoint
+
+
+class Dialled(Protocol):
+    """A TCP connection the agent made: its own address there, and a way to give it up."""
+
+    @property
+    def local(self) -> Endpoint: ...
+
+    async def abort(self) -> None: ...
+
+
+class TcpTunnel(Protocol):
+    async def dial(self, dest: Endpoint, timeout: float | None) -> Dialled:
+        """Have the agent connect to ``dest``; raises ``TunnelError`` with the agent's errno."""
+        ...
+
+    def endpoint_address(self, family: int) -> tuple[str, int]:
+        """Where ktrace connects a program socket of ``family`` that the agent's connection serves."""
+        ...
+
+    def expect(self, family: int, source_port: int, dialled: Dialled, dest: Endpoint) -> None:
+        """Splice the loopback connection that arrives from ``source_port`` to ``dialled``."""
+        ...
+
+
+class RelayTable(Protocol):
+    """The UDP relays: one loopback socket per (program socket, remote peer)."""
+
+    def relay_for(self, sock_key: int, family: int, peer: Endpoint) -> tuple[str, int]: ...
+
+    def sink_for(self, family: int) -> tuple[str, int]: ...
+
+    def connected_to_sink(self, sock_key: int, family: int, peer: Endpoint, program_port: int) -> None: ...
+
+    def peer_of(self, family: int, relay_port: int) -> Endpoint | None: ...
+
+    def refuse(self, sock_key: int, peer: Endpoint, program: socket.socket) -> bool: ...
+
+    def agent_port(self, sock_key: int) -> int | None: ...
