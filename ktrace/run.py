@@ -27,8 +27,9 @@ from ktrace_agent import tuning
 
 from ktrace import reporting
 from ktrace.errors import KtraceError
+from ktrace.report.recorder import Recorder
 from ktrace.report.render import Verbosity
-from ktrace.rules import Route, RuleSet
+from ktrace.rules import RuleSet
 from ktrace.tracer import launcher, seccomp, syscalls
 from ktrace.tracer.decide import AgentSources, RoutingPolicy, nameservers_of
 from ktrace.tracer.dispatch import SessionHandler
@@ -36,12 +37,13 @@ from ktrace.tracer.files import FileViews
 from ktrace.tracer.launcher import LaunchError
 from ktrace.tracer.network import NetworkHandler
 from ktrace.tracer.ptrace.loop import FORWARDED_SIGNALS, Tracer, TraceResult
+from ktrace.tracer.tcp import TcpConnects
 from ktrace.tracer.threads import ThreadGroups
 from ktrace.tracer.udp import UdpRedirector
 from ktrace.tunnel.adapter import AgentTunnel
 from ktrace.tunnel.client import AgentClient, AgentInfo
 from ktrace.tunnel.dns_map import DnsMap
-from ktrace.tunnel.endpoint import LoopbackEndpoint
+from ktrace.tunnel.parking import ParkingLot
 from ktrace.tunnel.socket_table import live_udp_inodes
 from ktrace.tunnel.tcp_stream import TcpStream
 from ktrace.tunnel.types import AgentUnavailable, Endpoint, TcpStats
@@ -75,13 +77,6 @@ class RunOptions:
     kube: KubeOptions | None = None  # --agent kube: the cluster, the target, the agent pod's options
 
 
-def filter_features(options: RunOptions) -> frozenset[str]:
-    """The optional rows of syscalls.TABLE this run needs: getsockopt(SO_ERROR) only when a
-    rule keeps some destination local (the report then tells how such connects ended)."""
-    local_outcomes = any(rule.route is Route.LOCAL for rule in options.rules.rules)
-    return frozenset({"so_error"}) if local_outcomes else frozenset()
-
-
 def read_token(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
@@ -104,7 +99,7 @@ def run(options: RunOptions) -> int:
     except LaunchError as exc:
         raise KtraceError(str(exc), exit_code=exc.exit_code) from None
     log_json = reporting.open_log(options.log_json)
-    filter_program = seccomp.build(syscalls.filter_rules(filter_features(options)))
+    filter_program = seccomp.build(syscalls.filter_rules())
     child = launcher.fork_child(path, options.command, env, filter_program)
     tuning.raise_fd_limit()  # for ktrace only: the program, forked already, keeps the user's limit
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
@@ -153,7 +148,7 @@ async def _agent_access(options: RunOptions, token: str | None) -> AsyncIterator
             await server.stop()
 
 
-async def _until_finished(tracer: Tracer, endpoint: LoopbackEndpoint, kube: KubeAgent | None) -> TraceResult:
+async def _until_finished(tracer: Tracer, endpoint: ParkingLot, kube: KubeAgent | None) -> TraceResult:
     """The program's end, or, if the agent in the cluster is lost first, its end forced: its connections
     through the agent are reset (they are dead already), then it gets SIGTERM and, after
     TERMINATION_GRACE, SIGKILL, like a pod's processes when the pod goes away."""
@@ -179,104 +174,129 @@ async def _until_finished(tracer: Tracer, endpoint: LoopbackEndpoint, kube: Kube
 async def _session(
     options: RunOptions, child: launcher.PendingChild, token: str | None, log_json: TextIO | None
 ) -> int:
-    loop = asyncio.get_running_loop()
+    """Everything a traced run needs, made in dependency order and undone in reverse: the
+    agent and the tunnel to it, the report, the handlers, then the program, released last."""
     released = False
     try:
-        async with (
-            _agent_access(options, token) as access,
-            _private_dir() as views_dir,
-        ):
+        async with contextlib.AsyncExitStack() as stack:
+            access = await stack.enter_async_context(_agent_access(options, token))
+            views_dir = await stack.enter_async_context(_private_dir())
+            client = await _connect(access)
+            stack.push_async_callback(client.close)
+            parts = _Parts.build(options, client, views_dir, log_json)
+            stack.push_async_callback(parts.close)
+            await parts.start()
+            launcher_seize(child)
+            released = True
             try:
-                if access.kube is not None:
-                    client = await access.kube.connect()
-                else:
-                    # An agent the user named (or ktrace's own): nothing to wait for.
-                    client = await AgentClient.connect(
-                        access.address,
-                        access.token,
-                        wait_for_ready=False,
-                        unreachable_hint="is an agent listening there? `ktrace agent --listen ADDR` starts one",
-                    )
-            except AgentUnavailable as exc:
-                raise KtraceError(str(exc)) from None
-            endpoint: LoopbackEndpoint | None = None
-            relays: UdpRelays | None = None
-            tracer: Tracer | None = None
-            status: int | None = None
+                launcher.release(child, options.command[0])
+            except LaunchError as exc:
+                raise KtraceError(str(exc), exit_code=exc.exit_code) from None
+            parts.recorder.start(options.command, access.where)
+            tracer = Tracer(parts.session, child.pid, asyncio.get_running_loop(), threads_of=parts.threads)
+            tracer.start()
             try:
-                dns_map = DnsMap()
-                dns_map.listeners.append(lambda name, found: log.debug("dns answer %s -> %s", name, found))
-                policy = RoutingPolicy(options.rules, dns_map, nameservers_of(client.info.resolv_conf))
-                recorder = reporting.recorder(options, client.info, policy, log_json)
-                threads = ThreadGroups()
-
-                def closed(stream: TcpStream, stats: TcpStats) -> None:
-                    handler.stream_closed(stream)
-                    recorder.on_stream_closed(stream, stats)
-
-                endpoint = LoopbackEndpoint(on_closed=closed)
-                await endpoint.start()
-                handler = NetworkHandler(
-                    AgentTunnel(client, endpoint, dns_map),
-                    policy,
-                    connect_timeout=options.connect_timeout,
-                    on_event=recorder.on_connect,
-                    threads=threads,
-                )
-
-                def socket_gone(inode: int) -> None:
-                    udp.forget(inode)
-
-                def peer_error(inode: int, peer: Endpoint, errno_name: str) -> None:
-                    udp.peer_error(inode, peer, errno_name)
-
-                relays = UdpRelays(
-                    client,
-                    on_dns_answer=dns_map.record,
-                    live_sockets=live_udp_inodes,
-                    on_socket_gone=socket_gone,
-                    on_peer_error=peer_error,
-                    observer=recorder,
-                    local_dns=reporting.local_resolver(options.rules),
-                )
-                udp = UdpRedirector(
-                    relays,
-                    policy,
-                    on_event=recorder.on_udp,
-                    threads=threads,
-                    sources=AgentSources.from_routes(client.info.source_routes, client.info.addresses),
-                )
-                handler.udp = udp
-                files = FileViews(served=_serve_resolver_files(views_dir, client.info, options.hosts))
-                session = SessionHandler(handler, files, threads)
-                launcher_seize(child)
-                released = True
-                try:
-                    launcher.release(child, options.command[0])
-                except LaunchError as exc:
-                    raise KtraceError(str(exc), exit_code=exc.exit_code) from None
-                recorder.start(options.command, access.where)
-                tracer = Tracer(session, child.pid, loop, threads_of=threads)
-                tracer.start()
-                result = await _until_finished(tracer, endpoint, access.kube)
-                status = 128 + result.signal if result.signal is not None else (result.exit_code or 0)
+                result = await _until_finished(tracer, parts.lot, access.kube)
             finally:
-                if tracer is not None:
-                    tracer.close()
-                if endpoint is not None:
-                    await endpoint.close(grace=SHUTDOWN_GRACE)
-                if relays is not None:
-                    await relays.close()
-                if status is not None:
-                    handler.finish()
-                    namespaces = access.kube.namespaces if access.kube is not None else None
-                    await reporting.finish(recorder, client, options, status, namespaces)
-                await client.close()
+                tracer.close()
+                await parts.close()
+            status = 128 + result.signal if result.signal is not None else (result.exit_code or 0)
+            parts.network.finish()
+            namespaces = access.kube.namespaces if access.kube is not None else None
+            await reporting.finish(parts.recorder, client, options, status, namespaces)
+            return status
     finally:
         if not released:
             launcher.abort(child)
-    assert status is not None
-    return status
+
+
+async def _connect(access: _AgentAccess) -> AgentClient:
+    try:
+        if access.kube is not None:
+            return await access.kube.connect()
+        # An agent the user named (or ktrace's own): nothing to wait for.
+        return await AgentClient.connect(
+            access.address,
+            access.token,
+            wait_for_ready=False,
+            unreachable_hint="is an agent listening there? `ktrace agent --listen ADDR` starts one",
+        )
+    except AgentUnavailable as exc:
+        raise KtraceError(str(exc)) from None
+
+
+@dataclass
+class _Parts:
+    """The laptop half of a session: report, parking lot, UDP relays and the syscall handlers."""
+
+    recorder: Recorder
+    threads: ThreadGroups
+    lot: ParkingLot
+    relays: UdpRelays
+    network: NetworkHandler
+    session: SessionHandler
+    _closed: bool = False
+
+    @classmethod
+    def build(cls, options: RunOptions, client: AgentClient, views_dir: str, log_json: TextIO | None) -> _Parts:
+        dns_map = DnsMap()
+        dns_map.listeners.append(lambda name, found: log.debug("dns answer %s -> %s", name, found))
+        policy = RoutingPolicy(options.rules, dns_map, nameservers_of(client.info.resolv_conf))
+        recorder = reporting.recorder(options, client.info, policy, log_json)
+        threads = ThreadGroups()
+
+        # The tunnel reports back to the handlers made after it (a stream's end, a socket gone):
+        # through these, once they exist.
+        def closed(stream: TcpStream, stats: TcpStats) -> None:
+            tcp.stream_closed(stream)
+            recorder.on_stream_closed(stream, stats)
+
+        def socket_gone(inode: int) -> None:
+            udp.forget(inode)
+
+        def peer_error(inode: int, peer: Endpoint, errno_name: str) -> None:
+            udp.peer_error(inode, peer, errno_name)
+
+        lot = ParkingLot(on_closed=closed)
+        relays = UdpRelays(
+            client,
+            on_dns_answer=dns_map.record,
+            live_sockets=live_udp_inodes,
+            on_socket_gone=socket_gone,
+            on_peer_error=peer_error,
+            observer=recorder,
+            local_dns=reporting.local_resolver(options.rules),
+        )
+        tcp = TcpConnects(
+            AgentTunnel(client, lot, dns_map),
+            policy,
+            connect_timeout=options.connect_timeout,
+            on_event=recorder.on_connect,
+            threads=threads,
+        )
+        udp = UdpRedirector(
+            relays,
+            policy,
+            on_event=recorder.on_udp,
+            threads=threads,
+            sources=AgentSources.from_routes(client.info.source_routes, client.info.addresses),
+        )
+        network = NetworkHandler(tcp, udp, threads)
+        files = FileViews(served=_serve_resolver_files(views_dir, client.info, options.hosts))
+        return cls(recorder, threads, lot, relays, network, SessionHandler(network, files, threads))
+
+    async def start(self) -> None:
+        await self.lot.start()
+
+    async def close(self) -> None:
+        """Dials still going have no one to serve; spliced connections get SHUTDOWN_GRACE to
+        deliver what the program wrote last. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.network.tcp.cancel_dials()
+        await self.lot.close(grace=SHUTDOWN_GRACE)
+        await self.relays.close()
 
 
 @contextlib.asynccontextmanager

@@ -47,6 +47,19 @@ def proc_state(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[0]
 
 
+def blocked_in(pid: int) -> int | None:
+    """The number of the syscall thread ``pid`` sleeps in (/proc/<pid>/syscall), None if it is
+    running, stopped by a tracer, or gone."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            fields = f.read().split()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    if not fields or fields[0] in ("running", "-1"):
+        return None
+    return int(fields[0]) if proc_state(pid) == "S" else None
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``condition`` (a kernel state that offers no notification) until true or the deadline."""
     deadline = time.monotonic() + timeout

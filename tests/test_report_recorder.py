@@ -15,7 +15,7 @@ from ktrace.report.recorder import Recorder
 from ktrace.report.render import Renderer, Verbosity
 from ktrace.report.searchlist import SearchList
 from ktrace.rules import Route, RuleSet
-from ktrace.tracer.network import ConnectEvent
+from ktrace.tracer.tcp import ConnectEvent
 from ktrace.tunnel.dns_answers import build_query
 from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.types import Endpoint, TcpStats

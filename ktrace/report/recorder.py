@@ -26,7 +26,7 @@ from ktrace.report.render import Renderer
 from ktrace.report.searchlist import SearchList
 from ktrace.report.summary import Summary, Tally
 from ktrace.rules import RouteDecision
-from ktrace.tracer.network import ConnectEvent
+from ktrace.tracer.tcp import ConnectEvent
 from ktrace.tracer.udp import UdpEvent
 from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.tcp_stream import TcpStream

@@ -16,6 +16,7 @@ struct iovec { void *iov_base; size_t iov_len; };                 16
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -25,6 +26,12 @@ MSG_LEN_OFFSET: Final = 56
 NAMELEN_OFFSET: Final = 8
 IOVEC_SIZE: Final = 16
 IOV_MAX: Final = 1024
+# The most control (cmsg) bytes ktrace copies for one message (the kernel's own cap is
+# net.core.optmem_max, 20 KiB by default).
+MAX_CONTROL: Final = 65536
+
+# Reads the program's memory: (address, size) -> bytes.
+Reader = Callable[[int, int], bytes]
 
 
 @dataclass(frozen=True)

@@ -23,17 +23,22 @@ class Dialled(Protocol):
     async def abort(self) -> None: ...
 
 
+class AttachFailed(Exception):
+    """The program's socket could not be handed the agent's connection (it left the parking lot)."""
+
+
 class TcpTunnel(Protocol):
     async def dial(self, dest: Endpoint, timeout: float | None) -> Dialled:
         """Have the agent connect to ``dest``; raises ``TunnelError`` with the agent's errno."""
         ...
 
-    def endpoint_address(self, family: int) -> tuple[str, int]:
-        """Where ktrace connects a program socket of ``family`` that the agent's connection serves."""
+    def parking(self, family: int) -> tuple[str, int]:
+        """Where a program socket of ``family`` waits while the agent dials (tunnel/parking.py)."""
         ...
 
-    def expect(self, family: int, source_port: int, dialled: Dialled, dest: Endpoint) -> None:
-        """Splice the loopback connection that arrives from ``source_port`` to ``dialled``."""
+    async def attach(self, dialled: Dialled, program: socket.socket, dest: Endpoint) -> None:
+        """Complete the parked connect of ``program`` (ktrace's duplicate of the program's socket)
+        and splice it to ``dialled``; raises AttachFailed."""
         ...
 
 

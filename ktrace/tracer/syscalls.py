@@ -87,8 +87,7 @@ TABLE: Final = (
         _n(55, 209),
         WithArgs(((1, SOL_SOCKET), (2, SO_ERROR))),
         "so_error",
-        feature="so_error",
-        why="how a non-blocking connect ended (only getsockopt(SOL_SOCKET, SO_ERROR))",
+        why="how a non-blocking connect ended: the agent's errno for one that failed (tcp.py)",
     ),
     # UDP: a send with a destination, and receives whose source ktrace may have to restore.
     # sendto/recvfrom without an address (a connected socket, or a TCP send/recv) never stop;

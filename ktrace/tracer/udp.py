@@ -17,22 +17,26 @@ drop DNS answers whose source is not the server they asked).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ktrace.tracer import decide, linux, msghdr, sockaddr
+from ktrace.tracer import decide, linux, msghdr, sockaddr, sockops
 from ktrace.tracer.decide import AgentSources, Route, RoutingPolicy, SocketInfo
 from ktrace.tracer.ports import RelayTable
 from ktrace.tracer.sockaddr import InetAddr
 from ktrace.tracer.threads import ThreadGroups
-from ktrace.tracer.tracee import Complete, Memory, Outcome, Resume, Tracee, TraceeGone, WatchExit
+from ktrace.tracer.tracee import Complete, Deferred, Memory, Outcome, Resume, Tracee, TraceeGone, WatchExit
 from ktrace.tunnel.types import MAX_DATAGRAM, Endpoint
+
+log = logging.getLogger("ktrace.udp")
 
 # ktrace's own recvfrom into one preallocated buffer (only the tracer's thread receives here):
 # the source comes back as the kernel's sockaddr bytes, as the program would get them.
@@ -105,14 +109,6 @@ def read_outgoing(t: Tracee) -> Outgoing:
     return Outgoing(headers, tuple(destinations), tuple(raw_names), unreadable)
 
 
-def _sendto(sock: socket.socket, payload: bytes, flags: int, name: bytes, namelen: int) -> int:
-    """sendto() with the destination's bytes as the program wrote them: the byte count or -errno."""
-    if namelen > sockaddr.MAX_SOCKADDR_LEN:
-        return -errno.EINVAL  # the kernel copies no more than a sockaddr_storage
-    sent = int(_libc_sendto(sock.fileno(), payload, len(payload), flags, name, len(name)))
-    return sent if sent >= 0 else -ctypes.get_errno()
-
-
 @dataclass(frozen=True)
 class UdpEvent:
     pid: int
@@ -142,14 +138,14 @@ class UdpRedirector:
     # -- connect ---------------------------------------------------------------------
 
     def connect(
-        self, t: Tracee, fd: int, sock: socket.socket, info: SocketInfo, addr: sockaddr.Decoded | None
+        self, t: Tracee, fd: int, sock: socket.socket, info: SocketInfo, raw: bytes, addr: sockaddr.Decoded | None
     ) -> Outcome:
-        """connect() on a UDP socket: to a remote peer means to its relay."""
+        """connect() on a UDP socket: to a remote peer means to its relay; anything else is the
+        kernel's connect() of ktrace's copy of the address (AF_UNSPEC disconnects)."""
         dest = self._remote(info, addr)
         if dest is None:
-            # AF_UNSPEC disconnects, a local peer is the kernel's, and so is anything else.
             self._disconnected(info.inode)
-            return Resume()
+            return Complete(-sockops.connect(sock.fileno(), raw))
         assert isinstance(addr, InetAddr)  # _remote found an IP destination in it
         unreachable = decide.udp_no_route(dest, self.sources)
         if unreachable is not None:
@@ -184,88 +180,115 @@ class UdpRedirector:
             return None
         return dest
 
-    def _send_one(
-        self, tid: int, sock: socket.socket, info: SocketInfo, dest: Endpoint, payload: bytes, flags: int
+    def send(self, t: Tracee, sock: socket.socket, info: SocketInfo, outgoing: Outgoing) -> Outcome:
+        """sendto/sendmsg/sendmmsg on a UDP (or ICMP, raw, UDP-Lite) socket, performed by ktrace
+        from what it read: to the relay of a remote peer, else to the program's own destination
+        bytes (or its connected peer), with its control messages, as the kernel would."""
+        messages: list[tuple[bytes, bytes] | int] = []  # (payload, control), or -errno reading it
+        if t.syscall == "sendto":
+            flags, length = t.arg(3) & 0xFFFFFFFF, t.arg(2)
+            try:
+                messages.append((t.read(t.arg(1), min(length, MAX_DATAGRAM)), b""))
+            except TraceeGone:
+                raise
+            except OSError:
+                return Complete(-errno.EFAULT)
+            if length > MAX_DATAGRAM:
+                return Complete(-errno.EMSGSIZE)
+        else:
+            flags = (t.arg(2) if t.syscall == "sendmsg" else t.arg(3)) & 0xFFFFFFFF
+            if outgoing.unreadable:
+                return Complete(-errno.EFAULT)
+            for hdr in outgoing.headers:
+                try:
+                    messages.append(sockops.gather(t.read, hdr, MAX_DATAGRAM))
+                except TraceeGone:
+                    raise
+                except OverflowError:
+                    messages.append(-errno.EMSGSIZE)
+                except ValueError:
+                    messages.append(-errno.EINVAL)
+                except OSError:
+                    messages.append(-errno.EFAULT)
+
+        def attempt(fd: int) -> list[int]:
+            results: list[int] = []
+            for index, message in enumerate(messages):
+                result = (
+                    message
+                    if isinstance(message, int)
+                    else self._message(t.tid, fd, info, message, outgoing, index, flags)
+                )
+                results.append(result)
+                if result < 0:
+                    break
+            return results
+
+        if not messages:
+            return Complete(0)  # sendmmsg() of no message
+        results = attempt(sock.fileno())
+        if results[0] == -errno.EAGAIN and not flags & MSG_DONTWAIT and not sockops.nonblocking(sock.fileno()):
+            # A full send buffer on a blocking socket: the kernel would wait for room. Rare for
+            # UDP (and never towards a relay, which reads at once): ktrace waits, then sends.
+            return Deferred(self._when_writable(t, sock, attempt))
+        return self._complete(t, results)
+
+    def _complete(self, t: Tracee, results: list[int]) -> Complete:
+        sent = [result for result in results if result >= 0]
+        if t.syscall != "sendmmsg" or not sent:
+            return Complete(results[0] if t.syscall != "sendmmsg" or not sent else len(sent))
+        base = t.arg(1)
+        parts = [
+            (base + index * msghdr.MMSGHDR_SIZE + msghdr.MSG_LEN_OFFSET, struct.pack("=I", result))
+            for index, result in enumerate(sent)
+        ]
+        try:
+            t.write(parts)
+        except OSError:
+            return Complete(-errno.EFAULT)
+        return Complete(len(sent))
+
+    async def _when_writable(self, t: Tracee, sock: socket.socket, attempt: Callable[[int], list[int]]) -> Complete:
+        own = socket.socket(fileno=os.dup(sock.fileno()))
+        loop = asyncio.get_running_loop()
+        with own:
+            while True:
+                await _writable(loop, own)
+                results = attempt(own.fileno())
+                if results[0] != -errno.EAGAIN:
+                    return self._complete(t, results)
+
+    def _message(
+        self,
+        tid: int,
+        fd: int,
+        info: SocketInfo,
+        message: tuple[bytes, bytes],
+        outgoing: Outgoing,
+        index: int,
+        flags: int,
     ) -> int:
+        (payload, control), addr, name = message, outgoing.destinations[index], outgoing.names[index]
+        if not info.is_udp:
+            if isinstance(addr, InetAddr):
+                decision = decide.decide_uncarried(addr, info, self.policy)
+                if isinstance(decision, decide.Unsupported):
+                    warn_unsupported(decision)
+                    return -errno.ENETUNREACH
+            return sockops.send(fd, payload, name, control, flags | MSG_DONTWAIT)
+        dest = self._remote(info, addr)
+        if dest is None:
+            # Not for the cluster (a local destination, one the kernel refuses, or none: the
+            # connected peer, a relay when ktrace connected it): the kernel's send of these bytes.
+            return sockops.send(fd, payload, name, control, flags | MSG_DONTWAIT)
         unreachable = decide.udp_no_route(dest, self.sources)
         if unreachable is not None:
             return -unreachable
-        relay = self.relays.relay_for(info.inode, info.family, dest)
+        host, port = self.relays.relay_for(info.inode, info.family, dest)
         self.sockets[info.inode] = info.family
         self._note(tid, dest, "send", info.inode)
-        try:
-            return sock.sendto(payload, flags, relay)
-        except OSError as exc:
-            return -(exc.errno or errno.EIO)
-
-    def sendto(self, t: Tracee, sock: socket.socket, info: SocketInfo, outgoing: Outgoing) -> Outcome:
-        buf, length, flags = t.arg(1), t.arg(2), t.arg(3)
-        dest = self._remote(info, outgoing.destinations[0])
-        if dest is None:
-            return Resume()
-        try:
-            payload = t.read(buf, min(length, MAX_DATAGRAM))
-        except TraceeGone:
-            raise
-        except OSError:
-            return Complete(-errno.EFAULT)
-        if length > MAX_DATAGRAM:
-            return Complete(-errno.EMSGSIZE)
-        return Complete(self._send_one(t.tid, sock, info, dest, payload, flags & 0xFFFFFFFF))
-
-    @staticmethod
-    def _gather(t: Tracee, hdr: msghdr.MsgHdr) -> bytes:
-        iovecs = msghdr.decode_iovecs(t.read(hdr.iov, hdr.iovlen * msghdr.IOVEC_SIZE), hdr.iovlen)
-        total = sum(length for _base, length in iovecs)
-        if total > MAX_DATAGRAM:
-            raise OverflowError
-        return b"".join(t.read(base, length) for base, length in iovecs)
-
-    def sendmsg(self, t: Tracee, sock: socket.socket, info: SocketInfo, outgoing: Outgoing) -> Outcome:
-        dest = self._remote(info, outgoing.destinations[0])
-        if dest is None:
-            return Resume()
-        try:
-            payload = self._gather(t, outgoing.headers[0])
-        except TraceeGone:
-            raise
-        except OverflowError:
-            return Complete(-errno.EMSGSIZE)
-        except (OSError, ValueError):
-            return Resume()
-        return Complete(self._send_one(t.tid, sock, info, dest, payload, t.arg(2) & 0xFFFFFFFF))
-
-    def sendmmsg(self, t: Tracee, sock: socket.socket, info: SocketInfo, outgoing: Outgoing) -> Outcome:
-        base, flags = t.arg(1), t.arg(3) & 0xFFFFFFFF
-        if outgoing.unreadable:
-            return Resume()  # the kernel fails the message it cannot read (EFAULT)
-        dests = [self._remote(info, addr) for addr in outgoing.destinations]
-        if all(dest is None for dest in dests):
-            return Resume()  # nothing remote by address: the kernel (and the relay, if connected) does it
-        sent = 0
-        for index, (hdr, dest, name) in enumerate(zip(outgoing.headers, dests, outgoing.names, strict=True)):
-            try:
-                payload = self._gather(t, hdr)
-            except (OverflowError, OSError, ValueError):
-                result = -errno.EMSGSIZE
-            else:
-                if dest is not None:
-                    result = self._send_one(t.tid, sock, info, dest, payload, flags)
-                elif name is not None:
-                    # Named, but not for the cluster (a local destination, or one the kernel
-                    # refuses): sent to that name, as the kernel would.
-                    result = _sendto(sock, payload, flags, name, hdr.namelen)
-                else:
-                    try:
-                        result = sock.send(payload, flags)
-                    except OSError as exc:
-                        result = -(exc.errno or errno.EIO)
-            if result < 0:
-                return Complete(sent if sent else result)
-            entry = base + index * msghdr.MMSGHDR_SIZE
-            t.write(((entry + msghdr.MSG_LEN_OFFSET, struct.pack("=I", result)),))
-            sent += 1
-        return Complete(sent)
+        relay = sockaddr.encode(info.family, ipaddress.ip_address(host), port)
+        return sockops.send(fd, payload, relay, b"", flags | MSG_DONTWAIT)
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -473,3 +496,34 @@ class UdpRedirector:
             return
         seen.add(dest)
         self.on_event(UdpEvent(self.threads.of_or_self(tid), dest, kind, inode))
+
+
+MSG_DONTWAIT = socket.MSG_DONTWAIT
+_warned_protocols: set[tuple[int, int]] = set()
+
+
+def warn_unsupported(decision: decide.Unsupported) -> None:
+    key = (decision.type, decision.protocol)
+    if key not in _warned_protocols:
+        _warned_protocols.add(key)
+        log.warning(
+            "IP protocol %d (socket type %d) to %s fails with ENETUNREACH: ktrace carries only TCP and UDP "
+            "to the cluster (hint: a --local rule sends such traffic from this machine instead)",
+            decision.protocol,
+            decision.type,
+            decision.dest,
+        )
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    loop.add_writer(sock.fileno(), ready)
+    try:
+        await waiter
+    finally:
+        loop.remove_writer(sock.fileno())

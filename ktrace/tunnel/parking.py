@@ -1,0 +1,166 @@
+"""Where a program's redirected TCP socket waits while the agent dials, and how it is then
+connected to the agent's stream: the kernel keeps the program's connect() exactly as a
+pod's would be, in progress, without ktrace holding the program's thread.
+
+The program's socket is connected (by ktrace on its duplicate, or by the program's own
+connect() with the address rewritten) to a *parking* listener on loopback whose accept
+queue is full: the kernel drops its SYN (tcp_conn_request drops when sk_acceptq_is_full),
+so the socket sits in SYN_SENT like one connecting to a distant host. poll() shows nothing,
+SO_ERROR is 0, a blocking connect() sleeps in the kernel where signals reach it (EINTR, or
+the restart SA_RESTART asks for), and a non-blocking one returns EINPROGRESS at once.
+
+When the agent has connected, ktrace completes the handshake from the parking address
+itself: a socket bound to the same address and port (SO_REUSEPORT, same user) connects to
+the program socket's address. The two SYNs cross (a TCP "simultaneous open", RFC 793
+3.4): the program socket passes through SYN_RECV to ESTABLISHED, its connect() succeeds
+and poll() says writable, and ktrace holds the other end, which it splices to the agent's
+stream. When the agent's dial fails, ktrace disconnects the program socket instead
+(connect(AF_UNSPEC) on its duplicate): see `ktrace/tracer/tcp.py` for how the program
+then gets the agent's errno.
+
+The SYN is retransmitted while parked (after 1, 3, 7... s) and dropped again each time;
+nothing leaves loopback. No other user can bind the parking port (SO_REUSEPORT groups are
+per user), and a connection from anyone else to the listener is never accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from .tcp_stream import TcpStream
+from .types import TcpStats
+
+log = logging.getLogger("ktrace.tunnel")
+
+OnClosed = Callable[[TcpStream, TcpStats], None]
+# How long attach() waits for a program socket to reach SYN_SENT (a blocking connect whose
+# thread has not yet entered the kernel: the agent answered faster than it was scheduled).
+ATTACH_WAIT = 30.0
+TCP_SYN_SENT, TCP_CLOSE = 2, 7  # include/net/tcp_states.h
+
+
+class ProgramSocketGone(Exception):
+    """The program's socket left the parking lot before the agent's connection could be handed to it."""
+
+
+class ParkingLot:
+    def __init__(self, on_closed: OnClosed | None = None) -> None:
+        self._on_closed = on_closed
+        self._listeners: dict[int, socket.socket] = {}
+        self._fillers: list[socket.socket] = []
+        self._splices: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    async def start(self) -> None:
+        """Park on 127.0.0.1 and, where the host has IPv6, on ::1."""
+        self._listen(socket.AF_INET, "127.0.0.1")
+        try:
+            self._listen(socket.AF_INET6, "::1")
+        except OSError as exc:
+            log.debug("no IPv6 loopback (%s); AF_INET6 sockets park at a v4-mapped address", exc)
+
+    def _listen(self, family: int, host: str) -> None:
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        filler = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind((host, 0))
+            # Backlog 0 holds one connection; the filler takes it and is never accepted, so the
+            # queue stays full and every later SYN is dropped.
+            listener.listen(0)
+            filler.connect(listener.getsockname()[:2])
+        except BaseException:
+            listener.close()
+            filler.close()
+            raise
+        self._listeners[family] = listener
+        self._fillers.append(filler)
+
+    def address(self, family: int) -> tuple[str, int]:
+        """Where a program socket of ``family`` waits."""
+        if family == socket.AF_INET6:
+            if socket.AF_INET6 in self._listeners:
+                return "::1", self._listeners[socket.AF_INET6].getsockname()[1]
+            return "::ffff:127.0.0.1", self._listeners[socket.AF_INET].getsockname()[1]
+        return "127.0.0.1", self._listeners[socket.AF_INET].getsockname()[1]
+
+    async def attach(self, stream: TcpStream, program: socket.socket) -> None:
+        """Complete ``program``'s parked connect towards ktrace and splice it to ``stream``.
+
+        ``program`` is ktrace's duplicate of the program's socket (the caller keeps and
+        closes it). Raises ProgramSocketGone when it is not (or no longer) parked here."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ATTACH_WAIT
+        delay = 0.0005
+        while True:
+            state = program.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]  # tcpi_state
+            if state == TCP_SYN_SENT:
+                break
+            if state != TCP_CLOSE or loop.time() >= deadline or self._closing:
+                raise ProgramSocketGone(f"the program's socket is in TCP state {state}, not parked")
+            # CLOSE: its blocking connect() has not reached the kernel yet.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        if self._closing:
+            raise ProgramSocketGone("ktrace is shutting down")
+        family, target = self._ends(program)
+        listener = self._listeners[family]
+        end = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            end.bind(listener.getsockname())
+            end.setblocking(False)
+            await loop.sock_connect(end, target)
+        except OSError as exc:
+            end.close()
+            raise ProgramSocketGone(f"completing the program's connect failed: {exc}") from None
+        self._spawn(self._serve(end, stream))
+
+    def _ends(self, program: socket.socket) -> tuple[int, tuple[str, int]]:
+        """For a program socket parked by `address(program.family)`: the family of the listener it
+        waits at, and its own address as seen from that family (where ktrace's end connects to).
+        (Its peer cannot be asked: getpeername() says ENOTCONN in SYN_SENT.)"""
+        own = program.getsockname()
+        if program.family == socket.AF_INET or socket.AF_INET6 in self._listeners:
+            return program.family, (own[0], own[1])
+        # An AF_INET6 socket at ::ffff:127.0.0.1 (no IPv6 loopback here): its own address is v4-mapped too.
+        mapped = ipaddress.IPv6Address(own[0].split("%", 1)[0]).ipv4_mapped
+        return socket.AF_INET, (str(mapped or "127.0.0.1"), own[1])
+
+    async def _serve(self, sock: socket.socket, stream: TcpStream) -> None:
+        stats = await stream.splice(sock)
+        if self._on_closed is not None:
+            try:
+                self._on_closed(stream, stats)
+            except Exception:
+                log.exception("on_closed callback failed")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._splices.add(task)
+        task.add_done_callback(self._splices.discard)
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop parking and end every splice.
+
+        With ``grace``, splices first get that long to finish by themselves: when the
+        program exits, the kernel closes its sockets, and what it wrote just before must
+        still reach the remote side."""
+        self._closing = True
+        for sock in (*self._listeners.values(), *self._fillers):
+            sock.close()
+        self._listeners.clear()
+        self._fillers.clear()
+        if grace > 0 and self._splices:
+            await asyncio.wait(list(self._splices), timeout=grace)
+        for task in list(self._splices):
+            task.cancel()
+        for task in list(self._splices):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
