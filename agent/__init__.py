@@ -1,5 +1,5 @@
 """ktrace agent: makes the real DNS lookups and connections where it runs (a pod)."""
 
-from . import tuning as _tuning  # noqa: F401  # before anything imports grpc
+from ktrace_version import __version__ as __version__
 
-__version__ = "0.1.0"
+from . import tuning as _tuning  # noqa: F401  # before anything imports grpc

@@ -1,1 +1,3 @@
-__version__ = "0.1.0"
+"""ktrace: run a local program with a Kubernetes cluster's network view (docs/architecture.md)."""
+
+from ktrace_version import __version__ as __version__
