@@ -7,6 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
+from typing import NoReturn
 
 from . import __version__
 from .listen import ConfigError, parse_token_sha256, read_token_file
@@ -15,9 +16,18 @@ from .tuning import raise_fd_limit, tune_gc
 
 log = logging.getLogger("ktrace_agent")
 
+# Every failure of the agent's own, usage errors included, exits with this, as `ktrace` does (the
+# same command as `ktrace agent`); a pod's last state shows it.
+EXIT_FAILURE = 125
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ktrace-agent", description="ktrace's in-cluster agent (gRPC).")
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_FAILURE, f"{self.prog}: error: {message} (hint: see '{self.prog} --help')\n")
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="ktrace's in-cluster agent (gRPC).")
     p.add_argument("--listen", required=True, metavar="ADDR", help="unix:/path/to.sock, HOST:PORT or [V6]:PORT")
     p.add_argument("--token-file", metavar="PATH", help="file whose first line is the session token")
     p.add_argument(
@@ -62,8 +72,8 @@ async def _serve(server: AgentServer) -> None:
         await server.stop(grace=1.0)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "ktrace-agent") -> int:
+    args = _parser(prog).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="ktrace-agent: %(message)s",
@@ -85,15 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         tune_gc()
         asyncio.run(_serve(server))
     except ConfigError as exc:
-        print(f"ktrace-agent: error: {exc}", file=sys.stderr)
-        return 2
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
         if args.debug:
             raise
-        print(f"ktrace-agent: error: {exc}", file=sys.stderr)
-        return 1
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return 0
 
 

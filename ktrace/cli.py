@@ -1,7 +1,8 @@
 """Command line: `ktrace run ...`, `ktrace cleanup ...`, `ktrace agent ...`.
 
-Every failure of ktrace itself is one line on stderr with a hint and exit
-status 125 (2 for usage errors); `--debug` shows the traceback instead.
+Every failure of ktrace itself, usage and configuration errors included, is one line on stderr with a
+hint and exit status 125, which a script can tell from the program's own status (as `docker run`,
+`timeout`, `env` do); `--help` and `--version` exit 0. `--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -10,9 +11,21 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from ktrace import __version__
-from ktrace.errors import KtraceError
+from ktrace.errors import EXIT_KTRACE_FAILURE, KtraceError
+
+
+def _usage_error(message: str, prog: str) -> str:
+    return KtraceError(message, f"see '{prog} --help'").render() + "\n"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ktrace's one line and 125 instead of a usage block and 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_KTRACE_FAILURE, _usage_error(message, self.prog))
 
 
 def _positive_float(text: str) -> float:
@@ -26,7 +39,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser(prog: str = "ktrace") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description="Run a local program whose DNS queries and connections happen inside a cluster.",
     )
@@ -188,16 +201,18 @@ def main(argv: Sequence[str] | None = None, prog: str = "ktrace") -> int:
     if args_in[:1] == ["agent"]:
         from ktrace_agent.main import main as agent_main
 
-        return int(agent_main(args_in[1:]))
-    args = parser.parse_args(args_in)
+        return int(agent_main(args_in[1:], prog=f"{prog} agent"))
+    args, unknown = parser.parse_known_args(args_in)
+    if unknown:  # argparse reports a subcommand's unknown options from the top: name the subcommand's --help
+        words = [prog, *(w for w in (args.command_name,) if w)]
+        parser.exit(EXIT_KTRACE_FAILURE, _usage_error(f"unrecognized arguments: {' '.join(unknown)}", " ".join(words)))
     debug = bool(getattr(args, "debug", False))
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
         format="ktrace: %(levelname)s %(name)s: %(message)s",
     )
     if args.command_name is None:
-        parser.print_help(sys.stderr)
-        return 2
+        parser.error("no command given (one of run, doctor, cleanup, completion, agent)")
     try:
         if args.command_name == "run":
             from ktrace.options import run_options
@@ -213,6 +228,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "ktrace") -> int:
 
             sys.stdout.write(script(parser, args.shell))
             return 0
+        if args.command_name == "agent":  # reached only after an option such as --debug
+            from ktrace_agent.main import main as agent_main
+
+            return int(agent_main(args.agent_args, prog=f"{prog} agent"))
         if args.command_name == "cleanup":
             from ktrace.kube.cleanup import cleanup
             from ktrace.kube.options import cluster_choice
@@ -238,9 +257,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "ktrace") -> int:
             f"ktrace: internal error: {type(exc).__name__}: {exc} (hint: rerun with --debug and report it)",
             file=sys.stderr,
         )
-        return 125
-    parser.print_help(sys.stderr)
-    return 2
+        return EXIT_KTRACE_FAILURE
+    parser.error(f"unknown command {args.command_name!r}")
 
 
 if __name__ == "__main__":

@@ -371,7 +371,7 @@ def run_doctor(config_file: str | None) -> int:
     try:
         settings = config.load({}, os.environ, os.getcwd(), config_file)
     except config.ConfigError as exc:
-        raise KtraceError(str(exc), "see docs/configuration.md", exit_code=2) from None
+        raise KtraceError(str(exc), "see docs/configuration.md") from None
     results = run_checks(settings)
     for result in results:
         print(result.line(), flush=True)

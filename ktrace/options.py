@@ -14,8 +14,6 @@ from ktrace.report.render import Verbosity
 from ktrace.rules import Route, Rule, RuleError, RuleSet, parse_rule
 from ktrace.run import RunOptions
 
-USAGE = 2
-
 
 def load_settings(
     flags: Mapping[str, Any], env: Mapping[str, str] | None = None, cwd: str | None = None
@@ -31,7 +29,7 @@ def load_settings(
             flags.get("config"),
         )
     except config.ConfigError as exc:
-        raise KtraceError(str(exc), "see docs/configuration.md", exit_code=USAGE) from None
+        raise KtraceError(str(exc), "see docs/configuration.md") from None
 
 
 def rules_of(settings: config.Settings) -> RuleSet:
@@ -43,11 +41,11 @@ def rules_of(settings: config.Settings) -> RuleSet:
                 rules.append(parse_rule(text, route, source))
             except RuleError as exc:
                 where = source if source.startswith("-") else f"{key} in {source}"
-                raise KtraceError(f"bad rule for {where}: {exc}", "see docs/filters.md", exit_code=USAGE) from None
+                raise KtraceError(f"bad rule for {where}: {exc}", "see docs/filters.md") from None
     try:
         return RuleSet(tuple(rules))
     except RuleError as exc:
-        raise KtraceError(str(exc), "see docs/filters.md", exit_code=USAGE) from None
+        raise KtraceError(str(exc), "see docs/filters.md") from None
 
 
 def run_options(

@@ -90,7 +90,7 @@ def read_token(path: str) -> str:
 
 def run(options: RunOptions) -> int:
     if not options.command:
-        raise KtraceError("no command given", "usage: ktrace run [options] -- CMD [ARG...]", exit_code=2)
+        raise KtraceError("no command given", "usage: ktrace run [options] -- CMD [ARG...]")
     token = read_token(options.token_file) if options.token_file else None
     # The program's environment is the user's: without what ktrace set for its own gRPC.
     env = {k: v for k, v in os.environ.items() if k not in tuning.ADDED}

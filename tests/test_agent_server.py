@@ -196,7 +196,7 @@ def test_cli_refuses_non_loopback_without_token() -> None:
     proc = subprocess.run(
         agent_command("--listen", "0.0.0.0:0"), check=False, capture_output=True, text=True, timeout=60
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 125
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "without a token" in lines[0]
@@ -211,7 +211,7 @@ def test_cli_empty_token_file(tmp_path: pathlib.Path) -> None:
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 125
     assert proc.stderr.strip().splitlines() == [
         f"ktrace-agent: error: token file {tmp_path}/token is empty (the token is its first line)"
     ]

@@ -77,7 +77,7 @@ def test_file_errors_name_the_key(tmp_path: pathlib.Path, text: str, message: st
     write(tmp_path, text)
     with pytest.raises(KtraceError) as info:
         run_options({}, ["true"], env={}, cwd=str(tmp_path))
-    assert message in info.value.message and info.value.exit_code == 2
+    assert message in info.value.message and info.value.exit_code == 125
 
 
 def test_env_errors_name_the_variable(tmp_path: pathlib.Path) -> None:

@@ -344,6 +344,6 @@ def test_config_precedence_flags_env_file_defaults(ktrace_cluster: NamespaceClus
         # An unknown key is an error that names it.
         pathlib.Path(tmp, "ktrace.toml").write_text("conect-timeout = 5\n")
         bad = in_dir(*run, "--", "true")
-        assert bad.returncode == 2, bad
+        assert bad.returncode == 125, bad
         assert "unknown key 'conect-timeout' (did you mean 'connect-timeout'?)" in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr

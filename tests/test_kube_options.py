@@ -54,7 +54,7 @@ def test_other_agents_take_no_kube_options() -> None:
     assert kube_options(settings({"agent": "local"})) is None
     with pytest.raises(KtraceError, match="--target needs --agent kube") as raised:
         kube_options(settings({"agent": "unix:/a.sock", "target": "pod/x"}))
-    assert raised.value.exit_code == 2
+    assert raised.value.exit_code == 125
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_bad_settings_are_usage_errors(flags: dict[str, object], message: str) -
     with pytest.raises(KtraceError) as raised:
         kube_options(settings(flags))
     assert message in raised.value.message
-    assert raised.value.exit_code == 2
+    assert raised.value.exit_code == 125
 
 
 def test_pull_policy_from_environment_is_checked() -> None:

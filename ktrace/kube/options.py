@@ -26,7 +26,6 @@ from .spec import (
 from .target import Target, TargetError, parse_target
 
 DEFAULT_AGENT_TIMEOUT = 60.0
-USAGE = 2
 
 
 def pull_policy(value: Any) -> str:
@@ -81,7 +80,7 @@ def kube_options(settings: config.Settings) -> KubeOptions | None:
     agent = settings.get("agent") or "kube"
     if agent != "kube":
         if settings.get("target"):
-            raise KtraceError(f"--target needs --agent kube (the agent is {agent})", exit_code=USAGE)
+            raise KtraceError(f"--target needs --agent kube (the agent is {agent})")
         return None
     try:
         options = AgentOptions(
@@ -101,7 +100,7 @@ def kube_options(settings: config.Settings) -> KubeOptions | None:
         )
         target = parse_target(settings.get("target")) if settings.get("target") else None
     except (SpecError, TargetError) as exc:
-        raise KtraceError(str(exc), exit_code=USAGE) from None
+        raise KtraceError(str(exc)) from None
     return KubeOptions(
         cluster=cluster_choice(settings),
         target=target,
