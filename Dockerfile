@@ -1,12 +1,13 @@
 # The ktrace agent image: the agent (ktrace_agent) and its two runtime dependencies, grpcio and protobuf,
 # on a slim Python base, running as a non-root user. It installs only from wheels in the build context
-# (dist/agent/, made by scripts/agent-wheels), so it builds without network access:
+# (dist/agent/, made by scripts/agent-wheels), so it builds without network access. One command does both:
 #
-#   scripts/agent-wheels --python-version 3.11          # the base image's Python
-#   docker build --build-arg BASE=python:3.11-slim -t ktrace/agent:0.1.0 .
+#   ktrace image build [--tag REF] [--push | --load kind|minikube|containerd|docker]   (docs/kubernetes.md)
 #
-# The test cluster builds it with buildah --network none from ktrace.local/base:1 (docs/test-cluster.md).
-# ktrace starts it with `--listen 127.0.0.1:PORT --token-sha256 HEX --idle-exit SECONDS` (docs/kubernetes.md).
+# By hand: scripts/agent-wheels --python-version 3.11 (the base's Python), then
+#   docker build --network none [--build-arg BASE=python:3.11-slim] -t REF .
+# The test cluster builds it with `ktrace image build --builder buildah --base ktrace.local/base:1`
+# (docs/test-cluster.md). ktrace starts it with `--listen 127.0.0.1:PORT --token-sha256 HEX --idle-exit SECONDS`.
 ARG BASE=python:3.11-slim
 
 FROM ${BASE} AS install

@@ -1,4 +1,4 @@
-"""Command line: `ktrace run ...`, `ktrace cleanup ...`, `ktrace agent ...`.
+"""Command line: `ktrace run ...`, `ktrace cleanup ...`, `ktrace agent ...`, `ktrace image ...`.
 
 Every failure of ktrace itself, usage and configuration errors included, is one line on stderr with a
 hint and exit status 125, which a script can tell from the program's own status (as `docker run`,
@@ -173,7 +173,38 @@ def build_parser(prog: str = "ktrace") -> argparse.ArgumentParser:
 
     agent = sub.add_parser("agent", help="run the agent (same as ktrace-agent)", add_help=False)
     agent.add_argument("agent_args", nargs=argparse.REMAINDER)
+    _add_image_parser(sub)
     return parser
+
+
+def _add_image_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """`ktrace image build` (ktrace/image.py, imported only when it runs: its choices are repeated here)."""
+    image = sub.add_parser("image", help="build the agent image (docker, podman or buildah)")
+    actions = image.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+    build = actions.add_parser(
+        "build",
+        help="build the agent image from the Dockerfile, then push or load it",
+        description="Build the agent image from the Dockerfile of a ktrace source tree with docker, podman or "
+        "buildah (the first of these installed), with no network access in the build, push or load it, and "
+        "print the line that makes ktrace use it. See docs/kubernetes.md.",
+    )
+    build.add_argument("--tag", metavar="REF", help="the image reference (default: ktrace's, ktrace/agent:VERSION)")
+    build.add_argument("--push", action="store_true", help="push it to its registry")
+    build.add_argument(
+        "--load", choices=("kind", "minikube", "containerd", "docker"), help="load it into a local cluster or engine"
+    )
+    build.add_argument("--oci-archive", metavar="PATH", help="also write it to an OCI archive (ctr images import)")
+    build.add_argument("--builder", choices=("docker", "podman", "buildah"), help="the builder (default: detected)")
+    build.add_argument("--base", metavar="IMAGE", help="the base image (default: the Dockerfile's, python:3.11-slim)")
+    build.add_argument("--python-version", metavar="X.Y", help="the base image's Python (default: from python:X.Y)")
+    build.add_argument(
+        "--pull", choices=("always", "missing", "never"), help="when to pull the base image (default: the builder's)"
+    )
+    build.add_argument(
+        "--platform", metavar="linux/ARCH[,...]", help="several make a multi-platform image, which needs --push"
+    )
+    build.add_argument("--source", metavar="DIR", help="the ktrace source tree (default: this directory, or ktrace's)")
+    build.add_argument("-q", "--quiet", action="store_true", help="less output from the builder")
 
 
 def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
@@ -204,7 +235,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "ktrace") -> int:
         return int(agent_main(args_in[1:], prog=f"{prog} agent"))
     args, unknown = parser.parse_known_args(args_in)
     if unknown:  # argparse reports a subcommand's unknown options from the top: name the subcommand's --help
-        words = [prog, *(w for w in (args.command_name,) if w)]
+        words = [prog, *(w for w in (args.command_name, getattr(args, "image_command", None)) if w)]
         parser.exit(EXIT_KTRACE_FAILURE, _usage_error(f"unrecognized arguments: {' '.join(unknown)}", " ".join(words)))
     debug = bool(getattr(args, "debug", False))
     logging.basicConfig(
@@ -212,7 +243,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "ktrace") -> int:
         format="ktrace: %(levelname)s %(name)s: %(message)s",
     )
     if args.command_name is None:
-        parser.error("no command given (one of run, doctor, cleanup, completion, agent)")
+        parser.error("no command given (one of run, doctor, cleanup, image, completion, agent)")
     try:
         if args.command_name == "run":
             from ktrace.options import run_options
@@ -228,6 +259,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "ktrace") -> int:
 
             sys.stdout.write(script(parser, args.shell))
             return 0
+        if args.command_name == "image":
+            from ktrace import image
+
+            return image.build(image.request_of(args))
         if args.command_name == "agent":  # reached only after an option such as --debug
             from ktrace_agent.main import main as agent_main
 

@@ -95,7 +95,7 @@ KUBECTL_KTRACE = str(BIN / "kubectl-ktrace")
 RAN = ["sh", "-c", "echo ran"]  # must never run when ktrace fails first
 
 
-NO_COMMAND = "no command given (one of run, doctor, cleanup, completion, agent)"
+NO_COMMAND = "no command given (one of run, doctor, cleanup, image, completion, agent)"
 RUN_USAGE = "ktrace: no command given (hint: usage: ktrace run [options] -- CMD [ARG...])"
 
 
@@ -116,6 +116,9 @@ RUN_USAGE = "ktrace: no command given (hint: usage: ktrace run [options] -- CMD 
         ([KTRACE, "completion"], "ktrace: the following arguments are required: shell (hint: see 'ktrace completion"),
         ([KTRACE, "completion", "powershell"], "ktrace: argument shell: invalid choice: 'powershell'"),
         ([KTRACE, "cleanup", "--bogus"], "ktrace: unrecognized arguments: --bogus (hint: see 'ktrace cleanup --help')"),
+        ([KTRACE, "image"], "ktrace: the following arguments are required: ACTION (hint: see 'ktrace image --help')"),
+        ([KTRACE, "image", "build", "--load", "k3s"], "ktrace: argument --load: invalid choice: 'k3s'"),
+        ([KTRACE, "image", "build", "--platform", "linux/mips"], "ktrace: --platform 'linux/mips': not one of "),
         ([KUBECTL_KTRACE, "run", "--x", "--", *RAN], "ktrace: unrecognized arguments: --x (hint: see 'kubectl"),
         ([KUBECTL_KTRACE], f"ktrace: {NO_COMMAND} (hint: see 'kubectl ktrace --help')"),
         ([KTRACE, "agent"], "ktrace agent: error: the following arguments are required: --listen (hint"),
@@ -165,6 +168,7 @@ def test_configuration_errors_exit_125(tmp_path: pathlib.Path, toml: str, env: d
         [KTRACE, "--help"],
         [KTRACE, "-h"],
         [KTRACE, "run", "--help"],
+        [KTRACE, "image", "build", "--help"],
         [KTRACE, "cleanup", "--help"],
         [KTRACE, "agent", "--help"],
         [KTRACE, "agent", "--version"],
