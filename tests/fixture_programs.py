@@ -47,6 +47,8 @@ SPECS: dict[str, Spec] = {
     "iouring": Spec("gcc", "iouring.c"),
     "cudp": Spec("gcc", "cudp.c"),
     "mresolve": Spec("musl-gcc", "mresolve.c"),
+    "csignal": Spec("gcc", "csignal.c"),  # a blocking connect() a signal interrupts
+    "crace": Spec("gcc", "crace.c", ("-pthread",)),  # a sockaddr changed while connect/send use it
     # scripts/bench: a syscall loop, the benchmark server, and a dynamic client
     "csysloop": Spec("gcc", "csysloop.c"),
     "cbenchsrv": Spec("gcc", "cbenchsrv.c", ("-pthread",)),

@@ -29,7 +29,6 @@ thread changing it cannot slip a connection past ktrace.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import errno
@@ -184,9 +183,12 @@ class TcpConnects:
 
     def _again(self, t: Tracee, sock: socket.socket, record: TcpRecord) -> Outcome:
         """A connect() on a socket ktrace redirected before: answered from its record."""
-        if record.phase is Phase.CONNECTED:
-            sock.close()
-            return Complete(-errno.EISCONN)
+        if record.phase is Phase.CONNECTED or (record.phase is Phase.CONNECTING and sockops.nonblocking(sock.fileno())):
+            # The kernel's answer is the pod's: the socket really is connecting or connected
+            # (EALREADY; 0 once, the first time after a non-blocking connect completed; then
+            # EISCONN). It ignores the address in those states; ktrace passes the parking one.
+            with sock:
+                return Complete(-sockops.connect(sock.fileno(), self._parking_name(record.family)))
         if record.phase in (Phase.FAILED, Phase.TOLD):
             # The kernel's sock_error path: report the pending error (or ECONNABORTED once it
             # was read), and leave the socket unconnected for a fresh connect().
@@ -196,11 +198,7 @@ class TcpConnects:
                 sockops.disconnect(sock.fileno())
             self._forget(record)
             return Complete(-err)
-        # CONNECTING
-        if sockops.nonblocking(sock.fileno()):
-            sock.close()
-            return Complete(-errno.EALREADY)
-        return self._wait_blocking(t, sock, record)
+        return self._wait_blocking(t, sock, record)  # a blocking connect() on a parked socket
 
     def _local(
         self,
@@ -408,12 +406,11 @@ class TcpConnects:
             return
         record.phase = Phase.FAILED
         record.error = err
+        # One wake-up of the program's pollers, with POLLOUT|POLLERR|POLLHUP and a pending error,
+        # as a failed connect gives. (A pod's also says POLLIN|POLLRDHUP: tcp_done shuts both
+        # directions. shutdown() after the disconnect would add them, but with a second wake-up
+        # the program can see in between: ktrace leaves them out; README "Limitations".)
         sockops.disconnect(record.sock.fileno())
-        if record.waiters == 0:
-            # Nobody waits in connect(): the state a failed non-blocking connect leaves (tcp_done:
-            # both directions shut, so poll also says POLLIN|POLLRDHUP, as in the pod).
-            with contextlib.suppress(OSError):  # ENOTCONN: the kernel sets the shutdown bits regardless
-                record.sock.shutdown(socket.SHUT_RDWR)
         if not record.settled.done():
             record.settled.set_result(err)
         self._emit(self._event(record, _errname(err)))

@@ -8,6 +8,9 @@
 //	                                    "local <ip> <port is not 0>" from LocalAddr(), or "error <ERRNO>"
 //	goclient -spawn K [-n N] [-c C] URL K copies of itself via os/exec, with an empty environment
 //	goclient -exec CMD [ARG...]         runs CMD via os/exec and exits with its status
+//	goclient -stall HOST:PORT URL       the event-loop scenario: a ticker every 10 ms, a dial to
+//	                                    HOST:PORT abandoned after 3 s, and 100 ms in, a GET of URL;
+//	                                    "hello ok|<err> first", "stall TIMEOUT|<err>", "ticks N"
 package main
 
 import (
@@ -201,6 +204,68 @@ func runCmd(argv []string) int {
 	return 0
 }
 
+// stall is what an event loop does under a slow network: its other work (a ticker, a second
+// request) goes on while one connect waits, and the waiting one is abandoned at its deadline.
+func stall(blackhole, url string) int {
+	start := time.Now()
+	var mu sync.Mutex
+	var order []string
+	note := func(line string) {
+		mu.Lock()
+		defer mu.Unlock()
+		order = append(order, line)
+	}
+	ticks := 0
+	ticker := time.NewTicker(10 * time.Millisecond)
+	done := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-ticker.C:
+				mu.Lock()
+				ticks++
+				mu.Unlock()
+			case <-done:
+				return
+			}
+		}
+	}()
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		conn, err := (&net.Dialer{}).DialContext(ctx, "tcp", blackhole)
+		if err == nil {
+			conn.Close()
+			note("stall connected")
+			return
+		}
+		note("stall " + errName(err))
+	}()
+	go func() {
+		defer wg.Done()
+		time.Sleep(100 * time.Millisecond)
+		client := &http.Client{Timeout: 10 * time.Second}
+		if _, err := get(client, url); err != nil {
+			note("hello " + errName(err))
+			return
+		}
+		note("hello ok")
+	}()
+	wg.Wait()
+	close(done)
+	ticker.Stop()
+	for _, line := range order {
+		fmt.Println(line)
+	}
+	mu.Lock()
+	fmt.Println("ticks", ticks, "elapsed-s", int(time.Since(start).Seconds()))
+	mu.Unlock()
+	return 0
+}
+
 func main() {
 	n := flag.Int("n", 1, "number of requests")
 	c := flag.Int("c", 1, "concurrency")
@@ -209,8 +274,11 @@ func main() {
 	udpLocal := flag.String("udp-local", "", "print the local address of a UDP socket dialled to HOST:PORT")
 	k := flag.Int("spawn", 0, "run K copies of this program via os/exec")
 	execMode := flag.Bool("exec", false, "run the remaining arguments as a command via os/exec")
+	stalled := flag.String("stall", "", "the event-loop scenario with a dial to HOST:PORT that stalls")
 	flag.Parse()
 	switch {
+	case *stalled != "" && flag.NArg() == 1:
+		os.Exit(stall(*stalled, flag.Arg(0)))
 	case *tcp != "":
 		os.Exit(dialOnce(*tcp))
 	case *name != "":
