@@ -90,6 +90,13 @@ def build_parser(prog: str = "ktrace") -> argparse.ArgumentParser:
         help="send matching destinations through the cluster (repeatable); the most specific rule wins",
     )
     run.add_argument("--log-json", metavar="FILE", help="write one JSON object per network event to FILE")
+    run.add_argument(
+        "--backend",
+        choices=("auto", "notify", "ptrace"),
+        help="how ktrace intercepts the program's syscalls: 'notify' (seccomp user notification; a "
+        "debugger such as gdb, dlv or strace can run under ktrace), 'ptrace', or 'auto' (default: "
+        "see ktrace doctor)",
+    )
     shown = run.add_mutually_exclusive_group()
     shown.add_argument(
         "-v", "--verbose", dest="output", action="store_const", const="all", help="show every network event"

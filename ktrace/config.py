@@ -102,6 +102,7 @@ register(
     Key("log-json", text, "file to write one JSON object per network event to"),
     Key("output", choice("quiet", "failures", "all"), "what to show on stderr while the program runs"),
     Key("hint-namespaces", text_list, "namespaces to look in for a same-named service"),
+    Key("backend", choice("auto", "notify", "ptrace"), "how the program's syscalls are intercepted"),
 )
 
 

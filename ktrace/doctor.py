@@ -308,7 +308,7 @@ def check_ptrace(settings: config.Settings) -> Iterable[CheckResult]:
 
         exit_code = asyncio.run(trace())
     finally:
-        launcher.reap(child.pid)
+        launcher.reap(child)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     yield from _probe_results(probe, exit_code)
 

@@ -70,4 +70,5 @@ def run_options(
         verbosity=Verbosity.parse(settings.get("output", "failures")),
         hint_namespaces=tuple(settings.get("hint-namespaces", ())),
         kube=kube,
+        backend=settings.get("backend", "auto"),
     )

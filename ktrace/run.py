@@ -30,12 +30,13 @@ from ktrace.errors import KtraceError
 from ktrace.report.recorder import Recorder
 from ktrace.report.render import Verbosity
 from ktrace.rules import RuleSet
-from ktrace.tracer import launcher, seccomp, syscalls
+from ktrace.tracer import backends, launcher, seccomp, syscalls
 from ktrace.tracer.decide import AgentSources, RoutingPolicy, nameservers_of
 from ktrace.tracer.dispatch import SessionHandler
 from ktrace.tracer.files import FileViews
 from ktrace.tracer.launcher import LaunchError
 from ktrace.tracer.network import NetworkHandler
+from ktrace.tracer.notify.loop import Supervisor
 from ktrace.tracer.ptrace.loop import FORWARDED_SIGNALS, Tracer, TraceResult
 from ktrace.tracer.tcp import TcpConnects
 from ktrace.tracer.threads import ThreadGroups
@@ -75,6 +76,7 @@ class RunOptions:
     verbosity: Verbosity = Verbosity.FAILURES
     hint_namespaces: tuple[str, ...] = ()
     kube: KubeOptions | None = None  # --agent kube: the cluster, the target, the agent pod's options
+    backend: str = "auto"  # tracer/backends.py
 
 
 def read_token(path: str) -> str:
@@ -98,16 +100,23 @@ def run(options: RunOptions) -> int:
         path = launcher.resolve(options.command[0], env)
     except LaunchError as exc:
         raise KtraceError(str(exc), exit_code=exc.exit_code) from None
+    try:
+        backend = backends.choose(options.backend)
+    except ValueError as exc:
+        hint = "use --backend ptrace (or auto); `ktrace doctor` says what this machine has"
+        raise KtraceError(str(exc), hint) from None
+    notify = backend == "notify"
     log_json = reporting.open_log(options.log_json)
-    filter_program = seccomp.build(syscalls.filter_rules())
-    child = launcher.fork_child(path, options.command, env, filter_program)
+    stop = seccomp.RET_USER_NOTIF if notify else seccomp.RET_TRACE
+    filter_program = seccomp.build(syscalls.filter_rules(), stop=stop)
+    child = launcher.fork_child(path, options.command, env, filter_program, notify=notify)
     tuning.raise_fd_limit()  # for ktrace only: the program, forked already, keeps the user's limit
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
     tuning.tune_gc()
     try:
         return asyncio.run(_session(options, child, token, log_json))
     finally:
-        launcher.reap(child.pid)
+        launcher.reap(child)
         if log_json is not None:
             log_json.close()
 
@@ -148,7 +157,7 @@ async def _agent_access(options: RunOptions, token: str | None) -> AsyncIterator
             await server.stop()
 
 
-async def _until_finished(tracer: Tracer, endpoint: ParkingLot, kube: KubeAgent | None) -> TraceResult:
+async def _until_finished(tracer: Tracer | Supervisor, endpoint: ParkingLot, kube: KubeAgent | None) -> TraceResult:
     """The program's end, or, if the agent in the cluster is lost first, its end forced: its connections
     through the agent are reset (they are dead already), then it gets SIGTERM and, after
     TERMINATION_GRACE, SIGKILL, like a pod's processes when the pod goes away."""
@@ -183,17 +192,23 @@ async def _session(
             views_dir = await stack.enter_async_context(_private_dir())
             client = await _connect(access)
             stack.push_async_callback(client.close)
-            parts = _Parts.build(options, client, views_dir, log_json)
+            parts = _Parts.build(options, client, views_dir, log_json, notify=child.guardian is not None)
             stack.push_async_callback(parts.close)
             await parts.start()
-            launcher_seize(child)
+            if child.guardian is None:
+                launcher_seize(child)
             released = True
             try:
                 launcher.release(child, options.command[0])
             except LaunchError as exc:
                 raise KtraceError(str(exc), exit_code=exc.exit_code) from None
             parts.recorder.start(options.command, access.where)
-            tracer = Tracer(parts.session, child.pid, asyncio.get_running_loop(), threads_of=parts.threads)
+            loop = asyncio.get_running_loop()
+            tracer: Tracer | Supervisor
+            if child.guardian is None:
+                tracer = Tracer(parts.session, child.pid, loop, threads_of=parts.threads)
+            else:
+                tracer = Supervisor(parts.session, child, loop, threads_of=parts.threads)
             tracer.start()
             try:
                 result = await _until_finished(tracer, parts.lot, access.kube)
@@ -238,12 +253,14 @@ class _Parts:
     _closed: bool = False
 
     @classmethod
-    def build(cls, options: RunOptions, client: AgentClient, views_dir: str, log_json: TextIO | None) -> _Parts:
+    def build(
+        cls, options: RunOptions, client: AgentClient, views_dir: str, log_json: TextIO | None, *, notify: bool
+    ) -> _Parts:
         dns_map = DnsMap()
         dns_map.listeners.append(lambda name, found: log.debug("dns answer %s -> %s", name, found))
         policy = RoutingPolicy(options.rules, dns_map, nameservers_of(client.info.resolv_conf))
         recorder = reporting.recorder(options, client.info, policy, log_json)
-        threads = ThreadGroups()
+        threads = ThreadGroups(cache=not notify)
 
         # The tunnel reports back to the handlers made after it (a stream's end, a socket gone):
         # through these, once they exist.

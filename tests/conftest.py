@@ -50,12 +50,20 @@ def ns_cluster() -> Iterator[NamespaceCluster]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@pytest.fixture
-def ktrace_cluster(ns_cluster: NamespaceCluster) -> NamespaceCluster:
-    """The namespace cluster, for tests that run ``ktrace run``: fails if its agent is not running."""
+BACKENDS = ("ptrace", "notify")
+
+
+@pytest.fixture(params=BACKENDS)
+def ktrace_cluster(ns_cluster: NamespaceCluster, request: pytest.FixtureRequest) -> Iterator[NamespaceCluster]:
+    """The namespace cluster, for tests that run ``ktrace run``: fails if its agent is not running.
+    Every such test runs once per interception backend, with the same assertions."""
     if ns_cluster.agent_error:
         pytest.fail(f"the agent is not running in the namespace cluster: {ns_cluster.agent_error}")
-    return ns_cluster
+    ns_cluster.backend = request.param
+    try:
+        yield ns_cluster
+    finally:
+        ns_cluster.backend = None
 
 
 @pytest.fixture(scope="session")

@@ -60,6 +60,20 @@ def blocked_in(pid: int) -> int | None:
     return int(fields[0]) if proc_state(pid) == "S" else None
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (under the notify backend the program is ktrace's grandchild:
+    its guardian is in between)."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        out = subprocess.run(["pgrep", "-P", str(current)], capture_output=True, text=True, check=False)
+        children = [int(child) for child in out.stdout.split()]
+        found.extend(children)
+        pending.extend(children)
+    return found
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``condition`` (a kernel state that offers no notification) until true or the deadline."""
     deadline = time.monotonic() + timeout

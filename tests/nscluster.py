@@ -176,6 +176,9 @@ class NamespaceCluster:
     agent_error: str | None = None
     dns_error: str | None = None
     pids: list[int] = field(default_factory=list)
+    # The interception backend `ktrace run` uses in the laptop namespace (KTRACE_BACKEND): the
+    # ktrace_cluster fixture runs every end-to-end test once per backend.
+    backend: str | None = None
 
     # --- names and addresses -------------------------------------------------------------
     @property
@@ -403,13 +406,20 @@ class NamespaceCluster:
         return subprocess.run(
             [*self.netns_argv(ns), *argv],
             timeout=timeout,
-            env=None if env is None else dict(env),
+            env=self.laptop_env(env) if ns == self.laptop else None if env is None else dict(env),
             input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
             capture_output=True,
             text=True,
             check=False,
         )
+
+    def laptop_env(self, env: Mapping[str, str] | None = None) -> dict[str, str] | None:
+        """The environment of commands on the laptop side: ``env`` (default: ours), with the
+        backend under test."""
+        if self.backend is None:
+            return None if env is None else dict(env)
+        return {**(os.environ if env is None else env), "KTRACE_BACKEND": self.backend}
 
     def run_laptop(
         self, argv: Sequence[str], timeout: float, env: Mapping[str, str] | None = None, input: str | None = None
@@ -432,7 +442,7 @@ class NamespaceCluster:
         """
         return subprocess.Popen(
             [*self.netns_argv(self.laptop), *argv],
-            env=None if env is None else dict(env),
+            env=self.laptop_env(env),
             stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

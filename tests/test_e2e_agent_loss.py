@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
-from e2e_helpers import blocked_in, read_line, wait_until
+from e2e_helpers import blocked_in, descendants, read_line, wait_until
 from nscluster import NamespaceCluster, _tool
 
 from ktrace.tracer import syscalls
@@ -120,11 +120,6 @@ def _finish(proc: subprocess.Popen[str]) -> tuple[str, str]:
         return proc.communicate()
 
 
-def _program_pid(proc: subprocess.Popen[str]) -> int:
-    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False)
-    return int(children.stdout.split()[0])
-
-
 def test_agent_gone_resets_open_connections_and_a_new_one_waits_for_it(
     ktrace_cluster: NamespaceCluster, agent: PrivateAgent
 ) -> None:
@@ -142,9 +137,12 @@ def test_agent_gone_resets_open_connections_and_a_new_one_waits_for_it(
         # A new connect while the agent is down waits for it, in the kernel's connect() as it
         # would for a slow network (not at a ktrace stop, where signals could not reach it) ...
         _send(proc, f"connect {c.echo_v4} {c.echo_port}")
-        program = _program_pid(proc)
         connect = syscalls.number("connect")
-        wait_until(lambda: blocked_in(program) == connect, 20, "the program waiting in its connect()")
+
+        def program_in_connect() -> bool:
+            return any(blocked_in(pid) == connect for pid in descendants(proc.pid))
+
+        wait_until(program_in_connect, 20, "the program waiting in its connect()")
         # ... and completes once an agent answers on that socket again.
         agent.start()
         assert read_line(proc, 30) == "connected"

@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from e2e_helpers import blocked_in, wait_until
+from e2e_helpers import blocked_in, descendants, wait_until
 from fixture_programs import Programs
 from nscluster import NamespaceCluster
 
@@ -217,13 +217,14 @@ def test_ctrl_c_ends_ktrace_while_the_program_waits_in_connect(ktrace_cluster: N
     program = "import socket; socket.create_connection((__import__('sys').argv[1], 80))"
     argv = [*c.netns_argv(c.laptop), *c.ktrace_argv(sys.executable, "-c", program, c.blackhole_v4, connect_timeout=60)]
     # A process group of its own, as a shell's foreground job has (killpg must not reach pytest).
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        argv, env=c.laptop_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         connect = syscalls.number("connect")
 
         def program_in_connect() -> bool:
-            found = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True, check=False)
-            return any(blocked_in(int(pid)) == connect for pid in found.stdout.split())
+            return any(blocked_in(pid) == connect for pid in descendants(proc.pid))
 
         wait_until(program_in_connect, 30, "the program waiting in connect()")
         os.killpg(os.getpgid(proc.pid), signal.SIGINT)  # what the terminal does: the whole group

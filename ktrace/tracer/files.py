@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 from dataclasses import dataclass, field
 
 from ktrace.tracer.linux import AT_FDCWD
-from ktrace.tracer.tracee import NeedScratch, Outcome, Resume, Rewrite, Tracee, TraceeGone
+from ktrace.tracer.tracee import Complete, InstallFd, NeedScratch, Outcome, Resume, Rewrite, Tracee, TraceeGone
 
 # Where the path is among each open call's arguments.
 PATH_ARGUMENT = {"open": 0, "openat": 1, "openat2": 1}
@@ -61,6 +62,8 @@ class FileViews:
         replacement = self.served.get(full) if full is not None else None
         if replacement is None:
             return Resume()
+        if not t.can_rewrite:
+            return self._open_here(t, full or b"", replacement)
         try:
             slot = t.stable_copy(replacement + b"\0")
         except OSError as exc:
@@ -71,3 +74,22 @@ class FileViews:
             return NeedScratch()
         self.opened.append(full or b"")
         return Rewrite(((index, slot),))
+
+    def _open_here(self, t: Tracee, full: bytes, replacement: bytes) -> Outcome:
+        """notify: ktrace opens the served file with the program's flags and gives it the
+        descriptor as the call's result."""
+        try:
+            if t.syscall == "openat2":
+                flags = struct.unpack("=Q", t.read(t.arg(2), 8))[0]
+            else:
+                flags = t.arg(1 if t.syscall == "open" else 2)
+        except TraceeGone:
+            raise
+        except OSError:
+            return Complete(-errno.EFAULT)
+        try:
+            fd = os.open(replacement, flags & 0xFFFFFFFF & ~os.O_CLOEXEC)
+        except OSError as exc:
+            return Complete(-(exc.errno or errno.EIO))
+        self.opened.append(full)
+        return InstallFd(fd, bool(flags & os.O_CLOEXEC))

@@ -248,6 +248,13 @@ def prepare_child_for_filter() -> None:
     _libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)
 
 
+def become_subreaper() -> None:
+    """Orphaned descendants are re-parented to this process instead of init (guardian.py)."""
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
 def install_seccomp(program: bytes, *, listener: bool = False) -> int:
     """Install ``program`` for the calling thread and its future children; with ``listener``,
     return the user-notification listener descriptor (Linux 5.0+), else 0."""

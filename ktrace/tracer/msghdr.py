@@ -24,6 +24,8 @@ MSGHDR_SIZE: Final = 56
 MMSGHDR_SIZE: Final = 64
 MSG_LEN_OFFSET: Final = 56
 NAMELEN_OFFSET: Final = 8
+CONTROLLEN_OFFSET: Final = 40
+FLAGS_OFFSET: Final = 48
 IOVEC_SIZE: Final = 16
 IOV_MAX: Final = 1024
 # The most control (cmsg) bytes ktrace copies for one message (the kernel's own cap is

@@ -24,6 +24,7 @@ from ktrace.tracer.tcp import MSG_FASTOPEN, TcpConnects
 from ktrace.tracer.threads import ThreadGroups
 from ktrace.tracer.tracee import Complete, Outcome, Resume, Tracee, TraceeGone
 from ktrace.tracer.udp import UdpRedirector, read_outgoing
+from ktrace.tracer.udp_receive import UdpReceiver
 
 log = logging.getLogger("ktrace.network")
 
@@ -42,6 +43,12 @@ class NetworkHandler:
     tcp: TcpConnects
     udp: UdpRedirector
     threads: ThreadGroups = field(default_factory=ThreadGroups)
+    receiver: UdpReceiver | None = None
+
+    def __post_init__(self) -> None:
+        if self.receiver is None:
+            self.receiver = UdpReceiver(self.udp.relays)
+
     _warned_no_descriptor: bool = False
 
     # -- handlers (dispatch keys of syscalls.TABLE) ---------------------------------------
@@ -108,20 +115,22 @@ class NetworkHandler:
         if inode is None or family is None:
             return Resume()
         info = SocketInfo(family, socket.SOCK_DGRAM, inode)
+        receiver = self.receiver
+        assert receiver is not None
         if t.syscall == "recvfrom":
             if not (t.arg(4) and t.arg(5) and decide.recvfrom_in_ktrace(t.arg(3) & 0xFFFFFFFF)):
-                return self.udp.recvfrom(t, info)  # no source asked for, or the exit path
+                return receiver.recvfrom(t, info)  # no source asked for, or the exit path
             try:
                 dup = t.duplicate(t.arg(0))
             except OSError:
-                return self.udp.recvfrom(t, info)  # the exit path needs no descriptor
+                return receiver.recvfrom(t, info)  # the exit path needs no descriptor
             try:
-                return self.udp.recvfrom(t, info, dup)
+                return receiver.recvfrom(t, info, dup)
             finally:
                 os.close(dup)
         if t.syscall == "recvmsg":
-            return self.udp.recvmsg(t, info)
-        return self.udp.recvmmsg(t, info)
+            return receiver.recvmsg(t, info)
+        return receiver.recvmmsg(t, info)
 
     def on_send(self, t: Tracee) -> Outcome:
         try:

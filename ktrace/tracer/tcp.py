@@ -68,6 +68,7 @@ MSG_FASTOPEN = 0x20000000
 MSG_DONTWAIT = 0x40
 ERESTART_RANGE = range(-516, -511)  # ERESTARTSYS..ERESTART_RESTARTBLOCK: not final, the call runs again
 MAX_PENDING_LOCAL = 4096
+MAX_FAILED_KEPT = 4096
 # Threads that wait in a blocking connect() for a program under the notify backend.
 BLOCKING_CONNECT_THREADS = 512
 
@@ -150,6 +151,7 @@ class TcpConnects:
     # ended (getsockopt SO_ERROR, or connect() again): for the report only.
     _pending_local: dict[int, _PendingLocal] = field(default_factory=dict)
     _executor: ThreadPoolExecutor | None = None
+    _failed: dict[int, None] = field(default_factory=dict)  # inodes of FAILED/TOLD records, oldest first
 
     # -- connect() ---------------------------------------------------------------------
 
@@ -411,9 +413,25 @@ class TcpConnects:
         # directions. shutdown() after the disconnect would add them, but with a second wake-up
         # the program can see in between: ktrace leaves them out; README "Limitations".)
         sockops.disconnect(record.sock.fileno())
+        if record.waiters == 0:
+            # Only a thread waiting in connect() needs it (to clear the disconnect's error): the
+            # program's socket must be freed when the program closes it, record or not.
+            record.close_sock()
+        self._remember_failed(record)
         if not record.settled.done():
             record.settled.set_result(err)
         self._emit(self._event(record, _errname(err)))
+
+    def _remember_failed(self, record: TcpRecord) -> None:
+        """A failed connect's record lives until the program asks (SO_ERROR, connect()); one that
+        closes its socket without asking would leave it forever: the oldest go past a bound."""
+        self._failed[record.inode] = None
+        while len(self._failed) > MAX_FAILED_KEPT:
+            inode = next(iter(self._failed))
+            del self._failed[inode]
+            old = self.records.get(inode)
+            if old is not None and old.phase in (Phase.FAILED, Phase.TOLD) and old.waiters == 0:
+                self._forget(old)
 
     def _event(self, record: TcpRecord, outcome: str, local: Endpoint | None = None) -> ConnectEvent:
         return ConnectEvent(
@@ -423,6 +441,7 @@ class TcpConnects:
     def _forget(self, record: TcpRecord) -> None:
         if self.records.get(record.inode) is record:
             del self.records[record.inode]
+            self._failed.pop(record.inode, None)
         if record.task is not None and not record.task.done():
             record.task.cancel()
         record.close_sock()

@@ -16,13 +16,18 @@ from ktrace.tracer.tracee import TraceeGone
 
 @dataclass
 class ThreadGroups:
+    # False under the notify backend, which sees no thread exit or exec: a thread id could be
+    # reused by another process after an answer was kept.
+    cache: bool = True
     _known: dict[int, int] = field(default_factory=dict)
 
     def of(self, tid: int) -> int:
         """The process id of thread ``tid``; raises ``TraceeGone`` if it no longer exists."""
         known = self._known.get(tid)
         if known is None:
-            known = self._known[tid] = linux.thread_group_of(tid)
+            known = linux.thread_group_of(tid)
+            if self.cache:
+                self._known[tid] = known
         return known
 
     def of_or_self(self, tid: int) -> int:

@@ -9,16 +9,15 @@ duplicate of the program's socket (so the source port is the program's own),
 and completes the syscall with the byte count: the program's memory is never
 edited.
 
-Incoming: the relay sends the reply to the program's socket, so it arrives
-from 127.0.0.1:<relay port>. At the exit of recvfrom/recvmsg/recvmmsg, ktrace
-replaces that source with the remote peer the relay stands for (musl and glibc
-drop DNS answers whose source is not the server they asked).
+Incoming (`udp_receive.py`): the relay sends the reply to the program's socket,
+so it arrives from 127.0.0.1:<relay port>; ktrace shows the program the remote
+peer the relay stands for instead (musl and glibc drop DNS answers whose source
+is not the server they asked).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
 import ipaddress
 import logging
@@ -33,31 +32,10 @@ from ktrace.tracer.decide import AgentSources, Route, RoutingPolicy, SocketInfo
 from ktrace.tracer.ports import RelayTable
 from ktrace.tracer.sockaddr import InetAddr
 from ktrace.tracer.threads import ThreadGroups
-from ktrace.tracer.tracee import Complete, Deferred, Memory, Outcome, Resume, Tracee, TraceeGone, WatchExit
+from ktrace.tracer.tracee import Complete, Deferred, Outcome, Tracee, TraceeGone
 from ktrace.tunnel.types import MAX_DATAGRAM, Endpoint
 
 log = logging.getLogger("ktrace.udp")
-
-# ktrace's own recvfrom into one preallocated buffer (only the tracer's thread receives here):
-# the source comes back as the kernel's sockaddr bytes, as the program would get them.
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc_recvfrom = _libc.recvfrom
-_libc_recvfrom.argtypes = (
-    ctypes.c_int,
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_void_p,
-    ctypes.c_void_p,
-)
-_libc_recvfrom.restype = ctypes.c_ssize_t
-_libc_sendto = _libc.sendto
-_libc_sendto.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
-_libc_sendto.restype = ctypes.c_ssize_t
-_recv_buffer = ctypes.create_string_buffer(MAX_DATAGRAM)
-_recv_name = ctypes.create_string_buffer(128)  # sockaddr_storage
-_recv_name_len = ctypes.c_uint32(0)
-_recv_name_ref = ctypes.byref(_recv_name_len)
 
 
 @dataclass(frozen=True)
@@ -289,136 +267,6 @@ class UdpRedirector:
         self._note(tid, dest, "send", info.inode)
         relay = sockaddr.encode(info.family, ipaddress.ip_address(host), port)
         return sockops.send(fd, payload, relay, b"", flags | MSG_DONTWAIT)
-
-    # -- receiving ------------------------------------------------------------------------
-
-    def _true_source(self, family: int, raw: bytes) -> bytes | None:
-        addr = sockaddr.decode(raw)
-        if not isinstance(addr, InetAddr) or not sockaddr.is_loopback(addr.ip):
-            return None
-        peer = self.relays.peer_of(family, addr.port)
-        if peer is None:
-            return None
-        return sockaddr.encode(family, peer.ip, peer.port)
-
-    def _true_source_of_prefix(self, family: int, written: bytes) -> bytes | None:
-        """``_true_source`` for a name buffer shorter than a sockaddr: the kernel wrote only the
-        first bytes. The family and port are enough to find the relay when what is there of the
-        address is a loopback address a relay sends from."""
-        if len(written) < 4:
-            return None
-        port = struct.unpack_from("!H", written, 2)[0]
-        peer = self.relays.peer_of(family, port)
-        if peer is None:
-            return None
-        loopback = ("127.0.0.1",) if family == socket.AF_INET else ("::1", "::ffff:127.0.0.1")
-        if not any(sockaddr.encode(family, ipaddress.ip_address(host), port).startswith(written) for host in loopback):
-            return None
-        return sockaddr.encode(family, peer.ip, peer.port)
-
-    def _rewrite_name(
-        self, memory: Memory, family: int, name_ptr: int, buffer_len: int, len_ptr: int, len_size: int
-    ) -> None:
-        written = memory.read(name_ptr, min(buffer_len, sockaddr.MAX_SOCKADDR_LEN))
-        true = self._true_source(family, written) or self._true_source_of_prefix(family, written)
-        if true is None:
-            return
-        data, full = sockaddr.fill_name_buffer(true, buffer_len)
-        memory.write(((name_ptr, data), (len_ptr, full.to_bytes(len_size, "little"))))
-
-    def recvfrom(self, t: Tracee, info: SocketInfo, fd: int | None = None) -> Outcome:
-        """``fd``: ktrace's duplicate of the program's socket, to receive in its place; given
-        only when its flags allow that (``decide.recvfrom_in_ktrace``, checked by the caller
-        before it duplicates the descriptor)."""
-        name_ptr, len_ptr = t.arg(4), t.arg(5)
-        if not name_ptr or not len_ptr:
-            return Resume()
-        try:
-            buffer_len = t.read_int(len_ptr)
-        except TraceeGone:
-            raise
-        except OSError:
-            return Resume()
-        if fd is not None and buffer_len >= 0:
-            done = self._recvfrom_now(t, info, fd, buffer_len)
-            if done is not None:
-                return done
-
-        def at_exit(result: int, memory: Memory) -> None:
-            if result >= 0 and buffer_len > 0:
-                self._rewrite_name(memory, info.family, name_ptr, buffer_len, len_ptr, 4)
-
-        return WatchExit(at_exit)
-
-    def _recvfrom_now(self, t: Tracee, info: SocketInfo, fd: int, buffer_len: int) -> Complete | None:
-        """The program's recvfrom() done by ktrace on the same socket (``fd``, its duplicate),
-        when a datagram (or a pending error) is there already: the resolver polled first, so
-        it usually is. Saves the stop at the syscall's exit. None (nothing queued): the
-        program's own call runs, blocking or failing with EAGAIN as it would, and its source
-        is rewritten at its exit."""
-        length, flags = t.arg(2), t.arg(3) & 0xFFFFFFFF
-        size = min(length, MAX_DATAGRAM)
-        _recv_name_len.value = ctypes.sizeof(_recv_name)
-        got = _libc_recvfrom(fd, _recv_buffer, size, flags | socket.MSG_DONTWAIT, _recv_name, _recv_name_ref)
-        if got < 0:
-            err = ctypes.get_errno()
-            if err in (errno.EAGAIN, errno.EINTR):
-                return None
-            # A pending error (ICMP, IP_RECVERR): reporting it clears it, as the program's
-            # own call would have.
-            return Complete(-err)
-        raw = _recv_name.raw[: min(_recv_name_len.value, ctypes.sizeof(_recv_name))]
-        name = self._true_source(info.family, raw) or raw
-        stored, full = sockaddr.fill_name_buffer(name, buffer_len)
-        try:
-            t.write(
-                (
-                    (t.arg(1), ctypes.string_at(_recv_buffer, min(got, size))),
-                    (t.arg(4), stored),
-                    (t.arg(5), struct.pack("=I", full)),
-                )
-            )
-        except TraceeGone:
-            raise
-        except OSError:
-            return Complete(-errno.EFAULT)  # the kernel too drops the datagram it could not copy
-        return Complete(got)
-
-    def recvmsg(self, t: Tracee, info: SocketInfo) -> Outcome:
-        hdr_ptr = t.arg(1)
-        try:
-            hdr = msghdr.decode_msghdr(t.read(hdr_ptr, msghdr.MSGHDR_SIZE))
-        except TraceeGone:
-            raise
-        except (OSError, ValueError):
-            return Resume()
-        if not hdr.name or not hdr.namelen:
-            return Resume()
-
-        def at_exit(result: int, memory: Memory) -> None:
-            if result >= 0:
-                self._rewrite_name(memory, info.family, hdr.name, hdr.namelen, hdr_ptr + msghdr.NAMELEN_OFFSET, 4)
-
-        return WatchExit(at_exit)
-
-    def recvmmsg(self, t: Tracee, info: SocketInfo) -> Outcome:
-        base, vlen = t.arg(1), min(t.arg(2) & 0xFFFFFFFF, msghdr.IOV_MAX)
-        try:
-            raw = t.read(base, vlen * msghdr.MMSGHDR_SIZE)
-            headers = [msghdr.decode_msghdr(raw[i * 64 : i * 64 + 56]) for i in range(vlen)]
-        except TraceeGone:
-            raise
-        except (OSError, ValueError):
-            return Resume()
-
-        def at_exit(result: int, memory: Memory) -> None:
-            for index in range(max(0, min(result, vlen))):
-                hdr = headers[index]
-                if hdr.name and hdr.namelen:
-                    entry = base + index * msghdr.MMSGHDR_SIZE
-                    self._rewrite_name(memory, info.family, hdr.name, hdr.namelen, entry + msghdr.NAMELEN_OFFSET, 4)
-
-        return WatchExit(at_exit)
 
     def forget(self, inode: int) -> None:
         """The program's socket ``inode`` is gone (found by the relays' sweep)."""
