@@ -31,6 +31,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 # (budget.py): bounds the agent's memory with many busy connections.
 SEND_BUDGET_BYTES = 16 * 1024 * 1024
 SEND_BUDGET_WAIT = 0.5
+# How long stop() waits, after gRPC's own stop, for the tasks that ran the handlers to end.
+HANDLERS_END_WAIT = 2.0
 
 # A tunnel channel lives as long as a traced program and is often idle: let the
 # client ping every ~10 s without calls in flight, and never count that as abuse.
@@ -83,6 +85,7 @@ class AgentServer:
         self.send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
         self._active = 0
         self._activity = asyncio.Event()
+        self._handlers: set[asyncio.Task[Any]] = set()
         self.address = ""
 
     async def start(self) -> None:
@@ -121,6 +124,14 @@ class AgentServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        # grpc.aio's stop() returns once gRPC core has ended the calls, while the asyncio tasks
+        # that ran their handlers may still have steps to run (a cancelled call's handler
+        # unwinding). A process that ends its loop then (asyncio.run cancels what is left:
+        # `ktrace run --agent local` right after the program) makes grpc print "Exception not
+        # handled by _handle_exceptions ... CancelledError" with a traceback per such task.
+        # Once a handler task is done, grpc's task around it is woken before this one is.
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=HANDLERS_END_WAIT)
 
     async def wait_idle(self) -> None:
         """Return once no RPC has been in progress or started for ``idle_exit`` seconds."""
@@ -142,6 +153,10 @@ class AgentServer:
     @contextlib.asynccontextmanager
     async def _call(self, context: grpc.aio.ServicerContext[Any, Any], what: str) -> AsyncIterator[None]:
         """Authenticate the call and count it as activity while it runs."""
+        handler = asyncio.current_task()
+        if handler is not None and handler not in self._handlers:
+            self._handlers.add(handler)
+            handler.add_done_callback(self._handlers.discard)
         if not self._auth.accepts(context.invocation_metadata()):
             log.warning("rejected %s from %s: missing or wrong token", what, context.peer())
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
