@@ -1,13 +1,18 @@
 """Listen addresses and the policy on who may listen where, without a token.
 
-``unix:/path`` or ``HOST:PORT`` / ``[V6]:PORT``. Pure: no sockets here.
+``unix:/path`` or ``HOST:PORT`` / ``[V6]:PORT``. Pure but for ``claim_unix_path``, which looks
+at what is at a Unix socket path before the agent binds it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import ipaddress
+import os
+import socket
+import stat
 from dataclasses import dataclass
 
 
@@ -70,6 +75,49 @@ def parse_listen(text: str) -> ListenAddress:
     if not 0 <= port <= 0xFFFF:
         raise ConfigError(f"--listen {text!r}: port {port} out of range")
     return ListenAddress(host=host, port=port)
+
+
+def claim_unix_path(path: str) -> None:
+    """Make ``path`` free for the agent's socket, or say why it is not.
+
+    gRPC removes whatever socket is at the path before it binds, so without this a second agent
+    would silently take the path of a running one (and its clients, with another token or none).
+    A socket nobody accepts on (ECONNREFUSED: its listener died without removing it, e.g. after
+    ``kill -9``) is stale and removed; one where a connect succeeds, or finds the backlog full
+    (EAGAIN), is in use. Anything else at the path is left alone. Another process could still
+    take the path between this check and the bind; two agents started at the same instant are
+    not told apart.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ConfigError(f"--listen unix:{path}: cannot check the path: {exc.strerror or exc}") from None
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"--listen unix:{path}: the path exists and is not a socket; not replacing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)
+    try:
+        result = probe.connect_ex(path)
+    finally:
+        probe.close()
+    if result == errno.ECONNREFUSED:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"--listen unix:{path}: cannot remove the stale socket: {exc.strerror or exc}") from None
+        return
+    if result in (0, errno.EAGAIN, errno.EINPROGRESS):
+        raise ConfigError(
+            f"--listen unix:{path}: another process listens on this socket (an agent still running?); "
+            "stop it first or choose another path"
+        )
+    if result == errno.ENOENT:
+        return  # removed meanwhile
+    raise ConfigError(f"--listen unix:{path}: cannot check the socket: {os.strerror(result)}")
 
 
 def check_policy(listen: ListenAddress, token: str | None, token_sha256: str | None = None) -> None:

@@ -18,7 +18,7 @@ import grpc.aio
 
 from . import __version__, host_info, rpc
 from .budget import SendBudget
-from .listen import ConfigError, TokenCheck, check_policy, parse_listen
+from .listen import ConfigError, TokenCheck, check_policy, claim_unix_path, parse_listen
 from .tcp_relay import TcpRelay
 from .udp_mux import SessionCount, UdpSessions
 from .udp_relay import UdpRelay
@@ -89,6 +89,8 @@ class AgentServer:
         self.address = ""
 
     async def start(self) -> None:
+        if self._listen.unix_path is not None:
+            claim_unix_path(self._listen.unix_path)
         server = grpc.aio.server(options=_SERVER_OPTIONS)
         rpc.register(self, server)
         target = self._listen.grpc_target()

@@ -45,3 +45,70 @@ def test_sigterm_with_streams_open_ends_without_tracebacks(tmp_path: pathlib.Pat
         assert "Exception not handled" not in err, err
     finally:
         end_process(proc)
+
+
+# --- a Unix socket path that is taken ---
+
+
+def _start_agent(sock: pathlib.Path, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(agent_command("--listen", f"unix:{sock}", *extra), stderr=subprocess.PIPE)
+
+
+def _handshake(sock: pathlib.Path, token: str | None) -> str:
+    async def scenario() -> str:
+        client = await AgentClient.connect(f"unix:{sock}", token, timeout=10, wait_for_ready=False)
+        await client.close()
+        return client.info.version
+
+    return run(scenario())
+
+
+def test_second_agent_on_a_live_socket_refuses_to_start(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    sock = tmp_path / "a.sock"
+    first = _start_agent(sock, "--token-file", str(tmp_path / "token"))
+    try:
+        wait_for_line(first, "listening on", deadline=30)
+        second = subprocess.run(
+            agent_command("--listen", f"unix:{sock}"), check=False, capture_output=True, text=True, timeout=60
+        )
+        assert second.returncode != 0
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1, second.stderr
+        assert lines[0].startswith("ktrace-agent: error: ")
+        assert "another process listens on this socket" in lines[0]
+        # The first agent still serves its socket, with its token.
+        assert _handshake(sock, TOKEN)
+        assert first.poll() is None
+    finally:
+        end_process(first)
+
+
+def test_stale_socket_of_a_killed_agent_is_replaced(tmp_path: pathlib.Path) -> None:
+    sock = tmp_path / "a.sock"
+    killed = _start_agent(sock)
+    try:
+        wait_for_line(killed, "listening on", deadline=30)
+    finally:
+        end_process(killed)  # SIGKILL: the socket file stays behind
+    assert sock.is_socket()
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    second = _start_agent(sock, "--token-file", str(tmp_path / "token"))
+    try:
+        wait_for_line(second, "listening on", deadline=30)
+        assert _handshake(sock, TOKEN)
+    finally:
+        end_process(second)
+
+
+def test_a_path_that_is_not_a_socket_is_left_alone(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("mine\n")
+    proc = subprocess.run(
+        agent_command("--listen", f"unix:{path}"), check=False, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        f"ktrace-agent: error: --listen unix:{path}: the path exists and is not a socket; not replacing it"
+    ]
+    assert path.read_text() == "mine\n"
