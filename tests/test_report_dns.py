@@ -148,3 +148,38 @@ def test_local_resolver_forwards_and_fails_fast(loopback_dns: tuple[str, int]) -
     for reply in (refused, nowhere):
         failed = parse_response(reply)
         assert failed is not None and failed.outcome == "SERVFAIL" and failed.question.name == "db.corp"
+
+
+def _wire_with_bad_pointer(query: bytes) -> bytes:
+    """An answer to ``query`` whose record's owner name points at itself (a loop)."""
+    good = bytearray(answer(query, "10.0.0.1"))
+    record = len(query)  # the answer section starts where the query's question ended
+    good[record : record + 2] = (0xC000 | record).to_bytes(2, "big")
+    return bytes(good)
+
+
+def test_a_malformed_answer_ends_its_question_as_malformed() -> None:
+    tracker = DnsTracker(RULES.resolve)
+    query = build_query("loop.test.")
+    tracker.sent(7, SERVER, query, 100.0, 1.0)
+    event = tracker.received(7, SERVER, _wire_with_bad_pointer(query), 100.1, 1.1)
+    assert event is not None and event.outcome == "malformed" and event.name == "loop.test"
+    assert event.detail is not None and event.detail.startswith(
+        "in the records: a name's compression pointer loops or points forward (header counts 1 question(s), 1 answer(s)"
+    )
+    assert len(tracker) == 0 and tracker.expire(10.0) == []
+
+
+def test_a_response_without_its_question_pairs_by_id() -> None:
+    tracker = DnsTracker(RULES.resolve)
+    query = build_query("hello.default.svc.cluster.local.")
+    tracker.sent(7, SERVER, query, 100.0, 1.0)
+    formerr = bytearray(query[:12])
+    formerr[2] |= 0x80  # QR
+    formerr[3] = (formerr[3] & 0xF0) | dns.rcode.FORMERR
+    formerr[4:6] = b"\0\0"  # no question
+    event = tracker.received(7, SERVER, bytes(formerr), 100.1, 1.1)
+    assert event is not None and (event.name, event.outcome) == ("hello.default.svc.cluster.local", "FORMERR")
+    assert event.detail == "FORMERR without the question"
+    short = tracker.received(7, SERVER, query[:2] + b"\x80", 100.2, 1.2)
+    assert short is None  # nothing pending with that id any more

@@ -6,17 +6,20 @@ identified by (program socket, server, message id, name, type): resolvers reuse
 ids across sockets, and a retransmission of the same question is the same
 question (the first send times it). A question unanswered for ``timeout`` seconds
 is reported as "timeout", as the program's resolver is giving up around then
-(glibc and Go wait 5 s per try).
+(glibc and Go wait 5 s per try). A response that does not parse answers the question it
+names, or the one pending with its ID when it names none, as "malformed", with what was wrong:
+the program got something at once, which no timeout describes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ktrace.report.events import DnsQuery
 from ktrace.rules import RouteDecision
-from ktrace.tunnel.dns_answers import Question, parse_question, parse_response
+from ktrace.tunnel.dns_answers import Malformed, Question, malformed_response, parse_question, parse_response
 from ktrace.tunnel.types import Endpoint
 
 DNS_TIMEOUT = 5.0
@@ -39,6 +42,7 @@ class DnsTracker:
         self._route_of = route_of
         self._timeout = timeout
         self._pending: dict[_Key, _Pending] = {}
+        self._pending_names: Counter[str] = Counter()  # lower-case name -> questions pending
 
     @staticmethod
     def _key(sock: int, server: Endpoint, question: Question) -> _Key:
@@ -53,27 +57,70 @@ class DnsTracker:
             return  # a retransmission
         if len(self._pending) >= MAX_PENDING:
             # A program flooding questions nobody answers must not grow ktrace: forget the oldest.
-            del self._pending[next(iter(self._pending))]
+            self._pop(next(iter(self._pending)))
         self._pending[key] = _Pending(question, server, wall, now, self._route_of(question.name))
+        self._pending_names[key[3]] += 1
+
+    def _pop(self, key: _Key) -> _Pending | None:
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            left = self._pending_names[key[3]] - 1
+            if left:
+                self._pending_names[key[3]] = left
+            else:
+                del self._pending_names[key[3]]
+        return pending
 
     def received(self, sock: int, server: Endpoint, payload: bytes, wall: float, now: float) -> DnsQuery | None:
         response = parse_response(payload)
         if response is None:
-            return None
+            malformed = malformed_response(payload)
+            return self._malformed(sock, server, malformed, wall, now) if malformed is not None else None
         question = response.question
-        pending = self._pending.pop(self._key(sock, server, question), None)
+        pending = self._pop(self._key(sock, server, question))
+        return self._event(question, server, pending, response.outcome, wall, now, response.addresses)
+
+    def _malformed(self, sock: int, server: Endpoint, malformed: Malformed, wall: float, now: float) -> DnsQuery | None:
+        question = malformed.question
+        if question is not None:
+            pending = self._pop(self._key(sock, server, question))
+        else:
+            key = next((k for k in self._pending if k[:3] == (sock, server, malformed.id)), None)
+            if key is None:
+                return None  # names no question, and answers none ktrace saw asked
+            pending = self._pop(key)
+            assert pending is not None
+            question = pending.question
+        return self._event(question, server, pending, malformed.outcome, wall, now, detail=malformed.problem)
+
+    def _event(
+        self,
+        question: Question,
+        server: Endpoint,
+        pending: _Pending | None,
+        outcome: str,
+        wall: float,
+        now: float,
+        addresses: Iterable[object] = (),
+        detail: str | None = None,
+    ) -> DnsQuery:
         decision = pending.decision if pending is not None else self._route_of(question.name)
         return DnsQuery(
             time=pending.wall if pending is not None else wall,
             name=question.name,
             qtype=question.qtype,
-            outcome=response.outcome,
+            outcome=outcome,
             route=decision.route.value,
             server=str(server),
-            addresses=tuple(str(ip) for ip in response.addresses),
+            addresses=tuple(str(ip) for ip in addresses),
             duration=now - pending.started if pending is not None else None,
             rule=decision.rule.describe() if decision.by_user_rule and decision.rule else None,
+            detail=detail,
         )
+
+    def pending(self, names: Iterable[str]) -> bool:
+        """Whether a question for any of ``names`` (lower case) still waits for its answer."""
+        return any(name in self._pending_names for name in names)
 
     def expire(self, now: float, everything: bool = False) -> list[DnsQuery]:
         """Questions unanswered for ``timeout``; with ``everything`` (at exit) also the younger
@@ -82,7 +129,7 @@ class DnsTracker:
         for key, pending in list(self._pending.items()):
             late = now - pending.started >= self._timeout
             if everything or late:
-                del self._pending[key]
+                self._pop(key)
                 decision = pending.decision
                 gone.append(
                     DnsQuery(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, Self, TypeVar
@@ -157,6 +158,62 @@ def parse_response(payload: bytes) -> Response | None:
     answers come back for every lookup of a name.
     """
     return _responses(payload)
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A message from a DNS server that is not a well-formed response: what ktrace could read of
+    it (the ID, the question when that part parsed) and what was wrong."""
+
+    id: int
+    question: Question | None
+    problem: str
+    outcome: str = "malformed"  # or the rcode of a well-formed response without its question
+
+
+_HEADER = struct.Struct(">HHHHHH")
+
+
+def _problem(exc: Exception) -> str:
+    if isinstance(exc, dns.name.BadPointer):
+        return "a name's compression pointer loops or points forward"
+    if isinstance(exc, dns.name.BadLabelType):
+        return "a name has a label of an unknown type"
+    if isinstance(exc, dns.name.NameTooLong):
+        return "a name is longer than 255 bytes"
+    if isinstance(exc, dns.exception.FormError):
+        return "the message ends before the records its header counts"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def malformed_response(payload: bytes) -> Malformed | None:
+    """``payload`` as a DNS response that does not parse (``parse_response`` gave None), or None
+    when it is not a response at all (a query, or too short to say)."""
+    if len(payload) < 2:
+        return None
+    if len(payload) < _HEADER.size:
+        return Malformed(int.from_bytes(payload[:2], "big"), None, f"shorter than a DNS header ({len(payload)} bytes)")
+    message_id, flags, qd, an, ns, ar = _HEADER.unpack_from(payload)
+    if not flags & dns.flags.QR:
+        return None
+    counts = f"header counts {qd} question(s), {an} answer(s), {ns} authority, {ar} additional; {len(payload)} bytes"
+    try:
+        head = dns.message.from_wire(payload, question_only=True, ignore_trailing=True)
+    except (dns.exception.DNSException, ValueError) as exc:
+        return Malformed(message_id, None, f"in the question: {_problem(exc)} ({counts})")
+    question = _question(head)
+    try:
+        message = dns.message.from_wire(payload, ignore_trailing=True)
+    except (dns.exception.DNSException, ValueError) as exc:
+        return Malformed(message_id, question, f"in the records: {_problem(exc)} ({counts})")
+    if question is not None:
+        return None  # parses: not malformed
+    # A server may answer a question it could not read (FORMERR, NOTIMP) without repeating it.
+    rcode = message.rcode()
+    if rcode != dns.rcode.NOERROR:
+        text = dns.rcode.to_text(rcode)
+        return Malformed(message_id, None, f"{text} without the question", outcome=text)
+    return Malformed(message_id, None, f"no question ({counts})")
 
 
 def build_query(name: str, qtype: str = "A") -> bytes:
