@@ -14,10 +14,10 @@ from ktrace.errors import KtraceError
 from ktrace.report.probe import find_elsewhere
 from ktrace.report.recorder import Recorder
 from ktrace.report.render import Renderer
-from ktrace.report.searchlist import SearchList
+from ktrace.report.searchlist import SearchList, hosts_names
 from ktrace.rules import Route, RuleSet
 from ktrace.tracer.decide import RoutingPolicy
-from ktrace.tunnel.client import AgentClient, AgentInfo
+from ktrace.tunnel.client import AgentClient
 from ktrace.tunnel.local_dns import LocalResolver, system_nameserver
 from ktrace.tunnel.types import Endpoint
 
@@ -40,16 +40,30 @@ def open_log(path: str | None) -> TextIO | None:
         raise KtraceError(f"cannot write the JSON log {path}: {exc.strerror}", "check --log-json") from None
 
 
-def recorder(options: RunOptions, info: AgentInfo, policy: RoutingPolicy, log_json: TextIO | None) -> Recorder:
+def recorder(options: RunOptions, client: AgentClient, policy: RoutingPolicy, log_json: TextIO | None) -> Recorder:
     assert policy.names is not None
-    return Recorder(
+    info = client.info
+    made = Recorder(
         Renderer(sys.stderr, options.verbosity),
         SearchList.parse(info.resolv_conf),
         policy.names,
         policy.rules.resolve,
         log_json,
         policy.nameservers,
+        hosts=hosts_names(info.hosts if options.hosts == "cluster" else _local_hosts()),
+        health=client.health,
     )
+    client.health.listeners.append(made.on_agent_health)
+    return made
+
+
+def _local_hosts() -> str:
+    """This machine's /etc/hosts: what the program reads with ``--hosts local``."""
+    try:
+        with open("/etc/hosts", encoding="utf-8", errors="replace") as f:
+            return f.read(1 << 20)
+    except OSError:
+        return ""
 
 
 def local_resolver(rules: RuleSet) -> LocalResolver | None:

@@ -87,11 +87,11 @@ def agent(ktrace_cluster: NamespaceCluster) -> Iterator[PrivateAgent]:
             a.kill()
 
 
-def _ktrace(c: NamespaceCluster, agent: PrivateAgent, *extra: str) -> subprocess.Popen[str]:
+def _ktrace(c: NamespaceCluster, agent: PrivateAgent, *extra: str, quiet: bool = True) -> subprocess.Popen[str]:
     argv = [
         _tool("ktrace"),
         "run",
-        "-q",
+        *(["-q"] if quiet else []),
         "--agent",
         f"unix:{agent.socket}",
         "--token-file",
@@ -167,3 +167,29 @@ def test_agent_that_stays_away_fails_new_connects_with_etimedout(
     finally:
         _, err = _finish(proc)
     assert proc.returncode == 0, err
+
+
+def test_agent_gone_for_good_is_named_as_the_cause(ktrace_cluster: NamespaceCluster, agent: PrivateAgent) -> None:
+    """Live, in the hint and in the summary: the agent could not be reached, not a NetworkPolicy."""
+    c = ktrace_cluster
+    proc = _ktrace(c, agent, "--connect-timeout", "2", quiet=False)
+    try:
+        _send(proc, f"connect {c.echo_v4} {c.echo_port}")
+        assert read_line(proc, 30) == "connected"
+        agent.kill()
+        _send(proc, f"connect {c.hello_v4} {c.hello_port}")
+        assert read_line(proc, 30) == "error ETIMEDOUT"
+    finally:
+        _, err = _finish(proc)
+    assert proc.returncode == 0, err
+    lost = f"ktrace: lost the agent (unix:{agent.socket}): cannot connect to it"
+    assert lost in err, err
+    assert (
+        f"ktrace: connect {c.hello_v4}:{c.hello_port} -> ETIMEDOUT (agent unreachable: the cluster never saw it)"
+    ) in err
+    assert f"ktrace: hint: the agent (unix:{agent.socket}) stopped answering at " in err, err
+    assert (
+        f"ktrace: hint: {c.hello_v4}:{c.hello_port}: ktrace could not reach the agent, so the cluster never saw"
+    ) in err
+    assert "ETIMEDOUT (agent unreachable)" in err  # the summary's row
+    assert "NetworkPolicy" not in err, err

@@ -133,3 +133,53 @@ def test_the_tally_is_bounded_by_distinct_destinations_not_events(monkeypatch: p
     assert counted.rows["tcp", "10.0.0.0:80"].attempts == 334
     assert counted.untracked == 333 + 500
     assert counted.summary(SEARCH).untracked == 833
+
+
+def test_timeout_on_a_service_port_it_may_not_expose() -> None:
+    events: list[Event] = [
+        Connect(1.0, 10, "10.96.1.10:8080", "ok", "remote", "hello.default.svc.cluster.local"),
+        Connect(1.0, 10, "10.96.1.10:9090", "ETIMEDOUT", "remote", "hello.default.svc.cluster.local"),
+        Connect(1.0, 10, "10.1.0.1:80", "ETIMEDOUT", "remote"),  # no Service name, no other port: generic
+    ]
+    hints = summarize(events, SEARCH).hints
+    assert hints[0] == (
+        "10.96.1.10:9090 (hello.default.svc.cluster.local): the cluster got no answer: port 9090 may not be one "
+        "the Service hello.default.svc.cluster.local exposes (it answered on port 8080), and traffic to a Service "
+        "IP on a port it does not list is dropped; or a NetworkPolicy or firewall drops it, or nothing routes to "
+        "that address"
+    )
+    assert hints[1].startswith("10.1.0.1:80: the cluster got no answer: a NetworkPolicy")
+
+
+def test_names_in_the_hosts_file_are_not_failed_lookups() -> None:
+    counted = Tally(hosts=frozenset({"ktrace-agent-pod"}))
+    for event in lookup("ktrace-agent-pod", ["NXDOMAIN"] * 4) + lookup("orders", ["NXDOMAIN"] * 4):
+        counted.add(event)
+    assert list(counted.failed_lookups(SEARCH)) == ["orders"]
+
+
+def test_failures_while_the_agent_was_unreachable_name_it() -> None:
+    counted = Tally()
+    counted.agent_outage = "the agent (unix:/run/a.sock) stopped answering at 12:00:00 (cannot connect to it)"
+    counted.add(Connect(1.0, 10, "10.96.1.10:8080", "ETIMEDOUT", "remote", cause="agent unreachable"))
+    counted.add(DnsQuery(1.0, "hello", "A", "timeout", "remote", DNS, cause="agent unreachable"))
+    summary = counted.summary(SEARCH)
+    assert [row.failures_text() for row in summary.rows] == [
+        "ETIMEDOUT (agent unreachable)",
+        "timeout (agent unreachable)",
+    ]
+    assert summary.hints == [
+        "the agent (unix:/run/a.sock) stopped answering at 12:00:00 (cannot connect to it): is it still running, "
+        "and is the path to it (port-forward, network) up?",
+        "10.96.1.10:8080: ktrace could not reach the agent, so the cluster never saw these connects (the program "
+        "got ETIMEDOUT once it had waited for the agent)",
+        "hello: ktrace could not reach the agent, so the question never reached the cluster's DNS",
+    ]
+
+
+def test_malformed_answer_hint_says_what_was_wrong() -> None:
+    bad = DnsQuery(1.0, "loop.test", "A", "malformed", "remote", DNS, detail="in the records: a pointer loop")
+    assert summarize([bad], SEARCH).hints == [
+        "loop.test: the DNS server's answer did not parse (in the records: a pointer loop); it came at once, so "
+        "this is no timeout: the server, or something on the way, sends broken DNS messages"
+    ]

@@ -19,12 +19,22 @@ SCHEMA_VERSION = 1
 CONNECT_OK = frozenset({"ok", "EINPROGRESS"})
 # DNS outcomes: "answer" (records), "NODATA" (the name exists, no record of that
 # type), "truncated" (retried over TCP), "unanswered" (the program exited first),
-# an rcode name (NXDOMAIN, SERVFAIL, REFUSED, ...), or "timeout".
+# an rcode name (NXDOMAIN, SERVFAIL, REFUSED, ...), "malformed" (the answer did not
+# parse: ``detail`` says why), or "timeout".
 DNS_OK = frozenset({"answer", "NODATA", "truncated", "unanswered"})
+
+
+# ``cause``: why a failure happened when its outcome alone would mislead.
+AGENT_UNREACHABLE = "agent unreachable"  # ktrace could not reach the agent: the cluster never saw it
 
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _optional(**fields: str | None) -> dict[str, str]:
+    """Fields written only when they say something (older readers never saw them)."""
+    return {key: value for key, value in fields.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,8 @@ class DnsQuery:
     duration: float | None = None  # seconds; None for a timeout
     rule: str | None = None  # the rule that made it local
     pid: int | None = None  # None when the socket is shared or unknown
+    detail: str | None = None  # what was wrong with a malformed answer
+    cause: str | None = None  # AGENT_UNREACHABLE: the tunnel to the agent was down
     kind = "dns"
 
     @property
@@ -72,6 +84,7 @@ class DnsQuery:
             "rule": self.rule,
             "server": self.server,
             "duration_ms": _ms(self.duration),
+            **_optional(detail=self.detail, cause=self.cause),
         }
 
 
@@ -89,6 +102,7 @@ class Connect:
     duration: float | None = None
     local: str | None = None  # the cluster-side socket's address
     proto: str = "tcp"
+    cause: str | None = None  # AGENT_UNREACHABLE: the tunnel to the agent was down
     kind = "connect"
 
     @property
@@ -106,6 +120,7 @@ class Connect:
             "outcome": self.outcome,
             "duration_ms": _ms(self.duration),
             "local": self.local,
+            **_optional(cause=self.cause),
         }
 
 

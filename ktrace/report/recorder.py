@@ -21,7 +21,7 @@ from typing import TextIO
 
 from ktrace import __version__
 from ktrace.report.dns_tracker import DnsTracker
-from ktrace.report.events import Closed, Connect, DnsQuery, Event, Exit, Start, UdpFlow, to_json
+from ktrace.report.events import AGENT_UNREACHABLE, Closed, Connect, DnsQuery, Event, Exit, Start, UdpFlow, to_json
 from ktrace.report.render import Renderer
 from ktrace.report.searchlist import SearchList
 from ktrace.report.summary import Summary, Tally
@@ -29,6 +29,7 @@ from ktrace.rules import RouteDecision
 from ktrace.tracer.tcp import ConnectEvent
 from ktrace.tracer.udp import UdpEvent
 from ktrace.tunnel.dns_map import DnsMap
+from ktrace.tunnel.health import TunnelHealth
 from ktrace.tunnel.tcp_stream import TcpStream
 from ktrace.tunnel.types import Endpoint, TcpStats
 from ktrace.tunnel.udp_relay import RelayTotals
@@ -37,7 +38,7 @@ log = logging.getLogger("ktrace.report")
 
 EXPIRY_INTERVAL = 1.0
 # DNS failures shown as they happen; the others once the whole lookup failed.
-TIMEOUTS = frozenset({"timeout", "SERVFAIL"})
+TIMEOUTS = frozenset({"timeout", "SERVFAIL", "malformed"})
 MAX_SOCKETS = 65536
 
 
@@ -56,12 +57,20 @@ class Recorder:
         route_of_name: Callable[[str], RouteDecision],
         log_file: TextIO | None = None,
         nameservers: frozenset[Endpoint] = frozenset(),
+        hosts: frozenset[str] = frozenset(),
+        health: TunnelHealth | None = None,
     ) -> None:
+        """``hosts``: the names of the hosts file the program reads. ``health``: the tunnel's, to
+        name the agent as the cause of what fails while it cannot be reached."""
         self.renderer = renderer
         self.search = search
         self.dns_map = dns_map
-        self.tally = Tally()
+        self.tally = Tally(hosts)
         self.dns = DnsTracker(route_of_name)
+        self.health = health
+        self.agent = "the agent"
+        self._deferred: set[str] = set()  # failed lookups shown once their last questions end
+        self._expiring = False
         self._log_file = log_file
         self.nameservers = nameservers
         self._shown: set[tuple[str, str]] = set()
@@ -72,6 +81,7 @@ class Recorder:
     # -- the record ------------------------------------------------------------------------
 
     def record(self, event: Event) -> None:
+        event = self._with_cause(event)
         self.tally.add(event)
         if self._log_file is not None:
             try:
@@ -81,26 +91,69 @@ class Recorder:
                 self.renderer.message(f"cannot write the JSON log any more: {exc}; it stops here")
                 self._log_file = None
         if isinstance(event, DnsQuery):
-            self.renderer.live(event, event.failed and self._first(event.name.lower(), event.outcome, only=TIMEOUTS))
+            shown = event.cause is not None or event.outcome in TIMEOUTS
+            reason = f"{event.outcome} {event.cause}"
+            self.renderer.live(event, event.failed and shown and self._first(event.name.lower(), reason))
             self._show_failed_lookup(event)
         elif isinstance(event, Connect | Closed):
-            self.renderer.live(event, event.failed and self._first(event.dest, event.outcome))
+            reason = f"{event.outcome} {event.cause}" if isinstance(event, Connect) else event.outcome
+            self.renderer.live(event, event.failed and self._first(event.dest, reason))
         else:
             self.renderer.live(event, False)
 
+    def _with_cause(self, event: Event) -> Event:
+        """A connect that timed out, or a DNS question never answered, while the tunnel to the
+        agent was down failed because of that (the program saw ETIMEDOUT or its resolver's
+        timeout): say so, not what such a failure means when the agent works."""
+        if self.health is None or not self.health.down:
+            return event
+        if isinstance(event, Connect) and event.outcome == "ETIMEDOUT" and event.route == "remote":
+            return dataclasses.replace(event, cause=AGENT_UNREACHABLE)
+        if isinstance(event, DnsQuery) and event.outcome == "timeout" and event.route == "remote":
+            return dataclasses.replace(event, cause=AGENT_UNREACHABLE)
+        return event
+
     def _show_failed_lookup(self, query: DnsQuery) -> None:
         """Once the program's resolver asked a name as it was written (after the search
-        domains) and nothing was found, the lookup failed: say so once."""
-        if not query.failed:
-            return
+        domains) and nothing was found, the lookup failed: say so once, when none of its
+        questions is still waiting for an answer (glibc asks A and AAAA at once: the line must
+        count both, as the summary will)."""
         stem = self.search.looked_up(query.name)
-        if query.name.lower() != stem:
-            return  # a search-list candidate: the next one may still find it
-        if (stem, "lookup") in self._shown:
+        if stem in self._deferred:
+            self._show_lookup(stem)
             return
+        if not query.failed or query.name.lower() != stem:
+            return  # a search-list candidate: the next one may still find it
+        if (stem, "lookup") not in self._shown:
+            self._show_lookup(stem)
+
+    def _show_lookup(self, stem: str) -> None:
+        if self._expiring:
+            self._deferred.add(stem)  # its other expired questions are not counted yet
+            return
+        self._deferred.discard(stem)
         group = self.tally.failed_lookups(self.search).get(stem)
-        if group is not None and self._first(stem, "lookup"):
+        if group is None:
+            return
+        if self.dns.pending(self.search.candidates(stem)):
+            self._deferred.add(stem)
+            return
+        if self._first(stem, "lookup"):
             self.renderer.lookup_failed(stem, group)
+
+    def on_agent_health(self, up: bool, reason: str) -> None:
+        """``TunnelHealth`` listener: say when the agent stops answering, and when it is back."""
+        if up:
+            self.renderer.message(f"{self.agent} answers again")
+            if self.tally.agent_outage is not None:
+                self.tally.agent_outage += f", until {time.strftime('%H:%M:%S')}"
+            return
+        since = time.strftime("%H:%M:%S")
+        self.renderer.message(
+            f"lost {self.agent}: {reason}; new connections wait for it (up to the connect timeout) and then "
+            "fail with ETIMEDOUT, DNS questions go unanswered"
+        )
+        self.tally.agent_outage = f"{self.agent} stopped answering at {since} ({reason})"
 
     def _first(self, subject: str, reason: str, only: frozenset[str] | None = None) -> bool:
         """True the first time ``subject`` fails for ``reason`` (and ``reason`` is in ``only``)."""
@@ -114,6 +167,7 @@ class Recorder:
     # -- callbacks -------------------------------------------------------------------------
 
     def start(self, command: Sequence[str], agent: str, version: str = __version__) -> None:
+        self.agent = f"the agent ({agent})"
         self.record(Start(time.time(), command, agent, version))
 
     def connect(
@@ -222,10 +276,20 @@ class Recorder:
 
     def _expire(self) -> None:
         self._expiry = None
-        for event in self.dns.expire(time.monotonic()):
-            self.record(event)
+        self._record_expired(self.dns.expire(time.monotonic()))
         if len(self.dns):
             self._arm_expiry()
+
+    def _record_expired(self, events: list[DnsQuery]) -> None:
+        """Questions that expired together are all counted before a lookup of theirs is shown."""
+        self._expiring = True
+        try:
+            for event in events:
+                self.record(event)
+        finally:
+            self._expiring = False
+        for stem in list(self._deferred):
+            self._show_lookup(stem)
 
     # -- the end ---------------------------------------------------------------------------
 
@@ -234,8 +298,7 @@ class Recorder:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        for event in self.dns.expire(time.monotonic(), everything=True):
-            self.record(event)
+        self._record_expired(self.dns.expire(time.monotonic(), everything=True))
 
     def summary(self, elsewhere: dict[str, list[str]] | None = None) -> Summary:
         return self.tally.summary(self.search, elsewhere)

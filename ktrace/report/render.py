@@ -11,7 +11,7 @@ import enum
 from collections import Counter
 from typing import TextIO
 
-from ktrace.report.events import Closed, Connect, DnsQuery, Event, UdpFlow
+from ktrace.report.events import AGENT_UNREACHABLE, Closed, Connect, DnsQuery, Event, UdpFlow
 from ktrace.report.summary import AskedName, Row, Summary
 
 PREFIX = "ktrace: "
@@ -52,6 +52,10 @@ def _route(route: str, rule: str | None) -> str:
     return f"[{route}, {rule}]" if rule else f"[{route}]"
 
 
+def _cause(cause: str | None) -> str:
+    return f" ({cause}: the cluster never saw it)" if cause == AGENT_UNREACHABLE else (f" ({cause})" if cause else "")
+
+
 def _named(dest: str, name: str | None) -> str:
     return f"{dest} ({name})" if name else dest
 
@@ -60,12 +64,15 @@ def describe(event: Event) -> str | None:
     """One line for an event, without the prefix; None for events not shown live."""
     if isinstance(event, DnsQuery):
         result = ", ".join(event.addresses) if event.addresses else event.outcome
+        if event.detail:
+            result += f" ({event.detail})"
         return (
-            f"dns {event.qtype} {event.name} -> {result} {_route(event.route, event.rule)}{_duration(event.duration)}"
+            f"dns {event.qtype} {event.name} -> {result}{_cause(event.cause)} "
+            f"{_route(event.route, event.rule)}{_duration(event.duration)}"
         )
     if isinstance(event, Connect):
         return (
-            f"connect {_named(event.dest, event.name)} -> {event.outcome} "
+            f"connect {_named(event.dest, event.name)} -> {event.outcome}{_cause(event.cause)} "
             f"{_route(event.route, event.rule)} pid {event.pid}{_duration(event.duration)}"
         )
     if isinstance(event, UdpFlow):

@@ -84,3 +84,15 @@ class SearchList:
             return None
         labels = name[: -len(suffix)].split(".")
         return labels[-1] if len(labels) >= 2 else None
+
+
+def hosts_names(text: str) -> frozenset[str]:
+    """Every name (and alias) of a hosts file, normalized: ``10.1.2.3 pod-name pod`` gives both."""
+    names: set[str] = set()
+    for line in text.splitlines():
+        words = line.split("#", 1)[0].split()
+        for word in words[1:]:
+            name = normalize_name(word)
+            if name:
+                names.add(name)
+    return frozenset(names)

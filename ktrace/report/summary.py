@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ktrace.report.events import DNS_OK, Closed, Connect, DnsQuery, Event, UdpFlow
+from ktrace.report.events import AGENT_UNREACHABLE, DNS_OK, Closed, Connect, DnsQuery, Event, UdpFlow
 from ktrace.report.searchlist import SearchList
 
 # DNS outcomes that show the name exists.
@@ -41,6 +41,7 @@ class Row:
     bytes_down: int = 0
     rule: str | None = None
     asked: list[str] = field(default_factory=list)  # dns rows: the names asked, in order
+    detail: str | None = None  # dns rows: what was wrong with the last malformed answer
 
     @property
     def failed(self) -> bool:
@@ -74,6 +75,7 @@ class AskedName:
     route: str
     rule: str | None
     outcomes: Counter[str] = field(default_factory=Counter)
+    detail: str | None = None  # what was wrong with the last malformed answer
 
     @property
     def found(self) -> bool:
@@ -94,11 +96,17 @@ class Tally:
     """The summary's numbers, kept as events arrive (memory grows with distinct destinations
     and names, not with events)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hosts: frozenset[str] = frozenset()) -> None:
         self.rows: dict[tuple[str, str], Row] = {}
         self.names: dict[str, AskedName] = {}  # lower-case name -> its questions
         self.events = 0
         self.untracked = 0
+        # Names in the hosts file the program reads: a resolver that found one there did not
+        # fail, whatever DNS said for it (glibc asks DNS for AAAA first when the file has only
+        # an IPv4 address for it, as `getent hosts` does).
+        self.hosts = hosts
+        # Set while (and after) ktrace could not reach the agent: says where and why.
+        self.agent_outage: str | None = None
 
     def add(self, event: Event) -> None:
         self.events += 1
@@ -110,8 +118,10 @@ class Tally:
                     self.untracked += 1
                     return
                 asked = self.names[key] = AskedName(event.name, event.route, event.rule)
-            asked.outcomes[event.outcome] += 1
+            asked.outcomes[_reason(event.outcome, event.cause)] += 1
             asked.route, asked.rule = event.route, event.rule
+            if event.detail:
+                asked.detail = event.detail
         elif isinstance(event, Connect | UdpFlow):
             proto = event.proto if isinstance(event, Connect) else "udp"
             row = self._row(proto, event.dest, event.name, event.route)
@@ -122,7 +132,7 @@ class Tally:
             row.rule = event.rule
             row.attempts += 1
             if isinstance(event, Connect) and event.failed:
-                row.failures[event.outcome] += 1
+                row.failures[_reason(event.outcome, event.cause)] += 1
             else:
                 row.ok += 1
         elif isinstance(event, Closed):
@@ -151,7 +161,10 @@ class Tally:
         for key, asked in self.names.items():
             if not asked.failures or asked.found:
                 continue
-            candidates = (c for stem in search.stems(key) for c in search.candidates(stem))
+            stems = search.stems(key)
+            if any(stem in self.hosts for stem in stems):
+                continue
+            candidates = (c for stem in stems for c in search.candidates(stem))
             if any(c in self.names and self.names[c].found for c in candidates):
                 continue
             groups.setdefault(search.looked_up(key), []).append(asked)
@@ -184,14 +197,37 @@ class Tally:
             row = Row("dns", None, name, last.route, rule=last.rule, asked=[a.name for a in group])
             for asked in group:
                 row.failures.update(asked.failures)
+                row.detail = asked.detail or row.detail
             row.attempts = sum(row.failures.values())
             result.append(row)
+        answered = _answered_ports(result)
         hints: list[str] = []
+        if self.agent_outage is not None:
+            hints.append(f"{self.agent_outage}: is it still running, and is the path to it (port-forward, network) up?")
         for row in result:
-            hint = hint_for(row, search, (elsewhere or {}).get(row.name or "", ()))
+            hint = hint_for(row, search, (elsewhere or {}).get(row.name or "", ()), answered.get(_ip(row.dest), ()))
             if hint:
                 hints.append(hint)
         return Summary(result, hints, self.untracked)
+
+
+def _reason(outcome: str, cause: str | None) -> str:
+    """A failure's key in the counts: its outcome, and the cause when one was known."""
+    return f"{outcome} ({cause})" if cause else outcome
+
+
+def _ip(dest: str | None) -> str:
+    return (dest or "").rpartition(":")[0]
+
+
+def _answered_ports(rows: Iterable[Row]) -> dict[str, tuple[str, ...]]:
+    """Per address, the TCP ports some connect reached."""
+    found: dict[str, list[str]] = {}
+    for row in rows:
+        if row.proto == "tcp" and row.ok and row.dest:
+            ip, _, port = row.dest.rpartition(":")
+            found.setdefault(ip, []).append(port)
+    return {ip: tuple(sorted(ports, key=int)) for ip, ports in found.items()}
 
 
 def tally(events: Iterable[Event]) -> Tally:
@@ -239,6 +275,13 @@ def _dns_hint(row: Row, search: SearchList, elsewhere: Sequence[str]) -> str | N
                 f"check the name, or write {name}.NAMESPACE for a service in another namespace"
             )
         return f"{name}: the cluster's DNS does not know this name (NXDOMAIN)"
+    if "malformed" in reasons:
+        return (
+            f"{name}: the DNS server's answer did not parse ({row.detail or 'malformed'}); it came at once, so "
+            "this is no timeout: the server, or something on the way, sends broken DNS messages"
+        )
+    if _agent_cause(reasons):
+        return f"{name}: ktrace could not reach the agent, so the question never reached the cluster's DNS"
     if "timeout" in reasons:
         return (
             f"{name}: the cluster's DNS server did not answer (is kube-dns/CoreDNS running and reachable from the pod?)"
@@ -261,12 +304,43 @@ _CONNECT_HINTS = {
 }
 
 
-def hint_for(row: Row, search: SearchList, elsewhere: Sequence[str] = ()) -> str | None:
+def _agent_cause(reasons: Iterable[str]) -> bool:
+    return any(reason.endswith(f"({AGENT_UNREACHABLE})") for reason in reasons)
+
+
+def _timeout_hint(row: Row, search: SearchList, port: str, answered: Sequence[str]) -> str | None:
+    """ETIMEDOUT on a Service's address: its ClusterIP drops what comes to a port the Service
+    does not list (kube-proxy forwards only the listed ones), so say that too."""
+    service = row.name if row.name and search.namespace_of(row.name) else None
+    if (service is None and not answered) or port in answered:
+        return None
+    others = [p for p in answered if p != port]
+    also = f" (it answered on port {', '.join(others)})" if others else ""
+    what = f"the Service {service}" if service else "that address"
+    return (
+        f"{row.subject()}: the cluster got no answer: port {port} may not be one {what} exposes{also}, "
+        "and traffic to a Service IP on a port it does not list is dropped; or a NetworkPolicy or firewall drops "
+        "it, or nothing routes to that address"
+    )
+
+
+def hint_for(
+    row: Row,
+    search: SearchList,
+    elsewhere: Sequence[str] = (),
+    answered: Sequence[str] = (),
+) -> str | None:
+    """``answered``: ports of the same address that some connect reached."""
     if not row.failed:
         return None
     if row.proto == "dns":
         return _dns_hint(row, search, elsewhere)
     subject = row.subject()
+    if _agent_cause(row.failures):
+        return (
+            f"{subject}: ktrace could not reach the agent, so the cluster never saw these connects "
+            "(the program got ETIMEDOUT once it had waited for the agent)"
+        )
     if row.route == "local":
         if row.rule:
             return (
@@ -275,6 +349,10 @@ def hint_for(row: Row, search: SearchList, elsewhere: Sequence[str] = ()) -> str
             )
         return None
     port = (row.dest or "").rpartition(":")[2]
+    if "ETIMEDOUT" in row.failures:
+        timeout_hint = _timeout_hint(row, search, port, answered)
+        if timeout_hint:
+            return timeout_hint
     for reason in row.failures:
         template = _CONNECT_HINTS.get(reason)
         if template:

@@ -20,6 +20,7 @@ from ktrace_agent.budget import SendBudget
 from .. import __version__
 from . import rpc
 from .call_pool import CallPool
+from .health import TunnelHealth, short_reason
 from .tcp_stream import TcpStream
 from .types import AgentUnavailable, Endpoint, IPAddress, SourceRoute, TcpStats, TunnelError, TunnelLost
 from .udp_mux import UdpMux
@@ -149,6 +150,8 @@ class AgentClient:
         else:
             self._udp_sessions = SessionSpares(self._new_udp_session, SPARE_UDP_SESSIONS)
         self.send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
+        self.health = TunnelHealth()
+        self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -189,12 +192,26 @@ class AgentClient:
         return client
 
     def prime(self) -> None:
-        """Start the spare streams (needs the running loop)."""
+        """Start the spare streams and the channel's watcher (needs the running loop)."""
         self._tcp_calls.fill()
         if self._udp_mux is not None:
             self._udp_mux.prime()
         else:
             self._udp_calls.fill()
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_channel())
+
+    async def _watch_channel(self) -> None:
+        """Mark the tunnel lost when the channel fails to (re)connect and back when it is ready:
+        an agent that is gone for good shows here, before any stream has waited for it."""
+        state = self._channel.get_state()
+        while state is not grpc.ChannelConnectivity.SHUTDOWN:
+            await self._channel.wait_for_state_change(state)
+            state = self._channel.get_state()
+            if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                self.health.lost("cannot connect to it")
+            elif state is grpc.ChannelConnectivity.READY:
+                self.health.back()
 
     async def ping(self, timeout: float = 10.0) -> None:
         """A handshake on the open channel: proves the path to the agent works and keeps an agent
@@ -213,16 +230,19 @@ class AgentClient:
         deadline = loop.time() + (timeout if timeout is not None else TUNNEL_WAIT)
         while True:
             try:
-                return await TcpStream.open(
+                stream = await TcpStream.open(
                     self._tcp_calls, dest, timeout, self.send_budget, reuse=self.info.tcp_stream_reuse
                 )
             except TunnelLost as lost:
+                self.health.lost(short_reason(lost.message))
                 remaining = deadline - loop.time()
                 if remaining > 0:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._channel.channel_ready(), remaining)
                         continue
                 raise TunnelError("ETIMEDOUT", f"the tunnel to the agent is down ({lost.message})") from lost
+            self.health.back()
+            return stream
 
     def start_udp(self, family: int) -> Session:
         """A UDP socket on the agent whose datagrams may be sent before the agent answered
@@ -241,6 +261,10 @@ class AgentClient:
         return UdpSession.start(self._udp_calls, family, self.info.datagram_batches)
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await self._udp_sessions.close()
         if self._udp_mux is not None:
             await self._udp_mux.close()
