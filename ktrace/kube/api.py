@@ -23,7 +23,7 @@ from kubernetes.aio import config as kube_config
 
 from ktrace.errors import KtraceError
 
-from .errors import ApiCall, KubeApiError
+from .errors import ApiCall, KubeApiError, kubeconfig_error
 
 log = logging.getLogger("ktrace.kube")
 
@@ -66,6 +66,15 @@ class WebSocket:
         await self._ws.close()
 
 
+def _context_names(files: str) -> list[str] | None:
+    """The contexts of the kubeconfig ``files``, or None when they cannot be read."""
+    try:
+        contexts, _ = kube_config.list_kube_config_contexts(files)  # type: ignore[no-untyped-call]
+    except (kube_config.ConfigException, KeyError, TypeError, ValueError, OSError):
+        return None
+    return [str(c.get("name")) for c in contexts or () if isinstance(c, dict)]
+
+
 class KubeApi:
     """An API client for one context and namespace. ``await KubeApi.load(...)``, then requests; ``close()``."""
 
@@ -93,7 +102,8 @@ class KubeApi:
                 persist_config=False,  # never rewrite the user's kubeconfig
             )
         except kube_config.ConfigException as exc:
-            raise KtraceError(f"kubeconfig {':'.join(existing)}: {exc}", "check --context and the kubeconfig") from None
+            files = ":".join(existing)
+            raise kubeconfig_error(str(exc), files, context, _context_names(files)) from None
         except (KeyError, TypeError, ValueError, OSError) as exc:
             raise KtraceError(
                 f"cannot use kubeconfig {':'.join(existing)}: {type(exc).__name__}: {exc}",

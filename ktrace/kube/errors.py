@@ -54,6 +54,26 @@ def status_message(body: str) -> str:
     return ""
 
 
+def kubeconfig_error(message: str, files: str, context: str | None, contexts: list[str] | None) -> KtraceError:
+    """A kubeconfig the Kubernetes client refused, as one line. ``files``: the ':'-joined paths
+    it read; ``contexts``: the contexts it has, when they could be listed.
+
+    The client names places in the file as the path and the keys joined with '/'
+    ("Expected object with name prod in /home/me/.kube/config/contexts list"), which reads as
+    a path that does not exist: the file and the place in it are said apart here.
+    """
+    if context is not None and contexts is not None and context not in contexts:
+        listed = ", ".join(contexts) if contexts else "none"
+        return KtraceError(
+            f"kubeconfig {files}: no context named {context} (its contexts: {listed})",
+            "check --context; `kubectl config get-contexts` lists them, without --context the current one is used",
+        )
+    text = message.removeprefix("Invalid kube-config file. ")
+    for path in sorted({files, *files.split(":")}, key=len, reverse=True):
+        text = text.replace(f"{path}/", "")
+    return KtraceError(f"kubeconfig {files}: {text}", "check --context and the kubeconfig")
+
+
 _USER = re.compile(r'User "([^"]*)"')
 
 
