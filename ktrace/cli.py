@@ -163,9 +163,10 @@ def build_parser(prog: str = "ktrace") -> argparse.ArgumentParser:
 
     cleanup = sub.add_parser(
         "cleanup",
-        help="delete agent pods left behind (by a killed ktrace)",
+        help="delete agent pods and temporary directories left behind (by a killed ktrace)",
         description="Delete ktrace's agent pods whose agent is not running (a killed ktrace's pod ends by itself "
-        "after --agent-idle-exit). Ephemeral containers cannot be removed from a pod; their agents exit by themselves.",
+        "after --agent-idle-exit). Ephemeral containers cannot be removed from a pod; their agents exit by themselves. "
+        "First removes this user's temporary directories of ktrace runs that were killed.",
     )
     _add_cluster_flags(cleanup)
     cleanup.add_argument(
@@ -275,6 +276,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "ktrace") -> int:
 
             return int(agent_main(args.agent_args, prog=f"{prog} agent"))
         if args.command_name == "cleanup":
+            from ktrace.private_dirs import sweep
+
+            for path in sweep():
+                print(f"removed {path} (left by a ktrace that was killed)")
             from ktrace.kube.cleanup import cleanup
             from ktrace.kube.options import cluster_choice
             from ktrace.options import load_settings

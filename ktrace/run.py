@@ -18,14 +18,13 @@ import logging
 import os
 import secrets
 import signal
-import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from ktrace_agent import tuning
 
-from ktrace import reporting
+from ktrace import private_dirs, reporting
 from ktrace.errors import KtraceError
 from ktrace.report.recorder import Recorder
 from ktrace.report.render import Verbosity
@@ -146,7 +145,7 @@ async def _agent_access(options: RunOptions, token: str | None) -> AsyncIterator
     # gRPC path as a remote one, on a private unix socket.
     from ktrace_agent.server import DEFAULT_CONNECT_TIMEOUT, AgentServer
 
-    with tempfile.TemporaryDirectory(prefix="ktrace-") as tmp:
+    with private_dirs.private_dir("ktrace-agent-") as tmp:
         local_token = secrets.token_urlsafe(24)
         timeout = DEFAULT_CONNECT_TIMEOUT if options.connect_timeout is None else options.connect_timeout
         server = AgentServer(f"unix:{tmp}/agent.sock", token=local_token, connect_timeout=timeout)
@@ -318,7 +317,7 @@ class _Parts:
 
 @contextlib.asynccontextmanager
 async def _private_dir() -> AsyncIterator[str]:
-    with tempfile.TemporaryDirectory(prefix="ktrace-view-") as path:
+    with private_dirs.private_dir("ktrace-view-") as path:
         # The program may run as another user after a setuid-less privilege
         # drop; the files it is shown must stay readable.
         os.chmod(path, 0o755)  # noqa: S103 - world-readable on purpose, nothing secret
