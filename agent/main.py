@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from . import __version__
 from .listen import ConfigError, parse_token_sha256, read_token_file
-from .server import DEFAULT_CONNECT_TIMEOUT, AgentServer
+from .server import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CLIENT_STREAMS, AgentServer
 from .tuning import raise_fd_limit, tune_gc
 
 log = logging.getLogger("ktrace_agent")
@@ -42,6 +42,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         default=DEFAULT_CONNECT_TIMEOUT,
         metavar="SECONDS",
         help="default TCP connect timeout (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-client-streams",
+        type=int,
+        default=DEFAULT_MAX_CLIENT_STREAMS,
+        metavar="N",
+        help="data streams (tunnelled connections, UDP streams) one client may have open (default %(default)s)",
     )
     p.add_argument("--resolv-conf", metavar="PATH", help="resolv.conf to report (default /etc/resolv.conf)")
     p.add_argument("--hosts", metavar="PATH", help="hosts file to report (default /etc/hosts)")
@@ -91,6 +98,7 @@ def main(argv: list[str] | None = None, prog: str = "ktrace-agent") -> int:
             connect_timeout=args.connect_timeout,
             resolv_conf_path=args.resolv_conf,
             hosts_path=args.hosts,
+            max_client_streams=args.max_client_streams,
         )
         tune_gc()
         asyncio.run(_serve(server))

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from . import __version__, host_info, rpc
+from . import __version__, host_info, rpc, tuning
 from .budget import SendBudget
 from .listen import ConfigError, TokenCheck, check_policy, claim_unix_path, parse_listen
 from .tcp_relay import TcpRelay
@@ -33,6 +33,19 @@ SEND_BUDGET_BYTES = 16 * 1024 * 1024
 SEND_BUDGET_WAIT = 0.5
 # How long stop() waits, after gRPC's own stop, for the tasks that ran the handlers to end.
 HANDLERS_END_WAIT = 2.0
+# Data streams (Connect, Datagrams, DatagramSessions) one client may have open at once: a client
+# is a connection (``context.peer()``; every client of a Unix socket is ``unix:``, so there it
+# is the whole agent's). A tunnelled TCP connection is a stream: a program with more
+# connections open through one agent than this gets ENOBUFS for the next ones.
+DEFAULT_MAX_CLIENT_STREAMS = 4096
+# gRPC's own bound per HTTP/2 connection (SETTINGS_MAX_CONCURRENT_STREAMS): above the cap, so a
+# client hears the cap's error rather than waiting; it bounds the calls in flight (and the
+# memory they take), authenticated or not, whatever a client sends.
+MAX_CONCURRENT_STREAMS = DEFAULT_MAX_CLIENT_STREAMS + 256
+# Quiet seconds after which freed memory goes back to the kernel (tuning.Trimmer).
+TRIM_AFTER_QUIET = 5.0
+# At most one log line per this many seconds about rejected calls (a flood is one line).
+REJECTED_LOG_INTERVAL = 10.0
 
 # A tunnel channel lives as long as a traced program and is often idle: let the
 # client ping every ~10 s without calls in flight, and never count that as abuse.
@@ -45,6 +58,7 @@ _SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
 ]
 
 
@@ -69,6 +83,7 @@ class AgentServer:
         hosts_path: str | None = None,
         tcp_stream_reuse: bool = True,
         udp_multiplex: bool = True,
+        max_client_streams: int = DEFAULT_MAX_CLIENT_STREAMS,
     ) -> None:
         self._listen = parse_listen(listen)
         check_policy(self._listen, token, None if token_sha256 is None else token_sha256.hex())
@@ -86,6 +101,11 @@ class AgentServer:
         self._active = 0
         self._activity = asyncio.Event()
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._max_client_streams = max_client_streams
+        self._streams_of: dict[str, int] = {}  # peer -> its data streams open now
+        self._trimmer = tuning.Trimmer(TRIM_AFTER_QUIET)
+        self._rejected = 0
+        self._rejected_logged = -REJECTED_LOG_INTERVAL
         self.address = ""
 
     async def start(self) -> None:
@@ -123,6 +143,7 @@ class AgentServer:
         self._server = server
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        self._trimmer.close()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -159,8 +180,9 @@ class AgentServer:
         if handler is not None and handler not in self._handlers:
             self._handlers.add(handler)
             handler.add_done_callback(self._handlers.discard)
+        self._trimmer.poke()
         if not self._auth.accepts(context.invocation_metadata()):
-            log.warning("rejected %s from %s: missing or wrong token", what, context.peer())
+            self._log_rejected(what, context.peer())
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token")
         self._active += 1
         self._activity.set()
@@ -169,6 +191,39 @@ class AgentServer:
         finally:
             self._active -= 1
             self._activity.set()
+            self._trimmer.poke()
+
+    def _log_rejected(self, what: str, peer: str) -> None:
+        self._rejected += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._rejected_logged < REJECTED_LOG_INTERVAL:
+            return
+        more = f" ({self._rejected - 1} more since the last such line)" if self._rejected > 1 else ""
+        log.warning("rejected %s from %s: missing or wrong token%s", what, peer, more)
+        self._rejected = 0
+        self._rejected_logged = now
+
+    @contextlib.asynccontextmanager
+    async def _counted_stream(self, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        """Count the stream against its client's cap; refuse it (RESOURCE_EXHAUSTED) above."""
+        peer = context.peer()
+        count = self._streams_of.get(peer, 0)
+        if count >= self._max_client_streams:
+            log.warning("refused a stream from %s: %d open, the limit per client", peer, count)
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many streams from this client: {count} open, the agent allows {self._max_client_streams} "
+                "(ktrace-agent --max-client-streams)",
+            )
+        self._streams_of[peer] = count + 1
+        try:
+            yield
+        finally:
+            left = self._streams_of[peer] - 1
+            if left:
+                self._streams_of[peer] = left
+            else:
+                del self._streams_of[peer]
 
     # --- rpc.AgentService ---
 
@@ -203,7 +258,7 @@ class AgentServer:
         """A data stream: authenticated and counted (``_call``) before ``run`` makes anything,
         headers sent at once, and a failure logged with the stream's kind before it ends the
         stream (only this one)."""
-        async with self._call(context, what):
+        async with self._call(context, what), self._counted_stream(context):
             await _headers_now(context)
             try:
                 await run()

@@ -25,6 +25,16 @@ blocks on the heap (mmap threshold above the frame size, a trim threshold that k
 few frames' worth of free memory) removes that; bounded, so RSS grows by at most
 ``TRIM_THRESHOLD``.
 
+Giving memory back
+------------------
+With those thresholds glibc returns freed heap memory to the kernel only when 32 MiB are free
+at the top of the heap, and never what is free below a block still in use. After a burst (3,000
+calls rejected at once, a thousand connections that closed) the memory is free but resident:
+the agent went from 43 to 131 MB over six bursts of rejected calls and stayed there. ``Trimmer``
+collects cyclic garbage and calls ``malloc_trim(0)`` once the process has been quiet for a few
+seconds (the owner pokes it on activity), which gives back every free page; a busy process is
+never trimmed.
+
 Garbage collector
 -----------------
 Every stop, frame and datagram allocates short-lived objects (protobuf messages, asyncio
@@ -42,6 +52,7 @@ Imported for its effect by ``ktrace_agent`` and ``ktrace.tunnel`` before they im
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import gc
@@ -50,6 +61,7 @@ import os
 import pathlib
 import re
 import resource
+from collections.abc import Callable
 
 EXPERIMENTS_OFF = "-event_engine_client,-event_engine_listener"
 MEASURED_VERSIONS = ("1.85.",)
@@ -100,6 +112,59 @@ def tune_malloc() -> bool:
 
 
 tune_malloc()
+
+
+def _malloc_trim() -> Callable[[], None] | None:
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc
+    function.argtypes = (ctypes.c_size_t,)
+    function.restype = ctypes.c_int
+    return lambda: function(0)
+
+
+_TRIM = _malloc_trim()
+
+
+def trim() -> bool:
+    """Give the free heap memory back to the kernel (glibc only; False elsewhere)."""
+    if _TRIM is None:
+        return False
+    _TRIM()
+    return True
+
+
+class Trimmer:
+    """``trim()`` once ``quiet`` seconds have passed since the last ``poke()`` (on the running loop)."""
+
+    def __init__(self, quiet: float) -> None:
+        self.quiet = quiet
+        self.trims = 0
+        self._last = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def poke(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._last = loop.time()
+        if self._timer is None:
+            self._timer = loop.call_later(self.quiet, self._check)
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        left = self._last + self.quiet - loop.time()
+        if left > 0:
+            self._timer = loop.call_later(left, self._check)
+            return
+        self._timer = None
+        gc.collect()  # cyclic garbage (exceptions and their frames) first, so its memory goes too
+        if trim():
+            self.trims += 1
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def raise_fd_limit() -> int:

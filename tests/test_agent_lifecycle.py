@@ -6,10 +6,12 @@ import asyncio
 import pathlib
 import subprocess
 
+import pytest
 from agent_helpers import TOKEN, LoopbackServer, agent_command, end_process, run, upper_echo, wait_for_line
+from ktrace_agent import tuning
 
-from ktrace.tunnel.client import AgentClient
-from ktrace.tunnel.types import Endpoint
+from ktrace.tunnel.client import AgentClient, TcpStream
+from ktrace.tunnel.types import Endpoint, TunnelError
 
 
 def test_sigterm_with_streams_open_ends_without_tracebacks(tmp_path: pathlib.Path) -> None:
@@ -112,3 +114,66 @@ def test_a_path_that_is_not_a_socket_is_left_alone(tmp_path: pathlib.Path) -> No
         f"ktrace-agent: error: --listen unix:{path}: the path exists and is not a socket; not replacing it"
     ]
     assert path.read_text() == "mine\n"
+
+
+# --- bounds ---
+
+
+def test_streams_per_client_are_capped_with_a_clear_error(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    sock = tmp_path / "a.sock"
+    proc = _start_agent(sock, "--token-file", str(tmp_path / "token"), "--max-client-streams", "8")
+    try:
+        wait_for_line(proc, "listening on", deadline=30)
+
+        async def scenario() -> None:
+            async with LoopbackServer(upper_echo) as target:
+                dest = Endpoint.parse(f"127.0.0.1:{target.port}")
+                client = await AgentClient.connect(f"unix:{sock}", TOKEN, timeout=10)
+                streams = []
+                try:
+                    # The client's spare streams count too: the cap is on streams, not connections.
+                    with pytest.raises(TunnelError) as refused:
+                        for _ in range(9):
+                            streams.append(await client.open_tcp(dest, timeout=5))
+                    assert refused.value.errno_name == "ENOBUFS"
+                    assert "too many streams from this client: 8 open, the agent allows 8" in str(refused.value)
+                    assert 0 < len(streams) < 8
+                    # A stream that ends frees its place, once the agent has seen it end.
+                    await streams.pop().abort()
+                    streams.append(await _open_when_allowed(client, dest))
+                finally:
+                    for stream in streams:
+                        await stream.abort()
+                    await client.close()
+
+        run(scenario())
+        line = wait_for_line(proc, "refused a stream", deadline=10)
+        assert "8 open, the limit per client" in line
+    finally:
+        end_process(proc)
+
+
+async def _open_when_allowed(client: AgentClient, dest: Endpoint) -> TcpStream:
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        try:
+            return await client.open_tcp(dest, timeout=5)
+        except TunnelError as exc:
+            if exc.errno_name != "ENOBUFS" or asyncio.get_running_loop().time() > deadline:
+                raise
+        await asyncio.sleep(0.05)  # the agent has not seen the end yet: no event to wait on
+
+
+def test_trimmer_trims_once_quiet() -> None:
+    async def scenario() -> int:
+        trimmer = tuning.Trimmer(0.05)
+        trimmer.poke()
+        trimmer.poke()  # one trim for both
+        deadline = asyncio.get_running_loop().time() + 10
+        while trimmer.trims == 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        trimmer.close()
+        return trimmer.trims
+
+    assert run(scenario()) == 1

@@ -16,8 +16,9 @@ import dataclasses
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from ktrace import __version__
 from ktrace.report.dns_tracker import DnsTracker
@@ -39,7 +40,21 @@ log = logging.getLogger("ktrace.report")
 EXPIRY_INTERVAL = 1.0
 # DNS failures shown as they happen; the others once the whole lookup failed.
 TIMEOUTS = frozenset({"timeout", "SERVFAIL", "malformed"})
-MAX_SOCKETS = 65536
+# UDP sockets whose process and first use are remembered, the most recently used kept: a
+# lookup's socket is used within milliseconds, and glibc opens one (and two RFC 6724 probes)
+# per getaddrinfo, so keeping every socket ever seen grew ktrace by ~13 MB per 65,536 of them.
+MAX_SOCKETS = 4096
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _remember(recent: OrderedDict[K, V], key: K, value: V) -> None:
+    recent[key] = value
+    recent.move_to_end(key)
+    if len(recent) > MAX_SOCKETS:
+        recent.popitem(last=False)
 
 
 def rule_text(decision: RouteDecision | None) -> str | None:
@@ -74,8 +89,8 @@ class Recorder:
         self._log_file = log_file
         self.nameservers = nameservers
         self._shown: set[tuple[str, str]] = set()
-        self._pids: dict[int, int] = {}  # program socket inode -> pid
-        self._how: dict[tuple[int, Endpoint], str] = {}  # how a UDP flow started
+        self._pids: OrderedDict[int, int] = OrderedDict()  # program socket inode -> pid
+        self._how: OrderedDict[tuple[int, Endpoint], str] = OrderedDict()  # how a UDP flow started
         self._expiry: asyncio.TimerHandle | None = None
 
     # -- the record ------------------------------------------------------------------------
@@ -224,11 +239,8 @@ class Recorder:
 
     def on_udp(self, event: UdpEvent) -> None:
         """``UdpRedirector.on_event``: which process uses a socket (the flow starts with its first datagram)."""
-        if len(self._pids) >= MAX_SOCKETS:
-            self._pids.clear()
-            self._how.clear()
-        self._pids[event.sock] = event.pid
-        self._how[(event.sock, event.dest)] = event.kind
+        _remember(self._pids, event.sock, event.pid)
+        _remember(self._how, (event.sock, event.dest), event.kind)
 
     def on_stream_closed(self, stream: TcpStream, stats: TcpStats) -> None:
         """``LoopbackEndpoint(on_closed=...)``."""

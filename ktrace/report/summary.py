@@ -301,6 +301,10 @@ _CONNECT_HINTS = {
     "ETIMEDOUT": ("the cluster got no answer: a NetworkPolicy or firewall drops it, or nothing routes to that address"),
     "ENETUNREACH": "the cluster has no route to that address",
     "EHOSTUNREACH": "the cluster has no route to that host",
+    "ENOBUFS": (
+        "the agent refused a new stream: the program had more connections open through it than the agent "
+        "allows one client (ktrace-agent --max-client-streams)"
+    ),
 }
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import grpc
 import grpc.aio
+from ktrace_agent import tuning
 from ktrace_agent.budget import SendBudget
 
 from .. import __version__
@@ -55,6 +56,9 @@ MUX_SPARE_LOW = 2
 # (ktrace_agent/budget.py): bounds memory with many busy connections.
 SEND_BUDGET_BYTES = 16 * 1024 * 1024
 SEND_BUDGET_WAIT = 0.5
+# Seconds without a new stream or UDP session after which ktrace gives its freed memory back
+# to the kernel (ktrace_agent/tuning.py, Trimmer): RSS goes down while the program idles.
+TRIM_AFTER_QUIET = 10.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ class AgentClient:
         self.send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
         self.health = TunnelHealth()
         self._watcher: asyncio.Task[None] | None = None
+        self._trimmer = tuning.Trimmer(TRIM_AFTER_QUIET)
 
     @classmethod
     async def connect(
@@ -226,6 +231,7 @@ class AgentClient:
         it, up to ``timeout`` (or the agent's default dial timeout), as a SYN would wait on a
         network that came back; then it fails with ETIMEDOUT, never with a made-up error.
         """
+        self._trimmer.poke()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout if timeout is not None else TUNNEL_WAIT)
         while True:
@@ -261,6 +267,7 @@ class AgentClient:
         return UdpSession.start(self._udp_calls, family, self.info.datagram_batches)
 
     async def close(self) -> None:
+        self._trimmer.close()
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

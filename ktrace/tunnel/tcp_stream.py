@@ -43,6 +43,13 @@ OPEN_MARGIN = 10.0  # seconds past the dial timeout before giving up on the agen
 T = TypeVar("T")
 
 
+def _refused(details: str | None) -> TunnelError:
+    """The agent refused the stream (its cap on a client's streams): the program's connect fails
+    with ENOBUFS, as when the kernel is out of resources, rather than waiting for a tunnel that
+    works."""
+    return TunnelError("ENOBUFS", f"the agent refused the stream: {details or 'RESOURCE_EXHAUSTED'}")
+
+
 class _CallLost(TunnelLost):
     """The stream failed before the agent answered ``open``: nothing was dialled on it."""
 
@@ -123,6 +130,8 @@ class TcpStream:
             reply: object = await asyncio.wait_for(reading, deadline)
         except grpc.aio.AioRpcError as exc:
             call.cancel()
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _refused(exc.details()) from exc
             raise _CallLost("EIO", f"tunnel: {exc.code().name}: {exc.details()}") from exc
         except (asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
             call.cancel()  # the call had already finished
@@ -140,6 +149,8 @@ class TcpStream:
                 reading.exception()  # retrieved: an error here was handled above
         if reply is grpc.aio.EOF:
             status = await call.code()
+            if status == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise _refused(await call.details())
             raise _CallLost("EIO", f"agent ended the stream without an answer ({status.name})")
         assert isinstance(reply, rpc.TcpServerFrame)
         kind = reply.WhichOneof("kind")
