@@ -9,7 +9,7 @@ import signal
 import sys
 from typing import NoReturn
 
-from . import __version__
+from . import __version__, files
 from .listen import ConfigError, parse_token_sha256, read_token_file
 from .server import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CLIENT_STREAMS, AgentServer
 from .tuning import raise_fd_limit, tune_gc
@@ -52,6 +52,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     p.add_argument("--resolv-conf", metavar="PATH", help="resolv.conf to report (default /etc/resolv.conf)")
     p.add_argument("--hosts", metavar="PATH", help="hosts file to report (default /etc/hosts)")
+    p.add_argument(
+        "--files",
+        metavar="JSON",
+        help=f"files of the target container to serve, read-only (default: ${files.FILES_ENV}): "
+        '[{"path": PATH_IN_TARGET, "base": DIR_HERE, "sub": PATH_BELOW_DIR, "follow": BOOL}, ...]',
+    )
     p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     p.add_argument("--version", action="version", version=f"ktrace-agent {__version__}")
     return p
@@ -99,10 +105,11 @@ def main(argv: list[str] | None = None, prog: str = "ktrace-agent") -> int:
             resolv_conf_path=args.resolv_conf,
             hosts_path=args.hosts,
             max_client_streams=args.max_client_streams,
+            served_files=files.parse_served(args.files) if args.files else files.env_served(),
         )
         tune_gc()
         asyncio.run(_serve(server))
-    except ConfigError as exc:
+    except (ConfigError, files.FilesConfigError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

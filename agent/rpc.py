@@ -46,10 +46,19 @@ PeerFailure = pb.PeerFailure
 SourceRoute = pb.SourceRoute
 FAMILY_INET = pb.INET
 FAMILY_INET6 = pb.INET6
+WatchFilesRequest = pb.WatchFilesRequest
+FileTree = pb.FileTree
+FileEntry = pb.FileEntry
+FileKind = pb.FileKind
+FILE_NONE = pb.FILE_KIND_UNSPECIFIED
+FILE_DIRECTORY = pb.DIRECTORY
+FILE_REGULAR = pb.REGULAR
+FILE_SYMLINK = pb.SYMLINK
 
 TcpContext = grpc.aio.ServicerContext[pb.TcpClientFrame, pb.TcpServerFrame]
 UdpContext = grpc.aio.ServicerContext[pb.UdpClientFrame, pb.UdpServerFrame]
 HandshakeContext = grpc.aio.ServicerContext[pb.HandshakeRequest, pb.HandshakeReply]
+FilesContext = grpc.aio.ServicerContext[pb.WatchFilesRequest, pb.FileTree]
 
 
 class AgentService(Protocol):
@@ -62,6 +71,8 @@ class AgentService(Protocol):
     async def Datagrams(self, request_iterator: Any, context: UdpContext) -> None: ...
 
     async def DatagramSessions(self, request_iterator: Any, context: UdpContext) -> None: ...
+
+    async def WatchFiles(self, request: pb.WatchFilesRequest, context: FilesContext) -> None: ...
 
 
 def register(service: AgentService, server: grpc.aio.Server) -> None:

@@ -10,13 +10,13 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 import grpc.aio
 
-from . import __version__, host_info, rpc, tuning
+from . import __version__, files, host_info, rpc, tuning
 from .budget import SendBudget
 from .listen import ConfigError, TokenCheck, check_policy, claim_unix_path, parse_listen
 from .tcp_relay import TcpRelay
@@ -84,6 +84,8 @@ class AgentServer:
         tcp_stream_reuse: bool = True,
         udp_multiplex: bool = True,
         max_client_streams: int = DEFAULT_MAX_CLIENT_STREAMS,
+        served_files: Sequence[files.ServedRoot] = (),
+        files_interval: float = files.POLL_INTERVAL,
     ) -> None:
         self._listen = parse_listen(listen)
         check_policy(self._listen, token, None if token_sha256 is None else token_sha256.hex())
@@ -95,6 +97,9 @@ class AgentServer:
         # False behaves as an agent from before reuse (tests of old agents).
         self._tcp_stream_reuse = tcp_stream_reuse
         self._udp_multiplex = udp_multiplex  # False: no DatagramSessions, as before it existed
+        # The only files WatchFiles ever reads (fixed at start: a client cannot name others).
+        self._served = {root.path: root for root in served_files}
+        self._files_interval = files_interval
         self.udp_sessions = SessionCount()
         self._server: grpc.aio.Server | None = None
         self.send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
@@ -242,6 +247,7 @@ class AgentServer:
                 datagram_batches=True,
                 tcp_stream_reuse=self._tcp_stream_reuse,
                 udp_multiplex=self._udp_multiplex,
+                file_roots=list(self._served),
                 source_routes=[
                     rpc.SourceRoute(
                         family=rpc.wire_family(route.family),
@@ -282,6 +288,17 @@ class AgentServer:
             async with self._call(context, "DatagramSessions"):
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, "DatagramSessions is not offered")
         await self._stream(context, "DatagramSessions", lambda: UdpSessions(context, self.udp_sessions).run())
+
+    async def WatchFiles(self, request: rpc.WatchFilesRequest, context: rpc.FilesContext) -> None:
+        async with self._call(context, "WatchFiles"):
+            unknown = [path for path in request.roots if path not in self._served]
+            if unknown:
+                # Names only what was asked for: whoever has the token chose those paths.
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"not served: {os.fsdecode(unknown[0])}")
+            roots = [self._served[path] for path in dict.fromkeys(request.roots)]
+            await _headers_now(context)
+            async for tree in files.watch(roots, self._files_interval):
+                await context.write(tree)
 
 
 async def _headers_now(context: grpc.aio.ServicerContext[Any, Any]) -> None:

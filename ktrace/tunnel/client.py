@@ -74,6 +74,7 @@ class AgentInfo:
     source_routes: tuple[SourceRoute, ...] = ()
     tcp_stream_reuse: bool = False  # a Connect stream can carry one connection after another
     udp_multiplex: bool = False  # UDP sessions can share DatagramSessions streams
+    file_roots: tuple[bytes, ...] = ()  # the target container's paths the agent serves (WatchFiles)
 
 
 DEFAULT_UNREACHABLE_HINT = "is it running, and is the port-forward up?"
@@ -107,6 +108,7 @@ def _parse_info(reply: rpc.HandshakeReply) -> AgentInfo:
         source_routes=_parse_source_routes(reply.source_routes),
         tcp_stream_reuse=reply.tcp_stream_reuse,
         udp_multiplex=reply.udp_multiplex,
+        file_roots=tuple(reply.file_roots),
     )
 
 
@@ -249,6 +251,12 @@ class AgentClient:
                 raise TunnelError("ETIMEDOUT", f"the tunnel to the agent is down ({lost.message})") from lost
             self.health.back()
             return stream
+
+    def watch_files(self, roots: Iterable[bytes]) -> rpc.FilesCall:
+        """The agent's versions of ``roots`` (each one of ``info.file_roots``), until cancelled.
+        Waits for a tunnel that is down, like a connect does."""
+        request = rpc.WatchFilesRequest(roots=list(roots))
+        return self._stub.watch_files(request, metadata=self._metadata, wait_for_ready=True)
 
     def start_udp(self, family: int) -> Session:
         """A UDP socket on the agent whose datagrams may be sent before the agent answered

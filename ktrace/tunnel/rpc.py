@@ -38,9 +38,16 @@ PeerFailure = pb.PeerFailure
 SourceRoute = pb.SourceRoute
 FAMILY_INET = pb.INET
 FAMILY_INET6 = pb.INET6
+WatchFilesRequest = pb.WatchFilesRequest
+FileTree = pb.FileTree
+FileEntry = pb.FileEntry
+FILE_DIRECTORY = pb.DIRECTORY
+FILE_REGULAR = pb.REGULAR
+FILE_SYMLINK = pb.SYMLINK
 
 TcpCall = grpc.aio.StreamStreamCall[pb.TcpClientFrame, pb.TcpServerFrame]
 UdpCall = grpc.aio.StreamStreamCall[pb.UdpClientFrame, pb.UdpServerFrame]
+FilesCall = grpc.aio.UnaryStreamCall[pb.WatchFilesRequest, pb.FileTree]
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -72,6 +79,7 @@ class Stub:
         self.datagram_sessions: grpc.aio.StreamStreamMultiCallable[pb.UdpClientFrame, pb.UdpServerFrame] = (
             stub.DatagramSessions
         )
+        self.watch_files: grpc.aio.UnaryStreamMultiCallable[pb.WatchFilesRequest, pb.FileTree] = stub.WatchFiles
 
 
 def decode_address(address: pb.Address) -> Endpoint:
