@@ -81,13 +81,31 @@ def test_unreachable_unauthorized_missing_invalid() -> None:
 
 def test_rbac_yaml_grants_exactly_the_rights_ktrace_uses() -> None:
     documents = list(yaml.safe_load_all((REPO / "docs" / "rbac.yaml").read_text()))
-    role = next(d for d in documents if d["kind"] == "Role")
+    roles = [d for d in documents if d["kind"] == "Role"]
+    working = roles[0]["metadata"]["namespace"]  # the first Role is for the namespace ktrace works in
     granted = set()
-    for rule in role["rules"]:
-        for group in rule["apiGroups"]:
-            for resource in rule["resources"]:
-                for verb in rule["verbs"]:
-                    granted.add((group, resource, verb))
-    used = {(r.group, f"{r.resource}/{r.subresource}" if r.subresource else r.resource, r.verb) for r in RIGHTS}
+    for role in roles:
+        namespace = role["metadata"]["namespace"]
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        for name in rule.get("resourceNames") or [""]:
+                            granted.add((None if namespace == working else namespace, group, resource, verb, name))
+    used = {
+        (
+            r.namespace,
+            r.group,
+            f"{r.resource}/{r.subresource}" if r.subresource else r.resource,
+            r.verb,
+            r.resource_name,
+        )
+        for r in RIGHTS
+    }
     assert granted == used
     assert len(RIGHTS) == len(used)
+    # Every Role is bound, to the same subjects.
+    bindings = [d for d in documents if d["kind"] == "RoleBinding"]
+    assert {(b["metadata"]["namespace"], b["roleRef"]["name"]) for b in bindings} == {
+        (r["metadata"]["namespace"], r["metadata"]["name"]) for r in roles
+    }

@@ -102,10 +102,12 @@ def server_version(version: dict[str, object]) -> tuple[int, int] | None:
 
 
 async def _check_right(api: KubeApi, right: Right, server: tuple[int, int] | None) -> KubeCheck:
-    ns = api.namespace
+    ns = right.namespace or api.namespace
     attributes = {"namespace": ns, "verb": right.verb, "group": right.group, "resource": right.resource}
     if right.subresource:
         attributes["subresource"] = right.subresource
+    if right.resource_name:
+        attributes["name"] = right.resource_name
     body = {
         "apiVersion": "authorization.k8s.io/v1",
         "kind": "SelfSubjectAccessReview",

@@ -16,14 +16,19 @@ class Right:
     resource: str
     subresource: str = ""
     group: str = ""  # "" is the core API group
-    needed_for: str = "run"  # "run", "target", "deploy target", "cleanup"
+    needed_for: str = "run"  # "run", "target", "deploy target", "target env", "cleanup"
     why: str = ""
     since: tuple[int, int] | None = None  # (major, minor): needed only from this Kubernetes version on
+    namespace: str | None = None  # None: the namespace ktrace works in
+    resource_name: str = ""  # only this object (RBAC resourceNames)
 
     @property
     def name(self) -> str:
         resource = f"{self.resource}/{self.subresource}" if self.subresource else self.resource
-        return f"{self.verb} {resource}" + (f".{self.group}" if self.group else "")
+        text = f"{self.verb} {resource}" + (f".{self.group}" if self.group else "")
+        if self.resource_name:
+            text += f" {self.resource_name}"
+        return text + (f" in namespace {self.namespace}" if self.namespace else "")
 
 
 RIGHTS: tuple[Right, ...] = (
@@ -38,4 +43,16 @@ RIGHTS: tuple[Right, ...] = (
     Right("create", "pods", "portforward", why="the tunnel, on Kubernetes >= 1.35", since=(1, 35)),
     Right("patch", "pods", "ephemeralcontainers", needed_for="target", why="--target: add the agent to a pod"),
     Right("get", "deployments", group="apps", needed_for="deploy target", why="--target deploy/NAME"),
+    # --target: the target container's environment, read as the kubelet reads it (ktrace/kube/podview.py).
+    Right("get", "configmaps", needed_for="target env", why="--target: env and envFrom of the target's ConfigMaps"),
+    Right("get", "secrets", needed_for="target env", why="--target: env and envFrom of the target's Secrets"),
+    Right("list", "services", needed_for="target env", why="--target: the service-link variables"),
+    Right(
+        "get",
+        "services",
+        needed_for="target env",
+        why="--target: KUBERNETES_SERVICE_HOST/PORT (the kubernetes Service)",
+        namespace="default",
+        resource_name="kubernetes",
+    ),
 )
