@@ -153,7 +153,24 @@ def build_parser(prog: str = "ktrace") -> argparse.ArgumentParser:
         type=_positive_float,
         help="the agent exits after this long without ktrace, e.g. if ktrace was killed (default 60)",
     )
+    _add_target_flags(run)
     run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+    env = sub.add_parser(
+        "env",
+        help="print the environment ktrace run --target gives the program (for IDE run configurations)",
+        argument_default=argparse.SUPPRESS,
+        description="Print the variables `ktrace run --target` sets for the program: the target container's "
+        "environment as the kubelet makes it, less those that describe this machine. Secret values included.",
+    )
+    env.add_argument("-f", "--config", metavar="FILE", help="settings file (default: ./ktrace.toml if it exists)")
+    _add_cluster_flags(env)
+    env.add_argument("--target", metavar="KIND/NAME", help="pod/NAME, pod/NAME/container/C or deploy/NAME")
+    env.add_argument(
+        "--format", choices=("dotenv", "json"), default="dotenv", help="NAME=value lines, or one JSON object"
+    )
+    _add_env_flags(env)
+    env.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
     doctor = sub.add_parser("doctor", help="check that ktrace can work here, with a fix for each problem")
     doctor.add_argument("-f", "--config", metavar="FILE", help="settings file (default: ./ktrace.toml)")
@@ -213,6 +230,45 @@ def _add_image_parser(sub: argparse._SubParsersAction[_Parser]) -> None:
     )
     build.add_argument("--source", metavar="DIR", help="the ktrace source tree (default: this directory, or ktrace's)")
     build.add_argument("-q", "--quiet", action="store_true", help="less output from the builder")
+
+
+def _add_env_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument(
+        "--env-include",
+        metavar="PATTERN",
+        action="append",
+        help="take these variables (globs) from the pod even if they describe this machine, e.g. 'LANG' (repeatable)",
+    )
+    parser.add_argument(
+        "--env-exclude",
+        metavar="PATTERN",
+        action="append",
+        help="keep the local value of these variables (globs) (repeatable)",
+    )
+    parser.add_argument(
+        "--no-env",
+        action="store_const",
+        const=True,
+        help="the program gets the local environment only, not the pod's",
+    )
+
+
+def _add_target_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("running as the target pod (--target)")
+    _add_env_flags(group)
+    group.add_argument(
+        "--remote-path",
+        metavar="PATH",
+        action="append",
+        help="the program sees this path of the target container too, read-only (repeatable); its volume "
+        "mounts (ConfigMap, Secret, projected, downward API) it sees anyway",
+    )
+    group.add_argument(
+        "--local-path",
+        metavar="PATH",
+        action="append",
+        help="this path stays local, even inside a volume of the target (repeatable)",
+    )
 
 
 def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
@@ -275,6 +331,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "ktrace") -> int:
             from ktrace_agent.main import main as agent_main
 
             return int(agent_main(args.agent_args, prog=f"{prog} agent"))
+        if args.command_name == "env":
+            from ktrace.kube.envcmd import print_env
+
+            return print_env(vars(args))
         if args.command_name == "cleanup":
             from ktrace.private_dirs import sweep
 

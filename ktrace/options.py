@@ -9,7 +9,7 @@ from typing import Any
 
 from ktrace import config
 from ktrace.errors import KtraceError
-from ktrace.kube.options import ignored_for_target, kube_options
+from ktrace.kube.options import ignored_for_target, ignored_without_target, kube_options
 from ktrace.report.render import Verbosity
 from ktrace.rules import Route, Rule, RuleError, RuleSet, parse_rule
 from ktrace.run import RunOptions
@@ -59,6 +59,9 @@ def run_options(
             f"ktrace: warning: {', '.join(ignored)} do not apply with --target: ignored",
             file=sys.stderr,
         )
+    unused = ignored_without_target(kube) if kube is not None else []
+    if unused:
+        print(f"ktrace: warning: {', '.join(unused)} apply only with --target: ignored", file=sys.stderr)
     return RunOptions(
         command=command,
         agent=settings.get("agent"),

@@ -18,13 +18,13 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from ktrace_agent import tuning
 
-from ktrace import private_dirs, reporting
+from ktrace import __version__, private_dirs, reporting
 from ktrace.errors import KtraceError
 from ktrace.report.recorder import Recorder
 from ktrace.report.render import Verbosity
@@ -51,7 +51,9 @@ from ktrace.tunnel.udp_relay import UdpRelays
 
 if TYPE_CHECKING:
     from ktrace.kube.options import KubeOptions
+    from ktrace.kube.podview import TargetView
     from ktrace.kube.session import KubeAgent
+    from ktrace.remotefs.session import RemoteFiles
 
 log = logging.getLogger("ktrace.run")
 
@@ -95,6 +97,12 @@ def run(options: RunOptions) -> int:
     token = read_token(options.token_file) if options.token_file else None
     # The program's environment is the user's: without what ktrace set for its own gRPC.
     env = {k: v for k, v in os.environ.items() if k not in tuning.ADDED}
+    # --target: the pod is read before the fork, so the program starts with its environment.
+    view = _target_view(options)
+    if view is not None and view.env is not None and options.kube is not None:
+        from ktrace.kube.envlayer import overlay
+
+        env = overlay(view.env.values, options.kube.env).apply(env)
     try:
         path = launcher.resolve(options.command[0], env)
     except LaunchError as exc:
@@ -113,11 +121,23 @@ def run(options: RunOptions) -> int:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
     tuning.tune_gc()
     try:
-        return asyncio.run(_session(options, child, token, log_json))
+        return asyncio.run(_session(options, child, token, log_json, view))
     finally:
         launcher.reap(child)
         if log_json is not None:
             log_json.close()
+
+
+def _target_view(options: RunOptions) -> TargetView | None:
+    if (options.agent or "kube") != "kube" or options.kube is None or options.kube.target is None:
+        return None
+    from ktrace.kube.podview import read_target
+    from ktrace.kube.session import report
+
+    view = read_target(options.kube)
+    for line in view.warnings:
+        report(f"warning: {line}")
+    return view
 
 
 @dataclass(frozen=True)
@@ -129,13 +149,15 @@ class _AgentAccess:
 
 
 @contextlib.asynccontextmanager
-async def _agent_access(options: RunOptions, token: str | None) -> AsyncIterator[_AgentAccess]:
+async def _agent_access(
+    options: RunOptions, token: str | None, view: TargetView | None = None
+) -> AsyncIterator[_AgentAccess]:
     agent = options.agent or "kube"
     if agent == "kube":
         from ktrace.kube.options import KubeOptions
         from ktrace.kube.session import kube_agent
 
-        async with kube_agent(options.kube or KubeOptions()) as kube:
+        async with kube_agent(options.kube or KubeOptions(), view) as kube:
             yield _AgentAccess(kube.address, kube.token, kube.where, kube)
         return
     if agent != "local":
@@ -180,17 +202,26 @@ async def _until_finished(tracer: Tracer | Supervisor, endpoint: ParkingLot, kub
 
 
 async def _session(
-    options: RunOptions, child: launcher.PendingChild, token: str | None, log_json: TextIO | None
+    options: RunOptions,
+    child: launcher.PendingChild,
+    token: str | None,
+    log_json: TextIO | None,
+    view: TargetView | None = None,
 ) -> int:
     """Everything a traced run needs, made in dependency order and undone in reverse: the
     agent and the tunnel to it, the report, the handlers, then the program, released last."""
     released = False
     try:
         async with contextlib.AsyncExitStack() as stack:
-            access = await stack.enter_async_context(_agent_access(options, token))
+            access = await stack.enter_async_context(_agent_access(options, token, view))
             views_dir = await stack.enter_async_context(_private_dir())
             client = await _connect(access)
             stack.push_async_callback(client.close)
+            # The target's files, on disk before the program starts; removed when the session ends.
+            # remote.path_map is what the tracer's file interception asks (ktrace/remotefs/pathmap.py).
+            remote = await _remote_files(view, client, access.kube)
+            if remote is not None:
+                stack.push_async_callback(remote.close)
             parts = _Parts.build(options, client, views_dir, log_json, notify=child.guardian is not None)
             stack.push_async_callback(parts.close)
             await parts.start()
@@ -237,6 +268,53 @@ async def _connect(access: _AgentAccess) -> AgentClient:
         )
     except AgentUnavailable as exc:
         raise KtraceError(str(exc)) from None
+
+
+async def _remote_files(view: TargetView | None, client: AgentClient, kube: KubeAgent | None) -> RemoteFiles | None:
+    """The target's volumes (and --remote-path paths) mirrored from the agent; None when none are."""
+    if view is None or view.files is None or not view.files.served:
+        return None
+    from ktrace.kube.session import report
+    from ktrace.remotefs.mirror import Mirror, MirrorError
+    from ktrace.remotefs.session import FilesUnavailable, RemoteFiles
+
+    try:
+        mirror = Mirror.create()
+    except (MirrorError, OSError) as exc:
+        raise KtraceError(f"cannot make a private directory for the target's files: {exc}") from None
+    roots = [os.fsencode(s.path) for s in view.files.served]
+    remote = RemoteFiles(roots, view.files.path_rules(), mirror, report)
+    try:
+        await _unless_lost(remote.start(client), kube)
+    except FilesUnavailable as exc:
+        await remote.close()
+        if exc.older_agent:  # the network view still works: say what is missing and go on
+            report(
+                f"warning: {exc}: the program sees this machine's files at the target's paths "
+                f"(hint: --agent-image with tag {__version__})"
+            )
+            return None
+        raise KtraceError(f"the target's files: {exc}", "rerun with --debug") from None
+    except BaseException:
+        await remote.close()
+        raise
+    return remote
+
+
+async def _unless_lost(work: Coroutine[object, object, None], kube: KubeAgent | None) -> None:
+    """``work``, unless the agent is lost first (then its reason, e.g. killed for memory, is the error)."""
+    task = asyncio.ensure_future(work)
+    if kube is None:
+        await task
+        return
+    waiting: set[asyncio.Future[object]] = {task, kube.lost}  # type: ignore[arg-type]
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise kube.lost.result()
+    await task
 
 
 @dataclass

@@ -45,7 +45,7 @@ def complete(words: list[str]) -> list[str]:
 def test_bash_completion_completes_commands_and_options() -> None:
     assert complete(["ktrace", "ru"]) == ["run"]
     assert set(complete(["ktrace", ""])) >= {"run", "doctor", "completion", "agent"}
-    assert set(complete(["ktrace", "run", "--lo"])) == {"--local", "--log-json"}
+    assert set(complete(["ktrace", "run", "--lo"])) == {"--local", "--local-path", "--log-json"}
     assert complete(["ktrace", "run", "--hosts", "cl"]) == ["cluster"]
 
 

@@ -180,6 +180,23 @@ class KubeApi:
         decoded = json.loads(text) if text else {}
         return decoded if isinstance(decoded, dict) else {"items": decoded}
 
+    async def read(self, resource: str, name: str, namespace: str | None) -> dict[str, Any] | None:
+        """A core (``/api/v1``) object, or None when it does not exist (404)."""
+        where = f"/api/v1/namespaces/{namespace}/{resource}/{name}" if namespace else f"/api/v1/{resource}/{name}"
+        try:
+            return await self.request(ApiCall("get", resource, namespace, name), "GET", where)
+        except KubeApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def list(self, resource: str, namespace: str) -> list[dict[str, Any]]:
+        """The core objects of a kind in a namespace."""
+        listing = await self.request(
+            ApiCall("list", resource, namespace), "GET", f"/api/v1/namespaces/{namespace}/{resource}"
+        )
+        return [dict(item) for item in listing.get("items") or []]
+
     async def delete_pod(self, namespace: str, name: str, timeout: float = REQUEST_TIMEOUT) -> bool:
         """Delete a pod with a 1 s grace period; False when it was already gone (404)."""
         try:

@@ -5,6 +5,9 @@ by itself once idle (``--agent-idle-exit``) and its pod stays, finished, until t
 Pods whose agent still runs are kept unless ``--include-running``: they may serve a live session
 (of this user or another one sharing the namespace). Pods stuck before the agent ran (image pull
 failures, unschedulable) never end by themselves and are deleted.
+
+First, on this machine, the private directories of target files (``--target``) that a killed
+ktrace left (``ktrace.remotefs.mirror.remove_leftovers``): they hold copies of Secrets.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ def agent_runs(pod: Mapping[str, Any]) -> bool:
 
 
 def cleanup(cluster: ClusterChoice, *, all_namespaces: bool, include_running: bool) -> int:
+    from ktrace.remotefs.mirror import remove_leftovers
+
+    for path in remove_leftovers():
+        print(f"removed the target files of a ktrace run that was killed: {path}")
     return asyncio.run(_cleanup(cluster, all_namespaces, include_running))
 
 

@@ -14,6 +14,7 @@ from ktrace import config
 from ktrace.config import Key, positive_number, text, text_list
 from ktrace.errors import KtraceError
 
+from .envlayer import EnvChoice
 from .spec import (
     DEFAULT_IDLE_EXIT,
     DEFAULT_IMAGE,
@@ -26,6 +27,17 @@ from .spec import (
 from .target import Target, TargetError, parse_target
 
 DEFAULT_AGENT_TIMEOUT = 60.0
+
+
+def boolean(value: Any) -> bool:
+    """A TOML boolean, or an environment variable's 1/0, true/false, yes/no."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
 
 
 def pull_policy(value: Any) -> str:
@@ -51,6 +63,11 @@ config.register(
     Key(
         "agent-idle-exit", positive_number, f"seconds the agent lives on without ktrace (default {DEFAULT_IDLE_EXIT:g})"
     ),
+    Key("env-include", text_list, "--target: variables (globs) taken from the pod even if they describe the machine"),
+    Key("env-exclude", text_list, "--target: variables (globs) that keep their local value"),
+    Key("no-env", boolean, "--target: the program gets the local environment only"),
+    Key("remote-path", text_list, "--target: more paths of the target container's filesystem the program sees"),
+    Key("local-path", text_list, "--target: paths that stay local even inside the target's volumes"),
 )
 
 
@@ -69,6 +86,9 @@ class KubeOptions:
     target: Target | None = None
     agent: AgentOptions = field(default_factory=AgentOptions)
     timeout: float = DEFAULT_AGENT_TIMEOUT  # --agent-timeout: how long the agent may take to start
+    env: EnvChoice = field(default_factory=EnvChoice)  # --no-env, --env-include, --env-exclude
+    remote_paths: tuple[str, ...] = ()  # --remote-path
+    local_paths: tuple[str, ...] = ()  # --local-path
 
 
 def cluster_choice(settings: config.Settings) -> ClusterChoice:
@@ -99,6 +119,8 @@ def kube_options(settings: config.Settings) -> KubeOptions | None:
             idle_exit=settings.get("agent-idle-exit", DEFAULT_IDLE_EXIT),
         )
         target = parse_target(settings.get("target")) if settings.get("target") else None
+        remote_paths = _paths(settings, "remote-path")
+        local_paths = _paths(settings, "local-path")
     except (SpecError, TargetError) as exc:
         raise KtraceError(str(exc)) from None
     return KubeOptions(
@@ -106,9 +128,46 @@ def kube_options(settings: config.Settings) -> KubeOptions | None:
         target=target,
         agent=options,
         timeout=settings.get("agent-timeout", DEFAULT_AGENT_TIMEOUT),
+        env=env_choice(settings),
+        remote_paths=remote_paths,
+        local_paths=local_paths,
     )
+
+
+def env_choice(settings: config.Settings) -> EnvChoice:
+    return EnvChoice(
+        use_pod=not settings.get("no-env", False),
+        include=tuple(settings.get("env-include", ())),
+        exclude=tuple(settings.get("env-exclude", ())),
+    )
+
+
+def _paths(settings: config.Settings, key: str) -> tuple[str, ...]:
+    paths = tuple(settings.get(key, ()))
+    for path in paths:
+        if not path.startswith("/"):
+            raise SpecError(f"--{key}: {path!r} is not an absolute path")
+    return paths
 
 
 def ignored_for_target(options: KubeOptions) -> list[str]:
     """Options that shape a pod of ktrace's own, given with --target (where they cannot apply)."""
     return options.agent.pod_only_options() if options.target is not None else []
+
+
+def ignored_without_target(options: KubeOptions) -> list[str]:
+    """Options about the target pod's environment and files, given without --target."""
+    if options.target is not None:
+        return []
+    names = []
+    if not options.env.use_pod:
+        names.append("--no-env")
+    if options.env.include:
+        names.append("--env-include")
+    if options.env.exclude:
+        names.append("--env-exclude")
+    if options.remote_paths:
+        names.append("--remote-path")
+    if options.local_paths:
+        names.append("--local-path")
+    return names

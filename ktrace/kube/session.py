@@ -34,9 +34,9 @@ from . import spec
 from .api import KubeApi
 from .errors import ApiCall, KubeApiError, explain
 from .options import KubeOptions
+from .podview import TargetView, resolve_target
 from .portforward import PROTOCOL, ForwardSocket, OpenSocket, PortForwardBridge, Unreachable
 from .status import agent_state
-from .target import Target, TargetError, check_target_pod, label_selector, pick_pod
 from .watching import PodGone, follow_pod, wait_running
 
 log = logging.getLogger("ktrace.kube")
@@ -213,42 +213,6 @@ def _interrupted_by_signals(task: asyncio.Task[Any]) -> Iterator[list[int]]:
         os.close(fd)
 
 
-async def _resolve_target(api: KubeApi, target: Target) -> dict[str, Any]:
-    ns = api.namespace
-    try:
-        if target.kind == "pod":
-            pod = await api.request(
-                ApiCall("get", "pods", ns, target.name), "GET", f"/api/v1/namespaces/{ns}/pods/{target.name}"
-            )
-        else:
-            deployment = await api.request(
-                ApiCall("get", "deployments.apps", ns, target.name),
-                "GET",
-                f"/apis/apps/v1/namespaces/{ns}/deployments/{target.name}",
-            )
-            selector = label_selector((deployment.get("spec") or {}).get("selector") or {})
-            listing = await api.request(
-                ApiCall("list", "pods", ns), "GET", f"/api/v1/namespaces/{ns}/pods", query=[("labelSelector", selector)]
-            )
-            chosen = pick_pod(listing.get("items") or [])
-            if chosen is None:
-                raise KtraceError(
-                    f"deployment {target.name} in namespace {ns} has no running pod",
-                    "wait for its rollout, or target a pod",
-                )
-            pod = dict(chosen)
-        check_target_pod(pod, target)
-    except TargetError as exc:
-        raise KtraceError(f"--target {target}: {exc}", "target a running pod") from None
-    except KubeApiError as exc:
-        if exc.status == 404:
-            raise KtraceError(
-                f"{target.kind} {target.name} not found in namespace {ns}", "check --target and -n/--namespace"
-            ) from None
-        raise
-    return pod
-
-
 def _open_socket(api: KubeApi, namespace: str, pod: str, port: int) -> OpenSocket:
     call = ApiCall("get", "pods/portforward", namespace, pod)
 
@@ -270,10 +234,12 @@ def _open_socket(api: KubeApi, namespace: str, pod: str, port: int) -> OpenSocke
 
 
 @contextlib.asynccontextmanager
-async def kube_agent(options: KubeOptions) -> AsyncIterator[KubeAgent]:
+async def kube_agent(options: KubeOptions, view: TargetView | None = None) -> AsyncIterator[KubeAgent]:
+    """``view``: the target pod as ``ktrace run`` read it before starting the program (the pod, its
+    container, the files to serve); without it the ``--target`` pod is looked up here."""
     api = await KubeApi.load(options.cluster.kubeconfig, options.cluster.context, options.cluster.namespace)
     try:
-        async with _agent_in_cluster(api, options) as agent:
+        async with _agent_in_cluster(api, options, view) as agent:
             yield agent
     except KubeApiError as exc:
         raise explain(exc, context=api.context) from None
@@ -282,7 +248,7 @@ async def kube_agent(options: KubeOptions) -> AsyncIterator[KubeAgent]:
 
 
 @contextlib.asynccontextmanager
-async def _agent_in_cluster(api: KubeApi, options: KubeOptions) -> AsyncIterator[KubeAgent]:
+async def _agent_in_cluster(api: KubeApi, options: KubeOptions, view: TargetView | None) -> AsyncIterator[KubeAgent]:
     ns = api.namespace
     session = spec.new_session_id()
     port = spec.pick_port()
@@ -315,7 +281,7 @@ async def _agent_in_cluster(api: KubeApi, options: KubeOptions) -> AsyncIterator
                         raise
                 else:
                     spinner.update(f"finding {options.target}")
-                    target = await _resolve_target(api, options.target)
+                    target = view.pod if view is not None else await resolve_target(api, options.target)
                     name = str(target["metadata"]["name"])
                     container = f"ktrace-agent-{session}"
                     ephemeral = True
@@ -323,7 +289,7 @@ async def _agent_in_cluster(api: KubeApi, options: KubeOptions) -> AsyncIterator
                     spinner.update(f"adding {where}")
                     patch = spec.ephemeral_patch(
                         spec.agent_ephemeral_container(
-                            container, port, token_hash, options.agent, options.target.container
+                            container, port, token_hash, options.agent, options.target.container, _files(view)
                         )
                     )
                     pod = await api.request(
@@ -359,6 +325,19 @@ async def _agent_in_cluster(api: KubeApi, options: KubeOptions) -> AsyncIterator
             await bridge.close()
         if created is not None:
             await _delete_pod(api, ns, created)
+
+
+def _files(view: TargetView | None) -> spec.TargetFiles | None:
+    if view is None or view.files is None or not view.files.served:
+        return None
+    plan = view.files
+    return spec.TargetFiles(
+        volume_mounts=plan.volume_mounts,
+        env=plan.env(),
+        run_as_user=plan.run_as_user,
+        run_as_group=plan.run_as_group,
+        process_namespace=view.container if plan.needs_process_namespace else None,
+    )
 
 
 async def _delete_pod(api: KubeApi, namespace: str, name: str) -> None:

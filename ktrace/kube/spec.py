@@ -223,13 +223,45 @@ def agent_pod(
     }
 
 
+@dataclass(frozen=True)
+class TargetFiles:
+    """What the agent needs to serve the target container's files (``mounts.FilePlan``)."""
+
+    volume_mounts: Sequence[Mapping[str, Any]] = ()
+    env: Sequence[Mapping[str, str]] = ()
+    run_as_user: int | None = None
+    run_as_group: int | None = None
+    process_namespace: str | None = None  # the container whose root the agent reads (/proc/1/root)
+
+
 def agent_ephemeral_container(
-    name: str, port: int, token_hash: str, options: AgentOptions, target_container: str | None
+    name: str,
+    port: int,
+    token_hash: str,
+    options: AgentOptions,
+    target_container: str | None,
+    files: TargetFiles | None = None,
 ) -> dict[str, Any]:
-    """The agent as an ephemeral container of a target pod (no resources: the API forbids them there)."""
+    """The agent as an ephemeral container of a target pod (no resources: the API forbids them there).
+
+    With ``files``: the target's volumes mounted read-only, the list of what to serve, and the
+    target's user and group (non-root), so the agent reads what the target's process reads."""
     container = _container(name, port, token_hash, options)
-    if target_container is not None:
-        container["targetContainerName"] = target_container
+    files = files or TargetFiles()
+    joined = target_container or files.process_namespace
+    if joined is not None:
+        container["targetContainerName"] = joined
+    if files.volume_mounts:
+        container["volumeMounts"] = [dict(m) for m in files.volume_mounts]
+    if files.env:
+        container["env"] = [dict(e) for e in files.env]
+    if files.run_as_user:
+        container["securityContext"]["runAsUser"] = files.run_as_user
+        if files.run_as_group is not None:
+            container["securityContext"]["runAsGroup"] = files.run_as_group
+        else:
+            # The target's group is the image's choice, unknown here: leave it to the agent image too.
+            del container["securityContext"]["runAsGroup"]
     return container
 
 

@@ -33,7 +33,12 @@ _KINDS = {rpc.FILE_DIRECTORY: DIRECTORY, rpc.FILE_REGULAR: REGULAR, rpc.FILE_SYM
 
 
 class FilesUnavailable(Exception):
-    """The agent does not serve the files (an older agent image), or did not send them in time."""
+    """The agent does not serve the files (``older_agent``: an agent image without WatchFiles), or did
+    not send them in time."""
+
+    def __init__(self, message: str, *, older_agent: bool = False) -> None:
+        super().__init__(message)
+        self.older_agent = older_agent
 
 
 def assemble(messages: Sequence[rpc.FileTree]) -> list[Entry]:
@@ -77,11 +82,12 @@ class RemoteFiles:
 
     async def start(self, client: AgentClient, timeout: float = FIRST_VERSION_TIMEOUT) -> None:
         missing = [root for root in self.roots if root not in client.info.file_roots]
-        if missing:
+        if missing and not client.info.file_roots:
             raise FilesUnavailable(
-                f"the agent does not serve {os.fsdecode(missing[0])}"
-                + ("" if client.info.file_roots else " (an agent image older than this ktrace)")
+                "the agent serves no files (an agent image older than this ktrace)", older_agent=True
             )
+        if missing:
+            raise FilesUnavailable(f"the agent does not serve {os.fsdecode(missing[0])}")
         self._task = asyncio.create_task(self._follow(client))
         waiting = asyncio.create_task(self._all_first())
         try:
