@@ -19,7 +19,8 @@ from dataclasses import dataclass
 SOURCES = pathlib.Path(__file__).resolve().parent / "programs"
 CACHE = pathlib.Path(os.environ.get("KTRACE_PROGRAM_CACHE", "~/.cache/ktrace/programs")).expanduser()
 C_FLAGS = ["-Wall", "-Wextra", "-Werror", "-O2"]
-GO_ENV = {"CGO_ENABLED": "0", "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=mod"}
+# GOPROXY=off: nothing is downloaded while tests run (incluster's modules are kube/build's, already cached).
+GO_ENV = {"CGO_ENABLED": "0", "GOTOOLCHAIN": "local", "GOFLAGS": "-mod=mod", "GOPROXY": "off"}
 
 
 class ProgramUnavailable(Exception):
@@ -41,6 +42,8 @@ class Spec:
 SPECS: dict[str, Spec] = {
     "goclient": Spec("go", "goclient"),
     "goclient-stripped": Spec("go", "goclient", ("-ldflags=-s -w",)),
+    # client-go with rest.InClusterConfig(), as an operator is (tests/kube/test_kube_target_pod.py)
+    "incluster": Spec("go", "incluster", ("-ldflags=-s -w",)),
     "cconnect": Spec("gcc", "cconnect.c"),
     "cthreads": Spec("gcc", "cthreads.c", ("-pthread",)),
     "cbulk": Spec("gcc", "cbulk.c"),

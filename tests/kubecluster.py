@@ -10,16 +10,22 @@ timeout; waiting is done by ``kubectl wait``/``rollout status`` or polling with 
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import shutil
 import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "scripts" / "cluster"
+OCI_IMAGE = REPO / "kube" / "ociimage.py"
+CTR = ["ctr", "--address", "/run/ktrace-kube/containerd.sock", "-n", "k8s.io"]  # scripts/cluster's containerd
 KUBE_BUILD = REPO / "scripts" / "kube-build"
 BINARIES = (
     "etcd",
@@ -127,6 +133,46 @@ class KubeCluster:
         """The agent image from this checkout's Dockerfile, rebuilt and imported if agent/ changed."""
         _run_script("agent-image", timeout=600)
         return AGENT_IMAGE
+
+    def import_image(self, name: str, files: Mapping[str, pathlib.Path], entrypoint: Sequence[str]) -> str:
+        """An image of just ``files`` (path in the image -> local file, mode kept), imported into the cluster's
+        containerd unless it has it already (tag it by content); made as scripts/cluster makes its images."""
+        have = subprocess.run(
+            [*CTR, "images", "ls", "-q"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout.split()
+        if name in have:
+            return name
+        with tempfile.TemporaryDirectory(prefix="ktrace-image-") as work:
+            layer = pathlib.Path(work) / "layer.tar"
+            with tarfile.open(layer, "w") as tar:
+                for inside, local in sorted(files.items()):
+                    info = tar.gettarinfo(str(local), arcname=inside.lstrip("/"))
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    info.mtime = 0
+                    with local.open("rb") as f:
+                        tar.addfile(info, f)
+            archive = pathlib.Path(work) / "image.tar"
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(OCI_IMAGE),
+                    str(archive),
+                    name,
+                    "--layer",
+                    str(layer),
+                    "--entrypoint",
+                    json.dumps(list(entrypoint)),
+                    "--user",
+                    "65534",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            )
+            subprocess.run([*CTR, "images", "import", str(archive)], capture_output=True, timeout=300, check=True)
+        return name
 
     def restart(self, component: str) -> None:
         """Kill one component (kube-apiserver, kubelet, ...) like a crash and start it again; return once the
