@@ -16,5 +16,10 @@ Modules (only ``api`` imports the Kubernetes client, lazily, when ``--agent kube
 | ``watching`` | follow a pod through API server restarts; wait for the agent |
 | ``session`` | one run's agent: create, wait, tunnel, watch, heartbeat, delete |
 | ``cleanup`` | ``ktrace cleanup`` |
+| ``podenv`` | a container's environment as the kubelet makes it (pure) |
+| ``envlayer`` | the pod's environment over the local one, ``--env-*`` (pure) |
+| ``mounts`` | which of the target's files the agent serves, and how (pure) |
+| ``podview`` | ``--target``: the pod read once, its environment, its file plan |
+| ``envcmd`` | ``ktrace env`` |
 | ``doctor`` | context and RBAC checks for ``ktrace doctor`` |
 """
