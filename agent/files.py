@@ -10,8 +10,9 @@ sent as its text, so nothing outside a served tree is ever read.
 
 Changes are found by polling (``lstat`` of every entry, every ``interval`` seconds): the trees
 are small (ConfigMaps and Secrets hold at most 1 MiB), and the kubelet updates them by renaming
-a ``..data`` link, which a poll sees as well as inotify would. A version is read until two
-consecutive scans agree, so a tree caught mid-update is read again.
+a ``..data`` link, which a poll sees as well as inotify would. A version is sent as it is
+read, in chunks, and completed only if a scan after reading agrees with the one before: a tree
+caught mid-update is sent again.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
 from . import rpc
@@ -140,84 +141,62 @@ def scan(top: bytes) -> Signature:
     return tuple(found)
 
 
-def _read(path: bytes, inode: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_ino != inode:
-            raise OSError(errno.EAGAIN, "changed while read", path)
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+class Changed(Exception):
+    """The tree changed while it was being sent: its version is abandoned and read again."""
 
 
-@dataclass(frozen=True)
-class Version:
-    signature: Signature
-    contents: dict[bytes, bytes]
-
-
-def read_version(root: ServedRoot) -> Version:
-    """A consistent version of the root: scanned, read, scanned again until the scans agree."""
+def current(root: ServedRoot) -> tuple[bytes, Signature]:
+    """Where the root is now and what it looks like (metadata only: cheap enough for every poll)."""
     top = resolve_in(root.base, root.sub, follow_last=root.follow)
-    for _ in range(_STABLE_TRIES):
-        before = scan(top)
-        contents: dict[bytes, bytes] = {}
-        try:
-            for rel, kind, _mode, _mtime, _size, inode, _link in before:
-                if kind == rpc.FILE_REGULAR:
-                    contents[rel] = _read(top + b"/" + rel if rel else top, inode)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.EAGAIN, errno.ELOOP, errno.ENOTDIR):
-                continue  # replaced while read: read again
-            raise
-        if scan(top) == before:
-            return Version(before, contents)
-        top = resolve_in(root.base, root.sub, follow_last=root.follow)
-    raise OSError(errno.EBUSY, "kept changing while being read")
+    return top, scan(top)
 
 
-def tree_messages(root: bytes, version: Version) -> list[rpc.FileTree]:
-    """A version as FileTree messages of at most ~CHUNK_BYTES of file data each."""
-    messages: list[rpc.FileTree] = []
+def version_messages(root: bytes, top: bytes, signature: Signature) -> Iterator[rpc.FileTree]:
+    """One version of the tree as messages of at most ~CHUNK_BYTES of file data each, read as they
+    are sent (the agent may share a pod's small memory limit: a file is never held whole). The
+    last message, empty with ``last`` set, comes only if a scan after reading still matches
+    ``signature``; otherwise ``Changed`` is raised and the client drops what it got of it."""
     entries: list[rpc.FileEntry] = []
     room = CHUNK_BYTES
+    first = True
 
-    def flush() -> None:
-        nonlocal entries, room
-        messages.append(rpc.FileTree(root=root, first=not messages, entries=entries))
-        entries, room = [], CHUNK_BYTES
+    def flush() -> rpc.FileTree:
+        nonlocal entries, room, first
+        message = rpc.FileTree(root=root, first=first, entries=entries)
+        entries, room, first = [], CHUNK_BYTES, False
+        return message
 
-    for rel, kind, mode, mtime, size, _inode, link in version.signature:
-        data = version.contents.get(rel, b"")
-        offset = 0
-        while True:
-            part = data[offset : offset + room]
-            entries.append(
-                rpc.FileEntry(
-                    path=rel,
-                    kind=kind,
-                    mode=mode,
-                    mtime_ns=mtime,
-                    size=len(data) if kind == rpc.FILE_REGULAR else size,
-                    data=part,
-                    offset=offset,
-                    link=link,
+    for rel, kind, mode, mtime, size, inode, link in signature:
+        if kind != rpc.FILE_REGULAR:
+            entries.append(rpc.FileEntry(path=rel, kind=kind, mode=mode, mtime_ns=mtime, size=size, link=link))
+            continue
+        try:
+            fd = os.open(top + b"/" + rel if rel else top, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:
+            raise Changed from exc  # replaced or removed since the scan
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_ino != inode:
+                raise Changed
+            offset = 0
+            while True:
+                part = os.read(fd, max(room, 1))
+                entries.append(
+                    rpc.FileEntry(path=rel, kind=kind, mode=mode, mtime_ns=mtime, size=size, data=part, offset=offset)
                 )
-            )
-            offset += len(part)
-            room -= len(part)
-            if room <= 0:
-                flush()
-            if offset >= len(data):
-                break
-    if entries or not messages:
-        flush()
-    messages[-1].last = True
-    return messages
+                offset += len(part)
+                room -= len(part)
+                if room <= 0:
+                    yield flush()
+                if not part:
+                    break
+        finally:
+            os.close(fd)
+    if entries:
+        yield flush()
+    if scan(top) != signature:
+        raise Changed
+    yield rpc.FileTree(root=root, first=first, last=True)
 
 
 def failure_message(root: bytes, exc: OSError) -> rpc.FileTree:
@@ -234,18 +213,26 @@ async def watch(roots: Sequence[ServedRoot], interval: float = POLL_INTERVAL) ->
     while True:
         for root in roots:
             try:
-                version = await asyncio.to_thread(read_version, root)
+                for _ in range(_STABLE_TRIES):
+                    top, signature = await asyncio.to_thread(current, root)
+                    if signature == last.get(root.path):
+                        break
+                    messages = version_messages(root.path, top, signature)
+                    try:
+                        while (message := await asyncio.to_thread(next, messages, None)) is not None:
+                            yield message
+                    except Changed:
+                        continue  # caught mid-update: read it again
+                    last[root.path] = signature
+                    break
+                else:
+                    raise OSError(errno.EBUSY, "kept changing while being read")
             except OSError as exc:
                 state = errno.errorcode.get(exc.errno or errno.EIO, "EIO")
                 if last.get(root.path) != state:
                     last[root.path] = state
                     log.info("cannot serve %s: %s", os.fsdecode(root.path), state)
                     yield failure_message(root.path, exc)
-                continue
-            if last.get(root.path) != version.signature:
-                last[root.path] = version.signature
-                for message in tree_messages(root.path, version):
-                    yield message
         await asyncio.sleep(interval)
 
 

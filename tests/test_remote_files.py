@@ -288,3 +288,20 @@ def test_leftovers_of_a_killed_run_are_removed_and_live_ones_kept(tmp_path: path
                 proc.stdin.close()
     remove_leftovers(str(tmp_path))
     assert not os.path.exists(live_dir)
+
+
+def test_a_version_is_sent_in_bounded_chunks_and_completed_only_if_unchanged(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "big").write_bytes(b"x" * (2 * agent_files.CHUNK_BYTES + 5))
+    (tmp_path / "small").write_text("s")
+    top = os.fsencode(tmp_path)
+    messages = list(agent_files.version_messages(ROOT, top, agent_files.scan(top)))
+    assert [m.first for m in messages] == [True] + [False] * (len(messages) - 1)
+    assert [m.last for m in messages] == [False] * (len(messages) - 1) + [True]
+    assert all(sum(len(e.data) for e in m.entries) <= agent_files.CHUNK_BYTES for m in messages)
+    assert len(messages) >= 4
+    # Changed after the scan (a kubelet update caught midway): the version is never completed.
+    pending = agent_files.version_messages(ROOT, top, agent_files.scan(top))
+    next(pending)
+    (tmp_path / "new").write_text("n")
+    with pytest.raises(agent_files.Changed):
+        list(pending)

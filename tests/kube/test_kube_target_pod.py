@@ -242,7 +242,9 @@ def test_the_program_gets_the_pods_environment(
     expected = in_pod(cluster, "/incluster", "-env", ",".join(ENV_NAMES))
     log = tmp_path / "events.json"
     proc = subprocess.run(
-        under_ktrace(cluster, tmp_path, [programs["incluster"], "-env", ",".join(ENV_NAMES)], "--log-json", str(log)),
+        under_ktrace(
+            cluster, tmp_path, [programs["incluster"], "-env", ",".join(ENV_NAMES)], "--log-json", str(log), "--debug"
+        ),
         capture_output=True,
         text=True,
         timeout=120,
@@ -356,6 +358,23 @@ def test_the_copied_token_is_the_service_accounts_through_the_tunnel(
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "configmaps 200\nsecrets 403\n", proc.stderr
+
+
+def test_a_remote_path_outside_the_volumes(
+    cluster: KubeCluster, operator: dict[str, Any], programs: Programs, tmp_path: pathlib.Path
+) -> None:
+    """--remote-path of the target's own filesystem (its binary, in its image): read by the agent through the
+    target container's process namespace, as the target's user."""
+    proc = popen(under_ktrace(cluster, tmp_path, ["sh", "-c", "echo up; read _"], "--remote-path", "/incluster"))
+    with explained(proc):
+        assert read_line(proc, 90) == "up"
+        (directory,) = mirror_dirs(tmp_path)
+        copies = [p for p in directory.iterdir() if p.is_file()]
+        assert [p.read_bytes() == pathlib.Path(programs["incluster"]).read_bytes() for p in copies] == [True]
+        (agent,) = ephemeral_agents(cluster, operator)[-1:]
+        assert agent["targetContainerName"] == "operator"
+        code, _out, err = finish(proc)
+    assert code == 0, err
 
 
 def test_after_kill_9_ktrace_cleanup_removes_the_copies(
