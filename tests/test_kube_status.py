@@ -117,3 +117,13 @@ def test_ephemeral_container_states() -> None:
     assert state.error is not None
     assert "ephemeral container ktrace-agent of pod ns/ktrace-agent-1 exited with code 0" in state.error.message
     assert state.error.hint is not None and "--agent-idle-exit" in state.error.hint
+
+
+def test_an_ephemeral_agent_killed_for_memory_names_the_pods_limit() -> None:
+    killed = pod(
+        container({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}, key="ephemeralContainerStatuses"),
+        ephemeral=True,
+    )
+    state = agent_state(killed, "ktrace-agent", ephemeral=True)
+    assert state.error is not None and "(OOMKilled)" in state.error.message
+    assert state.error.hint is not None and "shares the target pod's memory limit" in state.error.hint

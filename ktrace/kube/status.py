@@ -46,7 +46,7 @@ def _one_line(text: str) -> str:
     return flat if len(flat) <= _MESSAGE_TAIL else "..." + flat[-_MESSAGE_TAIL:]
 
 
-def _terminated(where: str, image: str, info: Mapping[str, Any]) -> KtraceError:
+def _terminated(where: str, image: str, info: Mapping[str, Any], ephemeral: bool = False) -> KtraceError:
     code = info.get("exitCode")
     reason = info.get("reason") or ""
     message = _one_line(info.get("message") or "")
@@ -55,6 +55,13 @@ def _terminated(where: str, image: str, info: Mapping[str, Any]) -> KtraceError:
         text += f" ({reason})"
     if message:
         text += f": {message}"
+    if reason == "OOMKilled" and ephemeral:
+        # Ephemeral containers cannot have resources: the agent lives within the target pod's memory limit.
+        return KtraceError(
+            text,
+            "an ephemeral container shares the target pod's memory limit, which left too little for the agent "
+            "(about 40 MB); give the pod more room, or leave out --target",
+        )
     if reason == "OOMKilled":
         return KtraceError(text, "the agent ran out of memory; report it with the traffic that caused it")
     if "unrecognized arguments" in message or "No module named" in message or "executable file not found" in message:
@@ -93,7 +100,7 @@ def agent_state(pod: Mapping[str, Any], container: str, *, ephemeral: bool = Fal
         if "running" in state:
             return AgentState("running", "running")
         if "terminated" in state:
-            return AgentState("ended", "exited", _terminated(where, image, state["terminated"]))
+            return AgentState("ended", "exited", _terminated(where, image, state["terminated"], ephemeral))
         waiting = state.get("waiting") or {}
         reason = waiting.get("reason") or "Waiting"
         message = _one_line(waiting.get("message") or "")

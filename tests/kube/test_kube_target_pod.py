@@ -126,7 +126,8 @@ def objects(image: str) -> list[dict[str, Any]]:
                                 "imagePullPolicy": "Never",
                                 "args": ["-serve"],
                                 "securityContext": restricted,
-                                "resources": {"limits": {"memory": "64Mi", "cpu": "500m"}},
+                                # Room for ktrace's agents too: ephemeral containers share the pod's limit.
+                                "resources": {"limits": {"memory": "256Mi", "cpu": "500m"}},
                                 "volumeMounts": [{"name": "config", "mountPath": "/etc/app"}],
                                 "envFrom": [
                                     {"configMapRef": {"name": f"{NAME}-config"}, "prefix": "CFG_"},
@@ -254,7 +255,7 @@ def test_the_program_gets_the_pods_environment(
     assert proc.stdout == expected
     assert f'env DB_PASSWORD="{PASSWORD}"' in expected
     assert f'env HOSTNAME="{operator["metadata"]["name"]}"' in expected
-    assert 'env MEMORY_MI="64"' in expected and "env KUBECONFIG unset" in expected
+    assert 'env MEMORY_MI="256"' in expected and "env KUBECONFIG unset" in expected
     no_secret_in(proc.stderr, log.read_text())
     # The agent runs as the target's user, non-root, in a pod that stays Pod Security "restricted".
     (agent,) = ephemeral_agents(cluster, operator)[-1:]
