@@ -241,6 +241,7 @@ def test_the_program_gets_the_pods_environment(
     cluster: KubeCluster, operator: dict[str, Any], programs: Programs, tmp_path: pathlib.Path
 ) -> None:
     expected = in_pod(cluster, "/incluster", "-env", ",".join(ENV_NAMES))
+    before = {c["name"] for c in ephemeral_agents(cluster, operator)}
     log = tmp_path / "events.json"
     proc = subprocess.run(
         under_ktrace(
@@ -258,7 +259,7 @@ def test_the_program_gets_the_pods_environment(
     assert 'env MEMORY_MI="256"' in expected and "env KUBECONFIG unset" in expected
     no_secret_in(proc.stderr, log.read_text())
     # The agent runs as the target's user, non-root, in a pod that stays Pod Security "restricted".
-    (agent,) = ephemeral_agents(cluster, operator)[-1:]
+    (agent,) = [c for c in ephemeral_agents(cluster, operator) if c["name"] not in before]
     assert agent["securityContext"]["runAsUser"] == 65534 and agent["securityContext"]["runAsNonRoot"] is True
     assert {m["mountPath"] for m in agent["volumeMounts"]} == {"/ktrace/v/0", "/ktrace/v/1"}
     assert all(m["readOnly"] for m in agent["volumeMounts"])
@@ -366,13 +367,14 @@ def test_a_remote_path_outside_the_volumes(
 ) -> None:
     """--remote-path of the target's own filesystem (its binary, in its image): read by the agent through the
     target container's process namespace, as the target's user."""
+    before = {c["name"] for c in ephemeral_agents(cluster, operator)}
     proc = popen(under_ktrace(cluster, tmp_path, ["sh", "-c", "echo up; read _"], "--remote-path", "/incluster"))
     with explained(proc):
         assert read_line(proc, 90) == "up"
         (directory,) = mirror_dirs(tmp_path)
         copies = [p for p in directory.iterdir() if p.is_file()]
         assert [p.read_bytes() == pathlib.Path(programs["incluster"]).read_bytes() for p in copies] == [True]
-        (agent,) = ephemeral_agents(cluster, operator)[-1:]
+        (agent,) = [c for c in ephemeral_agents(cluster, operator) if c["name"] not in before]
         assert agent["targetContainerName"] == "operator"
         code, _out, err = finish(proc)
     assert code == 0, err
