@@ -8,7 +8,14 @@ import pytest
 
 from ktrace import __version__, config
 from ktrace.errors import KtraceError
-from ktrace.kube.options import ClusterChoice, cluster_choice, ignored_for_target, kube_options
+from ktrace.kube.envlayer import EnvChoice
+from ktrace.kube.options import (
+    ClusterChoice,
+    cluster_choice,
+    ignored_for_target,
+    ignored_without_target,
+    kube_options,
+)
 from ktrace.kube.session import heartbeat_interval, version_warning
 from ktrace.kube.spec import DEFAULT_IMAGE
 from ktrace.kube.target import Target
@@ -91,3 +98,41 @@ def test_heartbeat_interval_leaves_room_for_missed_beats() -> None:
     assert heartbeat_interval(0.1) == 0.2
     for idle in (0.5, 3, 30, 600):
         assert heartbeat_interval(idle) * 2 < idle or idle < 1
+
+
+def test_target_environment_and_path_options(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "ktrace.toml").write_text('env-exclude = ["DB_*"]\nno-env = false\nlocal-path = ["/etc/app/local"]\n')
+    loaded = settings(
+        {"target": "deploy/api", "env-include": ["LANG"], "remote-path": ["/etc/ssl"]},
+        {"KTRACE_ENV_EXCLUDE": "SECRET_*,TOKEN"},
+        str(tmp_path),
+    )
+    options = kube_options(loaded)
+    assert options is not None
+    assert options.env == EnvChoice(use_pod=True, include=("LANG",), exclude=("SECRET_*", "TOKEN"))
+    assert options.remote_paths == ("/etc/ssl",) and options.local_paths == ("/etc/app/local",)
+    assert ignored_without_target(options) == []
+    off = kube_options(settings({"target": "pod/x"}, {"KTRACE_NO_ENV": "1"}))
+    assert off is not None and not off.env.use_pod
+    without = kube_options(settings({"env-include": ["X"], "no-env": True, "local-path": ["/a"]}))
+    assert without is not None
+    assert ignored_without_target(without) == ["--no-env", "--env-include", "--local-path"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [
+        ({"target": "pod/x", "remote-path": ["etc/ssl"]}, {}, "--remote-path: 'etc/ssl' is not an absolute path"),
+        ({"target": "pod/x"}, {"KTRACE_NO_ENV": "maybe"}, "KTRACE_NO_ENV must be true or false"),
+    ],
+)
+def test_bad_target_options(flags: dict[str, object], env: dict[str, str], message: str) -> None:
+    with pytest.raises((KtraceError, config.ConfigError), match=message):
+        kube_options(settings(flags, env))
+
+
+def test_ktrace_env_needs_a_target(capsys: pytest.CaptureFixture[str]) -> None:
+    from ktrace.cli import main
+
+    assert main(["env", "--format", "json"]) == 2
+    assert capsys.readouterr().err == "ktrace: ktrace env needs --target (hint: e.g. ktrace env --target deploy/NAME)\n"
