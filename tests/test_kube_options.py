@@ -134,5 +134,5 @@ def test_bad_target_options(flags: dict[str, object], env: dict[str, str], messa
 def test_ktrace_env_needs_a_target(capsys: pytest.CaptureFixture[str]) -> None:
     from ktrace.cli import main
 
-    assert main(["env", "--format", "json"]) == 2
+    assert main(["env", "--format", "json"]) == 125
     assert capsys.readouterr().err == "ktrace: ktrace env needs --target (hint: e.g. ktrace env --target deploy/NAME)\n"

@@ -9,7 +9,7 @@ from typing import Any
 from ktrace.errors import KtraceError
 
 from .envlayer import overlay, render
-from .options import USAGE, kube_options
+from .options import kube_options
 
 
 def print_env(flags: Mapping[str, Any]) -> int:
@@ -20,7 +20,7 @@ def print_env(flags: Mapping[str, Any]) -> int:
     settings = load_settings({k: v for k, v in flags.items() if k != "format"})
     options = kube_options(settings)
     if options is None or options.target is None:
-        raise KtraceError("ktrace env needs --target", "e.g. ktrace env --target deploy/NAME", exit_code=USAGE)
+        raise KtraceError("ktrace env needs --target", "e.g. ktrace env --target deploy/NAME")
     view = read_target(options, files=False)
     for line in view.warnings:
         print(f"ktrace: warning: {line}", file=sys.stderr)

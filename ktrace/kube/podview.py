@@ -155,7 +155,7 @@ async def view_target(
         try:
             file_plan = plan(pod, container, remote_paths, local_paths, pod_env.values if pod_env else None)
         except MountError as exc:
-            raise KtraceError(str(exc), exit_code=2) from None
+            raise KtraceError(str(exc)) from None
     if pod_env is not None:
         warnings += pod_env.notes
     for line in warnings:
