@@ -91,13 +91,17 @@ class KubeCluster:
         started = status.returncode != 0
         if started:
             _run_script("up", timeout=UP_TIMEOUT)
-        return cls(
+        cluster = cls(
             admin_kubeconfig=pathlib.Path(env["KUBECONFIG_ADMIN"]),
             ktrace_kubeconfig=pathlib.Path(env["KUBECONFIG_KTRACE"]),
             bindir=pathlib.Path(env["KTRACE_KUBE_BIN"]),
             laptop_ns=env["KTRACE_LAPTOP_NS"],
             started=started,
         )
+        # The restricted user's rights as this checkout's docs/rbac.yaml has them: a cluster started from
+        # another checkout may have older ones (`up` applies the file only when it starts the cluster).
+        cluster.kubectl("apply", "-f", str(REPO / "docs" / "rbac.yaml"))
+        return cluster
 
     def teardown(self) -> None:
         """Stop the cluster if this session started it (``KTRACE_KUBE_KEEP=1`` keeps it running)."""

@@ -327,7 +327,13 @@ def test_agent_image_handshake(kube_cluster: KubeCluster, pod_name: str) -> None
         ("patch", "pods/ephemeralcontainers", TEST_NS, True),
         ("get", "deployments.apps", TEST_NS, True),
         ("create", "pods/exec", TEST_NS, False),
-        ("get", "secrets", TEST_NS, False),
+        # --target reads the ConfigMaps and Secrets the target's env names, and its Services: get and list only.
+        ("get", "secrets", TEST_NS, True),
+        ("list", "secrets", TEST_NS, False),
+        ("get", "configmaps", TEST_NS, True),
+        ("list", "configmaps", TEST_NS, False),
+        ("list", "services", TEST_NS, True),
+        ("get", "services", "default", False),  # only the kubernetes Service there (resourceNames)
         ("create", "pods", "default", False),
         ("list", "nodes", "", False),
     ],

@@ -25,7 +25,7 @@ import grpc.aio
 import pytest
 from e2e_helpers import Deadline, read_line, wait_exited, wait_until, you_are
 from fixture_programs import Programs
-from kubecluster import AGENT_SELECTOR, REPO, TEST_NS, KubeCluster
+from kubecluster import AGENT_SELECTOR, TEST_NS, KubeCluster
 
 from ktrace import __version__
 from ktrace.kube.api import KubeApi
@@ -121,8 +121,6 @@ def agent_listen_port(pod_spec: dict[str, Any], container: str) -> int:
 @pytest.fixture(scope="module")
 def cluster(kube_cluster: KubeCluster) -> KubeCluster:
     kube_cluster.build_agent_image()
-    # The restricted user's rights as this checkout's docs/rbac.yaml has them (a running cluster may predate it).
-    kube_cluster.kubectl("apply", "-f", str(REPO / "docs" / "rbac.yaml"))
     return kube_cluster
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from e2e_helpers import read_line, wait_until
 from fixture_programs import Programs
-from kubecluster import REPO, TEST_NS, KubeCluster
+from kubecluster import TEST_NS, KubeCluster
 from test_kube_agent import ephemeral_agents, explained, finish, ktrace_bin, popen, send
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(300)]
@@ -55,8 +55,6 @@ ENV_NAMES = [
 @pytest.fixture(scope="module")
 def cluster(kube_cluster: KubeCluster) -> KubeCluster:
     kube_cluster.build_agent_image()
-    # The restricted user's rights as docs/rbac.yaml has them now (a running cluster may predate them).
-    kube_cluster.kubectl("apply", "-f", str(REPO / "docs" / "rbac.yaml"))
     return kube_cluster
 
 
