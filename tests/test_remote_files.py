@@ -95,10 +95,12 @@ def test_a_configmap_volume_mirrored_and_updated(tmp_path: pathlib.Path, caplog:
                 assert sorted(os.listdir(copy)) == sorted(os.listdir(volume))
                 assert stat.S_IMODE((copy / "..2026_01_01_00_00_00.1" / "password").stat().st_mode) == 0o600
                 held = open(copy / "config.yaml")  # noqa: SIM115 - open across the update on purpose
+                inode = copy.stat().st_ino
 
                 kubelet_volume(volume, {"config.yaml": "mode: two\n", "password": SECRET}, "2026_01_01_00_01_00.2")
                 await until(lambda: read(paths.lookup(ROOT + b"/config.yaml")) == "mode: two\n", 10, "the new version")
                 assert os.readlink(copy / "..data") == "..2026_01_01_00_01_00.2"
+                assert copy.stat().st_ino == inode  # changed in place, as the kubelet changes the volume
                 assert not (copy / "..2026_01_01_00_00_00.1").exists()
                 assert held.read() == "mode: one\n"  # a file open before the update reads what it opened
                 held.close()
@@ -225,23 +227,40 @@ def test_resolve_in_stays_inside_the_base(tmp_path: pathlib.Path) -> None:
         resolve_in(b, b"rel/x", follow_last=True)
 
 
-def test_the_mirror_swaps_whole_versions(tmp_path: pathlib.Path) -> None:
+def test_the_mirror_changes_a_tree_in_place(tmp_path: pathlib.Path) -> None:
     mirror = Mirror.create(str(tmp_path))
     root = [Entry(b"", "directory", 0o755)]
-    mirror.replace(0, [*root, Entry(b"a", "regular", 0o644, data=b"1"), Entry(b"d", "directory", 0o555)])
+    first = [
+        *root,
+        Entry(b"a", "regular", 0o644, data=b"1"),
+        Entry(b"d", "directory", 0o555),
+        Entry(b"d/x", "regular", 0o400, data=b"x"),
+        Entry(b"keep", "regular", 0o644, data=b"k"),
+    ]
+    mirror.replace(0, first)
     copy = pathlib.Path(os.fsdecode(mirror.local_path(0)))
-    inode = copy.stat().st_ino
-    links = mirror.replace(0, [*root, Entry(b"b", "symlink", link=b"/etc/passwd"), Entry(b"c", "symlink", link=b"b")])
-    assert copy.stat().st_ino != inode  # a new directory swapped in
-    assert sorted(os.listdir(copy)) == ["b", "c"]
+    inode, kept = copy.stat().st_ino, (copy / "keep").stat().st_ino
+    links = mirror.replace(
+        0,
+        [
+            *root,
+            Entry(b"b", "symlink", link=b"/etc/passwd"),
+            Entry(b"c", "symlink", link=b"b"),
+            Entry(b"keep", "regular", 0o644, data=b"k"),
+            Entry(b"a", "directory", 0o755),  # a file that became a directory
+        ],
+    )
+    assert copy.stat().st_ino == inode  # the same directory: an inotify watch on it goes on
+    assert (copy / "keep").stat().st_ino == kept  # unchanged files are left alone
+    assert sorted(os.listdir(copy)) == ["a", "b", "c", "keep"] and (copy / "a").is_dir()
     assert links == {b"b": b"/etc/passwd"}  # the absolute one only: PathMap resolves it
     mirror.replace(1, [Entry(b"", "regular", 0o400, data=b"file root")])
     assert pathlib.Path(os.fsdecode(mirror.local_path(1))).read_bytes() == b"file root"
-    mirror.replace(1, [Entry(b"", "directory", 0o755)])  # a file that became a directory
+    mirror.replace(1, [Entry(b"", "directory", 0o755)])  # a root that became a directory
     assert pathlib.Path(os.fsdecode(mirror.local_path(1))).is_dir()
     with pytest.raises(ValueError, match="leaves its root"):
         mirror.replace(2, [*root, Entry(b"../x", "regular")])
-    assert [n for n in os.listdir(mirror.directory) if not n.startswith(".new-")] == ["0", "1"]
+    assert sorted(os.listdir(mirror.directory)) == ["0", "1"]  # no temporary names left
     mirror.close()
     assert not os.path.exists(mirror.directory)
 

@@ -3,6 +3,6 @@
 | module | role |
 |---|---|
 | ``pathmap`` | pure: a path of the program -> its local copy, ``EROFS``, or not ours (what the tracer asks) |
-| ``mirror`` | the private 0700 directory of copies, swapped in atomically; leftovers of killed runs |
+| ``mirror`` | the private 0700 directory of copies, changed in place as the kubelet does; leftovers |
 | ``session`` | ``RemoteFiles``: the agent's ``WatchFiles`` stream into the mirror, and the ``PathMap`` |
 """

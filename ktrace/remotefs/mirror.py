@@ -5,37 +5,34 @@ a tmpfs that is the user's alone, else ``<tmp>/ktrace-<uid>``), named after ktra
 the process's start time, so ``ktrace cleanup`` can tell a live session's directory from one a
 killed ktrace left (``remove_leftovers``). ``Mirror.close`` removes it.
 
-Each served root is a numbered entry in it. A new version of a root is written beside it and
-swapped in with one ``renameat2(RENAME_EXCHANGE)`` (a plain ``rename`` for a file or a link), so
-an ``open`` sees the whole old tree or the whole new one, never a mix; the old one is deleted
-after the swap (a file the program has open stays readable). Permission bits and times are the
-pod's; the owner is whoever runs ktrace.
+Each served root is a numbered entry in it. Its first version is written beside it and renamed
+into place. Later versions change it in place, as the kubelet's atomic writer changes a volume:
+new directories and files first, then the links (a ConfigMap volume's ``..data``, swapped by a
+rename), then what is gone; every file and link is replaced by a rename. So an ``open`` after a
+token rotation or a ConfigMap edit sees the new content, never a half-written file, a volume's
+keys change together as they do in the pod, and the root stays the same directory for a
+program's inotify watch. A file the program has open stays readable. Permission bits and times
+are the pod's; the owner is whoever runs ktrace.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import functools
 import logging
 import os
 import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, cast
 
 from .pathmap import escaping
 
 log = logging.getLogger("ktrace.files")
 
 PREFIX = "files-"
-AT_FDCWD = -100
-RENAME_EXCHANGE = 2
-SYS_RENAMEAT2_X86_64 = 316
 
 DIRECTORY, REGULAR, SYMLINK = "directory", "regular", "symlink"
 
@@ -124,26 +121,6 @@ def remove_leftovers(base: str | None = None) -> list[str]:
     return removed
 
 
-@functools.cache
-def _renameat2() -> Callable[..., int]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    function: Any = getattr(libc, "renameat2", None)
-    if function is not None:
-        return cast("Callable[..., int]", function)
-
-    def raw(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> int:  # glibc < 2.28
-        return int(libc.syscall(SYS_RENAMEAT2_X86_64, olddirfd, old, newdirfd, new, flags))
-
-    return raw
-
-
-def exchange(a: str, b: str) -> None:
-    """Swap two paths atomically (``renameat2(RENAME_EXCHANGE)``, Linux >= 3.15)."""
-    if _renameat2()(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), a)
-
-
 class Mirror:
     """The session's private directory. ``Mirror.create()``; ``replace(index, entries)`` for each new
     version of a root; ``close()`` at the end (idempotent)."""
@@ -151,6 +128,7 @@ class Mirror:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self._closed = False
+        self._trees: dict[int, dict[bytes, Entry]] = {}  # what is on disk, per root
 
     @classmethod
     def create(cls, base: str | None = None) -> Mirror:
@@ -165,29 +143,43 @@ class Mirror:
 
     def replace(self, index: int, entries: Iterable[Entry]) -> dict[bytes, bytes]:
         """Make ``entries`` the root's content; returns the links ``PathMap`` must resolve itself."""
-        final = os.fsdecode(self.local_path(index))
-        staging = os.path.join(self.directory, f".new-{index}-{secrets.token_hex(4)}")
-        escaping_links = _write_tree(staging, list(entries))
+        new = {e.path: e for e in entries}
+        for path in new:
+            if path.startswith(b"/") or b".." in path.split(b"/"):
+                raise ValueError(f"entry path {path!r} leaves its root")
+        root = new.get(b"")
+        if root is None:
+            raise ValueError("a tree without its root entry")
+        final = self.local_path(index)
+        old = self._trees.pop(index, None)
+        if old is not None and old[b""].kind == DIRECTORY == root.kind and os.path.isdir(final):
+            _update_tree(final, old, new)
+        else:
+            self._swap_in(os.fsdecode(final), list(new.values()))
+        self._trees[index] = new
+        is_dir = root.kind == DIRECTORY
+        return {e.path: e.link for e in new.values() if e.kind == SYMLINK and escaping(is_dir, e.path, e.link)}
+
+    def _swap_in(self, final: str, entries: list[Entry]) -> None:
+        """The first version, or a root that is a file or a link: written beside and renamed into place."""
+        staging = os.path.join(self.directory, f".new-{secrets.token_hex(4)}")
+        _write_tree(staging, entries)
         try:
             old = os.lstat(final)
         except FileNotFoundError:
             os.rename(staging, final)
-            return escaping_links
-        new_is_dir = os.path.isdir(staging) and not os.path.islink(staging)
-        if stat.S_ISDIR(old.st_mode) and new_is_dir:
-            exchange(staging, final)
-            remove_tree(staging)  # the old version, now under the staging name
-        elif not stat.S_ISDIR(old.st_mode) and not new_is_dir:
-            os.rename(staging, final)
-        else:  # a directory became a file or the reverse: no atomic way, and it hardly happens
-            aside = staging + ".old"
+            return
+        if stat.S_ISDIR(old.st_mode) or (os.path.isdir(staging) and not os.path.islink(staging)):
+            aside = staging + ".old"  # a directory became a file or the reverse: no atomic way; rare
             os.rename(final, aside)
             os.rename(staging, final)
             remove_tree(aside)
-        return escaping_links
+        else:
+            os.rename(staging, final)
 
     def remove(self, index: int) -> None:
         """The root is gone in the pod (or cannot be read): so is its copy."""
+        self._trees.pop(index, None)
         remove_tree(os.fsdecode(self.local_path(index)))
 
     def close(self) -> None:
@@ -196,42 +188,90 @@ class Mirror:
             remove_tree(self.directory)
 
 
-def _write_tree(staging: str, entries: list[Entry]) -> dict[bytes, bytes]:
-    """Write a tree under ``staging`` (the root's entry first), permissions and times last."""
-    root = next((e for e in entries if e.path == b""), None)
-    if root is None:
-        raise ValueError("a tree without its root entry")
-    root_is_dir = root.kind == DIRECTORY
+def _depth(path: bytes) -> int:
+    return path.count(b"/") + 1 if path else 0
+
+
+def _write_file(where: bytes, entry: Entry) -> None:
+    """A regular file written under a temporary name beside ``where`` and renamed over it: a reader
+    opens the old file or the new one, whole."""
+    temporary = os.path.join(os.path.dirname(where), b".ktrace-" + secrets.token_hex(6).encode())
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(entry.data)
+        while view:
+            view = view[os.write(fd, view) :]
+        # The pod's bits, readable by the owner (ktrace's user), whoever could read it there.
+        os.fchmod(fd, stat.S_IMODE(entry.mode) | 0o400)
+        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+    finally:
+        os.close(fd)
+    os.rename(temporary, where)
+
+
+def _write_link(where: bytes, entry: Entry) -> None:
+    temporary = os.path.join(os.path.dirname(where), b".ktrace-" + secrets.token_hex(6).encode())
+    os.symlink(entry.link, temporary)
+    with contextlib.suppress(OSError):  # not every filesystem keeps a link's time
+        os.utime(temporary, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+    os.rename(temporary, where)
+
+
+def _update_tree(top: bytes, old: dict[bytes, Entry], new: dict[bytes, Entry]) -> None:
+    """Change the tree on disk from ``old`` to ``new`` in place, in the order the kubelet's atomic
+    writer uses: new directories and files first, then links (a ConfigMap volume's ``..data`` swap,
+    by rename), then what is gone. Each file and link is replaced by a rename, so a reader sees
+    the old one or the new one; a ConfigMap's keys, read through ``..data``, change all at once.
+    The root directory stays the same inode: a program's inotify watch on it sees the changes as
+    it would in the pod."""
+
+    def at(path: bytes) -> bytes:
+        return top + b"/" + path if path else top
+
+    for path, entry in old.items():  # read-only directories of the pod's would refuse the changes
+        if entry.kind == DIRECTORY and os.path.isdir(at(path)):
+            os.chmod(at(path), 0o700)
+    for path in sorted(new):
+        entry, before = new[path], old.get(path)
+        if entry.kind == SYMLINK or entry == before:
+            continue
+        if before is not None and (before.kind == DIRECTORY) != (entry.kind == DIRECTORY):
+            remove_tree(os.fsdecode(at(path)))
+            before = None
+        if entry.kind == DIRECTORY:
+            if before is None:
+                os.mkdir(at(path), 0o700)
+        elif entry.kind == REGULAR:
+            _write_file(at(path), entry)
+    for path in sorted(new):
+        entry, before = new[path], old.get(path)
+        if entry.kind != SYMLINK or (before is not None and before.kind == SYMLINK and before.link == entry.link):
+            continue
+        if before is not None and before.kind == DIRECTORY:
+            remove_tree(os.fsdecode(at(path)))
+        _write_link(at(path), entry)
+    for path in sorted((p for p in old if p not in new), key=_depth, reverse=True):
+        remove_tree(os.fsdecode(at(path)))
+    for path in sorted((p for p in new if new[p].kind == DIRECTORY), key=_depth, reverse=True):
+        os.utime(at(path), ns=(new[path].mtime_ns, new[path].mtime_ns))
+        os.chmod(at(path), stat.S_IMODE(new[path].mode) | 0o500)
+
+
+def _write_tree(staging: str, entries: list[Entry]) -> None:
+    """Write a new tree under ``staging`` (parents first), directory permissions and times last."""
     staged = os.fsencode(staging)
-    links: dict[bytes, bytes] = {}
     directories: list[tuple[bytes, Entry]] = []
     for entry in sorted(entries, key=lambda e: e.path):
-        if entry.path.startswith(b"/") or b".." in entry.path.split(b"/"):
-            raise ValueError(f"entry path {entry.path!r} leaves its root")
         where = staged + b"/" + entry.path if entry.path else staged
         if entry.kind == DIRECTORY:
             os.mkdir(where, 0o700)
             directories.append((where, entry))
         elif entry.kind == SYMLINK:
-            os.symlink(entry.link, where)
-            if escaping(root_is_dir, entry.path, entry.link):
-                links[entry.path] = entry.link
-            with contextlib.suppress(OSError):  # not every filesystem keeps a link's time
-                os.utime(where, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+            _write_link(where, entry)
         elif entry.kind == REGULAR:
-            fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(entry.data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                # The pod's bits, readable by the owner (ktrace's user), whoever could read it there.
-                os.fchmod(fd, stat.S_IMODE(entry.mode) | 0o400)
-                os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
-            finally:
-                os.close(fd)
+            _write_file(where, entry)
     # Deepest first: a directory's time changes while files are written into it, and a read-only
     # one would refuse them.
     for where, entry in sorted(directories, key=lambda d: d[0].count(b"/"), reverse=True):
         os.utime(where, ns=(entry.mtime_ns, entry.mtime_ns))
         os.chmod(where, stat.S_IMODE(entry.mode) | 0o500)
-    return links
