@@ -307,6 +307,8 @@ def test_leftovers_of_a_killed_run_are_removed_and_live_ones_kept(tmp_path: path
                 proc.stdin.close()
     remove_leftovers(str(tmp_path))
     assert not os.path.exists(live_dir)
+    # `ktrace cleanup` on a machine where ktrace never kept files makes no directory.
+    assert remove_leftovers(str(tmp_path / "none")) == [] and not (tmp_path / "none").exists()
 
 
 def test_a_version_is_sent_in_bounded_chunks_and_completed_only_if_unchanged(tmp_path: pathlib.Path) -> None:

@@ -25,7 +25,7 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .pathmap import escaping
@@ -53,14 +53,19 @@ class Entry:
     link: bytes = b""
 
 
-def base_directory(env: dict[str, str] | None = None) -> str:
-    """Where session directories live; made 0700 and checked to be ours alone."""
+def base_path(env: Mapping[str, str] | None = None) -> str:
+    """Where session directories live: ``$XDG_RUNTIME_DIR/ktrace`` when that is a directory of this
+    user's (a tmpfs, usually), else ``<tmp>/ktrace-<uid>``."""
     environ = os.environ if env is None else env
     runtime = environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime) and os.stat(runtime).st_uid == os.geteuid():
-        base = os.path.join(runtime, "ktrace")
-    else:
-        base = os.path.join(tempfile.gettempdir(), f"ktrace-{os.geteuid()}")
+        return os.path.join(runtime, "ktrace")
+    return os.path.join(tempfile.gettempdir(), f"ktrace-{os.geteuid()}")
+
+
+def base_directory(env: Mapping[str, str] | None = None) -> str:
+    """``base_path()``, made 0700 if missing and checked to be ours alone."""
+    base = base_path(env)
     with contextlib.suppress(FileExistsError):
         os.mkdir(base, 0o700)
     info = os.lstat(base)
@@ -101,9 +106,9 @@ def remove_tree(path: str) -> None:
 
 def remove_leftovers(base: str | None = None) -> list[str]:
     """Delete the session directories of ktrace processes that are gone (killed with SIGKILL)."""
+    base = base or base_path()
     try:
-        base = base or base_directory()
-        names = os.listdir(base)
+        names = os.listdir(base)  # none there: nothing to remove (and nothing is made)
     except OSError:
         return []
     removed = []
