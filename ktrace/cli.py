@@ -111,6 +111,12 @@ def build_parser(prog: str = "ktrace") -> argparse.ArgumentParser:
         action="append",
         help="a namespace to look in for a same-named service when a short name is not found (repeatable)",
     )
+    run.add_argument(
+        "--dns-cache",
+        action=argparse.BooleanOptionalAction,
+        help="answer a DNS question the program asks again within its TTL without a round trip to the agent "
+        "(default: on; --no-dns-cache asks the cluster every time)",
+    )
     _add_cluster_flags(run)
     agent_pod = run.add_argument_group("the agent in the cluster (--agent kube)")
     agent_pod.add_argument(

@@ -67,6 +67,16 @@ def positive_number(value: Any) -> float:
     return number
 
 
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def text_list(value: Any) -> list[str]:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -103,6 +113,7 @@ register(
     Key("output", choice("quiet", "failures", "all"), "what to show on stderr while the program runs"),
     Key("hint-namespaces", text_list, "namespaces to look in for a same-named service"),
     Key("backend", choice("auto", "notify", "ptrace"), "how the program's syscalls are intercepted"),
+    Key("dns-cache", boolean, "answer a DNS question asked again within its TTL without asking the cluster"),
 )
 
 

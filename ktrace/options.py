@@ -72,6 +72,7 @@ def run_options(
         log_json=settings.get("log-json"),
         verbosity=Verbosity.parse(settings.get("output", "failures")),
         hint_namespaces=tuple(settings.get("hint-namespaces", ())),
+        dns_cache=settings.get("dns-cache", True),
         kube=kube,
         backend=settings.get("backend", "auto"),
     )

@@ -42,6 +42,7 @@ from ktrace.tracer.threads import ThreadGroups
 from ktrace.tracer.udp import UdpRedirector
 from ktrace.tunnel.adapter import AgentTunnel
 from ktrace.tunnel.client import AgentClient, AgentInfo
+from ktrace.tunnel.dns_cache import DnsCache
 from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.parking import ParkingLot
 from ktrace.tunnel.socket_table import live_udp_inodes
@@ -76,6 +77,7 @@ class RunOptions:
     log_json: str | None = None
     verbosity: Verbosity = Verbosity.FAILURES
     hint_namespaces: tuple[str, ...] = ()
+    dns_cache: bool = True  # answer DNS questions asked again within their TTL here
     kube: KubeOptions | None = None  # --agent kube: the cluster, the target, the agent pod's options
     backend: str = "auto"  # tracer/backends.py
 
@@ -360,6 +362,7 @@ class _Parts:
             on_peer_error=peer_error,
             observer=recorder,
             local_dns=reporting.local_resolver(options.rules),
+            dns_cache=DnsCache() if options.dns_cache else None,
         )
         tcp = TcpConnects(
             AgentTunnel(client, lot, dns_map),

@@ -101,6 +101,9 @@ def dnsmasq_conf(hosts_file: str, log_file: str) -> str:
             "domain-needed",
             "bogus-priv",
             f"addn-hosts={hosts_file}",
+            # As CoreDNS's kubernetes plugin (5 s by default); dnsmasq's own default, 0, would
+            # make every answer uncacheable (ktrace's DNS cache, tests/test_e2e_dns_cache.py).
+            "local-ttl=5",
             f"log-facility={log_file}",
             "log-queries",
             "pid-file=",

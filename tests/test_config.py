@@ -106,3 +106,21 @@ def test_other_modules_can_register_keys(tmp_path: pathlib.Path, monkeypatch: py
     settings = config.load({}, {"KTRACE_NAMESPACE": "payments"}, str(tmp_path))
     assert settings.get("namespace") == "payments" and settings.source("namespace") == "KTRACE_NAMESPACE"
     assert settings.file == str(tmp_path / "ktrace.toml")
+
+
+def test_dns_cache_is_on_unless_a_flag_variable_or_the_file_turns_it_off(tmp_path: pathlib.Path) -> None:
+    from ktrace.cli import build_parser
+
+    assert run_options({}, ["true"], env={}, cwd=str(tmp_path)).dns_cache is True
+    flags = vars(build_parser().parse_args(["run", "--no-dns-cache"]))
+    assert run_options(flags, ["true"], env={}, cwd=str(tmp_path)).dns_cache is False
+    for value, expected in (("0", False), ("false", False), ("no", False), ("1", True), ("on", True)):
+        assert run_options({}, ["true"], env={"KTRACE_DNS_CACHE": value}, cwd=str(tmp_path)).dns_cache is expected
+    write(tmp_path, "dns-cache = false\n")
+    assert run_options({}, ["true"], env={}, cwd=str(tmp_path)).dns_cache is False
+    assert run_options({}, ["true"], env={"KTRACE_DNS_CACHE": "true"}, cwd=str(tmp_path)).dns_cache is True
+    flags = vars(build_parser().parse_args(["run", "--dns-cache"]))
+    assert run_options(flags, ["true"], env={"KTRACE_DNS_CACHE": "0"}, cwd=str(tmp_path)).dns_cache is True
+    write(tmp_path, 'dns-cache = "sometimes"\n')
+    with pytest.raises(KtraceError, match=re.escape("dns-cache must be true or false")):
+        run_options({}, ["true"], env={}, cwd=str(tmp_path))

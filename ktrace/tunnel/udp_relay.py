@@ -27,12 +27,13 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from .client import AgentClient
 from .dns_answers import addresses_in_answer
+from .dns_cache import DnsCache
 from .local_dns import LocalResolver
 from .types import MAX_DATAGRAM, Endpoint, IPAddress, TunnelError
 from .udp_session import REFILL_DELAY, Session
@@ -54,6 +55,8 @@ SWEEP_AFTER_NEW_SOCKETS = 512
 RELAY_SPARES = 2
 
 DnsCallback = Callable[[str, list[IPAddress]], None]
+# What a datagram's handling leaves to do once every datagram read with it is delivered.
+AfterRead = list[Callable[[], None]]
 
 
 @dataclass
@@ -117,12 +120,15 @@ class UdpRelays:
         on_peer_error: Callable[[int, Endpoint, str], None] | None = None,
         observer: UdpObserver | None = None,
         local_dns: LocalResolver | None = None,
+        dns_cache: DnsCache | None = None,
     ) -> None:
         self._client = client
         # The report: flows, their totals, and every DNS message to and from port 53.
         self._observer = observer
         # Answers the questions whose names the rules keep local, instead of the cluster.
         self._local_dns = local_dns
+        # Answers questions asked again within their TTL without the agent (dns_cache.py).
+        self._dns_cache = dns_cache
         self._on_dns_answer = on_dns_answer
         self._idle_timeout = idle_timeout
         # Which program sockets still exist (inodes), checked at each sweep: ktrace does not
@@ -328,19 +334,24 @@ class UdpRelays:
 
     def _readable(self, relay: _Relay) -> None:
         """Program → relay: forward through the session."""
-        for _ in range(READS_PER_WAKEUP):
-            try:
-                payload, source = relay.sock.recvfrom(MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                # An ICMP error for an earlier reply to the program (its socket closed): nothing to do.
-                log.debug("UDP relay %d: %s", relay.port, exc)
-                continue
-            self._from_program(relay, payload, source)
+        with _after_reads() as after:
+            for _ in range(READS_PER_WAKEUP):
+                try:
+                    payload, source = relay.sock.recvfrom(MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    # An ICMP error for an earlier reply to the program (its socket closed): nothing to do.
+                    log.debug("UDP relay %d: %s", relay.port, exc)
+                    continue
+                self._from_program(relay, payload, source, after)
 
     def _sink_readable(self, sink: socket.socket) -> None:
         """A datagram sent on a socket connected to port 0: on as if through its own relay."""
+        with _after_reads() as after:
+            self._sink_reads(sink, after)
+
+    def _sink_reads(self, sink: socket.socket, after: AfterRead) -> None:
         for _ in range(READS_PER_WAKEUP):
             try:
                 payload, source = sink.recvfrom(MAX_DATAGRAM)
@@ -358,9 +369,9 @@ class UdpRelays:
             except OSError:
                 self.dropped += 1
                 continue
-            self._from_program(relay, payload, source)
+            self._from_program(relay, payload, source, after)
 
-    def _from_program(self, relay: _Relay, payload: bytes, source: tuple[str, int]) -> None:
+    def _from_program(self, relay: _Relay, payload: bytes, source: tuple[str, int], after: AfterRead) -> None:
         state = relay.owner
         state.program_address = source[:2]
         state.last_used = time.monotonic()
@@ -368,15 +379,24 @@ class UdpRelays:
             self._observer.flow_started(state.key, relay.peer)
         relay.totals.datagrams_up += 1
         relay.totals.bytes_up += len(payload)
-        self._forward(state, relay.peer, payload)
+        self._forward(state, relay.peer, payload, after)
 
-    def _forward(self, state: _ProgramSocket, peer: Endpoint, payload: bytes) -> None:
+    def _forward(self, state: _ProgramSocket, peer: Endpoint, payload: bytes, after: AfterRead) -> None:
         if peer.port == DNS_PORT:
             if self._observer is not None:
                 self._observer.sent(state.key, peer, payload)
             if self._local_dns is not None and self._local_dns.wants(payload):
                 self._local_dns.forward(payload, lambda answer: self._answered_here(state, peer, answer))
                 return
+            if self._dns_cache is not None:
+                answer = self._dns_cache.lookup(peer, payload, time.monotonic())
+                if answer is not None:
+                    # From the relay of the nameserver asked, like its own answer: the program
+                    # cannot tell. The report still sees it (after the other datagrams read).
+                    later = self._from_remote(state, peer, answer)
+                    if later is not None:
+                        after.append(later)
+                    return
         if not self._session(state).send(peer, payload):
             self.dropped += 1
 
@@ -411,6 +431,10 @@ class UdpRelays:
             later()
 
     def _observe_answer(self, state: _ProgramSocket, source: Endpoint, payload: bytes) -> None:
+        if self._dns_cache is not None:
+            # Kept only if it answers a question that went to the agent (not one answered
+            # from the cache or on this machine) and is worth keeping.
+            self._dns_cache.store(source, payload, time.monotonic())
         if self._observer is not None:
             self._observer.received(state.key, source, payload)
         if self._on_dns_answer is not None:
@@ -529,3 +553,18 @@ class UdpRelays:
             task = asyncio.create_task(session.close())
             self._closing_tasks.add(task)
             task.add_done_callback(self._closing_tasks.discard)
+
+
+@contextlib.contextmanager
+def _after_reads() -> Iterator[AfterRead]:
+    """The list the datagrams read at one wake-up leave their follow-ups in (the report's and
+    the DNS map's look at answers made here), run once all of them are handled."""
+    after: AfterRead = []
+    try:
+        yield after
+    finally:
+        for later in after:
+            try:
+                later()
+            except Exception:
+                log.exception("UDP relay follow-up failed")
