@@ -5,10 +5,12 @@ programs in the laptop netns), plus what only the benchmark needs:
 
 * ``cbenchsrv`` (tests/programs/cbenchsrv.c) on ``BENCH_ADDR`` in the cluster: a threaded C
   server for echo, upload and download, so the server is never what is measured.
-* For the peer (proxychains-ng): a veth pair between the two namespaces carrying only
-  ``PEER_NET`` (no other route on either side, no forwarding), and microsocks listening on the
-  cluster end of it. proxychains-ng on the laptop side reaches the SOCKS server over the veth,
-  and microsocks dials from inside the cluster, like the agent. Nothing leaves these namespaces.
+* For the peers (proxychains-ng with a SOCKS server): a veth pair between the two namespaces
+  carrying only ``PEER_NET`` (no other route on either side, no forwarding), and two SOCKS
+  servers listening on the cluster end of it: microsocks (a thread per connection) and dante
+  (Debian's ``dante-server``, processes that each serve many connections with select). proxychains-ng
+  on the laptop side reaches a SOCKS server over the veth, which dials from inside the cluster,
+  like the agent. Nothing leaves these namespaces.
 """
 
 from __future__ import annotations
@@ -29,14 +31,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests")
 
 from e2e_helpers import read_line
 from fixture_programs import Programs
-from nscluster import NamespaceCluster, ip
+from nscluster import AGENT_POD_IP, NamespaceCluster, ip
 
 BENCH_ADDR = "10.96.1.13"
 BENCH_PORT = 9100
 PEER_LAPTOP = "10.97.0.1"
 PEER_CLUSTER = "10.97.0.2"
 PEER_PREFIX = 30
-SOCKS_PORT = 1080
+SOCKS_PORT = 1080  # microsocks
+DANTE_PORT = 1081
+MICROSOCKS = "proxychains-ng + microsocks"
+DANTE = "proxychains-ng + dante"
 
 
 class BenchError(RuntimeError):
@@ -83,8 +88,8 @@ class BenchEnv:
     cluster: NamespaceCluster
     programs: Programs
     ktrace: str
-    proxychains_conf: str | None = None
-    peer_error: str | None = None
+    peers: dict[str, str] = field(default_factory=dict)  # name -> its proxychains.conf
+    peer_errors: dict[str, str] = field(default_factory=dict)
     _procs: list[subprocess.Popen[Any]] = field(default_factory=list)
 
     # -- set-up ------------------------------------------------------------------------
@@ -98,9 +103,15 @@ class BenchEnv:
                 raise BenchError(f"the agent is not running: {cluster.agent_error}")
             env._start_server()
             try:
-                env._start_peer()
+                env._peer_link()
             except BenchError as exc:
-                env.peer_error = str(exc)
+                env.peer_errors = {MICROSOCKS: str(exc), DANTE: str(exc)}
+            else:
+                for name, start in ((MICROSOCKS, env._start_microsocks), (DANTE, env._start_dante)):
+                    try:
+                        start()
+                    except BenchError as exc:
+                        env.peer_errors[name] = str(exc)
             yield env
         finally:
             for proc in env._procs:
@@ -126,9 +137,9 @@ class BenchEnv:
         if line != "READY":
             raise BenchError(f"cbenchsrv said {line!r}")
 
-    def _start_peer(self) -> None:
-        if shutil.which("proxychains4") is None or shutil.which("microsocks") is None:
-            raise BenchError("proxychains4 or microsocks is not installed (scripts/setup installs them)")
+    def _peer_link(self) -> None:
+        if shutil.which("proxychains4") is None:
+            raise BenchError("proxychains4 is not installed (scripts/setup installs it)")
         laptop_if, cluster_if = f"ktb{self.cluster.run_id}l", f"ktb{self.cluster.run_id}c"
         ip(
             "-n",
@@ -148,8 +159,30 @@ class BenchEnv:
         ip("-n", self.cluster.cluster, "addr", "add", f"{PEER_CLUSTER}/{PEER_PREFIX}", "dev", cluster_if)
         ip("-n", self.cluster.laptop, "link", "set", laptop_if, "up")
         ip("-n", self.cluster.cluster, "link", "set", cluster_if, "up")
+
+    def _start_microsocks(self) -> None:
+        if shutil.which("microsocks") is None:
+            raise BenchError("microsocks is not installed (scripts/setup installs it)")
+        self._start_socks(MICROSOCKS, ["microsocks", "-i", PEER_CLUSTER, "-p", str(SOCKS_PORT)], SOCKS_PORT)
+
+    def _start_dante(self) -> None:
+        danted = shutil.which("danted") or ("/usr/sbin/danted" if os.path.exists("/usr/sbin/danted") else None)
+        if danted is None:
+            raise BenchError("danted is not installed (scripts/setup installs dante-server)")
+        conf = os.path.join(self.cluster.tmpdir, "danted.conf")
+        pathlib.Path(conf).write_text(
+            "logoutput: stderr\n"
+            f"internal: {PEER_CLUSTER} port = {DANTE_PORT}\n"
+            f"external: {AGENT_POD_IP}\n"  # the cluster side's own address, the agent's source too
+            "clientmethod: none\nsocksmethod: none\nuser.privileged: root\nuser.unprivileged: nobody\n"
+            "client pass { from: 0.0.0.0/0 to: 0.0.0.0/0 }\nsocks pass { from: 0.0.0.0/0 to: 0.0.0.0/0 }\n"
+        )
+        pid_file = os.path.join(self.cluster.tmpdir, "danted.pid")
+        self._start_socks(DANTE, [danted, "-f", conf, "-p", pid_file], DANTE_PORT)
+
+    def _start_socks(self, name: str, argv: list[str], port: int) -> None:
         proc = subprocess.Popen(
-            [*self.cluster.netns_argv(self.cluster.cluster), "microsocks", "-i", PEER_CLUSTER, "-p", str(SOCKS_PORT)],
+            [*self.cluster.netns_argv(self.cluster.cluster), *argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -158,16 +191,16 @@ class BenchEnv:
         self._procs.append(proc)
         self.cluster.pids.append(proc.pid)
         deadline = time.monotonic() + 10
-        while not self._listening(PEER_CLUSTER, SOCKS_PORT):
+        while not self._listening(PEER_CLUSTER, port):
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError("microsocks did not start listening")
+                raise BenchError(f"{argv[0]} did not start listening")
             time.sleep(0.02)  # polling a kernel state with a deadline
-        conf = os.path.join(self.cluster.tmpdir, "proxychains.conf")
+        conf = os.path.join(self.cluster.tmpdir, f"proxychains-{port}.conf")
         pathlib.Path(conf).write_text(
             "strict_chain\nquiet_mode\ntcp_read_time_out 15000\ntcp_connect_time_out 8000\n"
-            f"[ProxyList]\nsocks5 {PEER_CLUSTER} {SOCKS_PORT}\n"
+            f"[ProxyList]\nsocks5 {PEER_CLUSTER} {port}\n"
         )
-        self.proxychains_conf = conf
+        self.peers[name] = conf
 
     def _listening(self, addr: str, port: int) -> bool:
         out = self.cluster.run_cluster(["ss", "-Hltn", f"src {addr}:{port}"], timeout=10)
@@ -178,10 +211,11 @@ class BenchEnv:
         c = self.cluster
         return [self.ktrace, "run", "--agent", c.agent_addr, "--token-file", c.token_file, "--", *cmd]
 
-    def proxychains_argv(self, *cmd: str) -> list[str]:
-        if self.proxychains_conf is None:
-            raise BenchError(self.peer_error or "no peer")
-        return ["proxychains4", "-q", "-f", self.proxychains_conf, *cmd]
+    def peer_argv(self, name: str, *cmd: str) -> list[str]:
+        conf = self.peers.get(name)
+        if conf is None:
+            raise BenchError(self.peer_errors.get(name, f"no peer {name}"))
+        return ["proxychains4", "-q", "-f", conf, *cmd]
 
     def run(self, where: str, argv: Sequence[str], timeout: float = 300) -> str:
         """Run in ``where`` ("laptop" or "cluster"); its stdout, or BenchError with what it said."""

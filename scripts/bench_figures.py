@@ -189,13 +189,13 @@ def open_loop(env: BenchEnv, s: Sizes) -> Figure:
 def connect_latency(env: BenchEnv, s: Sizes) -> Figure:
     fig = Figure("connect_latency", "connect → first byte (median)", "µs", "delta", 250, "direct, in the cluster")
     argv = [env.programs["cnetbench"], "latency", BENCH_ADDR, str(BENCH_PORT), str(s.connects)]
-    fig.peer_name = "proxychains-ng + microsocks" if env.proxychains_conf else None
+    fig.peers = {name: [] for name in env.peers}
 
     def one() -> None:
         fig.baseline_samples += _samples(env.run("cluster", argv))
         fig.samples += _samples(env.run("laptop", env.ktrace_argv(*argv)))
-        if env.proxychains_conf:
-            fig.peer_samples += _samples(env.run("laptop", env.proxychains_argv(*argv)))
+        for name in env.peers:
+            fig.peers[name] += _samples(env.run("laptop", env.peer_argv(name, *argv)))
 
     _runs(fig, s.runs, one)
     _peer_note(env, fig)
@@ -206,7 +206,7 @@ def _throughput(env: BenchEnv, s: Sizes, direction: str) -> Figure:
     title = "bulk TCP, program → cluster" if direction == "up" else "bulk TCP, cluster → program"
     fig = Figure(f"throughput_{direction}", title, "MB/s", "at_least", 400, "direct, in the cluster")
     argv = [env.programs["cnetbench"], direction, BENCH_ADDR, str(BENCH_PORT), str(s.bulk_bytes)]
-    fig.peer_name = "proxychains-ng + microsocks" if env.proxychains_conf else None
+    fig.peers = {name: [] for name in env.peers}
 
     def rate(out: str) -> float:
         return _field(out, "bytes") / (_field(out, "elapsed_ns") / 1e9) / MB
@@ -214,8 +214,8 @@ def _throughput(env: BenchEnv, s: Sizes, direction: str) -> Figure:
     def one() -> None:
         fig.baseline_samples.append(rate(env.run("cluster", argv)))
         fig.samples.append(rate(env.run("laptop", env.ktrace_argv(*argv))))
-        if env.proxychains_conf:
-            fig.peer_samples.append(rate(env.run("laptop", env.proxychains_argv(*argv))))
+        for name in env.peers:
+            fig.peers[name].append(rate(env.run("laptop", env.peer_argv(name, *argv))))
 
     _runs(fig, s.runs, one)
     fig.notes.append(f"{s.bulk_bytes // MB} MB per transfer, timed from the connect() call to the last byte")
@@ -297,8 +297,8 @@ def _concurrent(env: BenchEnv, s: Sizes, fid: str, size: int) -> Figure:
 
 
 def _peer_note(env: BenchEnv, fig: Figure) -> None:
-    if env.peer_error:
-        fig.notes.append(f"peer not measured: {env.peer_error}")
+    for name, error in env.peer_errors.items():
+        fig.notes.append(f"peer {name} not measured: {error}")
 
 
 # -- DNS and start-up -----------------------------------------------------------------------

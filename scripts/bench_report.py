@@ -48,8 +48,8 @@ class Figure:
     baseline_label: str
     samples: list[float] = field(default_factory=list)
     baseline_samples: list[float] = field(default_factory=list)
-    peer_name: str | None = None
-    peer_samples: list[float] = field(default_factory=list)
+    # Other tools doing the same job (proxychains-ng with microsocks, with dante), by name.
+    peers: dict[str, list[float]] = field(default_factory=dict)
     loads: list[float] = field(default_factory=list)  # 1-minute load average at each run
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -68,8 +68,8 @@ class Figure:
         return median(self.baseline_samples)
 
     @property
-    def peer(self) -> float | None:
-        return median(self.peer_samples)
+    def peer_values(self) -> dict[str, float | None]:
+        return {name: median(samples) for name, samples in self.peers.items()}
 
     @property
     def ratio(self) -> float | None:
@@ -86,14 +86,25 @@ class Figure:
         v, b = self.value, self.baseline
         return v - b if v is not None and b is not None else None
 
-    @property
-    def peer_ratio(self) -> float | None:
-        """ktrace against the peer: > 1 means ktrace is better (faster, or more throughput)."""
-        v, p = self.value, self.peer
-        if v is None or p is None or v == 0 or p == 0:
+    def peer_ratio(self, name: str) -> float | None:
+        """ktrace against a peer: > 1 means ktrace is better (faster, or more throughput). For a
+        latency figure ("delta"), the latency each adds to the baseline is compared."""
+        v, p = self.value, self.peer_values.get(name)
+        if v is None or p is None:
+            return None
+        if self.check == "delta":
+            b = self.baseline
+            if b is None:
+                return None
+            v, p = v - b, p - b
+        if v <= 0 or p <= 0:
             return None
         higher_is_better = self.check == "at_least"
         return v / p if higher_is_better else p / v
+
+    @property
+    def peer_ratios(self) -> dict[str, float | None]:
+        return {name: self.peer_ratio(name) for name in self.peers}
 
     @property
     def met(self) -> bool | None:
@@ -113,7 +124,7 @@ class Figure:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for name in ("value", "baseline", "peer", "ratio", "delta", "peer_ratio", "floor_ratio", "met"):
+        for name in ("value", "baseline", "peer_values", "ratio", "delta", "peer_ratios", "floor_ratio", "met"):
             data[name] = getattr(self, name)
         return data
 
@@ -158,18 +169,24 @@ def _verdict(fig: Figure) -> str:
 
 
 def _peer_text(fig: Figure) -> str:
-    if fig.peer_name is None:
+    if not fig.peers:
         return "—"
-    if fig.peer is None:
-        return f"{fig.peer_name}: —"
-    ratio = fig.peer_ratio
-    if ratio is None:
-        ahead = ""
-    elif ratio >= 1:
-        ahead = f" — ktrace ahead {ratio:.2f}x"
-    else:
-        ahead = f" — ktrace behind {1 / ratio:.2f}x"
-    return f"{fig.peer_name}: {_num(fig.peer, fig.unit)}{ahead}"
+    texts = []
+    for name, value in fig.peer_values.items():
+        if value is None:
+            texts.append(f"{name}: —")
+            continue
+        ratio = fig.peer_ratio(name)
+        if ratio is None:
+            ahead = ""
+        elif ratio >= 1:
+            ahead = f" — ktrace ahead {ratio:.2f}x"
+        else:
+            ahead = f" — ktrace behind {1 / ratio:.2f}x"
+        added = fig.check == "delta" and fig.baseline is not None
+        shown = f"+{_num(value - (fig.baseline or 0), fig.unit)}" if added else _num(value, fig.unit)
+        texts.append(f"{name}: {shown}{ahead}")
+    return "; ".join(texts)
 
 
 def markdown(figures: list[Figure], machine: dict[str, Any], mode: str) -> str:
@@ -180,7 +197,8 @@ def markdown(figures: list[Figure], machine: dict[str, Any], mode: str) -> str:
         f"{machine.get('kernel', '?')}, Python {machine.get('python', '?')}, grpcio {machine.get('grpcio', '?')}. "
         f"Load (1/5/15 min) before: {machine.get('load_before', '?')}, after: {machine.get('load_after', '?')}.",
         "",
-        "Medians of all runs; baseline and peer measured in the same run, interleaved with ktrace.",
+        "Medians of all runs; baseline and peers measured in the same run, interleaved with ktrace. A peer's",
+        "latency is shown as what it adds to the baseline, like ktrace's.",
         "",
         "| figure | ktrace | baseline | vs baseline | target | verdict | peer | runs | load |",
         "|---|---|---|---|---|---|---|---|---|",

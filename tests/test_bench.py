@@ -44,8 +44,8 @@ def test_quick_bench_measures_every_figure(ns_cluster: object, tmp_path: pathlib
             assert fig["baseline_samples"] and fig["baseline"] is not None, fid
         if fig["check"] != "none":
             assert fig["met"] in (True, False), fid
-        if fig["peer_name"]:
-            assert fig["peer_samples"], fid
+        for name, samples in fig["peers"].items():
+            assert samples, (fid, name)
     assert figures["concurrent_1000"]["condition_ok"] is not None
     # The stop floors (C supervisors, tests/programs/stopfloor.c) are measured in the same run.
     for mode in ("trace", "trace-spin", "notif", "notif-spin"):
