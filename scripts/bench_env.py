@@ -207,9 +207,9 @@ class BenchEnv:
         return bool(out.stdout.strip())
 
     # -- running -----------------------------------------------------------------------
-    def ktrace_argv(self, *cmd: str) -> list[str]:
+    def ktrace_argv(self, *cmd: str, options: Sequence[str] = ()) -> list[str]:
         c = self.cluster
-        return [self.ktrace, "run", "--agent", c.agent_addr, "--token-file", c.token_file, "--", *cmd]
+        return [self.ktrace, "run", "--agent", c.agent_addr, "--token-file", c.token_file, *options, "--", *cmd]
 
     def peer_argv(self, name: str, *cmd: str) -> list[str]:
         conf = self.peers.get(name)

@@ -30,6 +30,7 @@ FIGURE_IDS = (
     "concurrent_1000",
     "concurrent_1000_heavy",
     "dns_lookup",
+    "dns_lookup_uncached",
     "startup_true",
 )
 

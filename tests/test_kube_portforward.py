@@ -18,7 +18,7 @@ import struct
 import grpc
 import grpc.aio
 import pytest
-from agent_helpers import TOKEN, LoopbackServer, agent, run, upper_echo
+from agent_helpers import TOKEN, LoopbackServer, agent, drain_all, local_pair, pump, run, upper_echo
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,7 +33,7 @@ from ktrace.kube.portforward import (
 )
 from ktrace.tunnel import rpc
 from ktrace.tunnel.client import AgentClient
-from ktrace.tunnel.types import Endpoint, TunnelError
+from ktrace.tunnel.types import Endpoint, TcpStats, TunnelError
 
 
 def prefix(channel: int, port: int) -> bytes:
@@ -193,6 +193,40 @@ def test_bridge_carries_the_channel_to_a_real_agent() -> None:
             assert lines == []
 
     run(scenario())
+
+
+def test_bridge_carries_bulk_both_ways_intact() -> None:
+    total = 24 * 1024 * 1024
+
+    async def scenario() -> None:
+        results: dict[str, object] = {}
+
+        async def sink_and_source(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            sent = asyncio.create_task(pump(writer, total, seed=4))
+            results["server_got"] = await drain_all(reader)
+            results["server_sent"] = await sent
+
+        async with agent("127.0.0.1:0", token=TOKEN) as server, LoopbackServer(sink_and_source) as target:
+            port = int(server.address.rpartition(":")[2])
+            bridge = PortForwardBridge(Forwards(port), port, report=lambda _line: None)
+            address = await bridge.start()
+            try:
+                client = await AgentClient.connect(address, TOKEN, timeout=10)
+                stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
+                (p_reader, p_writer), k_sock = await local_pair()
+                splice = asyncio.create_task(stream.splice(k_sock))
+                sent_hash, (got_n, got_hash) = await asyncio.gather(pump(p_writer, total, seed=3), drain_all(p_reader))
+                stats = await splice
+                await asyncio.wait_for(target.handlers_done.wait(), 10)
+                assert results["server_got"] == (total, sent_hash)
+                assert (got_n, got_hash) == (total, results["server_sent"])
+                assert stats == TcpStats(bytes_up=total, bytes_down=total, outcome="closed")
+                p_writer.close()
+                await client.close()
+            finally:
+                await bridge.close()
+
+    run(scenario(), timeout=100)
 
 
 def test_bridge_waits_for_an_agent_that_is_not_listening_yet() -> None:
