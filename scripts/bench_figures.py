@@ -202,6 +202,26 @@ def connect_latency(env: BenchEnv, s: Sizes) -> Figure:
     return fig
 
 
+def tunnel_round_trip(env: BenchEnv, s: Sizes) -> Figure:
+    """The floor under connect → first byte: the tunnel's own round trip, no tracer, no stops."""
+    fig = Figure("tunnel_round_trip", "tunnel round trip, 1 byte echoed on an open stream", "µs", "none", None, "")
+    script = str(pathlib.Path(__file__).resolve().parent / "bench_tunnel_rtt.py")
+    c = env.cluster
+    argv = [sys.executable, script, c.agent_addr, c.token_file, BENCH_ADDR, str(BENCH_PORT), str(s.connects)]
+
+    def one() -> None:
+        fig.samples += _samples(env.run("laptop", argv))
+
+    _runs(fig, s.runs, one)
+    fig.notes.append(
+        "ktrace's tunnel code in the laptop namespace without a program or tracer (scripts/bench_tunnel_rtt.py): "
+        "a byte through a socketpair, the splice, a Connect stream, the agent, the echo server and back. A "
+        "connection's first byte needs two such round trips (open/opened, then the data): the floor of "
+        "connect → first byte in this design"
+    )
+    return fig
+
+
 def _throughput(env: BenchEnv, s: Sizes, direction: str) -> Figure:
     title = "bulk TCP, program → cluster" if direction == "up" else "bulk TCP, cluster → program"
     fig = Figure(f"throughput_{direction}", title, "MB/s", "at_least", 400, "direct, in the cluster")
@@ -357,6 +377,7 @@ FIGURES: dict[str, Callable[[BenchEnv, Sizes], Figure]] = {
     "syscall_dd": syscall_dd,
     "open_loop": open_loop,
     "connect_latency": connect_latency,
+    "tunnel_round_trip": tunnel_round_trip,
     "throughput_up": throughput_up,
     "throughput_down": throughput_down,
     "concurrent_1000": concurrent_1000,

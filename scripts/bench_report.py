@@ -25,6 +25,7 @@ FIGURE_IDS = (
     "syscall_dd",
     "open_loop",
     "connect_latency",
+    "tunnel_round_trip",
     "throughput_up",
     "throughput_down",
     "concurrent_1000",
