@@ -7,6 +7,9 @@ stream, so the remote side sees one stable source). Replies from ``peer`` leave
 through the same relay towards the program socket's address, so a connected
 socket accepts them and ``peer_of`` can restore the real source in recvfrom.
 
+A question to port 53 asked again within its answer's TTL is answered from the DNS cache
+(``dns_cache.py``), through the nameserver's relay, without the agent.
+
 A socket connected to port 0 of a remote peer (glibc does it for every address it
 sorts, RFC 6724: connect, getsockname, close) gets no relay of its own: it is connected
 to a *sink*, one loopback socket per family, that never answers. Sending on such a
