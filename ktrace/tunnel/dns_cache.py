@@ -254,8 +254,9 @@ class DnsCache:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self._max_entries = max_entries
         self._entries: OrderedDict[tuple[Hashable, QuestionKey], Entry | Unchecked] = OrderedDict()
-        # (server, ID, question) -> the query and when it was asked
-        self._pending: OrderedDict[tuple[Hashable, int, bytes], tuple[Query, float]] = OrderedDict()
+        # (server, ID) -> the query and when it was asked (every answer the program gets is
+        # offered to ``store``, most with nothing pending: one dictionary look-up then)
+        self._pending: OrderedDict[tuple[Hashable, int], tuple[Query, float]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -292,17 +293,18 @@ class DnsCache:
     def store(self, server: Hashable, payload: bytes, now: float) -> bool:
         """Keep the answer ``payload`` from ``server`` if it answers a question asked and its
         header says it may be worth keeping (fully checked when asked for again); True when kept."""
-        if not _may_keep(payload):
+        if len(payload) < _HEADER:
             return False
-        end = _question_end(payload)
-        if end is None:
-            return False
-        question = _lowered(payload[_HEADER:end])
-        pending = self._pending.pop((server, int.from_bytes(payload[:2], "big"), question), None)
+        key = (server, int.from_bytes(payload[:2], "big"))
+        pending = self._pending.get(key)
         if pending is None:
             return False
         query, asked_at = pending
-        if now - asked_at > PENDING_SECONDS:
+        question = payload[_HEADER : _HEADER + len(query.question)]
+        if _lowered(question) != _lowered(query.question):
+            return False  # not the answer to that question (still awaited)
+        del self._pending[key]
+        if now - asked_at > PENDING_SECONDS or not _may_keep(payload):
             return False
         self._entries[(server, query.key)] = Unchecked(payload, query, now)
         self._entries.move_to_end((server, query.key))
@@ -311,7 +313,8 @@ class DnsCache:
         return True
 
     def _remember(self, server: Hashable, query: Query, now: float) -> None:
-        self._pending[(server, query.id, _lowered(query.question))] = (query, now)
+        self._pending[(server, query.id)] = (query, now)
+        self._pending.move_to_end((server, query.id))
         while self._pending:
             _oldest, asked_at = next(iter(self._pending.values()))
             if len(self._pending) <= MAX_PENDING and now - asked_at <= PENDING_SECONDS:

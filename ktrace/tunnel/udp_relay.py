@@ -396,9 +396,9 @@ class UdpRelays:
                 if answer is not None:
                     # From the relay of the nameserver asked, like its own answer: the program
                     # cannot tell. The report still sees it (after the other datagrams read).
-                    later = self._from_remote(state, peer, answer)
-                    if later is not None:
-                        after.append(later)
+                    state.last_used = time.monotonic()
+                    self._deliver(state, peer, answer)
+                    after.append(lambda: self._observe_answer(state, peer, answer, from_agent=False))
                     return
         if not self._session(state).send(peer, payload):
             self.dropped += 1
@@ -433,10 +433,10 @@ class UdpRelays:
         if later is not None:
             later()
 
-    def _observe_answer(self, state: _ProgramSocket, source: Endpoint, payload: bytes) -> None:
-        if self._dns_cache is not None:
+    def _observe_answer(self, state: _ProgramSocket, source: Endpoint, payload: bytes, from_agent: bool = True) -> None:
+        if self._dns_cache is not None and from_agent:
             # Kept only if it answers a question that went to the agent (not one answered
-            # from the cache or on this machine) and is worth keeping.
+            # on this machine) and is worth keeping.
             self._dns_cache.store(source, payload, time.monotonic())
         if self._observer is not None:
             self._observer.received(state.key, source, payload)
