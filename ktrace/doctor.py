@@ -313,6 +313,71 @@ def check_ptrace(settings: config.Settings) -> Iterable[CheckResult]:
     yield from _probe_results(probe, exit_code)
 
 
+@register
+def check_notify(settings: config.Settings) -> Iterable[CheckResult]:
+    """The notify backend (seccomp user notification): the same probe, supervised instead of traced,
+    and which backend `--backend auto` picks here."""
+    from ktrace.tracer import backends
+    from ktrace.tracer.notify.loop import Supervisor
+
+    missing = backends.notify_missing()
+    if missing is not None:
+        yield CheckResult(
+            "notify", Status.WARN, f"the notify backend cannot run here: {missing}", "use --backend ptrace"
+        )
+    else:
+        argv = [sys.executable, "-I", "-S", "-c", PROBE_PROGRAM]
+        connect = syscalls.number("connect")
+        assert connect is not None
+        program = seccomp.build([seccomp.trace(connect)], stop=seccomp.RET_USER_NOTIF)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
+        probe = _Probe()
+        exit_code: int | None = None
+        try:
+            child = launcher.fork_child(argv[0], argv, dict(os.environ), program, notify=True)
+            try:
+                launcher.release(child, "the probe program")
+
+                async def supervise() -> int | None:
+                    supervisor = Supervisor(probe, child, asyncio.get_running_loop())
+                    supervisor.start()
+                    assert supervisor.finished is not None
+                    try:
+                        result = await asyncio.wait_for(supervisor.finished, PROBE_TIMEOUT)
+                    except TimeoutError:
+                        supervisor.kill_all()
+                        return None
+                    finally:
+                        supervisor.close()
+                    return result.exit_code
+
+                exit_code = asyncio.run(supervise())
+            finally:
+                launcher.reap(child)
+        except (OSError, launcher.LaunchError) as exc:
+            yield CheckResult(
+                "notify", Status.WARN, f"the notify backend failed its probe: {exc}", "use --backend ptrace"
+            )
+            return
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if exit_code is None or probe.stops == 0:
+            yield CheckResult(
+                "notify",
+                Status.WARN,
+                "the probe's connect() did not reach ktrace through a seccomp listener",
+                "use --backend ptrace",
+            )
+        else:
+            yield CheckResult("notify", Status.OK, "supervised a probe program: seccomp user notification at connect()")
+    try:
+        picked = backends.choose("auto")
+    except ValueError:
+        picked = "ptrace"
+    debuggers = "a debugger can run under it" if picked == "notify" else "use --backend notify to run a debugger"
+    yield CheckResult("backend", Status.OK, f"--backend auto uses {picked} here ({debuggers})")
+
+
 def _probe_results(probe: _Probe, exit_code: int | None) -> Iterable[CheckResult]:
     if exit_code is None:
         yield CheckResult("ptrace", Status.FAIL, "the traced probe program did not finish", "run ktrace doctor --debug")

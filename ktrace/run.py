@@ -36,6 +36,7 @@ from ktrace.tracer.files import FileViews
 from ktrace.tracer.launcher import LaunchError
 from ktrace.tracer.network import NetworkHandler
 from ktrace.tracer.notify.loop import Supervisor
+from ktrace.tracer.ports import PathLookup
 from ktrace.tracer.ptrace.loop import FORWARDED_SIGNALS, Tracer, TraceResult
 from ktrace.tracer.tcp import TcpConnects
 from ktrace.tracer.threads import ThreadGroups
@@ -117,7 +118,11 @@ def run(options: RunOptions) -> int:
     notify = backend == "notify"
     log_json = reporting.open_log(options.log_json)
     stop = seccomp.RET_USER_NOTIF if notify else seccomp.RET_TRACE
-    filter_program = seccomp.build(syscalls.filter_rules(), stop=stop)
+    # The target's files: every path-taking call then stops (only then: each stat() costs a stop).
+    features = (
+        frozenset({"files"}) if view is not None and view.files is not None and view.files.served else frozenset()
+    )
+    filter_program = seccomp.build(syscalls.filter_rules(features), stop=stop)
     child = launcher.fork_child(path, options.command, env, filter_program, notify=notify)
     tuning.raise_fd_limit()  # for ktrace only: the program, forked already, keeps the user's limit
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD, *FORWARDED_SIGNALS})
@@ -224,7 +229,7 @@ async def _session(
             remote = await _remote_files(view, client, access.kube)
             if remote is not None:
                 stack.push_async_callback(remote.close)
-            parts = _Parts.build(options, client, views_dir, log_json, notify=child.guardian is not None)
+            parts = _Parts.build(options, client, views_dir, log_json, notify=child.guardian is not None, remote=remote)
             stack.push_async_callback(parts.close)
             await parts.start()
             if child.guardian is None:
@@ -270,6 +275,21 @@ async def _connect(access: _AgentAccess) -> AgentClient:
         )
     except AgentUnavailable as exc:
         raise KtraceError(str(exc)) from None
+
+
+def _lookup(remote: RemoteFiles) -> PathLookup:
+    """The remotefs path map as the tracer asks it."""
+    from ktrace.remotefs.pathmap import Redirect, Refuse
+
+    def lookup(path: bytes, write: bool, follow: bool) -> bytes | int | None:
+        found = remote.path_map.lookup(path, write=write, follow=follow)
+        if isinstance(found, Redirect):
+            return found.path
+        if isinstance(found, Refuse):
+            return found.errno
+        return None
+
+    return lookup
 
 
 async def _remote_files(view: TargetView | None, client: AgentClient, kube: KubeAgent | None) -> RemoteFiles | None:
@@ -333,7 +353,14 @@ class _Parts:
 
     @classmethod
     def build(
-        cls, options: RunOptions, client: AgentClient, views_dir: str, log_json: TextIO | None, *, notify: bool
+        cls,
+        options: RunOptions,
+        client: AgentClient,
+        views_dir: str,
+        log_json: TextIO | None,
+        *,
+        notify: bool,
+        remote: RemoteFiles | None = None,
     ) -> _Parts:
         dns_map = DnsMap()
         dns_map.listeners.append(lambda name, found: log.debug("dns answer %s -> %s", name, found))
@@ -379,7 +406,10 @@ class _Parts:
             sources=AgentSources.from_routes(client.info.source_routes, client.info.addresses),
         )
         network = NetworkHandler(tcp, udp, threads)
-        files = FileViews(served=_serve_resolver_files(views_dir, client.info, options.hosts))
+        files = FileViews(
+            served=_serve_resolver_files(views_dir, client.info, options.hosts),
+            target=_lookup(remote) if remote is not None else None,
+        )
         return cls(recorder, threads, lot, relays, network, SessionHandler(network, files, threads))
 
     async def start(self) -> None:
@@ -428,5 +458,6 @@ def launcher_seize(child: launcher.PendingChild) -> None:
     except OSError as exc:
         raise KtraceError(
             f"cannot trace the program: ptrace failed: {os.strerror(exc.errno) if exc.errno else exc}",
-            "ptrace may be denied here (container seccomp profile, Yama ptrace_scope); run `ktrace doctor`",
+            "ptrace may be denied here (container seccomp profile, Yama ptrace_scope): --backend notify needs no "
+            "ptrace; run `ktrace doctor`",
         ) from None

@@ -1,6 +1,6 @@
 """scripts/bench: what ktrace costs a program, each figure next to its baseline from the same run.
 
-    scripts/bench [--quick] [--out DIR] [--only ID[,ID...]] [--ktrace PATH]
+    scripts/bench [--quick] [--out DIR] [--only ID[,ID...]] [--ktrace PATH] [--backends ptrace,notify]
 
 Sets up the tests' namespace cluster (agent on a Unix socket in the cluster namespace, programs
 on the laptop side), the benchmark server and the proxychains-ng peer, measures every figure
@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-out", metavar="DIR", help="where bench.md and bench.json go")
     p.add_argument("--only", metavar="IDS", help=f"comma-separated figure ids: {', '.join(FIGURE_IDS)}")
     p.add_argument("--ktrace", metavar="PATH", help="the ktrace to measure (default: the installed one)")
+    p.add_argument(
+        "--backends",
+        default="ptrace,notify",
+        metavar="LIST",
+        help="interception backends to measure, each figure once per backend in turn (default: ptrace,notify)",
+    )
     return p
 
 
@@ -49,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"scripts/bench: unknown figure(s) {', '.join(unknown)}", file=sys.stderr)
         return 2
+    backends = [b for b in args.backends.split(",") if b]
+    if not backends or any(b not in ("ptrace", "notify") for b in backends):
+        print("scripts/bench: --backends takes ptrace and/or notify", file=sys.stderr)
+        return 2
     mode = "quick" if args.quick else "full"
     sizes = QUICK if args.quick else FULL
     machine = machine_info()
@@ -60,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         with BenchEnv.up(programs, ktrace) as env:
-            for fid in ids:
+            for fid, backend in ((fid, backend) for fid in ids for backend in backends):
                 t0 = time.monotonic()
+                env.cluster.backend = backend
                 fig = FIGURES[fid](env, sizes)
+                fig.id, fig.title = f"{fid}[{backend}]", f"{fig.title} ({backend})"
                 figures.append(fig)
                 print(
-                    f"[{time.monotonic() - t0:5.1f}s] {fid}: value {fig.value} baseline {fig.baseline} "
+                    f"[{time.monotonic() - t0:5.1f}s] {fig.id}: value {fig.value} baseline {fig.baseline} "
                     f"met {fig.met} load {load_text()}{' ERRORS ' + str(fig.errors) if fig.errors else ''}",
                     file=sys.stderr,
                     flush=True,
@@ -76,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     machine["load_after"] = load_text()
     machine["duration_s"] = round(time.monotonic() - started, 1)
     machine["ktrace"] = ktrace
+    machine["backends"] = ",".join(backends)
     machine["agent"] = os.environ.get("KTRACE_AGENT_BIN", "ktrace-agent (installed)")
     git = subprocess.run(
         ["git", "-C", str(pathlib.Path(__file__).parent), "rev-parse", "--short", "HEAD"],

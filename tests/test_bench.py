@@ -35,7 +35,8 @@ def test_quick_bench_measures_every_figure(ns_cluster: object, tmp_path: pathlib
     for key in ("cpu", "cores", "kernel", "load_before", "load_after"):
         assert report["machine"].get(key), key
     figures = {fig["id"]: fig for fig in report["figures"]}
-    assert set(figures) == set(FIGURE_IDS)
+    # Every figure, once per backend, in the same run.
+    assert set(figures) == {f"{fid}[{backend}]" for fid in FIGURE_IDS for backend in ("ptrace", "notify")}
     for fid, fig in figures.items():
         assert not fig["errors"], (fid, fig["errors"])
         assert fig["samples"] and fig["value"] is not None, fid
@@ -46,11 +47,11 @@ def test_quick_bench_measures_every_figure(ns_cluster: object, tmp_path: pathlib
             assert fig["met"] in (True, False), fid
         for name, samples in fig["peers"].items():
             assert samples, (fid, name)
-    assert figures["concurrent_1000"]["condition_ok"] is not None
+    assert figures["concurrent_1000[notify]"]["condition_ok"] is not None
     # The stop floors (C supervisors, tests/programs/stopfloor.c) are measured in the same run.
     for mode in ("trace", "trace-spin", "notif", "notif-spin"):
-        assert f"floor_{mode}_us_per_open" in figures["open_loop"]["extra"], mode
+        assert f"floor_{mode}_us_per_open" in figures["open_loop[ptrace]"]["extra"], mode
     table = (tmp_path / "bench.md").read_text().splitlines()
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| figure")]
-    assert len(rows) == len(FIGURE_IDS)
+    assert len(rows) == 2 * len(FIGURE_IDS)
     assert all(line.count("|") == 10 for line in rows), rows

@@ -33,9 +33,9 @@ def test_doctor_passes_here() -> None:
     assert r.returncode == 0, r
     lines = r.stdout.splitlines()
     names = [line.split()[1] for line in lines]
-    assert names[:6] == ["kernel", "yama", "seccomp", "ptrace", "vm_readv", "pidfd"], lines
-    assert all(line.startswith("ok ") for line in lines[:6]), lines
-    assert lines[6:] == ["skip  kube       the agent is local, not in a cluster"], lines
+    assert names[:8] == ["kernel", "yama", "seccomp", "ptrace", "vm_readv", "pidfd", "notify", "backend"], lines
+    assert all(line.startswith("ok ") for line in lines[:8]), lines
+    assert lines[8:] == ["skip  kube       the agent is local, not in a cluster"], lines
 
 
 def test_doctor_explains_ptrace_denied_by_a_seccomp_profile() -> None:
@@ -48,8 +48,26 @@ def test_doctor_explains_ptrace_denied_by_a_seccomp_profile() -> None:
     assert "a container's seccomp profile" in line and "(fix: run the container with a seccomp profile" in line
     assert "seccomp=unconfined" in line
     assert "1 check(s) failed" in r.stderr
-    # The other checks still ran and passed: the filter denies ptrace only.
+    # The other checks still ran and passed: the filter denies ptrace only, and the notify
+    # backend, which needs no ptrace, works.
     assert any(x.startswith("ok    seccomp") for x in r.stdout.splitlines()), r.stdout
+    assert any(x.startswith("ok    notify") for x in r.stdout.splitlines()), r.stdout
+
+
+def test_under_the_same_profile_the_notify_backend_runs() -> None:
+    r = run(
+        sys.executable,
+        str(HERE / "deny_ptrace.py"),
+        KTRACE,
+        "run",
+        "--backend",
+        "notify",
+        "--agent",
+        "local",
+        "--",
+        "true",
+    )
+    assert r.returncode == 0, r
 
 
 def test_ktrace_run_under_the_same_profile_fails_with_one_line_and_a_hint() -> None:
@@ -57,7 +75,7 @@ def test_ktrace_run_under_the_same_profile_fails_with_one_line_and_a_hint() -> N
     assert r.returncode == 125, r
     assert r.stderr.strip().splitlines() == [
         "ktrace: cannot trace the program: ptrace failed: Operation not permitted (hint: ptrace may be denied "
-        "here (container seccomp profile, Yama ptrace_scope); run `ktrace doctor`)"
+        "here (container seccomp profile, Yama ptrace_scope): --backend notify needs no ptrace; run `ktrace doctor`)"
     ], r.stderr
 
 

@@ -24,6 +24,7 @@ def handlers(network: NetworkHandler, files: FileViews) -> dict[str, Handler]:
         "send": network.on_send,
         "receive": network.on_receive,
         "open": files.on_open,
+        "path": files.on_path,
     }
 
 

@@ -1,11 +1,21 @@
-"""The program's view of resolver files: /etc/resolv.conf is the agent's.
+"""The program's view of files: the agent's resolver files, and with --target the target
+container's volumes at their own paths.
 
-open/openat/openat2 stop under the filter; when the path names a file ktrace
-serves (after resolving a relative path against the directory descriptor or
-the working directory), the path argument is pointed at ktrace's copy, written
-in a private directory. The program gets a real file descriptor to a real file
-with the cluster's content, so every resolver (glibc, musl, Go) reads it the
-way it always does.
+Resolver view: open/openat/openat2 of /etc/resolv.conf (and /etc/hosts with --hosts cluster)
+opens ktrace's copy of the agent's, written in a private directory. Every resolver (glibc,
+musl, Go) reads it the way it always does.
+
+Target files (`on_path`, only when the target's volumes are served: the filter then stops
+every path-taking call, `syscalls.TABLE` feature "files"): a call naming a path under one of
+the target's mounts works on ktrace's mirror of it (ktrace/remotefs), read-only: open, the
+stat family, access, readlink see the pod's content; a call that would write fails with
+EROFS. The mapping itself (`ports.PathLookup`) is the remotefs path map's.
+
+How a path is given to the kernel instead:
+- ptrace: the path argument points at a copy (`Tracee.stable_copy`) of the local path;
+- notify: ktrace makes the call itself on the local path, and hands the program the result
+  (a descriptor installed as the open()'s result; the stat buffer, the link's text written
+  where the kernel would have).
 """
 
 from __future__ import annotations
@@ -13,13 +23,62 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ktrace.tracer import linux
 from ktrace.tracer.linux import AT_FDCWD
+from ktrace.tracer.ports import PathLookup
 from ktrace.tracer.tracee import Complete, InstallFd, NeedScratch, Outcome, Resume, Rewrite, Tracee, TraceeGone
 
 # Where the path is among each open call's arguments.
 PATH_ARGUMENT = {"open": 0, "openat": 1, "openat2": 1}
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_TMPFILE", 0)
+
+
+@dataclass(frozen=True)
+class PathCall:
+    """A path-taking syscall: what it does with its paths and where they are among its arguments."""
+
+    kind: str  # "open", "stat", "statx", "access", "readlink" or "write"
+    paths: tuple[tuple[int | None, int], ...]  # (directory descriptor argument or None, path argument)
+    # Whether it acts on a final symlink itself rather than what it points to.
+    nofollow: Callable[[Tracee], bool] = lambda t: False
+
+
+def _flag(index: int, bit: int) -> Callable[[Tracee], bool]:
+    return lambda t: bool(t.arg(index) & bit)
+
+
+PATH_CALLS: dict[str, PathCall] = {
+    "open": PathCall("open", ((None, 0),), _flag(1, os.O_NOFOLLOW)),
+    "openat": PathCall("open", ((0, 1),), _flag(2, os.O_NOFOLLOW)),
+    "openat2": PathCall("open", ((0, 1),)),
+    "stat": PathCall("stat", ((None, 0),)),
+    "lstat": PathCall("stat", ((None, 0),), lambda t: True),
+    "newfstatat": PathCall("stat", ((0, 1),), _flag(3, AT_SYMLINK_NOFOLLOW)),
+    "statx": PathCall("statx", ((0, 1),), _flag(2, AT_SYMLINK_NOFOLLOW)),
+    "access": PathCall("access", ((None, 0),)),
+    "faccessat": PathCall("access", ((0, 1),)),
+    "faccessat2": PathCall("access", ((0, 1),), _flag(3, AT_SYMLINK_NOFOLLOW)),
+    "readlink": PathCall("readlink", ((None, 0),), lambda t: True),
+    "readlinkat": PathCall("readlink", ((0, 1),), lambda t: True),
+    **{name: PathCall("write", ((None, 0),)) for name in ("creat", "truncate", "mkdir", "rmdir", "unlink", "chmod")},
+    **{name: PathCall("write", ((None, 0),)) for name in ("chown", "mknod", "utime", "utimes")},
+    "lchown": PathCall("write", ((None, 0),), lambda t: True),
+    **{name: PathCall("write", ((0, 1),)) for name in ("mkdirat", "unlinkat", "fchmodat", "fchmodat2", "mknodat")},
+    "fchownat": PathCall("write", ((0, 1),)),
+    "utimensat": PathCall("write", ((0, 1),)),
+    "rename": PathCall("write", ((None, 0), (None, 1))),
+    "renameat": PathCall("write", ((0, 1), (2, 3))),
+    "renameat2": PathCall("write", ((0, 1), (2, 3))),
+    "link": PathCall("write", ((None, 0), (None, 1))),
+    "linkat": PathCall("write", ((0, 1), (2, 3))),
+    "symlink": PathCall("write", ((None, 1),)),  # its first argument is the link's text, not a path
+    "symlinkat": PathCall("write", ((1, 2),)),
+}
 
 
 def absolute_path(path: bytes, base: bytes | None) -> bytes | None:
@@ -37,9 +96,11 @@ def absolute_path(path: bytes, base: bytes | None) -> bytes | None:
 
 @dataclass
 class FileViews:
-    """Serves files by absolute path: {b'/etc/resolv.conf': b'/tmp/ktrace-x/resolv.conf'}."""
+    """``served``: the resolver view by absolute path ({b'/etc/resolv.conf': b'/tmp/.../resolv.conf'});
+    ``target``: the target's files, when served."""
 
     served: dict[bytes, bytes]
+    target: PathLookup | None = None
     opened: list[bytes] = field(default_factory=list)  # served paths the program opened, for reports
 
     def on_open(self, t: Tracee) -> Outcome:
@@ -54,14 +115,14 @@ class FileViews:
             return Resume()  # EFAULT/ENAMETOOLONG: the kernel says so itself
         # Cheap filter first: only a path ending in a served file's basename can match.
         if not any(path.endswith(os.path.basename(p)) for p in self.served):
-            return Resume()
+            return self.on_path(t) if self.target is not None else Resume()
         base = None
         if not path.startswith(b"/"):
             base = t.directory(t.arg(0) if index == 1 else AT_FDCWD)
         full = absolute_path(path, base)
         replacement = self.served.get(full) if full is not None else None
         if replacement is None:
-            return Resume()
+            return self.on_path(t) if self.target is not None else Resume()
         if not t.can_rewrite:
             return self._open_here(t, full or b"", replacement)
         try:
@@ -93,3 +154,97 @@ class FileViews:
             return Complete(-(exc.errno or errno.EIO))
         self.opened.append(full)
         return InstallFd(fd, bool(flags & os.O_CLOEXEC))
+
+    # -- the target's files ------------------------------------------------------------
+
+    def on_path(self, t: Tracee) -> Outcome:
+        call = PATH_CALLS.get(t.syscall)
+        if call is None or self.target is None:
+            return Resume()
+        write = call.kind == "write" or (call.kind == "open" and self._open_flags(t) & _WRITE_FLAGS != 0)
+        nofollow = call.nofollow(t)
+        local: bytes | None = None
+        for dirfd_arg, path_arg in call.paths:
+            try:
+                path = t.read_string(t.arg(path_arg), limit=4096)
+            except TraceeGone:
+                raise
+            except OSError:
+                return Resume()  # the kernel says EFAULT or ENAMETOOLONG itself
+            if not path:
+                continue  # AT_EMPTY_PATH and the like: the call is about a descriptor
+            base = None
+            if not path.startswith(b"/"):
+                base = t.directory(t.arg(dirfd_arg) if dirfd_arg is not None else AT_FDCWD)
+            full = absolute_path(path, base)
+            if full is None:
+                continue
+            found = self.target(full, write, not nofollow)
+            if isinstance(found, int):
+                return Complete(-found)  # EROFS for a write, ELOOP...
+            if found is not None:
+                if call.kind == "write":
+                    return Complete(-errno.EROFS)
+                local = found
+                self.opened.append(full)
+        if local is None:
+            return Resume()
+        path_arg = call.paths[0][1]
+        if t.can_rewrite:
+            slot = t.stable_copy(local + b"\0")
+            if slot is None:
+                return NeedScratch()
+            return Rewrite(((path_arg, slot),))
+        return self._perform(t, call, local, nofollow)
+
+    @staticmethod
+    def _open_flags(t: Tracee) -> int:
+        try:
+            if t.syscall == "openat2":
+                return int(struct.unpack("=Q", t.read(t.arg(2), 8))[0])
+            return t.arg(PATH_ARGUMENT[t.syscall] + 1)
+        except (OSError, KeyError):
+            return 0
+
+    def _perform(self, t: Tracee, call: PathCall, local: bytes, nofollow: bool) -> Outcome:
+        """notify: the call on the local path, made by ktrace, its result handed to the program."""
+        if call.kind == "open":
+            flags = self._open_flags(t)
+            mode = t.arg(PATH_ARGUMENT[t.syscall] + 2) if t.syscall != "openat2" else 0
+            try:
+                fd = os.open(local, flags & 0xFFFFFFFF & ~os.O_CLOEXEC, mode & 0o7777)
+            except OSError as exc:
+                return Complete(-(exc.errno or errno.EIO))
+            return InstallFd(fd, bool(flags & os.O_CLOEXEC))
+        if call.kind in ("stat", "statx"):
+            if call.kind == "statx":
+                flags, mask, buf = t.arg(2), t.arg(3), t.arg(4)
+                result, data = linux.statx(local, flags & 0xFFFFFFFF, mask & 0xFFFFFFFF)
+            else:
+                buf = t.arg(1) if t.syscall in ("stat", "lstat") else t.arg(2)
+                result, data = linux.fstatat(local, AT_SYMLINK_NOFOLLOW if nofollow else 0)
+            if result < 0:
+                return Complete(result)
+            try:
+                t.write(((buf, data),))
+            except OSError:
+                return Complete(-errno.EFAULT)
+            return Complete(0)
+        if call.kind == "access":
+            mode = t.arg(1) if t.syscall == "access" else t.arg(2)
+            flags = t.arg(3) if t.syscall == "faccessat2" else 0
+            return Complete(linux.faccessat(local, mode & 0xFFFFFFFF, flags & 0xFFFFFFFF & ~AT_EMPTY_PATH))
+        # readlink
+        buf, size = (t.arg(1), t.arg(2)) if t.syscall == "readlink" else (t.arg(2), t.arg(3))
+        if size <= 0 or size > 0x7FFFFFFF:
+            return Complete(-errno.EINVAL)
+        try:
+            text = os.readlink(local)
+        except OSError as exc:
+            return Complete(-(exc.errno or errno.EIO))
+        data = text[:size]
+        try:
+            t.write(((buf, data),))
+        except OSError:
+            return Complete(-errno.EFAULT)
+        return Complete(len(data))

@@ -332,3 +332,39 @@ def directory_of(tid: int, dirfd: int) -> bytes | None:
         return os.readlink(link).encode()
     except OSError:
         return None
+
+
+# ---- file calls the notify backend makes in the program's place (kernel layouts, raw) -------
+
+_STAT_SIZE: Final = {"x86_64": 144, "aarch64": 128}
+_STATX_SIZE: Final = 256
+
+
+def _raw(name: str, *args: int | bytes | ctypes.Array[ctypes.c_char]) -> int:
+    """The raw syscall ``name``: its result, or -errno (pointers as bytes or buffers)."""
+    from ktrace.tracer import syscalls
+
+    nr = syscalls.number(name)
+    assert nr is not None
+    converted = [
+        ctypes.c_long(a) if isinstance(a, int) else ctypes.c_char_p(a) if isinstance(a, bytes) else a for a in args
+    ]
+    result = int(_libc.syscall(ctypes.c_long(nr), *converted))
+    return result if result >= 0 else -(ctypes.get_errno() or errno.EIO)
+
+
+def fstatat(path: bytes, flags: int) -> tuple[int, bytes]:
+    """newfstatat(AT_FDCWD, path, buf, flags): (0 or -errno, the kernel's struct stat)."""
+    buf = ctypes.create_string_buffer(_STAT_SIZE[arch.NATIVE.name])
+    result = _raw("newfstatat", AT_FDCWD, path, buf, flags)
+    return result, buf.raw
+
+
+def statx(path: bytes, flags: int, mask: int) -> tuple[int, bytes]:
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    result = _raw("statx", AT_FDCWD, path, flags, mask, buf)
+    return result, buf.raw
+
+
+def faccessat(path: bytes, mode: int, flags: int) -> int:
+    return _raw("faccessat2", AT_FDCWD, path, mode, flags)

@@ -9,6 +9,7 @@ values.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Protocol
 
 from ktrace.tunnel.types import Endpoint
@@ -56,3 +57,8 @@ class RelayTable(Protocol):
     def refuse(self, sock_key: int, peer: Endpoint, program: socket.socket) -> bool: ...
 
     def agent_port(self, sock_key: int) -> int | None: ...
+
+
+# The target's files: (absolute path, whether the call writes, whether it follows a final link)
+# -> the local path to use instead (bytes), an errno to fail with (int), or None (not ours).
+PathLookup = Callable[[bytes, bool, bool], bytes | int | None]

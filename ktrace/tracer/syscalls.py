@@ -107,6 +107,47 @@ TABLE: Final = (
     Row("openat2", _n(437, 437), Always(), "open"),
     # io_uring can connect and send without any syscall ktrace could see.
     Row("io_uring_setup", _n(425, 425), Fails(ENOSYS), None),
+    # --target's files (files.py): calls that name a path stop only when the target's volumes are
+    # served, since every stat() of the program then stops.
+    *(
+        Row(name, _n(x86_64, aarch64), Always(), "path", feature="files")
+        for name, x86_64, aarch64 in (
+            ("stat", 4, None),
+            ("lstat", 6, None),
+            ("newfstatat", 262, 79),
+            ("statx", 332, 291),
+            ("access", 21, None),
+            ("faccessat", 269, 48),
+            ("faccessat2", 439, 439),
+            ("readlink", 89, None),
+            ("readlinkat", 267, 78),
+            ("creat", 85, None),
+            ("truncate", 76, 45),
+            ("mkdir", 83, None),
+            ("mkdirat", 258, 34),
+            ("rmdir", 84, None),
+            ("unlink", 87, None),
+            ("unlinkat", 263, 35),
+            ("rename", 82, None),
+            ("renameat", 264, 38),
+            ("renameat2", 316, 276),
+            ("link", 86, None),
+            ("linkat", 265, 37),
+            ("symlink", 88, None),
+            ("symlinkat", 266, 36),
+            ("chmod", 90, None),
+            ("fchmodat", 268, 53),
+            ("fchmodat2", 452, 452),
+            ("chown", 92, None),
+            ("lchown", 94, None),
+            ("fchownat", 260, 54),
+            ("mknod", 133, None),
+            ("mknodat", 259, 33),
+            ("utime", 132, None),
+            ("utimes", 235, None),
+            ("utimensat", 280, 88),
+        )
+    ),
 )
 
 # Syscalls a backend issues in the program's name (ptrace: a scratch page), never stopped.

@@ -212,6 +212,10 @@ def laptop(cluster: KubeCluster, tmp_path: pathlib.Path, **extra: str) -> list[s
     return cluster.laptop_env(HOME=str(tmp_path), XDG_RUNTIME_DIR=str(runtime), **extra)
 
 
+# The file interception differs by backend (a rewritten path, or the call made by ktrace).
+BACKENDS = ("ptrace", "notify")
+
+
 def under_ktrace(cluster: KubeCluster, tmp_path: pathlib.Path, cmd: list[str], *args: str) -> list[str]:
     return [
         *laptop(cluster, tmp_path),
@@ -407,15 +411,17 @@ def test_sigterm_removes_the_copies(cluster: KubeCluster, operator: dict[str, An
     assert not directory.exists()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_the_operator_runs_as_in_the_pod(
-    cluster: KubeCluster, operator: dict[str, Any], programs: Programs, tmp_path: pathlib.Path
+    cluster: KubeCluster, operator: dict[str, Any], programs: Programs, tmp_path: pathlib.Path, backend: str
 ) -> None:
     args = ["-env", ",".join(ENV_NAMES), "-file", "/etc/app/config.yaml", "-api"]
     expected = in_pod(cluster, "/incluster", *args)
-    assert "configmaps: kube-root-ca.crt " in expected and f"{NAME}-config" in expected
+    listed = next(line for line in expected.splitlines() if line.startswith("configmaps: ")).split()[1:]
+    assert "kube-root-ca.crt" in listed and f"{NAME}-config" in listed, expected
     assert f'secrets: error secrets is forbidden: User "system:serviceaccount:{TEST_NS}:{NAME}"' in expected
     proc = subprocess.run(
-        under_ktrace(cluster, tmp_path, [programs["incluster"], *args]),
+        under_ktrace(cluster, tmp_path, [programs["incluster"], *args], "--backend", backend),
         capture_output=True,
         text=True,
         timeout=120,
@@ -426,13 +432,18 @@ def test_the_operator_runs_as_in_the_pod(
     no_secret_in(proc.stderr)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_kubectl_uses_the_in_cluster_config(
-    cluster: KubeCluster, operator: dict[str, Any], tmp_path: pathlib.Path
+    cluster: KubeCluster, operator: dict[str, Any], tmp_path: pathlib.Path, backend: str
 ) -> None:
     kubectl = str(cluster.bindir / "kubectl")
     script = f"{kubectl} get configmaps -o name; echo rc=$?; {kubectl} get secrets 2>&1; echo rc=$?"
     proc = subprocess.run(
-        under_ktrace(cluster, tmp_path, ["sh", "-c", script]), capture_output=True, text=True, timeout=120, check=False
+        under_ktrace(cluster, tmp_path, ["sh", "-c", script], "--backend", backend),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -442,10 +453,12 @@ def test_kubectl_uses_the_in_cluster_config(
     assert lines[-1] == "rc=1"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_an_edited_configmap_is_seen_at_the_next_read(
-    cluster: KubeCluster, operator: dict[str, Any], programs: Programs, tmp_path: pathlib.Path
+    cluster: KubeCluster, operator: dict[str, Any], programs: Programs, tmp_path: pathlib.Path, backend: str
 ) -> None:
-    proc = popen(under_ktrace(cluster, tmp_path, [programs["incluster"], "-read", "/etc/app/config.yaml"]))
+    argv = [programs["incluster"], "-read", "/etc/app/config.yaml"]
+    proc = popen(under_ktrace(cluster, tmp_path, argv, "--backend", backend))
     with explained(proc):
         send(proc, "read")
         assert read_line(proc, 90) == f"content {json.dumps(CONFIG_V1)}"

@@ -29,8 +29,10 @@ from ktrace.tracer.ptrace import kernel
 from ktrace.tracer.ptrace.kernel import Registers
 from ktrace.tracer.threads import ThreadGroups
 
-PAGE_BYTES = 2 * 4096
-SLOT_BYTES = 256
+# Slots hold a path (up to PATH_MAX) or a sockaddr; the kernel copies an argument as the call
+# starts, long before sixteen other stops of the same process come round to reuse its slot.
+PAGE_BYTES = 16 * 4096
+SLOT_BYTES = 4096
 SLOTS = PAGE_BYTES // SLOT_BYTES
 MAX_ERRNO = 4095
 
