@@ -119,9 +119,9 @@ def run(options: RunOptions) -> int:
     log_json = reporting.open_log(options.log_json)
     stop = seccomp.RET_USER_NOTIF if notify else seccomp.RET_TRACE
     # The target's files: every path-taking call then stops (only then: each stat() costs a stop).
-    features = (
-        frozenset({"files"}) if view is not None and view.files is not None and view.files.served else frozenset()
-    )
+    # ptrace: clone(CLONE_UNTRACED) is stopped, so that no child escapes EXITKILL (syscalls.TABLE).
+    serving = view is not None and view.files is not None and bool(view.files.served)
+    features = frozenset({"files"} if serving else set()) | frozenset(set() if notify else {"ptrace"})
     filter_program = seccomp.build(syscalls.filter_rules(features), stop=stop)
     child = launcher.fork_child(path, options.command, env, filter_program, notify=notify)
     tuning.raise_fd_limit()  # for ktrace only: the program, forked already, keeps the user's limit

@@ -52,6 +52,7 @@ SPECS: dict[str, Spec] = {
     "mresolve": Spec("musl-gcc", "mresolve.c"),
     "csignal": Spec("gcc", "csignal.c"),  # a blocking connect() a signal interrupts
     "crace": Spec("gcc", "crace.c", ("-pthread",)),  # a sockaddr changed while connect/send use it
+    "cuntraced": Spec("gcc", "cuntraced.c"),  # a child made with clone(CLONE_UNTRACED)
     # scripts/bench: a syscall loop, the benchmark server, and a dynamic client
     "csysloop": Spec("gcc", "csysloop.c"),
     "cbenchsrv": Spec("gcc", "cbenchsrv.c", ("-pthread",)),

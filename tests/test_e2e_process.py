@@ -221,3 +221,24 @@ def test_programs_started_in_unusual_ways_are_traced(
     traced = c.run_laptop(c.ktrace_argv(*argv), timeout=60)
     assert traced.returncode == 0, traced
     assert "hello from cluster, you are " in traced.stdout, traced
+
+
+def test_a_child_made_untraced_does_not_outlive_a_killed_ktrace(
+    ktrace_cluster: NamespaceCluster, programs: Programs
+) -> None:
+    """clone(CLONE_UNTRACED) would make a child ptrace's EXITKILL does not reach (ktrace clears
+    the flag); under notify the guardian ends it. kill -9 of ktrace ends the program and it."""
+    c = ktrace_cluster
+    proc = c.popen_laptop(c.ktrace_argv(programs["cuntraced"]), stdin=subprocess.PIPE)
+    try:
+        line = read_line(proc, 30)
+        assert line.startswith("child "), line
+        child = int(line.split()[1])
+        assert proc_state(child) is not None
+        proc.kill()  # SIGKILL to ktrace itself: nothing of ktrace's runs after it
+        proc.wait(timeout=30)
+        wait_exited(child, 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)

@@ -129,9 +129,10 @@ def test_the_notification_backend_gets_the_same_filter_with_another_stop_action(
 
 @pytest.mark.parametrize("row", [row for row in syscalls.TABLE if "aarch64" in row.numbers], ids=lambda r: r.name)
 def test_aarch64_filter_stops_the_table_s_rows_by_their_aarch64_numbers(row: syscalls.Row) -> None:
-    program = seccomp.build(filter_rules(on=arch.AARCH64), on=arch.AARCH64)
+    every_feature = frozenset(r.feature for r in syscalls.TABLE if r.feature is not None)
+    program = seccomp.build(filter_rules(every_feature, on=arch.AARCH64), on=arch.AARCH64)
     nr = row.numbers["aarch64"]
-    args = (3, 1, 4, 0x7FFF0000, 0x7FFF0000, 64)  # satisfies every row's argument condition
+    args = (3 | syscalls.CLONE_UNTRACED, 1, 4, 0x7FFF0000, 0x7FFF0000, 64)  # satisfies every row's condition
     expected = seccomp.RET_TRACE | nr
     if isinstance(row.when, syscalls.Fails):
         expected = seccomp.RET_ERRNO | row.when.errno
@@ -144,3 +145,18 @@ def test_aarch64_filter_stops_the_table_s_rows_by_their_aarch64_numbers(row: sys
 def test_aarch32_network_syscalls_cannot_bypass_the_tunnel(nr: int) -> None:
     program = seccomp.build(filter_rules(on=arch.AARCH64), on=arch.AARCH64)
     assert seccomp.evaluate(program, nr, arch.AUDIT_ARCH_ARM) == seccomp.RET_ERRNO | 38
+
+
+def test_under_ptrace_only_an_untraced_clone_stops_and_clone3_is_refused() -> None:
+    program = seccomp.build(filter_rules(frozenset({"ptrace"}), on=arch.X86_64), on=arch.X86_64)
+    untraced, sigchld = syscalls.CLONE_UNTRACED, 17
+    assert seccomp.evaluate(program, SYS.clone, arch.AUDIT_ARCH_X86_64, (untraced | sigchld, 0, 0, 0, 0, 0)) == (
+        seccomp.RET_TRACE | SYS.clone
+    )
+    # A thread or a plain fork: no stop (threads are created often).
+    assert seccomp.evaluate(program, SYS.clone, arch.AUDIT_ARCH_X86_64, (0x3D0F00, 0, 0, 0, 0, 0)) == seccomp.RET_ALLOW
+    assert seccomp.evaluate(program, SYS.clone, arch.AUDIT_ARCH_X86_64, (sigchld, 0, 0, 0, 0, 0)) == seccomp.RET_ALLOW
+    assert seccomp.evaluate(program, SYS.clone3, arch.AUDIT_ARCH_X86_64) == seccomp.RET_ERRNO | 38
+    # Under notify neither row is in the filter (the guardian ends every process).
+    assert run(SYS.clone, args=(untraced, 0, 0, 0, 0, 0)) == seccomp.RET_ALLOW
+    assert run(SYS.clone3) == seccomp.RET_ALLOW

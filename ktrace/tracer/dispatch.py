@@ -10,7 +10,7 @@ from ktrace.tracer import syscalls
 from ktrace.tracer.files import FileViews
 from ktrace.tracer.network import NetworkHandler
 from ktrace.tracer.threads import ThreadGroups
-from ktrace.tracer.tracee import Outcome, Resume, Tracee
+from ktrace.tracer.tracee import Outcome, Resume, Rewrite, Tracee
 
 Handler = Callable[[Tracee], Outcome]
 
@@ -25,7 +25,16 @@ def handlers(network: NetworkHandler, files: FileViews) -> dict[str, Handler]:
         "receive": network.on_receive,
         "open": files.on_open,
         "path": files.on_path,
+        "clone": untraced_clone,
     }
+
+
+def untraced_clone(t: Tracee) -> Outcome:
+    """clone(CLONE_UNTRACED) under ptrace (the filter stops only that): the child is traced like
+    any other, so it cannot outlive ktrace. Its flags are a register: rewritten, not raced."""
+    if not t.can_rewrite:
+        return Resume()
+    return Rewrite(((0, t.arg(0) & ~syscalls.CLONE_UNTRACED),))
 
 
 @dataclass

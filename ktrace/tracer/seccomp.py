@@ -27,6 +27,7 @@ BPF_ABS: Final = 0x20
 BPF_JMP: Final = 0x05
 BPF_JEQ: Final = 0x10
 BPF_JGE: Final = 0x30
+BPF_JSET: Final = 0x40
 BPF_K: Final = 0x00
 BPF_RET: Final = 0x06
 
@@ -80,6 +81,9 @@ class Rule:
     # low 32 bits of that argument are at least the minimum too (unsigned: a negative int
     # counts as large). For sendto's address length: see `filter_rules`.
     at_least: tuple[int, int] | None = None
+    # (argument index, mask): the action applies only when the low 32 bits of that argument have
+    # any of the mask's bits set (clone's CLONE_UNTRACED flag).
+    any_bit: tuple[int, int] | None = None
 
 
 def trace(
@@ -88,12 +92,13 @@ def trace(
     unless_arg_zero: int | None = None,
     only_if_args: tuple[tuple[int, int], ...] = (),
     at_least: tuple[int, int] | None = None,
+    any_bit: tuple[int, int] | None = None,
 ) -> Rule:
     """A syscall that stops. Built with RET_TRACE; `build(stop=...)` swaps in another action
     (RET_USER_NOTIF) for every such rule."""
     # The 16-bit data of RET_TRACE is what PTRACE_GETEVENTMSG returns at the
     # stop; the syscall number is a convenient tag.
-    return Rule(nr, RET_TRACE | (nr & 0xFFFF), unless_arg_zero, only_if_args, at_least)
+    return Rule(nr, RET_TRACE | (nr & 0xFFFF), unless_arg_zero, only_if_args, at_least, any_bit)
 
 
 def fail(nr: int, errno: int) -> Rule:
@@ -112,12 +117,26 @@ def _jeq(k: int, jt: int, jf: int) -> Insn:
     return Insn(BPF_JMP | BPF_JEQ | BPF_K, jt, jf, k)
 
 
+def _jset(k: int, jt: int, jf: int) -> Insn:
+    return Insn(BPF_JMP | BPF_JSET | BPF_K, jt, jf, k)
+
+
 def _jge(k: int, jt: int, jf: int) -> Insn:
     return Insn(BPF_JMP | BPF_JGE | BPF_K, jt, jf, k)
 
 
 def _rule_block(rule: Rule) -> list[Insn]:
     """Instructions that run with the accumulator holding nr; fall through on no match."""
+    if rule.any_bit is not None:
+        index, mask = rule.any_bit
+        # nr matches: the bit decides (ALLOW without it); every path then ends in a return.
+        return [
+            _jeq(rule.nr, 0, 4),
+            _ld(off_arg_low(index)),
+            _jset(mask & 0xFFFFFFFF, 0, 1),
+            _ret(rule.action),
+            _ret(RET_ALLOW),
+        ]
     if rule.only_if_args:
         if rule.unless_arg_zero is not None:
             raise ValueError("a rule takes unless_arg_zero or only_if_args, not both")
@@ -207,6 +226,8 @@ def evaluate(blob: bytes, nr: int, audit_arch: int, args: Sequence[int] = (0,) *
             pc += 1
         elif insn.code == BPF_JMP | BPF_JEQ | BPF_K:
             pc += 1 + (insn.jt if acc == insn.k else insn.jf)
+        elif insn.code == BPF_JMP | BPF_JSET | BPF_K:
+            pc += 1 + (insn.jt if acc & insn.k else insn.jf)
         elif insn.code == BPF_JMP | BPF_JGE | BPF_K:
             pc += 1 + (insn.jt if acc >= insn.k else insn.jf)
         elif insn.code == BPF_RET | BPF_K:
