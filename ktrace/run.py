@@ -38,6 +38,7 @@ from ktrace.tracer.network import NetworkHandler
 from ktrace.tracer.notify.loop import Supervisor
 from ktrace.tracer.ports import PathLookup
 from ktrace.tracer.ptrace.loop import FORWARDED_SIGNALS, Tracer, TraceResult
+from ktrace.tracer.sockets import SocketTable
 from ktrace.tracer.tcp import TcpConnects
 from ktrace.tracer.threads import ThreadGroups
 from ktrace.tracer.udp import UdpRedirector
@@ -391,12 +392,14 @@ class _Parts:
             local_dns=reporting.local_resolver(options.rules),
             dns_cache=DnsCache() if options.dns_cache else None,
         )
+        table = SocketTable()  # one record per program socket, shared by the TCP and UDP handlers
         tcp = TcpConnects(
             AgentTunnel(client, lot, dns_map),
             policy,
             connect_timeout=options.connect_timeout,
             on_event=recorder.on_connect,
             threads=threads,
+            table=table,
         )
         udp = UdpRedirector(
             relays,
@@ -404,6 +407,7 @@ class _Parts:
             on_event=recorder.on_udp,
             threads=threads,
             sources=AgentSources.from_routes(client.info.source_routes, client.info.addresses),
+            table=table,
         )
         network = NetworkHandler(tcp, udp, threads)
         files = FileViews(

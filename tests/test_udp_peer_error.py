@@ -52,7 +52,7 @@ def test_a_refusal_for_a_process_that_exited_is_ignored() -> None:
     gone.wait(timeout=20)  # reaped: its pid names no process
     relays = Relays()
     redirector = UdpRedirector(relays, RoutingPolicy())
-    redirector.connected[1234] = PEER
-    redirector.descriptors[1234] = (gone.pid, 3)
+    record = redirector.table.udp_record(1234, socket.AF_INET)
+    record.peer, record.where = PEER, (gone.pid, 3)
     redirector.peer_error(1234, PEER.endpoint, "ECONNREFUSED")
     assert relays.refused == []

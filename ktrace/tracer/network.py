@@ -97,13 +97,13 @@ class NetworkHandler:
         name: bytes | None = None
         if entry is not None:
             name = decide.peer_name(entry) if peer else decide.sock_name(entry)
-        elif peer and inode in self.udp.sockets:
+        elif peer and (family := self.udp.family_of(inode)) is not None:
             if self.udp.connected_to_port_zero(inode):
                 # Linux keeps such a socket "connected" (send works, the source is chosen) but
                 # its getpeername() says ENOTCONN: inet_getname() checks the peer port first.
                 return Complete(-errno.ENOTCONN)
-            name = self.udp.peer_name(inode, self.udp.sockets[inode])
-        elif not peer and inode in self.udp.connected:
+            name = self.udp.peer_name(inode, family)
+        elif not peer and self.udp.connected_peer(inode) is not None:
             name = self.udp.sock_name(inode)
         if name is None:
             return Resume()
@@ -111,7 +111,7 @@ class NetworkHandler:
 
     def on_receive(self, t: Tracee) -> Outcome:
         inode = t.inode(t.arg(0))
-        family = self.udp.sockets.get(inode) if inode is not None else None
+        family = self.udp.family_of(inode) if inode is not None else None
         if inode is None or family is None:
             return Resume()
         info = SocketInfo(family, socket.SOCK_DGRAM, inode)

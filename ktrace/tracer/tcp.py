@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import errno
 import ipaddress
 import logging
@@ -47,6 +46,7 @@ from ktrace.tracer import decide, sockaddr, sockops
 from ktrace.tracer.decide import Passthrough, Redirected, RedirectTcp, RoutingPolicy, SocketInfo
 from ktrace.tracer.ports import AttachFailed, Dialled, TcpTunnel
 from ktrace.tracer.sockaddr import InetAddr
+from ktrace.tracer.sockets import Phase, SocketTable, TcpRecord
 from ktrace.tracer.threads import ThreadGroups
 from ktrace.tracer.tracee import (
     Complete,
@@ -86,43 +86,6 @@ class ConnectEvent:
     wall: float | None = None  # time.time() when the outcome was known (None: when reported)
 
 
-class Phase(enum.Enum):
-    CONNECTING = "connecting"  # parked; the agent dials
-    CONNECTED = "connected"  # spliced to the agent's connection
-    FAILED = "failed"  # the agent failed; the program has not been told yet
-    TOLD = "told"  # told by SO_ERROR: the next connect() says ECONNABORTED, as the kernel's would
-
-
-@dataclass(eq=False)
-class TcpRecord:
-    """A program socket ktrace redirected, by inode: one record, owned by `TcpConnects`."""
-
-    inode: int
-    family: int
-    peer: InetAddr  # as the program wrote it (v4-mapped stays v4-mapped)
-    dest: Endpoint
-    route: RouteDecision
-    tid: int
-    started: float
-    sock: socket.socket | None  # ktrace's duplicate while connecting or failed
-    phase: Phase = Phase.CONNECTING
-    error: int = 0
-    local: Endpoint | None = None  # the agent socket's own address, once connected
-    waiters: int = 0  # threads blocked in the kernel's connect() on it (ptrace) or in ours (notify)
-    settled: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    task: asyncio.Task[None] | None = None
-
-    def redirected(self) -> Redirected | None:
-        if self.phase is not Phase.CONNECTED or self.local is None:
-            return None
-        return Redirected(self.family, self.peer, self.local)
-
-    def close_sock(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-
 @dataclass(frozen=True)
 class _PendingLocal:
     tid: int  # the thread that connected
@@ -145,7 +108,7 @@ class TcpConnects:
     connect_timeout: float | None = None
     on_event: Callable[[ConnectEvent], None] | None = None
     threads: ThreadGroups = field(default_factory=ThreadGroups)
-    records: dict[int, TcpRecord] = field(default_factory=dict)
+    table: SocketTable = field(default_factory=SocketTable)
     _by_dialled: dict[int, int] = field(default_factory=dict)  # id(dialled) -> inode
     # Non-blocking connect()s kept local, by socket inode, until the program learns how they
     # ended (getsockopt SO_ERROR, or connect() again): for the report only.
@@ -160,7 +123,7 @@ class TcpConnects:
     ) -> Outcome:
         """connect() on a TCP (or other IP, non-UDP) socket; ``sock`` is ktrace's duplicate, which
         this takes over, ``raw`` the address bytes as read."""
-        record = self.records.get(info.inode)
+        record = self.table.tcp(info.inode)
         if isinstance(addr, sockaddr.OtherFamily) and addr.family == sockaddr.AF_UNSPEC:
             return self._disconnect(sock, record)
         if record is not None:
@@ -296,7 +259,7 @@ class TcpConnects:
                 # program gets the kernel's answer, as for any connect() failing here.
                 sock.close()
                 return Complete(-err)
-        self.records[info.inode] = record
+        self.table.put(record)
         record.task = asyncio.get_running_loop().create_task(self._settle(record))
         if not blocking:
             return Complete(-errno.EINPROGRESS)
@@ -381,7 +344,7 @@ class TcpConnects:
         except TunnelError as exc:
             self._fail(record, exc.errno)
             return
-        if self.records.get(record.inode) is not record or record.sock is None:
+        if not self.table.holds(record) or record.sock is None:
             await dialled.abort()  # the program disconnected or closed meanwhile
             return
         # Connected from here on: the program may see its connect() succeed (and ask its names)
@@ -393,7 +356,7 @@ class TcpConnects:
         except AttachFailed as exc:
             log.debug("connection to %s not handed over: %s", record.dest, exc)
             await dialled.abort()
-            if self.records.get(record.inode) is record:
+            if self.table.holds(record):
                 record.phase = Phase.CONNECTING
                 self._fail(record, errno.ECONNABORTED)
             return
@@ -404,7 +367,7 @@ class TcpConnects:
         self._emit(self._event(record, "ok", dialled.local))
 
     def _fail(self, record: TcpRecord, err: int) -> None:
-        if self.records.get(record.inode) is not record or record.sock is None:
+        if not self.table.holds(record) or record.sock is None:
             return
         record.phase = Phase.FAILED
         record.error = err
@@ -429,7 +392,7 @@ class TcpConnects:
         while len(self._failed) > MAX_FAILED_KEPT:
             inode = next(iter(self._failed))
             del self._failed[inode]
-            old = self.records.get(inode)
+            old = self.table.tcp(inode)
             if old is not None and old.phase in (Phase.FAILED, Phase.TOLD) and old.waiters == 0:
                 self._forget(old)
 
@@ -439,8 +402,8 @@ class TcpConnects:
         )
 
     def _forget(self, record: TcpRecord) -> None:
-        if self.records.get(record.inode) is record:
-            del self.records[record.inode]
+        if self.table.holds(record):
+            self.table.drop(record)
             self._failed.pop(record.inode, None)
         if record.task is not None and not record.task.done():
             record.task.cancel()
@@ -453,7 +416,7 @@ class TcpConnects:
     def fast_open(self, t: Tracee, sock: socket.socket, info: SocketInfo, addr: sockaddr.Decoded | None) -> Outcome:
         """sendto(MSG_FASTOPEN) on a TCP socket: connect(), then send() once connected. A pod
         without a cookie for the server sends the data after the handshake too."""
-        decision = decide.decide_connect(addr, info, info.inode in self.records, self.policy)
+        decision = decide.decide_connect(addr, info, self.table.tcp(info.inode) is not None, self.policy)
         if isinstance(decision, decide.Unsupported):
             sock.close()
             return Complete(-errno.ENETUNREACH)
@@ -477,10 +440,10 @@ class TcpConnects:
             if err != errno.EINPROGRESS:
                 sock.close()
                 return Complete(-err)
-            self.records[info.inode] = record
+            self.table.put(record)
             record.task = asyncio.get_running_loop().create_task(self._settle(record))
             return Complete(-errno.EINPROGRESS)
-        self.records[info.inode] = record
+        self.table.put(record)
         record.task = asyncio.get_running_loop().create_task(self._settle(record))
         record.waiters += 1
         return Deferred(self._blocking_fast_open(record, park, payload, t.arg(3) & 0xFFFFFFFF))
@@ -505,12 +468,12 @@ class TcpConnects:
     def so_error(self, t: Tracee) -> Outcome:
         """getsockopt(SOL_SOCKET, SO_ERROR): a redirected connect that failed reports the agent's
         errno; a local one kept by a rule is reported once the program learns its outcome."""
-        if not self.records and not self._pending_local:
+        if not self.table and not self._pending_local:
             return Resume()
         inode = t.inode(t.arg(0))
         if inode is None:
             return Resume()
-        record = self.records.get(inode)
+        record = self.table.tcp(inode)
         pending = inode in self._pending_local
         if (record is None or record.phase is not Phase.FAILED) and not pending:
             return Resume()
@@ -531,19 +494,20 @@ class TcpConnects:
     # -- names --------------------------------------------------------------------------
 
     def redirected(self, inode: int) -> Redirected | None:
-        record = self.records.get(inode)
+        record = self.table.tcp(inode)
         return record.redirected() if record is not None else None
 
     def stream_closed(self, dialled: Dialled) -> None:
         inode = self._by_dialled.pop(id(dialled), None)
         if inode is not None:
-            record = self.records.pop(inode, None)
+            record = self.table.tcp(inode)
             if record is not None:
+                self.table.drop(record)
                 record.close_sock()
 
     def cancel_dials(self) -> None:
         """The program is gone: dials still going have no one to serve."""
-        for record in self.records.values():
+        for record in self.table.tcp_records():
             if record.task is not None and not record.task.done():
                 record.task.cancel()
 
@@ -552,7 +516,7 @@ class TcpConnects:
         for pending in self._pending_local.values():
             self._emit(pending.event("EINPROGRESS"))
         self._pending_local.clear()
-        for record in list(self.records.values()):
+        for record in list(self.table.tcp_records()):
             self._forget(record)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)

@@ -31,6 +31,7 @@ from ktrace.tracer import decide, linux, msghdr, sockaddr, sockops
 from ktrace.tracer.decide import AgentSources, Route, RoutingPolicy, SocketInfo
 from ktrace.tracer.ports import RelayTable
 from ktrace.tracer.sockaddr import InetAddr
+from ktrace.tracer.sockets import SocketTable, UdpRecord
 from ktrace.tracer.threads import ThreadGroups
 from ktrace.tracer.tracee import Complete, Deferred, Outcome, Tracee, TraceeGone
 from ktrace.tunnel.types import MAX_DATAGRAM, Endpoint
@@ -100,16 +101,10 @@ class UdpRedirector:
     relays: RelayTable
     policy: RoutingPolicy
     on_event: Callable[[UdpEvent], None] | None = None
-    sockets: dict[int, int] = field(default_factory=dict)  # inode -> family, program sockets with relays
-    connected: dict[int, InetAddr] = field(default_factory=dict)  # inode -> peer as the program wrote it
-    # inode -> (thread group, descriptor) the program connected it with: where to find the
-    # socket again when the peer turns out to refuse datagrams.
-    descriptors: dict[int, tuple[int, int]] = field(default_factory=dict)
+    table: SocketTable = field(default_factory=SocketTable)  # shared with tcp.py: one record a socket
     threads: ThreadGroups = field(default_factory=ThreadGroups)
     # The agent's source address per IP version (its handshake): what getsockname() shows.
     sources: AgentSources = field(default_factory=AgentSources)
-    own_ports: dict[int, int] = field(default_factory=dict)  # inode -> its own port, for connected ones
-    _seen: dict[int, set[Endpoint]] = field(default_factory=dict)  # inode -> destinations reported
     # A descriptor of a process's, outside any stop (process id, fd) -> ktrace's duplicate.
     duplicate: Callable[[int, int], int] = field(default=lambda pid, fd: linux.duplicate_fd(pid, fd, lambda t: t))
 
@@ -122,7 +117,9 @@ class UdpRedirector:
         kernel's connect() of ktrace's copy of the address (AF_UNSPEC disconnects)."""
         dest = self._remote(info, addr)
         if dest is None:
-            self._disconnected(info.inode)
+            known = self.table.udp(info.inode)
+            if known is not None:
+                known.disconnected()
             return Complete(-sockops.connect(sock.fileno(), raw))
         assert isinstance(addr, InetAddr)  # _remote found an IP destination in it
         unreachable = decide.udp_no_route(dest, self.sources)
@@ -141,11 +138,9 @@ class UdpRedirector:
         own_port = sock.getsockname()[1]
         if dest.port == 0:
             self.relays.connected_to_sink(info.inode, info.family, dest, own_port)
-        self.sockets[info.inode] = info.family
-        self.connected[info.inode] = addr
-        self.own_ports[info.inode] = own_port
-        self.descriptors[info.inode] = (t.process, fd)
-        self._note(t.tid, dest, "connect", info.inode)
+        record = self.table.udp_record(info.inode, info.family)
+        record.peer, record.own_port, record.where = addr, own_port, (t.process, fd)
+        self._note(t.tid, dest, "connect", record)
         return Complete(0)
 
     # -- sending -----------------------------------------------------------------------
@@ -263,22 +258,23 @@ class UdpRedirector:
         if unreachable is not None:
             return -unreachable
         host, port = self.relays.relay_for(info.inode, info.family, dest)
-        self.sockets[info.inode] = info.family
-        self._note(tid, dest, "send", info.inode)
+        self._note(tid, dest, "send", self.table.udp_record(info.inode, info.family))
         relay = sockaddr.encode(info.family, ipaddress.ip_address(host), port)
         return sockops.send(fd, payload, relay, b"", flags | MSG_DONTWAIT)
 
     def forget(self, inode: int) -> None:
         """The program's socket ``inode`` is gone (found by the relays' sweep)."""
-        self.sockets.pop(inode, None)
-        self.connected.pop(inode, None)
-        self.own_ports.pop(inode, None)
-        self._seen.pop(inode, None)
-        self.descriptors.pop(inode, None)
+        if self.table.udp(inode) is not None:
+            self.table.forget(inode)
 
-    def _disconnected(self, inode: int) -> None:
-        self.connected.pop(inode, None)
-        self.own_ports.pop(inode, None)
+    def family_of(self, inode: int) -> int | None:
+        """The family of a program socket with relays (None: ktrace has not relayed it)."""
+        record = self.table.udp(inode)
+        return record.family if record is not None else None
+
+    def connected_peer(self, inode: int) -> InetAddr | None:
+        record = self.table.udp(inode)
+        return record.peer if record is not None else None
 
     def peer_error(self, inode: int, peer: Endpoint, errno_name: str) -> None:
         """The agent got an ICMP error from ``peer`` for a datagram of socket ``inode``.
@@ -287,8 +283,9 @@ class UdpRedirector:
         IP_RECVERR), and only ECONNREFUSED can be reproduced locally (see
         ``UdpRelays.refuse``); other ICMP errors leave the program waiting, as if lost.
         """
-        addr = self.connected.get(inode)
-        where = self.descriptors.get(inode)
+        record = self.table.udp(inode)
+        addr = record.peer if record is not None else None
+        where = record.where if record is not None else None
         if errno_name != "ECONNREFUSED" or addr is None or addr.endpoint != peer or where is None:
             return
         tgid, fd = where
@@ -302,11 +299,11 @@ class UdpRedirector:
             self.relays.refuse(inode, peer, program)
 
     def connected_to_port_zero(self, inode: int) -> bool:
-        peer = self.connected.get(inode)
+        peer = self.connected_peer(inode)
         return peer is not None and peer.port == 0
 
     def peer_name(self, inode: int, family: int) -> bytes | None:
-        peer = self.connected.get(inode)
+        peer = self.connected_peer(inode)
         if peer is None:
             return None
         return sockaddr.encode(family, peer.ip, peer.port)
@@ -318,11 +315,10 @@ class UdpRedirector:
         connected to port 0 has no agent socket of its own, and waiting for the agent's answer
         would cost every Go lookup a round trip (measured: +3-4 ms per `goclient -resolve`).
         None: the kernel answers."""
-        peer = self.connected.get(inode)
-        family = self.sockets.get(inode)
-        own_port = self.own_ports.get(inode)
-        if peer is None or family is None or own_port is None:
+        record = self.table.udp(inode)
+        if record is None or record.peer is None or record.own_port is None:
             return None
+        peer, family, own_port = record.peer, record.family, record.own_port
         route = self.sources.of(peer.endpoint)
         if route is None or route.source is None or sockaddr.is_loopback(peer.endpoint.ip):
             return None  # an older agent (nothing to show but the kernel's answer), or loopback
@@ -335,15 +331,12 @@ class UdpRedirector:
             return name(None)
         return name(self.relays.agent_port(inode))
 
-    def _note(self, tid: int, dest: Endpoint, kind: str, inode: int) -> None:
+    def _note(self, tid: int, dest: Endpoint, kind: str, record: UdpRecord) -> None:
         """Once per (socket, destination): who uses it (the report names flows by process)."""
-        if self.on_event is None:
+        if self.on_event is None or dest in record.seen:
             return
-        seen = self._seen.setdefault(inode, set())
-        if dest in seen:
-            return
-        seen.add(dest)
-        self.on_event(UdpEvent(self.threads.of_or_self(tid), dest, kind, inode))
+        record.seen.add(dest)
+        self.on_event(UdpEvent(self.threads.of_or_self(tid), dest, kind, record.inode))
 
 
 MSG_DONTWAIT = socket.MSG_DONTWAIT
