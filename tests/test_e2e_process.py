@@ -242,3 +242,51 @@ def test_a_child_made_untraced_does_not_outlive_a_killed_ktrace(
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=30)
+
+
+ORPHAN = r"""
+import errno, os, signal, socket, sys
+if os.fork():
+    signal.pause()  # the program: dies with its guardian (PR_SET_PDEATHSIG)
+print("ready", os.getpid(), flush=True)  # its child, which nothing kills then
+sys.stdin.readline()  # ktrace and the guardian are killed meanwhile
+s = socket.socket()
+err = s.connect_ex((sys.argv[1], int(sys.argv[2])))
+print("connect", errno.errorcode.get(err, "OK"), flush=True)  # open() would fail too: every stopped call does
+"""
+
+
+def test_notify_a_program_left_without_ktrace_and_guardian_cannot_connect_directly(
+    ns_cluster: NamespaceCluster,
+) -> None:
+    """The worst case under notify: ktrace and the guardian both killed at once, so nothing is left
+    to end the program's children (the program itself dies with its guardian). The filter's
+    listener is gone with ktrace: every call it would have stopped fails with ENOSYS, so a child's
+    connect never leaves this machine directly (which would say ENETUNREACH on the laptop side,
+    which has no route)."""
+    c = ns_cluster
+    c.backend = "notify"
+    argv = c.ktrace_argv(sys.executable, "-c", ORPHAN, c.hello_v4, str(c.hello_port))
+    proc = c.popen_laptop(argv, stdin=subprocess.PIPE)
+    try:
+        child = _ready_pid(proc)
+        program = _parent_of(child)
+        guardian = _parent_of(program)
+        assert proc.pid not in (program, guardian) and _parent_of(guardian) == proc.pid
+        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(guardian, signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert read_line(proc, 30) == "connect ENOSYS"
+        wait_exited(child, timeout=30)
+    finally:
+        c.backend = None
+        proc.kill()
+        proc.communicate()
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
