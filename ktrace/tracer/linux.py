@@ -57,7 +57,7 @@ class SockFprog(ctypes.Structure):
 
 
 # One buffer and pair of iovecs for the reads that fit: building them for every read cost
-# more than the syscall itself (measured: 5.4 -> 2.7 µs per read, a few reads per stop).
+# more than the syscall itself (docs/performance.md; a stop makes a few reads).
 # Only the tracer's thread reads tracee memory, and every read copies out before returning.
 _READ_BUFFER_SIZE = 65536
 _read_buffer = ctypes.create_string_buffer(_READ_BUFFER_SIZE)

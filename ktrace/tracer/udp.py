@@ -313,7 +313,7 @@ class UdpRedirector:
         address for the peer's IP version, as in a pod. The port is the one the peer sees (the
         agent socket's) when the agent has said it, else the program socket's own: a socket
         connected to port 0 has no agent socket of its own, and waiting for the agent's answer
-        would cost every Go lookup a round trip (measured: +3-4 ms per `goclient -resolve`).
+        would cost every Go lookup a round trip (docs/architecture.md, "The resolver view and UDP").
         None: the kernel answers."""
         record = self.table.udp(inode)
         if record is None or record.peer is None or record.own_port is None:

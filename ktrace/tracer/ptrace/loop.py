@@ -147,8 +147,8 @@ class Tracer:
 
         ``reaped`` counts the stops handled since the signalfd was last read: each may have
         left a SIGCHLD pending there, and a pending SIGCHLD is a wake-up of the event loop
-        that finds nothing to do (~20-40 µs, on the program's path when it comes just before
-        the relay's datagram, say). So before going back to the loop, the signalfd is read once
+        that finds nothing to do (tens of µs, on the program's path when it comes just before
+        the relay's datagram, say; docs/performance.md). So before going back to the loop, the signalfd is read once
         more and waitpid asked again: a stop after that read raises a SIGCHLD of its own.
         """
         spin_until = 0.0
