@@ -11,6 +11,9 @@
 //	goclient -stall HOST:PORT URL       the event-loop scenario: a ticker every 10 ms, a dial to
 //	                                    HOST:PORT abandoned after 3 s, and 100 ms in, a GET of URL;
 //	                                    "hello ok|<err> first", "stall TIMEOUT|<err>", "ticks N"
+//	goclient -pause URL                 a GET ("first ok <body>"), "waiting <pid>", then a second GET
+//	                                    once a line arrives on stdin ("second ok <body>"): a debugger
+//	                                    attaches in between (tests/test_e2e_debuggers.py)
 package main
 
 import (
@@ -124,7 +127,61 @@ func get(client *http.Client, url string) (string, error) {
 	if resp.StatusCode != http.StatusOK {
 		return "", fmt.Errorf("status %d", resp.StatusCode)
 	}
-	return string(body), nil
+	return gotResponse(url, resp.StatusCode, string(body)), nil
+}
+
+// gotResponse is the spot where the debugger tests stop (tests/test_e2e_debuggers.py, and the
+// dlv walk-through in docs/debugging.md): every successful GET passes through it after the
+// response is read, with the URL, the status and the body as its arguments and locals.
+// noinline keeps it a function of its own, which a breakpoint names as main.gotResponse.
+//
+//go:noinline
+func gotResponse(url string, status int, body string) string {
+	reply := body
+	return reply
+}
+
+// waitForLine reads stdin up to a newline with raw read(2) calls: the thread blocks in the
+// kernel with main's frames on its stack, so a debugger's backtrace shows the program where it
+// waits (os.Stdin would park the goroutine in the netpoller, off every thread's stack).
+func waitForLine() error {
+	buf := make([]byte, 1)
+	for {
+		n, err := syscall.Read(0, buf)
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err != nil:
+			return err
+		case n == 0:
+			return io.EOF
+		case buf[0] == '\n':
+			return nil
+		}
+	}
+}
+
+// pauseBetween makes two GETs with a wait for a line on stdin in between, so that a debugger
+// can attach to a program already running (and already talking to the cluster). No keep-alive:
+// the second GET resolves the name and connects anew, after the debugger came and went.
+func pauseBetween(url string) int {
+	client := &http.Client{Timeout: 60 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	for i, label := range []string{"first", "second"} {
+		if i == 1 {
+			fmt.Println("waiting", os.Getpid())
+			if err := waitForLine(); err != nil {
+				fmt.Println("error stdin", err)
+				return 1
+			}
+		}
+		body, err := get(client, url)
+		if err != nil {
+			fmt.Println(label, "error", errName(err))
+			return 1
+		}
+		fmt.Println(label, "ok", strings.TrimSpace(body))
+	}
+	return 0
 }
 
 func dialOnce(addr string) int {
@@ -275,8 +332,11 @@ func main() {
 	k := flag.Int("spawn", 0, "run K copies of this program via os/exec")
 	execMode := flag.Bool("exec", false, "run the remaining arguments as a command via os/exec")
 	stalled := flag.String("stall", "", "the event-loop scenario with a dial to HOST:PORT that stalls")
+	pause := flag.Bool("pause", false, "two GETs of URL with a wait for a line on stdin in between")
 	flag.Parse()
 	switch {
+	case *pause && flag.NArg() == 1:
+		os.Exit(pauseBetween(flag.Arg(0)))
 	case *stalled != "" && flag.NArg() == 1:
 		os.Exit(stall(*stalled, flag.Arg(0)))
 	case *tcp != "":
@@ -292,6 +352,6 @@ func main() {
 	case flag.NArg() == 1:
 		os.Exit(fetchAll(flag.Arg(0), *n, *c))
 	}
-	fmt.Fprintln(os.Stderr, "usage: goclient [-n N] [-c C] URL | -tcp HOST:PORT | -resolve NAME | -spawn K URL | -exec CMD...")
+	fmt.Fprintln(os.Stderr, "usage: goclient [-n N] [-c C] URL | -tcp HOST:PORT | -resolve NAME | -spawn K URL | -exec CMD... | -pause URL")
 	os.Exit(2)
 }
