@@ -3,6 +3,11 @@
 A binary lives at ``~/.cache/ktrace/programs/<name>-<key>/<name>`` where ``key`` hashes the
 sources, the build command and the compiler's version, so a warm run builds nothing and a
 changed source or toolchain rebuilds. Binaries are never committed.
+
+Tools the tests need that Debian does not ship at a usable version (dlv, the Go debugger) are
+built the same way from a pinned Go module. Their modules are downloaded only by
+``python tests/fixture_programs.py --download NAME`` (scripts/setup runs it); while tests run,
+nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -34,9 +40,10 @@ class BuildError(Exception):
 @dataclass(frozen=True)
 class Spec:
     compiler: str  # "go", "gcc" or "musl-gcc"
-    source: str  # a .c file, or a directory holding a Go module
+    source: str  # a .c file, a directory holding a Go module, or (module) PACKAGE@VERSION
     flags: tuple[str, ...] = ()
     static: bool = True  # C only: a dynamic binary is for LD_PRELOAD peers (proxychains)
+    module: bool = False  # Go only: `go install` of a pinned package from the Go module proxy
 
 
 SPECS: dict[str, Spec] = {
@@ -58,6 +65,8 @@ SPECS: dict[str, Spec] = {
     "cbenchsrv": Spec("gcc", "cbenchsrv.c", ("-pthread",)),
     "cnetbench": Spec("gcc", "cnetbench.c", static=False),
     "stopfloor": Spec("gcc", "stopfloor.c"),  # the least a stopped syscall costs, C supervisors
+    # the Go debugger, driven over its JSON-RPC API by tests/test_e2e_debuggers.py
+    "dlv": Spec("go", "github.com/go-delve/delve/cmd/dlv@v1.27.2", module=True),
 }
 
 
@@ -69,7 +78,15 @@ def _compiler_version(compiler: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else out.stderr
 
 
+def _cache_proxy() -> str:
+    """The Go module cache's download directory as a GOPROXY (file://): nothing leaves the machine."""
+    out = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True, check=False, timeout=60)
+    return "file://" + os.path.join(out.stdout.strip(), "cache", "download")
+
+
 def _inputs(spec: Spec) -> list[pathlib.Path]:
+    if spec.module:
+        return []  # the version in spec.source pins it, and the module proxy's checksums
     src = SOURCES / spec.source
     if src.is_dir():
         return sorted(p for p in src.rglob("*") if p.is_file())
@@ -79,8 +96,9 @@ def _inputs(spec: Spec) -> list[pathlib.Path]:
 class Programs:
     """``programs["cconnect"]`` → absolute path of the built binary (built once per key)."""
 
-    def __init__(self, cache: pathlib.Path = CACHE) -> None:
+    def __init__(self, cache: pathlib.Path = CACHE, download: bool = False) -> None:
         self.cache = cache
+        self.download = download  # may `go install` fetch a module spec's modules?
         self._lock = threading.Lock()
         self._built: dict[str, str] = {}
 
@@ -108,7 +126,15 @@ class Programs:
         work = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.cache))
         try:
             out = work / name
-            if spec.compiler == "go":
+            if spec.module:
+                # Outside any module (cwd), into work/ (GOBIN): the binary is named after the package.
+                argv = ["go", "install", "-trimpath", *spec.flags, spec.source]
+                env = {**os.environ, **GO_ENV, "GOBIN": str(work), "GOFLAGS": ""}
+                # Offline, the module cache is the proxy (GOPROXY=off refuses even the lookup of
+                # the module's deprecation notice that `go install PACKAGE@VERSION` makes).
+                env["GOPROXY"] = os.environ.get("GOPROXY", "") if self.download else _cache_proxy()
+                cwd = work
+            elif spec.compiler == "go":
                 argv = ["go", "build", "-trimpath", *spec.flags, "-o", str(out), "."]
                 env = {**os.environ, **GO_ENV}
                 cwd = SOURCES / spec.source
@@ -118,7 +144,8 @@ class Programs:
                 env, cwd = dict(os.environ), SOURCES
             proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=600)
             if proc.returncode != 0 or not out.exists():
-                raise BuildError(f"building {name} failed: {' '.join(argv)}\n{proc.stdout}{proc.stderr}")
+                fetch = " (`python tests/fixture_programs.py --download` fetches its modules)" if spec.module else ""
+                raise BuildError(f"building {name} failed: {' '.join(argv)}{fetch}\n{proc.stdout}{proc.stderr}")
             try:
                 work.rename(final)
             except OSError:  # another run built the same key meanwhile
@@ -139,3 +166,21 @@ class SkippingPrograms(Programs):
             return super().__getitem__(name)
         except ProgramUnavailable as exc:
             pytest.skip(str(exc))
+
+
+def main(argv: list[str]) -> int:
+    """``python tests/fixture_programs.py [--download] NAME...``: build (and print) the programs."""
+    download = "--download" in argv
+    names = [arg for arg in argv if arg != "--download"]
+    programs = Programs(download=download)
+    for name in names:
+        try:
+            print(programs[name])
+        except (ProgramUnavailable, BuildError) as exc:
+            print(f"fixture_programs: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
