@@ -18,13 +18,14 @@ import logging
 import os
 import secrets
 import signal
+import sys
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
 from ktrace_agent import tuning
 
-from ktrace import __version__, private_dirs, reporting
+from ktrace import __version__, debuggers, private_dirs, reporting
 from ktrace.errors import KtraceError
 from ktrace.report.recorder import Recorder
 from ktrace.report.render import Verbosity
@@ -111,11 +112,15 @@ def run(options: RunOptions) -> int:
         path = launcher.resolve(options.command[0], env)
     except LaunchError as exc:
         raise KtraceError(str(exc), exit_code=exc.exit_code) from None
+    notify_missing = backends.notify_missing()
     try:
-        backend = backends.choose(options.backend)
+        backend = backends.choose(debuggers.requested_backend(options.backend, options.command, notify_missing))
     except ValueError as exc:
         hint = "use --backend ptrace (or auto); `ktrace doctor` says what this machine has"
         raise KtraceError(str(exc), hint) from None
+    warning = debuggers.ptrace_warning(options.command, backend, notify_missing)
+    if warning is not None:
+        print(f"ktrace: {warning}", file=sys.stderr, flush=True)
     notify = backend == "notify"
     log_json = reporting.open_log(options.log_json)
     stop = seccomp.RET_USER_NOTIF if notify else seccomp.RET_TRACE
@@ -462,6 +467,18 @@ def launcher_seize(child: launcher.PendingChild) -> None:
     except OSError as exc:
         raise KtraceError(
             f"cannot trace the program: ptrace failed: {os.strerror(exc.errno) if exc.errno else exc}",
-            "ptrace may be denied here (container seccomp profile, Yama ptrace_scope): --backend notify needs no "
-            "ptrace; run `ktrace doctor`",
+            debuggers.seize_failure_hint(_tracer_of(child.pid), backends.notify_missing()),
         ) from None
+
+
+def _tracer_of(pid: int) -> str | None:
+    """``NAME (pid N)`` of the process tracing ``pid`` (/proc/PID/status TracerPid), if any."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+            tracer = next((int(line.split()[1]) for line in f if line.startswith("TracerPid:")), 0)
+        if tracer == 0:
+            return None
+        with open(f"/proc/{tracer}/comm", encoding="utf-8") as f:
+            return f"{f.read().strip()} (pid {tracer})"
+    except (OSError, ValueError, IndexError):
+        return None
