@@ -166,25 +166,25 @@ LOAD = {
 }
 
 
+def dlv_headless(c: NamespaceCluster, programs: Programs) -> list[str]:
+    """docs/debugging.md "dlv": the one dlv command both the JSON-RPC and the DAP test run."""
+    dlv = [programs["dlv"], "exec", "--headless", "--listen", f"127.0.0.1:{DLV_PORT}", "--api-version", "2"]
+    return ktrace_run(c, "notify", *dlv, "--accept-multiclient", programs["goclient"], "--", URL)
+
+
+def stop_unless_ended(proc: subprocess.Popen[str]) -> None:
+    """Kill ktrace if a test left it running (its guardian then kills the program's tree)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.communicate()
+
+
 def test_dlv_headless_breakpoint_after_the_request(cluster: NamespaceCluster, programs: Programs) -> None:
-    """docs/debugging.md "dlv": `ktrace run --backend notify -- dlv exec --headless ... PROG -- URL`,
-    then what an IDE does: a breakpoint, continue, the response in the variables, continue."""
+    """`ktrace run --backend notify -- dlv exec --headless ... PROG -- URL`, driven over dlv's
+    JSON-RPC API as GoLand's "Go Remote" does: a breakpoint, continue, the response in the
+    variables, continue to the end."""
     c = cluster
-    argv = ktrace_run(
-        c,
-        "notify",
-        programs["dlv"],
-        "exec",
-        "--headless",
-        "--listen",
-        f"127.0.0.1:{DLV_PORT}",
-        "--api-version",
-        "2",
-        "--accept-multiclient",
-        programs["goclient"],
-        "--",
-        URL,
-    )
+    argv = dlv_headless(c, programs)
     proc = c.popen_laptop(argv)
     try:
         assert read_line(proc, 30) == f"API server listening at: 127.0.0.1:{DLV_PORT}"
@@ -212,11 +212,123 @@ def test_dlv_headless_breakpoint_after_the_request(cluster: NamespaceCluster, pr
             dlv.close()
         out, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stop_unless_ended(proc)
     assert proc.returncode == 0, (out, err)
     assert f"ok 1/1 {body['value'].strip()}" in out, out
+
+
+class Dap:
+    """A client of the Debug Adapter Protocol, which dlv's headless server also speaks (Delve
+    1.7.3+) and VS Code's Go extension uses ("debugAdapter": "dlv-dap"): messages framed by a
+    Content-Length header; responses carry the request's seq, events come in between."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._file = sock.makefile("rwb")
+        self._seq = 0
+        self.events: list[dict[str, Any]] = []
+
+    def _read(self) -> dict[str, Any]:
+        length = None
+        while True:
+            line = self._file.readline()
+            if not line:
+                raise DlvError("dlv closed the DAP connection")
+            if line == b"\r\n":
+                break
+            name, _, value = line.decode().partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        assert length is not None, "a DAP message without Content-Length"
+        message: dict[str, Any] = json.loads(self._file.read(length))
+        return message
+
+    def request(self, command: str, **arguments: Any) -> Any:
+        self._seq += 1
+        body = json.dumps({"seq": self._seq, "type": "request", "command": command, "arguments": arguments})
+        self._file.write(f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+        self._file.flush()
+        while True:
+            message = self._read()
+            if message["type"] == "event":
+                self.events.append(message)
+            elif message["type"] == "response" and message["request_seq"] == self._seq:
+                if not message["success"]:
+                    raise DlvError(f"{command}: {message.get('message')} {message.get('body')}")
+                return message.get("body", {})
+
+    def event(self, name: str) -> dict[str, Any]:
+        """The next event ``name`` (one that came in with a response counts)."""
+        while True:
+            for i, event in enumerate(self.events):
+                if event["event"] == name:
+                    return self.events.pop(i)
+            message = self._read()
+            if message["type"] == "event":
+                self.events.append(message)
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+
+GOCLIENT_SOURCE = pathlib.Path(__file__).resolve().parent / "programs" / "goclient"
+
+
+def test_dlv_headless_serves_vs_code_over_dap(cluster: NamespaceCluster, programs: Programs) -> None:
+    """The same dlv command, attached to as VS Code does with docs/debugging.md's launch.json
+    (dlv-dap, attach, mode remote; substitutePath because the fixture is built with -trimpath):
+    a line breakpoint in the source file after the request, its variables, the end."""
+    c = cluster
+    main_go = GOCLIENT_SOURCE / "main.go"
+    lines = main_go.read_text().splitlines()
+    line = (
+        lines.index("\treturn reply", lines.index("func gotResponse(url string, status int, body string) string {")) + 1
+    )
+    proc = c.popen_laptop(dlv_headless(c, programs))
+    try:
+        assert read_line(proc, 30) == f"API server listening at: 127.0.0.1:{DLV_PORT}"
+        dap = Dap(connect_in_namespace(c.laptop, DLV_PORT, timeout=30))
+        try:
+            dap.request("initialize", clientID="vscode", adapterID="go", linesStartAt1=True, pathFormat="path")
+            dap.request(
+                "attach",
+                request="attach",
+                mode="remote",
+                substitutePath=[{"from": str(GOCLIENT_SOURCE), "to": "ktrace.test/goclient"}],
+            )
+            dap.event("initialized")
+            (bp,) = dap.request("setBreakpoints", source={"path": str(main_go)}, breakpoints=[{"line": line}])[
+                "breakpoints"
+            ]
+            assert bp["verified"], bp
+            dap.request("configurationDone")  # a remote session runs on from here
+            stopped = dap.event("stopped")["body"]
+            assert stopped["reason"] == "breakpoint" and stopped["hitBreakpointIds"] == [bp["id"]], stopped
+            frames = dap.request("stackTrace", threadId=stopped["threadId"], levels=5)["stackFrames"]
+            assert [f["name"] for f in frames][:2] == ["main.gotResponse", "main.get"], frames
+            assert (frames[0]["source"]["path"], frames[0]["line"]) == (str(main_go), line), frames[0]
+            (scope, *_) = dap.request("scopes", frameId=frames[0]["id"])["scopes"]
+            shown = {
+                v["name"]: v["value"]
+                for v in dap.request("variables", variablesReference=scope["variablesReference"])["variables"]
+            }
+            assert (shown["url"], shown["status"]) == (json.dumps(URL), "200"), shown
+            body = json.loads(
+                dap.request("evaluate", expression="body", frameId=frames[0]["id"], context="hover")["result"]
+            )
+            assert body.startswith(HELLO), body
+            dap.request("continue", threadId=stopped["threadId"])
+            assert dap.event("exited")["body"]["exitCode"] == 0
+            dap.event("terminated")
+            dap.request("disconnect", terminateDebuggee=True)  # ends dlv, as VS Code's stop button
+        finally:
+            dap.close()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop_unless_ended(proc)
+    assert proc.returncode == 0, (out, err)
+    assert f"ok 1/1 {body.strip()}" in out, out
 
 
 # --- gdb -p: attaching to a program ktrace started ------------------------------------------
@@ -254,9 +366,7 @@ def test_gdb_attaches_and_detaches_and_the_program_keeps_its_reach(
         proc.stdin.flush()
         out, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stop_unless_ended(proc)
     assert proc.returncode == 0, (out, err)
     second = out.strip()
     assert second.startswith(f"second ok {HELLO}"), (out, err)
@@ -285,9 +395,7 @@ def test_gdb_attach_while_connect_waits_in_ktrace(cluster: NamespaceCluster, pro
         assert f"[Inferior 1 (process {pid}) detached]" in g.stdout, g.stdout
         out, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stop_unless_ended(proc)
     assert (proc.returncode, out.strip()) == (1, "error ETIMEDOUT"), (out, err)
     assert len(re.findall(rf"connect {re.escape(c.blackhole_v4)}:80 -> ETIMEDOUT", err)) == 1, err
 
