@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import threading
@@ -331,6 +332,42 @@ def test_dlv_headless_serves_vs_code_over_dap(cluster: NamespaceCluster, program
     assert f"ok 1/1 {body.strip()}" in out, out
 
 
+def test_ctrl_c_in_dlvs_terminal_reaches_the_program_not_dlv(cluster: NamespaceCluster, programs: Programs) -> None:
+    """docs/debugging.md: in a terminal, dlv makes the program the foreground process group, so
+    Ctrl-C interrupts the program (dlv then delivers SIGINT to it at the next continue) while
+    dlv and ktrace stay: the session ends from the client."""
+    c = cluster
+    master, slave = os.openpty()
+    # setsid -c: a session of its own whose controlling terminal is stdin (the pty), as a shell's.
+    proc = subprocess.Popen(
+        ["setsid", "-c", *c.netns_argv(c.laptop), *dlv_headless(c, programs)],
+        env=c.laptop_env(),
+        stdin=slave,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(slave)
+    try:
+        assert read_line(proc, 30) == f"API server listening at: 127.0.0.1:{DLV_PORT}"
+        # dlv says it listens before it has started the program and handed it the terminal.
+        wait_until(lambda: os.tcgetpgrp(master) != proc.pid, 20, "dlv giving the program the terminal")
+        os.write(master, b"\x03")  # Ctrl-C: the kernel signals the terminal's foreground group
+        dlv = Dlv(connect_in_namespace(c.laptop, DLV_PORT, timeout=30))
+        try:
+            state = dlv.call("Command", name="continue")["State"]
+            assert state.get("exited") and state.get("exitStatus") == -signal.SIGINT, state
+            dlv.call("Detach", Kill=True)
+        finally:
+            dlv.close()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop_unless_ended(proc)
+        os.close(master)
+    assert proc.returncode == 0, (out, err)
+    assert "ok 1/1" not in out, out
+
+
 # --- gdb -p: attaching to a program ktrace started ------------------------------------------
 
 
@@ -371,6 +408,24 @@ def test_gdb_attaches_and_detaches_and_the_program_keeps_its_reach(
     second = out.strip()
     assert second.startswith(f"second ok {HELLO}"), (out, err)
     assert you_are(second) != you_are(first), "the second request reused the first connection"
+
+
+def test_gdb_p_cannot_attach_under_the_ptrace_backend(cluster: NamespaceCluster, programs: Programs) -> None:
+    """docs/debugging.md "gdb -p": under --backend ptrace ktrace holds the program's ptrace slot."""
+    c = cluster
+    proc = c.popen_laptop(ktrace_run(c, "ptrace", programs["goclient"], "-pause", URL), stdin=subprocess.PIPE)
+    try:
+        assert read_line(proc, 30).startswith(f"first ok {HELLO}")
+        pid = read_line(proc, 30).split()[1]
+        g = c.run_laptop(["gdb", "-p", pid, "-batch", "-ex", "thread apply all bt", "-ex", "detach"], timeout=30)
+        assert "ptrace: Operation not permitted." in g.stderr + g.stdout, g
+        assert proc.stdin is not None
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        stop_unless_ended(proc)
+    assert proc.returncode == 0 and out.startswith(f"second ok {HELLO}"), (out, err)
 
 
 def test_gdb_attach_while_connect_waits_in_ktrace(cluster: NamespaceCluster, programs: Programs) -> None:
