@@ -429,8 +429,8 @@ def test_gdb_p_cannot_attach_under_the_ptrace_backend(cluster: NamespaceCluster,
 
 
 def test_gdb_attach_while_connect_waits_in_ktrace(cluster: NamespaceCluster, programs: Programs) -> None:
-    """An attach interrupts a connect() that waits for the agent's dial (its notification): the
-    kernel restarts the call, and the program's connect ends as it would have, after one dial."""
+    """An attach stops the program while a blocking connect() waits for the agent's dial: the
+    connect still ends as it would have without gdb, after one dial (the report names one)."""
     c = cluster
     argv = ktrace_run(c, "notify", programs["cconnect"], c.blackhole_v4, "80", connect_timeout=3)
     proc = c.popen_laptop(argv)
