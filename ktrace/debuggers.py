@@ -31,10 +31,14 @@ def ptrace_tool(command: Sequence[str]) -> str | None:
     return name if name in PTRACE_TOOLS else None
 
 
-def requested_backend(requested: str, command: Sequence[str], notify_missing: str | None) -> str:
+def requested_backend(
+    requested: str, command: Sequence[str], notify_missing: str | None, *, ktrace_traced: bool = False
+) -> str:
     """What to ask `backends.choose` for: under ``auto``, a debugger gets notify where this
-    machine can run it (``notify_missing`` is None), since under ptrace it cannot trace at all."""
-    if requested == "auto" and notify_missing is None and ptrace_tool(command) is not None:
+    machine can run it (``notify_missing`` is None), since under ptrace it cannot trace at all;
+    so does any program when ktrace itself runs under a tracer (`strace -f ktrace run ...`: the
+    tracer follows ktrace's fork, and the program's ptrace slot is taken before ktrace's seize)."""
+    if requested == "auto" and notify_missing is None and (ktrace_traced or ptrace_tool(command) is not None):
         return "notify"
     return requested
 

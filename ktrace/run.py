@@ -114,7 +114,10 @@ def run(options: RunOptions) -> int:
         raise KtraceError(str(exc), exit_code=exc.exit_code) from None
     notify_missing = backends.notify_missing()
     try:
-        backend = backends.choose(debuggers.requested_backend(options.backend, options.command, notify_missing))
+        requested = debuggers.requested_backend(
+            options.backend, options.command, notify_missing, ktrace_traced=_tracer_of(os.getpid()) is not None
+        )
+        backend = backends.choose(requested)
     except ValueError as exc:
         hint = "use --backend ptrace (or auto); `ktrace doctor` says what this machine has"
         raise KtraceError(str(exc), hint) from None

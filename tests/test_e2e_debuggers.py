@@ -491,17 +491,18 @@ def test_auto_gives_a_debugger_the_notify_backend(cluster: NamespaceCluster, pro
 # --- ktrace itself under a tracer -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["notify", "ptrace"])
+@pytest.mark.parametrize("backend", ["notify", "ptrace", "auto"])
 def test_ktrace_under_strace(
     backend: str, cluster: NamespaceCluster, programs: Programs, tmp_path: pathlib.Path
 ) -> None:
     """docs/debugging.md "ktrace itself under strace": `strace -f -o FILE ktrace run --backend
-    notify -- PROG URL` works; under ptrace ktrace cannot seize a program strace traces already,
-    and its one line says who holds ptrace and what to use instead."""
+    notify -- PROG URL` works, and so does `auto`, which sees ktrace is traced and picks notify;
+    under ptrace ktrace cannot seize a program strace traces already, and its one line says who
+    holds ptrace and what to use instead."""
     c = cluster
     trace = tmp_path / "ktrace.strace"
     r = c.run_laptop(["strace", "-f", "-o", str(trace), *ktrace_run(c, backend, programs["goclient"], URL)], timeout=50)
-    if backend == "notify":
+    if backend in ("notify", "auto"):
         assert r.returncode == 0, r
         assert r.stdout.startswith(f"ok 1/1 {HELLO}"), r
         assert re.search(rf"connect\(\d+, \{{sa_family=AF_INET, sin_port=htons\({c.hello_port}\)", trace.read_text())
