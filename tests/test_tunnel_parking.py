@@ -11,6 +11,7 @@ import pathlib
 import select
 import socket
 import threading
+from typing import cast
 
 import pytest
 from agent_helpers import LoopbackServer, agent_and_client, run, upper_echo
@@ -167,6 +168,32 @@ def test_nobody_else_gets_through_the_parking_listener() -> None:
             squatter.close()
             poller.close()
             intruder.close()
+        finally:
+            await lot.close()
+
+    run(scenario())
+
+
+def test_an_attach_given_up_while_completing_the_handshake_closes_ktrace_s_end() -> None:
+    """A dial given up during the hand-over (the program disconnected or ended: the tracer cancels
+    the task) must close the socket attach() made, not leave it to the garbage collector."""
+
+    async def scenario() -> None:
+        lot = ParkingLot()
+        await lot.start()
+        try:
+            with socket.socket() as program:
+                program.setblocking(False)
+                assert program.connect_ex(lot.address(socket.AF_INET)) == errno.EINPROGRESS
+                before = set(os.listdir("/proc/self/fd"))
+                task = asyncio.ensure_future(lot.attach(cast(TcpStream, None), program))
+                await asyncio.sleep(0)  # one step: it waits for its own connect now
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                # The task (and the coroutine's frame, which would close the socket on collection)
+                # is still referenced here, as the tracer's record references it.
+                assert set(os.listdir("/proc/self/fd")) - before == set()
         finally:
             await lot.close()
 

@@ -120,6 +120,9 @@ class ParkingLot:
         except OSError as exc:
             end.close()
             raise ProgramSocketGone(f"completing the program's connect failed: {exc}") from None
+        except BaseException:
+            end.close()
+            raise
         self._spawn(self._serve(end, stream))
 
     def _ends(self, program: socket.socket) -> tuple[int, tuple[str, int]]:
