@@ -71,6 +71,9 @@ MAX_PENDING_LOCAL = 4096
 MAX_FAILED_KEPT = 4096
 # Threads that wait in a blocking connect() for a program under the notify backend.
 BLOCKING_CONNECT_THREADS = 512
+# How long a failed dial waits for a blocking connect() to reach the kernel (tunnel/parking.py's
+# ATTACH_WAIT for a successful one).
+PARK_WAIT = 30.0
 
 
 @dataclass(frozen=True)
@@ -342,6 +345,7 @@ class TcpConnects:
         try:
             dialled = await self.tunnel.dial(record.dest, self.connect_timeout)
         except TunnelError as exc:
+            await self._until_parked(record)
             self._fail(record, exc.errno)
             return
         if not self.table.holds(record) or record.sock is None:
@@ -365,6 +369,20 @@ class TcpConnects:
         if not record.settled.done():
             record.settled.set_result(0)
         self._emit(self._event(record, "ok", dialled.local))
+
+    async def _until_parked(self, record: TcpRecord) -> None:
+        """Until a blocking connect() waiting on ``record`` is in the kernel. The agent can answer
+        before that thread (the program's under ptrace, ktrace's under notify) has entered it: the
+        disconnect that fails the connect would come first, the connect would then park, and wait
+        out the kernel's SYN retries (minutes). attach() waits the same way for a success."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PARK_WAIT
+        delay = 0.0005
+        while record.waiters and record.sock is not None and self.table.holds(record):
+            if sockops.tcp_state(record.sock) != sockops.TCP_CLOSE or loop.time() >= deadline:
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     def _fail(self, record: TcpRecord, err: int) -> None:
         if not self.table.holds(record) or record.sock is None:
