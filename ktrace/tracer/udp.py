@@ -158,6 +158,10 @@ class UdpRedirector:
         from what it read: to the relay of a remote peer, else to the program's own destination
         bytes (or its connected peer), with its control messages, as the kernel would."""
         messages: list[tuple[bytes, bytes] | int] = []  # (payload, control), or -errno reading it
+        if outgoing.unreadable:
+            # The kernel copies a destination before anything else: EFAULT, sent nowhere (not to
+            # the socket's connected peer, as a send without one would be).
+            return Complete(-errno.EFAULT)
         if t.syscall == "sendto":
             flags, length = t.arg(3) & 0xFFFFFFFF, t.arg(2)
             try:
@@ -170,8 +174,6 @@ class UdpRedirector:
                 return Complete(-errno.EMSGSIZE)
         else:
             flags = (t.arg(2) if t.syscall == "sendmsg" else t.arg(3)) & 0xFFFFFFFF
-            if outgoing.unreadable:
-                return Complete(-errno.EFAULT)
             for hdr in outgoing.headers:
                 try:
                     messages.append(sockops.gather(t.read, hdr, MAX_DATAGRAM))
