@@ -204,8 +204,10 @@ class UdpRedirector:
         results = attempt(sock.fileno())
         if results[0] == -errno.EAGAIN and not flags & MSG_DONTWAIT and not sockops.nonblocking(sock.fileno()):
             # A full send buffer on a blocking socket: the kernel would wait for room. Rare for
-            # UDP (and never towards a relay, which reads at once): ktrace waits, then sends.
-            return Deferred(self._when_writable(t, sock, attempt))
+            # UDP (and never towards a relay, which reads at once): ktrace waits, then sends, on a
+            # descriptor of its own (the caller closes ``sock`` when this returns).
+            own = socket.socket(fileno=os.dup(sock.fileno()))
+            return Deferred(self._when_writable(t, own, attempt))
         return self._complete(t, results)
 
     def _complete(self, t: Tracee, results: list[int]) -> Complete:
@@ -223,8 +225,7 @@ class UdpRedirector:
             return Complete(-errno.EFAULT)
         return Complete(len(sent))
 
-    async def _when_writable(self, t: Tracee, sock: socket.socket, attempt: Callable[[int], list[int]]) -> Complete:
-        own = socket.socket(fileno=os.dup(sock.fileno()))
+    async def _when_writable(self, t: Tracee, own: socket.socket, attempt: Callable[[int], list[int]]) -> Complete:
         loop = asyncio.get_running_loop()
         with own:
             while True:
