@@ -102,7 +102,10 @@ def send(fd: int, payload: bytes, name: bytes | None, control: bytes = b"", flag
 
 def gather(read: msghdr.Reader, hdr: msghdr.MsgHdr, limit: int) -> tuple[bytes, bytes]:
     """The payload of a message (its iovecs joined) and its control bytes, read once from the
-    program; OverflowError when the payload is larger than ``limit``."""
+    program; OverflowError when the payload is larger than ``limit``, ValueError for more iovecs
+    than UIO_MAXIOV (checked before the count, the program's, sizes a read)."""
+    if hdr.iovlen > msghdr.IOV_MAX:
+        raise ValueError("more iovecs than UIO_MAXIOV")
     iovecs: Sequence[tuple[int, int]] = msghdr.decode_iovecs(read(hdr.iov, hdr.iovlen * msghdr.IOVEC_SIZE), hdr.iovlen)
     total = sum(length for _base, length in iovecs)
     if total > limit:

@@ -182,7 +182,8 @@ class UdpRedirector:
                 except OverflowError:
                     messages.append(-errno.EMSGSIZE)
                 except ValueError:
-                    messages.append(-errno.EINVAL)
+                    # More iovecs than UIO_MAXIOV: the kernel's __copy_msghdr says EMSGSIZE.
+                    messages.append(-errno.EMSGSIZE)
                 except OSError:
                     messages.append(-errno.EFAULT)
 

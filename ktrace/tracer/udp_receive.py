@@ -251,6 +251,8 @@ class UdpReceiver:
         flags: int,
         length_ptr: int | None = None,
     ) -> Complete | None:
+        if hdr.iovlen > msghdr.IOV_MAX:
+            return Complete(-errno.EMSGSIZE)  # the kernel's __copy_msghdr; the count sizes no read
         try:
             iovecs = msghdr.decode_iovecs(t.read(hdr.iov, hdr.iovlen * msghdr.IOVEC_SIZE), hdr.iovlen)
         except (OSError, ValueError):
