@@ -117,10 +117,11 @@ class UdpRedirector:
         kernel's connect() of ktrace's copy of the address (AF_UNSPEC disconnects)."""
         dest = self._remote(info, addr)
         if dest is None:
+            err = sockops.connect(sock.fileno(), raw)
             known = self.table.udp(info.inode)
-            if known is not None:
-                known.disconnected()
-            return Complete(-sockops.connect(sock.fileno(), raw))
+            if known is not None and not err:
+                known.disconnected()  # a connect the kernel refuses keeps the socket's peer
+            return Complete(-err)
         assert isinstance(addr, InetAddr)  # _remote found an IP destination in it
         unreachable = decide.udp_no_route(dest, self.sources)
         if unreachable is not None:
