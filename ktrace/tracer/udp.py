@@ -52,7 +52,7 @@ class Outgoing:
     # One a message: the name's bytes as the program passed them (at most a sockaddr_storage);
     # None for no name (or a length of 0, which the kernel takes for none) or an unreadable one.
     names: tuple[bytes | None, ...]
-    unreadable: bool = False  # a destination could not be read
+    unreadable: int | None = None  # the first message whose destination could not be read
 
     @property
     def names_ip(self) -> bool:
@@ -73,8 +73,8 @@ def read_outgoing(t: Tracee) -> Outgoing:
         names = [(h.name, h.namelen) for h in headers]
     destinations: list[sockaddr.Decoded | None] = []
     raw_names: list[bytes | None] = []
-    unreadable = False
-    for pointer, length in names:
+    unreadable: int | None = None
+    for index, (pointer, length) in enumerate(names):
         raw_name: bytes | None = None
         if pointer:
             try:
@@ -82,7 +82,8 @@ def read_outgoing(t: Tracee) -> Outgoing:
             except TraceeGone:
                 raise
             except OSError:
-                unreadable = True
+                if unreadable is None:
+                    unreadable = index
         destinations.append(sockaddr.decode(raw_name) if raw_name is not None else None)
         raw_names.append(raw_name or None)
     return Outgoing(headers, tuple(destinations), tuple(raw_names), unreadable)
@@ -159,7 +160,7 @@ class UdpRedirector:
         from what it read: to the relay of a remote peer, else to the program's own destination
         bytes (or its connected peer), with its control messages, as the kernel would."""
         messages: list[tuple[bytes, bytes] | int] = []  # (payload, control), or -errno reading it
-        if outgoing.unreadable:
+        if outgoing.unreadable == 0:
             # The kernel copies a destination before anything else: EFAULT, sent nowhere (not to
             # the socket's connected peer, as a send without one would be).
             return Complete(-errno.EFAULT)
@@ -175,7 +176,11 @@ class UdpRedirector:
                 return Complete(-errno.EMSGSIZE)
         else:
             flags = (t.arg(2) if t.syscall == "sendmsg" else t.arg(3)) & 0xFFFFFFFF
-            for hdr in outgoing.headers:
+            for index, hdr in enumerate(outgoing.headers):
+                if index == outgoing.unreadable:
+                    # sendmmsg: the kernel stops at this message; those before it are sent.
+                    messages.append(-errno.EFAULT)
+                    break
                 try:
                     messages.append(sockops.gather(t.read, hdr, MAX_DATAGRAM))
                 except TraceeGone:
