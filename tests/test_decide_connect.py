@@ -133,7 +133,7 @@ MPTCP4 = SocketInfo(socket.AF_INET, socket.SOCK_STREAM, 8, protocol=262)
     [
         (TCP4, True, False),
         (SocketInfo(socket.AF_INET, socket.SOCK_STREAM, 9, protocol=6), True, False),
-        (MPTCP4, True, False),
+        (MPTCP4, False, False),  # not carried: see decide.py
         (UDP4, False, True),
         (SocketInfo(socket.AF_INET6, socket.SOCK_DGRAM, 9, protocol=17), False, True),
         (ICMP4, False, False),
@@ -160,4 +160,6 @@ def test_other_ip_protocols_to_the_cluster_are_refused_not_sent_from_here(info: 
 
 def test_connect_on_sctp_or_mptcp() -> None:
     assert isinstance(decide.decide_connect(v6("fd00::10"), SCTP6, False, POLICY), decide.Unsupported)
-    assert isinstance(decide.decide_connect(v4("10.96.1.10"), MPTCP4, False, POLICY), RedirectTcp)
+    assert isinstance(decide.decide_connect(v4("10.96.1.10"), MPTCP4, False, POLICY), decide.Unsupported)
+    # Kept local, it runs as any local connect does.
+    assert isinstance(decide.decide_connect(v4("127.0.0.1"), MPTCP4, False, POLICY), decide.Passthrough)

@@ -493,13 +493,11 @@ def test_ip_protocols_the_tunnel_cannot_carry_are_unreachable_remotely_and_local
         run(scenario())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a parked MPTCP socket never completes the parking lot's simultaneous open (Linux 6.18: its "
-    "subflow is ESTABLISHED, the MPTCP socket stays connecting: no POLLOUT, EALREADY, send EAGAIN), so a "
-    "redirected MPTCP connect hangs; decide.py sends MPTCP the TCP way (issue: see the fakes report)",
-)
-def test_mptcp_is_redirected_as_tcp() -> None:
+def test_mptcp_to_the_cluster_fails_with_enetunreach_and_locally_runs() -> None:
+    """A parked MPTCP socket never completes the parking lot's simultaneous open (decide.py): MPTCP
+    to a cluster address fails at once with ENETUNREACH, as protocols the tunnel cannot carry do;
+    nothing is dialled."""
+
     async def scenario() -> None:
         async with wired() as w:
             proc = FakeProcess(False)
@@ -510,11 +508,8 @@ def test_mptcp_is_redirected_as_tcp() -> None:
             with mptcp:
                 fd = proc.add(mptcp)
                 name = proc.memory.put(name_of("10.96.1.10", 8080))
-                w.agent.expect_dial(HELLO).answer(OK)
-                assert decide(w, proc, "connect", fd, name, 16) == Complete(-errno.EINPROGRESS)
-                record = only(tcp_records(w))
-                assert await record.settled == 0  # handed over: a TCP socket is writable by now
-                assert await poll_events(mptcp, select.POLLOUT, timeout=0) == select.POLLOUT
+                assert decide(w, proc, "connect", fd, name, 16) == Complete(-errno.ENETUNREACH)
+                assert not tcp_records(w)
 
     with no_fd_leak():
         run(scenario())

@@ -22,8 +22,11 @@ from ktrace.tunnel.types import Endpoint, IPAddress, SourceRoute
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
-IPPROTO_MPTCP = 262  # behaves as TCP towards a peer that does not speak MPTCP (our loopback endpoint)
-_TCP_PROTOCOLS = frozenset({0, IPPROTO_TCP, IPPROTO_MPTCP})
+# MPTCP is not carried: a parked MPTCP socket never completes the parking lot's simultaneous
+# open (Linux 6.18: its subflow is established, the MPTCP socket stays connecting), so a remote
+# MPTCP connect fails with ENETUNREACH like the other protocols the tunnel cannot carry.
+IPPROTO_MPTCP = 262
+_TCP_PROTOCOLS = frozenset({0, IPPROTO_TCP})
 _UDP_PROTOCOLS = frozenset({0, IPPROTO_UDP})
 
 

@@ -122,6 +122,8 @@ class Supervisor:
             outcome: Outcome = await deferred.outcome
         except asyncio.CancelledError:
             raise
+        except TraceeGone:
+            return  # the program's thread vanished while its call waited: nothing to answer
         except Exception:
             log.exception("deferred syscall failed; returning EIO to the program")
             outcome = Complete(-errno.EIO)

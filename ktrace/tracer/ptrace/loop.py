@@ -308,6 +308,8 @@ class Tracer:
             outcome: Outcome = await pending
         except asyncio.CancelledError:
             raise
+        except TraceeGone:
+            return  # the program's thread vanished while its call waited: nothing to answer
         except Exception:
             log.exception("deferred syscall failed; returning EIO to the program")
             outcome = Complete(-errno.EIO)
