@@ -28,7 +28,7 @@ class Phase(enum.Enum):
     TOLD = "told"  # told by SO_ERROR: the next connect() says ECONNABORTED, as the kernel's would
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TcpRecord:
     """A TCP (or other IP, non-UDP) program socket ktrace redirected: its connect's progress."""
 
@@ -58,7 +58,7 @@ class TcpRecord:
             self.sock = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class UdpRecord:
     """A UDP program socket with relays (it sent to, or was connected to, a cluster peer)."""
 

@@ -68,7 +68,10 @@ MSG_FASTOPEN = 0x20000000
 MSG_DONTWAIT = 0x40
 ERESTART_RANGE = range(-516, -511)  # ERESTARTSYS..ERESTART_RESTARTBLOCK: not final, the call runs again
 MAX_PENDING_LOCAL = 4096
-MAX_FAILED_KEPT = 4096
+# Failed connects whose program has not asked yet, or was told (the next connect() on the socket
+# says ECONNABORTED): a program that closes such a socket leaves its record; a few hundred bytes
+# each, kept for the most recent ones (a soak of refused connects grew ktrace 6 MB at 4,096).
+MAX_FAILED_KEPT = 1024
 # Threads that wait in a blocking connect() for a program under the notify backend.
 BLOCKING_CONNECT_THREADS = 512
 # How long a failed dial waits for a blocking connect() to reach the kernel (tunnel/parking.py's
@@ -504,6 +507,7 @@ class TcpConnects:
         if record is not None and record.phase is Phase.FAILED:
             err = record.error
             record.phase = Phase.TOLD
+            record.task = None  # done: only the phase is needed from here on
         elif pending:
             local = self._pending_local.pop(inode)
             self._emit(local.event("ok" if err == 0 else _errname(err)))
