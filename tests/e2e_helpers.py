@@ -6,6 +6,7 @@ import os
 import select
 import selectors
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -58,6 +59,18 @@ def blocked_in(pid: int) -> int | None:
     if not fields or fields[0] in ("running", "-1"):
         return None
     return int(fields[0]) if proc_state(pid) == "S" else None
+
+
+# Prefix for a command that must run with a terminal job's signal dispositions (SIGINT and
+# SIGQUIT at their default), whatever this test run inherited: a CI job started in the background
+# ignores them, and an ignored signal stays ignored across exec (a Python program would not even
+# install its handler).
+TERMINAL_JOB = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; [signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGQUIT)];"
+    " os.execvp(sys.argv[1], sys.argv[1:])",
+]
 
 
 def descendants(pid: int) -> list[int]:

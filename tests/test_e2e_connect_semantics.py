@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from e2e_helpers import blocked_in, descendants, wait_until
+from e2e_helpers import TERMINAL_JOB, blocked_in, descendants, wait_until
 from fixture_programs import Programs
 from nscluster import NamespaceCluster
 
@@ -215,10 +215,16 @@ def test_ctrl_c_ends_ktrace_while_the_program_waits_in_connect(ktrace_cluster: N
     program dies of SIGINT and ktrace exits with 128+2 well before the dial could have ended."""
     c = ktrace_cluster
     program = "import socket; socket.create_connection((__import__('sys').argv[1], 80))"
-    argv = [*c.netns_argv(c.laptop), *c.ktrace_argv(sys.executable, "-c", program, c.blackhole_v4, connect_timeout=60)]
+    traced = c.ktrace_argv(sys.executable, "-c", program, c.blackhole_v4, connect_timeout=60)
+    argv = [*TERMINAL_JOB, *c.netns_argv(c.laptop), *traced]
     # A process group of its own, as a shell's foreground job has (killpg must not reach pytest).
     proc = subprocess.Popen(
-        argv, env=c.laptop_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        argv,
+        env=c.laptop_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         connect = syscalls.number("connect")

@@ -20,7 +20,7 @@ import threading
 from typing import Any
 
 import pytest
-from e2e_helpers import blocked_in, descendants, read_line, wait_until, you_are
+from e2e_helpers import TERMINAL_JOB, blocked_in, descendants, read_line, wait_until, you_are
 from fixture_programs import Programs
 from nscluster import NamespaceCluster
 
@@ -340,7 +340,7 @@ def test_ctrl_c_in_dlvs_terminal_reaches_the_program_not_dlv(cluster: NamespaceC
     master, slave = os.openpty()
     # setsid -c: a session of its own whose controlling terminal is stdin (the pty), as a shell's.
     proc = subprocess.Popen(
-        ["setsid", "-c", *c.netns_argv(c.laptop), *dlv_headless(c, programs)],
+        ["setsid", "-c", *TERMINAL_JOB, *c.netns_argv(c.laptop), *dlv_headless(c, programs)],
         env=c.laptop_env(),
         stdin=slave,
         stdout=subprocess.PIPE,
