@@ -2,4 +2,4 @@
 
 from ktrace_version import __version__ as __version__
 
-from . import tuning as _tuning  # noqa: F401  # before anything imports grpc
+from .wire import tuning as _tuning  # noqa: F401  # before anything imports grpc

@@ -26,7 +26,7 @@ import stat
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
-from . import rpc
+from .wire import rpc
 
 log = logging.getLogger("ktrace_agent")
 

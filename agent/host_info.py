@@ -23,7 +23,7 @@ import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from .rpc import IPAddress
+from .wire.values import IPAddress
 
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 DEFAULT_HOSTS = "/etc/hosts"

@@ -12,7 +12,7 @@ from typing import NoReturn
 from . import __version__, files
 from .listen import ConfigError, parse_token_sha256, read_token_file
 from .server import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CLIENT_STREAMS, AgentServer
-from .tuning import raise_fd_limit, tune_gc
+from .wire.tuning import raise_fd_limit, tune_gc
 
 log = logging.getLogger("ktrace_agent")
 

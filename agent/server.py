@@ -16,24 +16,19 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from . import __version__, files, host_info, rpc, tuning
-from .budget import SendBudget
+from . import __version__, files, host_info
 from .listen import ConfigError, TokenCheck, check_policy, claim_unix_path, parse_listen
 from .tcp_relay import TcpRelay
 from .udp_mux import SessionCount, UdpSessions
-from .udp_relay import UdpRelay
+from .wire import MAX_MESSAGE_BYTES, PROTOCOL_VERSION, codec, rpc, tuning
+from .wire.budget import SendBudget
 
 log = logging.getLogger("ktrace_agent")
 
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 10.0
-# TCP data queued in gRPC by all streams together, and how long a write waits for it
-# (budget.py): bounds the agent's memory with many busy connections.
-SEND_BUDGET_BYTES = 16 * 1024 * 1024
-SEND_BUDGET_WAIT = 0.5
 # How long stop() waits, after gRPC's own stop, for the tasks that ran the handlers to end.
 HANDLERS_END_WAIT = 2.0
-# Data streams (Connect, Datagrams, DatagramSessions) one client may have open at once: a client
+# Data streams (Connect, DatagramSessions) one client may have open at once: a client
 # is a connection (``context.peer()``; every client of a Unix socket is ``unix:``, so there it
 # is the whole agent's). A tunnelled TCP connection is a stream: a program with more
 # connections open through one agent than this gets ENOBUFS for the next ones.
@@ -46,20 +41,6 @@ MAX_CONCURRENT_STREAMS = DEFAULT_MAX_CLIENT_STREAMS + 256
 TRIM_AFTER_QUIET = 5.0
 # At most one log line per this many seconds about rejected calls (a flood is one line).
 REJECTED_LOG_INTERVAL = 10.0
-
-# A tunnel channel lives as long as a traced program and is often idle: let the
-# client ping every ~10 s without calls in flight, and never count that as abuse.
-_SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS),
-]
 
 
 class AgentServer:
@@ -82,7 +63,6 @@ class AgentServer:
         resolv_conf_path: str | None = None,
         hosts_path: str | None = None,
         tcp_stream_reuse: bool = True,
-        udp_multiplex: bool = True,
         max_client_streams: int = DEFAULT_MAX_CLIENT_STREAMS,
         served_files: Sequence[files.ServedRoot] = (),
         files_interval: float = files.POLL_INTERVAL,
@@ -96,13 +76,12 @@ class AgentServer:
         self._hosts_path = hosts_path
         # False behaves as an agent from before reuse (tests of old agents).
         self._tcp_stream_reuse = tcp_stream_reuse
-        self._udp_multiplex = udp_multiplex  # False: no DatagramSessions, as before it existed
         # The only files WatchFiles ever reads (fixed at start: a client cannot name others).
         self._served = {root.path: root for root in served_files}
         self._files_interval = files_interval
         self.udp_sessions = SessionCount()
         self._server: grpc.aio.Server | None = None
-        self.send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
+        self.send_budget = SendBudget()  # bounds the agent's memory with many busy connections
         self._active = 0
         self._activity = asyncio.Event()
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -116,7 +95,7 @@ class AgentServer:
     async def start(self) -> None:
         if self._listen.unix_path is not None:
             claim_unix_path(self._listen.unix_path)
-        server = grpc.aio.server(options=_SERVER_OPTIONS)
+        server = grpc.aio.server(options=rpc.server_options(MAX_CONCURRENT_STREAMS))
         rpc.register(self, server)
         target = self._listen.grpc_target()
         path = self._listen.unix_path
@@ -238,20 +217,19 @@ class AgentServer:
             log.debug("handshake from %s (client %s)", context.peer(), request.client_version)
             return rpc.HandshakeReply(
                 agent_version=__version__,
-                protocol_version=rpc.PROTOCOL_VERSION,
+                protocol_version=PROTOCOL_VERSION,
                 hostname=info.hostname,
-                addresses=[ip.packed for ip in info.addresses],
+                addresses=[codec.encode_ip(ip) for ip in info.addresses],
                 resolv_conf=info.resolv_conf,
                 hosts=info.hosts,
                 max_message_bytes=MAX_MESSAGE_BYTES,
-                datagram_batches=True,
                 tcp_stream_reuse=self._tcp_stream_reuse,
-                udp_multiplex=self._udp_multiplex,
+                udp_multiplex=True,
                 file_roots=list(self._served),
                 source_routes=[
                     rpc.SourceRoute(
-                        family=rpc.wire_family(route.family),
-                        ip=route.source.packed if route.source is not None else b"",
+                        family=codec.wire_family(route.family),
+                        ip=codec.encode_ip(route.source) if route.source is not None else b"",
                         errno_name=route.errno_name,
                     )
                     for route in info.source_routes
@@ -280,13 +258,7 @@ class AgentServer:
 
         await self._stream(context, "Connect", relay)
 
-    async def Datagrams(self, request_iterator: object, context: rpc.UdpContext) -> None:
-        await self._stream(context, "Datagrams", lambda: UdpRelay(context).run())
-
     async def DatagramSessions(self, request_iterator: object, context: rpc.UdpContext) -> None:
-        if not self._udp_multiplex:
-            async with self._call(context, "DatagramSessions"):
-                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "DatagramSessions is not offered")
         await self._stream(context, "DatagramSessions", lambda: UdpSessions(context, self.udp_sessions).run())
 
     async def WatchFiles(self, request: rpc.WatchFilesRequest, context: rpc.FilesContext) -> None:

@@ -7,7 +7,7 @@ most one ``shutdown_write``; the agent answers ``opened`` or ``failure``, then
 Backpressure: each direction is a loop that awaits its write (``sock_sendall`` on the
 socket side, ``context.write`` on the gRPC side) before reading more, so at most
 one chunk per direction is in flight and nothing buffers without bound. The remote
-socket is read through a ``ReadGate`` (read_gate.py): only once the send budget allows,
+socket is read through a ``ReadGate`` (wire/read_gate.py): only once the send budget allows,
 so data that cannot be sent yet stays in the kernel's socket buffers, not here.
 
 The stream ends when both directions are finished, or at once on a reset. If the
@@ -34,16 +34,17 @@ import struct
 
 import grpc
 
-from . import rpc
-from .budget import SendBudget
-from .errnames import describe, errno_name
-from .read_gate import ReadGate
+from .wire import DATA_CHUNK, codec, rpc
+from .wire.budget import SendBudget
+from .wire.errnos import describe
+from .wire.read_gate import ReadGate
+from .wire.values import Endpoint
 
 log = logging.getLogger("ktrace_agent")
 
-# Bytes per data frame at most (see ktrace/tunnel/tcp_stream.py); with one frame in flight
-# per direction, what one connection holds here is bounded by ~2 MiB.
-CHUNK = 1024 * 1024
+# Bytes per data frame at most; with one frame in flight per direction, what one connection
+# holds here is bounded by ~2 MiB.
+CHUNK = DATA_CHUNK
 
 
 class _Protocol(Exception):
@@ -56,11 +57,10 @@ def reset_socket(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-async def dial(ip: rpc.IPAddress, port: int, timeout: float) -> socket.socket:
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+async def dial(dest: Endpoint, timeout: float) -> socket.socket:
+    sock = socket.socket(dest.family, socket.SOCK_STREAM)
     sock.setblocking(False)
-    address = (str(ip), port)
+    address = (str(dest.ip), dest.port)
     try:
         # A connect to a nearby host (the same node, often) has its answer by the time
         # connect() returns EINPROGRESS: take it now rather than one event-loop turn later.
@@ -140,20 +140,20 @@ class TcpRelay:
 
     async def _open(self, request: rpc.TcpOpen) -> bool:
         try:
-            ip, port = rpc.decode_address(request.destination)
-        except rpc.AddressError as exc:
+            dest = codec.decode_address(request.destination)
+        except codec.AddressError as exc:
             raise _Protocol(str(exc)) from None
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self._connect_timeout
         try:
-            sock = await dial(ip, port, timeout)
+            sock = await dial(dest, timeout)
         except (OSError, TimeoutError) as exc:
-            failure = rpc.Failure(errno_name=errno_name(exc), message=f"connect to {ip}:{port}: {describe(exc)}")
+            failure = codec.encode_failure(exc, f"connect to {dest.ip}:{dest.port}")
             await self._context.write(rpc.TcpServerFrame(failure=failure))
             return False
         self._sock = sock
-        local = sock.getsockname()
-        peer = sock.getpeername()
-        opened = rpc.TcpOpened(local=rpc.encode_address(local[0], local[1]), peer=rpc.encode_address(peer[0], peer[1]))
+        opened = rpc.TcpOpened(
+            local=codec.encode_sockaddr(sock.getsockname()), peer=codec.encode_sockaddr(sock.getpeername())
+        )
         # The answer first: the program's connect() waits for it; the socket buffers meanwhile.
         await self._context.write(rpc.TcpServerFrame(opened=opened))
         return True
@@ -244,4 +244,4 @@ class TcpRelay:
 class _Reset(Exception):
     def __init__(self, exc: BaseException) -> None:
         super().__init__(describe(exc))
-        self.failure = rpc.Failure(errno_name=errno_name(exc), message=describe(exc))
+        self.failure = codec.encode_failure(exc)

@@ -1,20 +1,19 @@
 """One ``DatagramSessions`` stream: many UDP sockets of the program, one agent socket each.
 
-A ``Datagrams`` stream (udp_relay.py) carries one session: every program socket (every
-glibc lookup opens one) then costs a stream start (HTTP/2 headers both ways, the auth check,
-the handler's start) and a stream end in both processes. Here one long-lived stream carries
-many sessions; every frame names its session (``session``, never 0), and each session still
-gets an agent socket of its own with a fresh random source port (RFC 5452; what a pod's
-resolver does per lookup).
+A stream per program socket (every glibc lookup opens one) would cost a stream start (HTTP/2
+headers both ways, the auth check, the handler's start) and a stream end in both processes,
+per lookup. One long-lived stream carries many sessions instead; every frame names its session
+(``session``, never 0), and each session still gets an agent socket of its own with a fresh
+random source port (udp_socket.py; RFC 5452, what a pod's resolver does per lookup).
 
 Client → agent: ``open{family}`` (the session's socket is made; ``opened{local}`` answers,
 or ``refused{failure}`` when no socket could be made or a cap is reached: that session
-is over, the others go on), ``datagram`` / ``batch`` (to a session refused or closed
+is over, the others go on), ``datagram`` (to a session refused or closed
 already: dropped and counted, as a closed socket's would be), ``close`` (the socket is
 closed). Agent → client: ``opened`` / ``refused``, then ``datagram``, ``failure``,
-``peer_failure`` as on a ``Datagrams`` stream. Either side sends the frames waiting
-together as one ``frames`` message (gRPC's cost is per message; a resolver's A and AAAA
-answers, another session's ``opened``, all leave together).
+``peer_failure`` (udp_socket.py). Either side sends the frames waiting together as one
+``frames`` message (wire/batching.py: a resolver's A and AAAA answers, another session's
+``opened``, all leave together).
 
 Bad frames (session 0, an unknown kind, ``open`` for a session that is open, a
 malformed address, nested ``frames``) end the stream with INVALID_ARGUMENT: every
@@ -34,18 +33,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections import deque
 from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
 
-from . import rpc
-from .batching import MAX_BATCH_BYTES, MAX_BATCH_DATAGRAMS
-from .errnames import describe, errno_name
-from .udp_relay import (
-    MAX_DATAGRAM,
+from .udp_socket import (
     QUEUE_DATAGRAMS,
     AgentSocket,
     PortZero,
@@ -54,13 +48,14 @@ from .udp_relay import (
     read_client_frame,
     send_datagram,
 )
+from .wire import MAX_SESSIONS_PER_STREAM, batching, codec, rpc
 
 log = logging.getLogger("ktrace_agent")
 
 # A program's sockets stay open sessions until ktrace sees them closed (its sweep runs after
 # every 512 new program sockets, or every 30 s): a program looking names up in a loop has
-# hundreds at once. The agent-wide cap keeps its descriptors for TCP too.
-MAX_SESSIONS_PER_STREAM = 1024
+# hundreds at once (MAX_SESSIONS_PER_STREAM on one stream; ktrace starts another stream
+# beyond that). The agent-wide cap keeps its descriptors for TCP too.
 MAX_SESSIONS = 16384
 QUEUE_FRAMES = 2048
 QUEUE_ANSWERS = 2048
@@ -112,22 +107,24 @@ class _Outbox:
         while not self._frames:
             self._ready.clear()
             await self._ready.wait()
-        taken: list[rpc.UdpServerFrame] = []
-        size = 0
-        while self._frames and len(taken) < MAX_BATCH_DATAGRAMS and size < MAX_BATCH_BYTES:
-            frame, counted = self._frames.popleft()
-            if counted:
-                self._counted -= 1
-                left = self._waiting[frame.session] - 1
-                if left:
-                    self._waiting[frame.session] = left
-                else:
-                    del self._waiting[frame.session]
+        first = self._next()
+        assert first is not None
+        return batching.gather(first, self._next)
+
+    def _next(self) -> rpc.UdpServerFrame | None:
+        if not self._frames:
+            return None
+        frame, counted = self._frames.popleft()
+        if counted:
+            self._counted -= 1
+            left = self._waiting[frame.session] - 1
+            if left:
+                self._waiting[frame.session] = left
             else:
-                self.answers -= 1
-            taken.append(frame)
-            size += len(frame.datagram.payload)
-        return taken
+                del self._waiting[frame.session]
+        else:
+            self.answers -= 1
+        return frame
 
 
 class _SessionSink:
@@ -143,48 +140,10 @@ class _SessionSink:
             raise asyncio.QueueFull
 
 
-class _SessionSocket:
-    """A session's agent socket, read and written without an asyncio transport: making one takes
-    no loop turn (``create_datagram_endpoint`` awaits one), so the ``open`` frames of one
-    message are all answered before the writer runs, in one message, and a session costs less.
-    Behaves as the transport did: what the socket receives, and its errors (a send's too), go
-    to the ``AgentSocket``; a send that finds the kernel buffer full is dropped and counted."""
-
-    def __init__(self, sock: socket.socket, protocol: AgentSocket) -> None:
-        self._sock = sock
-        self._protocol = protocol
-        self.dropped_out = 0
-        sock.setblocking(False)
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
-
-    def _readable(self) -> None:
-        try:
-            data, addr = self._sock.recvfrom(MAX_DATAGRAM)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:  # IP_RECVERR: an ICMP error reads as one
-            self._protocol.error_received(exc)
-            return
-        self._protocol.datagram_received(data, addr)  # reads what else is queued, too
-
-    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
-        try:
-            self._sock.sendto(data, addr)
-        except (BlockingIOError, InterruptedError):
-            self.dropped_out += 1
-        except OSError as exc:
-            self._protocol.error_received(exc)
-
-    def close(self) -> None:
-        asyncio.get_running_loop().remove_reader(self._sock.fileno())
-        self._sock.close()
-
-
 @dataclass
 class _Session:
     family: int
-    socket: _SessionSocket
-    protocol: AgentSocket
+    socket: AgentSocket
     port_zero: PortZero
 
     def close(self) -> None:
@@ -206,11 +165,8 @@ class UdpSessions:
         sender = asyncio.create_task(self._send_back())
         try:
             while (message := await read_client_frame(self._context)) is not None:
-                if message.WhichOneof("kind") == "frames":
-                    for frame in message.frames.frames:
-                        await self._handle(frame)
-                else:
-                    await self._handle(message)
+                for frame in batching.unpack(message):
+                    await self._handle(frame)
         finally:
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -239,9 +195,6 @@ class UdpSessions:
             await self._open(number, frame.open)
         elif kind == "datagram":
             await self._send(number, frame.datagram)
-        elif kind == "batch":
-            for datagram in frame.batch.datagrams:
-                await self._send(number, datagram)
         elif kind == "close":
             self._close(number)
         else:
@@ -254,11 +207,8 @@ class UdpSessions:
             await self._context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         if number in self._sessions:
             await self._protocol_error(f"session {number} is open already")
-        if request.family == rpc.FAMILY_INET:
-            family = socket.AF_INET
-        elif request.family == rpc.FAMILY_INET6:
-            family = socket.AF_INET6
-        else:
+        family = codec.socket_family(request.family)
+        if family is None:
             await self._protocol_error(f"unknown address family {request.family}")
         if len(self._sessions) >= MAX_SESSIONS_PER_STREAM:
             self._refuse(number, "EMFILE", f"too many UDP sessions on one stream ({MAX_SESSIONS_PER_STREAM})")
@@ -270,23 +220,22 @@ class UdpSessions:
             sock = bound_socket(family)
         except OSError as exc:
             self._count.give()
-            self._refuse(number, errno_name(exc), f"UDP socket: {describe(exc)}")
+            self._refuse(number, codec.encode_failure(exc, "UDP socket"))
             return
-        host, port = sock.getsockname()[:2]
+        local = sock.getsockname()
         sink = _SessionSink(self._outbox, number)
-        protocol = AgentSocket(sink, sock)
         try:
-            session_socket = _SessionSocket(sock, protocol)
+            agent_socket = AgentSocket(sock, sink)
         except BaseException:
             sock.close()
             self._count.give()
             raise
-        opened = rpc.UdpOpened(local=rpc.encode_address(host, port))
+        opened = rpc.UdpOpened(local=codec.encode_sockaddr(local))
         self._outbox.put(rpc.UdpServerFrame(opened=opened, session=number), counted=False)
-        self._sessions[number] = _Session(family, session_socket, protocol, PortZero(family, sink))
+        self._sessions[number] = _Session(family, agent_socket, PortZero(family, sink))
 
-    def _refuse(self, number: int, errno: str, message: str) -> None:
-        failure = rpc.Failure(errno_name=errno, message=message)
+    def _refuse(self, number: int, errno: str | rpc.Failure, message: str = "") -> None:
+        failure = errno if isinstance(errno, rpc.Failure) else rpc.Failure(errno_name=errno, message=message)
         self._outbox.put(rpc.UdpServerFrame(refused=failure, session=number), counted=False)
 
     async def _send(self, number: int, datagram: rpc.Datagram) -> None:
@@ -295,10 +244,10 @@ class UdpSessions:
             self.dropped_unknown += 1
             return
         try:
-            ip, port = rpc.decode_address(datagram.peer)
-        except rpc.AddressError as exc:
+            dest = codec.decode_address(datagram.peer)
+        except codec.AddressError as exc:
             await self._protocol_error(str(exc))
-        outcome = send_datagram(session.socket, session.family, session.port_zero, ip, port, datagram.payload)
+        outcome = send_datagram(session.socket, session.family, session.port_zero, dest, datagram.payload)
         if isinstance(outcome, rpc.Failure):
             if not self._outbox.put(rpc.UdpServerFrame(failure=outcome, session=number)):
                 self.dropped_in += 1
@@ -311,14 +260,10 @@ class UdpSessions:
             return  # refused, or closed before: nothing to do
         session.close()
         self._count.give()
-        self.dropped_in += session.protocol.dropped_in
+        self.dropped_in += session.socket.dropped_in
         self.dropped_out += session.socket.dropped_out
 
     async def _send_back(self) -> None:
         """Network → client, one write at a time; what waits together leaves as one message."""
         while True:
-            frames = await self._outbox.take()
-            if len(frames) == 1:
-                await self._context.write(frames[0])
-            else:
-                await self._context.write(rpc.UdpServerFrame(frames=rpc.UdpServerFrames(frames=frames)))
+            await self._context.write(batching.pack_server(await self._outbox.take()))

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TextIO
 
-from ktrace_agent import tuning
+from ktrace_agent.wire import tuning
 
 from ktrace import __version__, debuggers, private_dirs, reporting
 from ktrace.errors import KtraceError

@@ -51,7 +51,7 @@ MIN_WARMUP = 30.0
 BURST_CLIENT = r"""
 import asyncio, sys
 import grpc, grpc.aio
-from ktrace.tunnel import rpc
+from ktrace_agent.wire import PROTOCOL_VERSION, rpc
 
 async def burst(address, size):
     async with grpc.aio.insecure_channel(rpc.grpc_target(address), options=rpc.CHANNEL_OPTIONS) as channel:
@@ -59,7 +59,7 @@ async def burst(address, size):
         bad = rpc.bearer_metadata("not-the-token")
         async def handshake():
             try:
-                request = rpc.HandshakeRequest(protocol_version=rpc.PROTOCOL_VERSION)
+                request = rpc.HandshakeRequest(protocol_version=PROTOCOL_VERSION)
                 await stub.handshake(request, metadata=bad, timeout=60)
             except grpc.aio.AioRpcError as exc:
                 return exc.code()

@@ -1,17 +1,14 @@
-"""Pure parts of the agent: listen addresses, policy, tokens, kernel tables, errno names, addresses."""
+"""Pure parts of the agent: listen addresses, policy, tokens, kernel tables, error queues (the wire's
+codec and errno names: test_wire_codec.py)."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import ipaddress
 import pathlib
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from ktrace_agent import host_info, rpc
-from ktrace_agent.errnames import errno_name
+from ktrace_agent import host_info
 from ktrace_agent.listen import (
     ConfigError,
     ListenAddress,
@@ -152,52 +149,11 @@ def test_gather_reads_overridden_files(tmp_path: pathlib.Path) -> None:
     assert all(not ip.is_loopback for ip in info.addresses)
 
 
-@pytest.mark.parametrize(
-    ("exc", "name"),
-    [
-        (ConnectionRefusedError(errno.ECONNREFUSED, "refused"), "ECONNREFUSED"),
-        (OSError(errno.EHOSTUNREACH, "x"), "EHOSTUNREACH"),
-        (OSError(errno.ENETUNREACH, "x"), "ENETUNREACH"),
-        (TimeoutError(), "ETIMEDOUT"),
-        (OSError(errno.ETIMEDOUT, "x"), "ETIMEDOUT"),
-        (OSError(), "EIO"),
-        (RuntimeError("?"), "EIO"),
-    ],
-)
-def test_errno_name(exc: BaseException, name: str) -> None:
-    assert errno_name(exc) == name
-
-
-def _not_v4_mapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    return not (isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None)
-
-
-ips = st.ip_addresses().filter(_not_v4_mapped)
-
-
-@given(ips, st.integers(0, 65535))
-def test_address_roundtrip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> None:
-    assert rpc.decode_address(rpc.encode_address(ip, port)) == (ip, port)
-
-
-@given(st.ip_addresses(v=4), st.integers(0, 65535))
-def test_v4_mapped_travels_as_v4(ip: ipaddress.IPv4Address, port: int) -> None:
-    mapped = ipaddress.IPv6Address(f"::ffff:{ip}")
-    assert rpc.encode_address(mapped, port).ip == ip.packed
-    assert rpc.decode_address(rpc.Address(ip=mapped.packed, port=port)) == (ip, port)
-
-
-@given(st.binary(max_size=20).filter(lambda b: len(b) not in (4, 16)))
-def test_bad_address_rejected(raw: bytes) -> None:
-    with pytest.raises(rpc.AddressError):
-        rpc.decode_address(rpc.Address(ip=raw, port=1))
-
-
 def test_extended_errno_from_error_queue_control_messages() -> None:
     import socket
     import struct
 
-    from ktrace_agent.udp_relay import IP_RECVERR, IPV6_RECVERR, extended_errno
+    from ktrace_agent.udp_socket import IP_RECVERR, IPV6_RECVERR, extended_errno
 
     # struct sock_extended_err: ee_errno, ee_origin, ee_type, ee_code, ee_pad, ee_info, ee_data
     err = struct.pack("=IBBBBII", 111, 2, 3, 3, 0, 0, 0)

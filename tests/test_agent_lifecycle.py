@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 from agent_helpers import TOKEN, LoopbackServer, agent_command, end_process, run, upper_echo, wait_for_line
-from ktrace_agent import tuning
+from ktrace_agent.wire import tuning
 
 from ktrace.tunnel.client import AgentClient, TcpStream
 from ktrace.tunnel.types import Endpoint, TunnelError

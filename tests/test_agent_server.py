@@ -26,8 +26,8 @@ from agent_helpers import (
     upper_echo,
     wait_for_line,
 )
+from ktrace_agent.wire import codec, rpc
 
-from ktrace.tunnel import rpc
 from ktrace.tunnel.client import AgentClient
 from ktrace.tunnel.types import AgentUnavailable, Endpoint
 
@@ -81,7 +81,7 @@ def test_bad_token_is_rejected_and_nothing_is_dialled(tmp_path: pathlib.Path, pr
                 # Core") in place of the agent's status: the status is asserted on the call
                 # above, which writes nothing, and here only when the write went out.
                 call = stub.connect(metadata=rpc.bearer_metadata(presented))
-                dest = rpc.encode_address(Endpoint.parse(f"127.0.0.1:{target.port}"))
+                dest = codec.encode_address(Endpoint.parse(f"127.0.0.1:{target.port}"))
                 wrote = True
                 try:
                     await call.write(rpc.TcpClientFrame(open=rpc.TcpOpen(destination=dest)))
@@ -141,7 +141,7 @@ def test_second_open_and_oversized_end_only_their_stream(tmp_path: pathlib.Path)
             splice_reader_writer = await _splice_pair(healthy)
 
             channel, call = await _raw_call(server.address, unlimited=True)
-            open_frame = rpc.TcpClientFrame(open=rpc.TcpOpen(destination=rpc.encode_address(dest)))
+            open_frame = rpc.TcpClientFrame(open=rpc.TcpOpen(destination=codec.encode_address(dest)))
             await call.write(open_frame)
             assert _kind(await call.read()) == "opened"
             with contextlib.suppress(grpc.aio.AioRpcError):
@@ -251,17 +251,18 @@ def test_cli_sigterm_is_clean(tmp_path: pathlib.Path) -> None:
     "first",
     [
         rpc.UdpClientFrame(datagram=rpc.Datagram(peer=rpc.Address(ip=bytes(4), port=1), payload=b"x")),
-        rpc.UdpClientFrame(open=rpc.UdpOpen(family="FAMILY_UNSPECIFIED")),
-        rpc.UdpClientFrame(),
+        rpc.UdpClientFrame(open=rpc.UdpOpen(family="FAMILY_UNSPECIFIED"), session=1),
+        rpc.UdpClientFrame(session=1),
     ],
+    ids=["no-session", "no-family", "empty"],
 )
-def test_malformed_datagrams_stream(tmp_path: pathlib.Path, first: rpc.UdpClientFrame) -> None:
+def test_malformed_first_frame_of_a_udp_stream(tmp_path: pathlib.Path, first: rpc.UdpClientFrame) -> None:
     async def scenario() -> None:
         async with (
             agent(f"unix:{tmp_path}/a.sock", token=TOKEN) as server,
             grpc.aio.insecure_channel(server.address) as channel,
         ):
-            call = rpc.Stub(channel).datagrams(metadata=rpc.bearer_metadata(TOKEN))
+            call = rpc.Stub(channel).datagram_sessions(metadata=rpc.bearer_metadata(TOKEN))
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await call.write(first)
             assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,6 +1,5 @@
-"""Several datagrams in one frame (``batch``) on ``Datagrams`` streams: the shared gather
-logic, the agent with a raw stream, and ktrace's session towards agents that do and do not
-accept batches."""
+"""Frames waiting together travel together on ``DatagramSessions`` streams (ktrace_agent.wire.batching):
+the shared gather logic, the agent with a raw stream, and ktrace's stream writer."""
 
 from __future__ import annotations
 
@@ -8,114 +7,83 @@ import asyncio
 import contextlib
 import pathlib
 import socket
-from collections.abc import Sequence
-from typing import cast
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar, cast
 
 import grpc
 import grpc.aio
-import pytest
-from agent_helpers import TOKEN, agent, agent_and_client, run, udp_echo
-from ktrace_agent import batching
+from agent_helpers import TOKEN, agent, run
+from ktrace_agent.wire import batching, codec, rpc
 
-from ktrace.tunnel import rpc
-from ktrace.tunnel.udp_session import UdpSession
+from ktrace.tunnel.types import Endpoint
+from ktrace.tunnel.udp_mux import UdpMux
 
+DEADLINE = 10.0
 PEER = rpc.Address(ip=bytes([127, 0, 0, 1]), port=9)
+F = TypeVar("F")
 
 
-def datagram(payload: bytes, peer: rpc.Address = PEER) -> rpc.UdpClientFrame:
-    return rpc.UdpClientFrame(datagram=rpc.Datagram(peer=peer, payload=payload))
+def datagram(payload: bytes, session: int = 1, peer: rpc.Address = PEER) -> rpc.UdpClientFrame:
+    return rpc.UdpClientFrame(datagram=rpc.Datagram(peer=peer, payload=payload), session=session)
 
 
-def as_batch(datagrams: Sequence[rpc.Datagram]) -> rpc.UdpClientFrame:
-    return rpc.UdpClientFrame(batch=rpc.DatagramBatch(datagrams=datagrams))
+def waiting(*frames: F) -> tuple[deque[F], Callable[[], F | None]]:
+    queue = deque(frames)
+    return queue, lambda: queue.popleft() if queue else None
 
 
-def payloads(frame: rpc.UdpClientFrame | rpc.UdpServerFrame) -> list[bytes]:
-    if frame.WhichOneof("kind") == "batch":
-        return [d.payload for d in frame.batch.datagrams]
-    return [frame.datagram.payload]
+def payloads(frames: list[rpc.UdpClientFrame] | list[rpc.UdpServerFrame]) -> list[bytes]:
+    return [frame.datagram.payload for frame in frames]
 
 
-def queue_of(*frames: rpc.UdpClientFrame) -> asyncio.Queue[rpc.UdpClientFrame]:
-    queue: asyncio.Queue[rpc.UdpClientFrame] = asyncio.Queue()
-    for frame in frames:
-        queue.put_nowait(frame)
-    return queue
-
-
-def test_gather_joins_the_datagrams_queued_behind_the_first() -> None:
-    other = rpc.UdpClientFrame(open=rpc.UdpOpen(family=rpc.FAMILY_INET))
-    queue = queue_of(datagram(b"b"), datagram(b"c"), other, datagram(b"d"))
-    first, after = batching.gather(datagram(b"a"), queue, as_batch)
-    assert first.WhichOneof("kind") == "batch" and payloads(first) == [b"a", b"b", b"c"]
-    assert after is other  # ends the batch, written right after it
-    assert queue.qsize() == 1  # the rest waits for the next write
-
+def test_gather_takes_what_waits_behind_the_first() -> None:
+    opening = rpc.UdpClientFrame(open=rpc.UdpOpen(family=rpc.FAMILY_INET), session=2)
+    queue, take = waiting(datagram(b"b"), opening, datagram(b"c", session=2))
+    frames = batching.gather(datagram(b"a"), take)
+    assert [f.WhichOneof("kind") for f in frames] == ["datagram", "datagram", "open", "datagram"]  # any kind
+    assert not queue
     lone = datagram(b"x")
-    assert batching.gather(lone, queue_of(), as_batch) == [lone]  # nothing behind it: as it was
-    assert batching.gather(other, queue_of(datagram(b"y")), as_batch) == [other]  # not a datagram first
+    assert batching.gather(lone, waiting()[1]) == [lone]  # nothing behind it: as it was
 
 
-def test_gather_stays_within_its_limits() -> None:
-    many = queue_of(*(datagram(b"%d" % i) for i in range(1, 100)))
-    [first] = batching.gather(datagram(b"0"), many, as_batch)
-    assert payloads(first) == [b"%d" % i for i in range(batching.MAX_BATCH_DATAGRAMS)]
+def test_gather_stays_within_one_message() -> None:
+    queue, take = waiting(*(datagram(b"%d" % i) for i in range(1, 100)))
+    frames = batching.gather(datagram(b"0"), take)
+    assert payloads(frames) == [b"%d" % i for i in range(batching.MAX_BATCH_FRAMES)]
+    assert len(queue) == 100 - batching.MAX_BATCH_FRAMES  # the rest waits for the next write
     big = b"x" * (batching.MAX_BATCH_BYTES // 2)
-    large = queue_of(datagram(big), datagram(big), datagram(b"next"))
-    [first] = batching.gather(datagram(big), large, as_batch)
-    assert len(payloads(first)) == 2 and large.qsize() == 2  # a batch stops once it is large enough
+    queue, take = waiting(datagram(big), datagram(big), datagram(b"next"))
+    assert len(batching.gather(datagram(big), take)) == 2 and len(queue) == 2  # large enough: stops
+    assert batching.MAX_BATCH_BYTES * 2 < 4 * 1024 * 1024  # what may pass the limit still fits a message
 
 
-@pytest.mark.parametrize("accepts_batches", [True, False])
-def test_agent_takes_batches_and_sends_them_only_when_accepted(tmp_path: pathlib.Path, accepts_batches: bool) -> None:
-    async def scenario() -> None:
-        transport, _, port = await udp_echo()
-        echo = rpc.Address(ip=bytes([127, 0, 0, 1]), port=port)
-        try:
-            async with (
-                agent(f"unix:{tmp_path}/a.sock", token=TOKEN) as server,
-                grpc.aio.insecure_channel(server.address) as channel,
-            ):
-                call = rpc.Stub(channel).datagrams(metadata=rpc.bearer_metadata(TOKEN))
-                await call.write(rpc.UdpClientFrame(open=rpc.UdpOpen(family=rpc.FAMILY_INET, batches=accepts_batches)))
-                sent = [b"q%d" % i for i in range(40)]
-                await call.write(as_batch([rpc.Datagram(peer=echo, payload=p) for p in sent[:20]]))
-                for payload in sent[20:]:
-                    await call.write(datagram(payload, echo))
-                kinds: set[str | None] = set()
-                got: list[bytes] = []
-                while len(got) < len(sent):
-                    frame = await asyncio.wait_for(call.read(), 10)
-                    assert isinstance(frame, rpc.UdpServerFrame)
-                    kind = frame.WhichOneof("kind")
-                    if kind == "opened":
-                        continue
-                    kinds.add(kind)
-                    got += payloads(frame)
-                assert got == [p.upper() for p in sent]  # in order, whatever the framing
-                if not accepts_batches:
-                    assert kinds == {"datagram"}
-                call.cancel()
-        finally:
-            transport.close()
-
-    run(scenario())
+def test_pack_and_unpack() -> None:
+    lone = datagram(b"a")
+    assert batching.pack_client([lone]) is lone  # alone: the frame itself, no wrapping
+    frames = [datagram(b"a"), datagram(b"b", session=2)]
+    message = batching.pack_client(frames)
+    assert message.WhichOneof("kind") == "frames"
+    received = rpc.UdpClientFrame.FromString(message.SerializeToString())
+    assert list(batching.unpack(received)) == frames
+    assert list(batching.unpack(lone)) == [lone]
+    answers = [rpc.UdpServerFrame(opened=rpc.UdpOpened(), session=n) for n in (1, 2)]
+    assert list(batching.unpack(batching.pack_server(answers))) == answers
+    assert batching.pack_server(answers[:1]) is answers[0]
 
 
-def test_agent_sends_datagrams_that_arrived_together_as_one_batch(tmp_path: pathlib.Path) -> None:
+def test_agent_sends_datagrams_that_arrived_together_as_one_message(tmp_path: pathlib.Path) -> None:
     """A resolver's A and AAAA answers reach the agent's socket back to back: both are read
-    before the writer runs, so they go to ktrace as one frame (asyncio alone reads one per
-    wake-up, and the first would leave alone)."""
+    before the writer runs, so they go to ktrace as one message."""
 
     async def scenario() -> None:
         async with (
             agent(f"unix:{tmp_path}/a.sock", token=TOKEN) as server,
             grpc.aio.insecure_channel(server.address) as channel,
         ):
-            call = rpc.Stub(channel).datagrams(metadata=rpc.bearer_metadata(TOKEN))
-            await call.write(rpc.UdpClientFrame(open=rpc.UdpOpen(family=rpc.FAMILY_INET, batches=True)))
-            opened = await asyncio.wait_for(call.read(), 10)
+            call = rpc.Stub(channel).datagram_sessions(metadata=rpc.bearer_metadata(TOKEN))
+            await call.write(rpc.UdpClientFrame(open=rpc.UdpOpen(family=rpc.FAMILY_INET), session=1))
+            opened = await asyncio.wait_for(call.read(), DEADLINE)
             assert isinstance(opened, rpc.UdpServerFrame) and opened.WhichOneof("kind") == "opened"
             port = opened.opened.local.port
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server_side:
@@ -123,27 +91,27 @@ def test_agent_sends_datagrams_that_arrived_together_as_one_batch(tmp_path: path
                 server_side.sendto(b"answer A", ("127.0.0.1", port))
                 server_side.sendto(b"answer AAAA", ("127.0.0.1", port))
                 source_port = server_side.getsockname()[1]
-                frame = await asyncio.wait_for(call.read(), 10)
-            assert isinstance(frame, rpc.UdpServerFrame)
-            assert frame.WhichOneof("kind") == "batch"
-            assert payloads(frame) == [b"answer A", b"answer AAAA"]
-            assert {d.peer.port for d in frame.batch.datagrams} == {source_port}
+                message = await asyncio.wait_for(call.read(), DEADLINE)
+            assert isinstance(message, rpc.UdpServerFrame) and message.WhichOneof("kind") == "frames"
+            frames = list(batching.unpack(message))
+            assert payloads(frames) == [b"answer A", b"answer AAAA"]
+            assert {(f.session, f.datagram.peer.port) for f in frames} == {(1, source_port)}
             call.cancel()
 
     run(scenario())
 
 
-def test_a_malformed_address_inside_a_batch_ends_the_stream(tmp_path: pathlib.Path) -> None:
+def test_a_malformed_address_inside_a_message_ends_the_stream(tmp_path: pathlib.Path) -> None:
     async def scenario() -> None:
         async with (
             agent(f"unix:{tmp_path}/a.sock", token=TOKEN) as server,
             grpc.aio.insecure_channel(server.address) as channel,
         ):
-            call = rpc.Stub(channel).datagrams(metadata=rpc.bearer_metadata(TOKEN))
-            await call.write(rpc.UdpClientFrame(open=rpc.UdpOpen(family=rpc.FAMILY_INET, batches=True)))
+            call = rpc.Stub(channel).datagram_sessions(metadata=rpc.bearer_metadata(TOKEN))
             bad = rpc.Address(ip=bytes(3), port=1)
+            frames = [rpc.UdpClientFrame(open=rpc.UdpOpen(family=rpc.FAMILY_INET), session=1), datagram(b"ok")]
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await call.write(as_batch([rpc.Datagram(peer=PEER, payload=b"ok"), rpc.Datagram(peer=bad)]))
+                await call.write(batching.pack_client([*frames, datagram(b"bad", peer=bad)]))
             with contextlib.suppress(grpc.aio.AioRpcError):
                 while await call.read() is not grpc.aio.EOF:  # the status follows what was sent before it
                     pass
@@ -153,14 +121,14 @@ def test_a_malformed_address_inside_a_batch_ends_the_stream(tmp_path: pathlib.Pa
 
 
 class _RecordingCall:
-    """Stands for a ``Datagrams`` call: records what the session writes, never answers."""
+    """Stands for a ``DatagramSessions`` call: records what ktrace writes, never answers."""
 
     def __init__(self) -> None:
         self.written: list[rpc.UdpClientFrame] = []
         self.wrote = asyncio.Event()
 
-    async def write(self, frame: rpc.UdpClientFrame) -> None:
-        self.written.append(frame)
+    async def write(self, message: rpc.UdpClientFrame) -> None:
+        self.written.append(message)
         self.wrote.set()
 
     async def read(self) -> object:
@@ -171,29 +139,23 @@ class _RecordingCall:
         return True
 
 
-@pytest.mark.parametrize("agent_accepts", [True, False])
-def test_session_batches_only_towards_an_agent_that_accepts_them(agent_accepts: bool) -> None:
+def test_ktrace_writes_what_waits_together_as_one_message() -> None:
+    """A session's ``open`` and the two questions a resolver sends right behind it leave as one
+    message, before any answer."""
+
     async def scenario() -> None:
         call = _RecordingCall()
-        session = UdpSession(cast(rpc.UdpCall, call), socket.AF_INET, batches=agent_accepts)
-        dest = rpc.decode_address(PEER)
-        for payload in (b"A?", b"AAAA?"):  # queued together, like a resolver's two questions
-            assert session.send(dest, payload)
-        while sum(len(payloads(f)) for f in call.written[1:]) < 2:
-            call.wrote.clear()
-            await asyncio.wait_for(call.wrote.wait(), 10)
-        opening, *rest = call.written
-        assert opening.WhichOneof("kind") == "open" and opening.open.batches  # it always accepts them
-        assert [f.WhichOneof("kind") for f in rest] == (["batch"] if agent_accepts else ["datagram", "datagram"])
-        assert [p for f in rest for p in payloads(f)] == [b"A?", b"AAAA?"]
-        await session.close()
-
-    run(scenario())
-
-
-def test_the_handshake_says_the_agent_accepts_batches(tmp_path: pathlib.Path) -> None:
-    async def scenario() -> None:
-        async with agent_and_client(f"unix:{tmp_path}/a.sock") as (_, client):
-            assert client.info.datagram_batches
+        mux = UdpMux(lambda: cast(rpc.UdpCall, call))
+        session = mux.start(socket.AF_INET)
+        dest = Endpoint.parse("10.96.0.10:53")
+        for question in (b"A?", b"AAAA?"):
+            assert session.send(dest, question)
+        await asyncio.wait_for(call.wrote.wait(), DEADLINE)
+        [message] = call.written
+        frames = list(batching.unpack(message))
+        assert [(f.WhichOneof("kind"), f.session) for f in frames] == [("open", 1), ("datagram", 1), ("datagram", 1)]
+        assert payloads(frames[1:]) == [b"A?", b"AAAA?"]
+        assert {codec.decode_address(f.datagram.peer) for f in frames[1:]} == {dest}
+        await mux.close()
 
     run(scenario())

@@ -21,6 +21,7 @@ import pytest
 from agent_helpers import TOKEN, LoopbackServer, agent, drain_all, local_pair, pump, run, upper_echo
 from hypothesis import given
 from hypothesis import strategies as st
+from ktrace_agent.wire import rpc
 
 from ktrace.kube.portforward import (
     ChannelDecoder,
@@ -31,7 +32,6 @@ from ktrace.kube.portforward import (
     Unreachable,
     encode_data,
 )
-from ktrace.tunnel import rpc
 from ktrace.tunnel.client import AgentClient
 from ktrace.tunnel.types import Endpoint, TcpStats, TunnelError
 

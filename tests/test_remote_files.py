@@ -20,11 +20,11 @@ import pytest
 from agent_helpers import agent_and_client, run
 from ktrace_agent import files as agent_files
 from ktrace_agent.files import ServedRoot, resolve_in
+from ktrace_agent.wire import rpc
 
 from ktrace.remotefs.mirror import Entry, Mirror, MirrorError, base_directory, remove_leftovers
 from ktrace.remotefs.pathmap import PathRules, Redirect
 from ktrace.remotefs.session import FilesUnavailable, RemoteFiles
-from ktrace.tunnel import rpc
 
 ROOT = b"/etc/app"
 SECRET = "hunter2-not-for-logs"

@@ -1,4 +1,4 @@
-"""SendBudget (agent/budget.py): bounds bytes queued in gRPC across streams, serves waiters in
+"""SendBudget (agent/wire/budget.py): bounds bytes queued in gRPC across streams, serves waiters in
 order, and never holds a write back longer than max_wait without budget coming back."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from agent_helpers import run
-from ktrace_agent.budget import SendBudget
+from ktrace_agent.wire.budget import SendBudget
 
 
 def test_takes_and_gives_back() -> None:

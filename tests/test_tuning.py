@@ -1,4 +1,4 @@
-"""ktrace's own process settings (agent/tuning.py): gRPC core settings applied only where measured,
+"""ktrace's own process settings (agent/wire/tuning.py): gRPC core settings applied only where measured,
 never over the user's and never passed on to the traced program; malloc kept from page-faulting."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from fixture_programs import Programs
-from ktrace_agent import tuning
+from ktrace_agent.wire import tuning
 from nscluster import NamespaceCluster
 
 
@@ -50,7 +50,7 @@ def test_malloc_is_tuned_on_glibc() -> None:
 def test_gc_keeps_the_start_up_heap_out_of_collections() -> None:
     # In a child: the test process's own collector is left alone.
     code = (
-        "import gc; from ktrace_agent import tuning; import grpc; tuning.tune_gc(); "
+        "import gc; from ktrace_agent.wire import tuning; import grpc; tuning.tune_gc(); "
         "print(gc.get_threshold()[0], gc.get_freeze_count(), len(gc.get_objects()))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)

@@ -27,9 +27,9 @@ from agent_helpers import (
     run,
     upper_echo,
 )
-from ktrace_agent.read_gate import pending_bytes
+from ktrace_agent.wire import codec, rpc
+from ktrace_agent.wire.read_gate import pending_bytes
 
-from ktrace.tunnel import rpc
 from ktrace.tunnel.types import Endpoint, TcpStats, TunnelError
 
 
@@ -344,7 +344,7 @@ def test_eof_frame_only_while_the_client_still_sends(tmp_path: pathlib.Path) -> 
             grpc.aio.insecure_channel(address) as channel,
         ):
             call = rpc.Stub(channel).connect(metadata=rpc.bearer_metadata(TOKEN))
-            dest = rpc.encode_address(Endpoint.parse(f"127.0.0.1:{target.port}"))
+            dest = codec.encode_address(Endpoint.parse(f"127.0.0.1:{target.port}"))
             await call.write(rpc.TcpClientFrame(open=rpc.TcpOpen(destination=dest)))
             kinds: list[str | None] = []
             if finish_first:

@@ -17,11 +17,10 @@ import grpc
 import grpc.aio
 import pytest
 from agent_helpers import TOKEN, LoopbackServer, agent, agent_and_client, local_pair, run, upper_echo
-from ktrace_agent import rpc as agent_rpc
 from ktrace_agent.server import AgentServer
+from ktrace_agent.wire import codec, rpc
 
 from ktrace.tunnel import client as client_module
-from ktrace.tunnel import rpc
 from ktrace.tunnel.client import AgentClient
 from ktrace.tunnel.types import Endpoint, TcpStats, TunnelError
 
@@ -47,23 +46,23 @@ class StreamWatchingAgent(AgentServer):
         self.opens: list[int] = []  # per ``open`` frame read, in order: the number of its stream
         self._streams = 0
 
-    async def Connect(self, request_iterator: object, context: agent_rpc.TcpContext) -> None:
+    async def Connect(self, request_iterator: object, context: rpc.TcpContext) -> None:
         self._streams += 1
         noting = _OpensNoted(context, self._streams, self.opens)
-        await super().Connect(request_iterator, cast(agent_rpc.TcpContext, noting))
+        await super().Connect(request_iterator, cast(rpc.TcpContext, noting))
 
 
 class _OpensNoted:
     """A ``Connect`` stream's context that notes each ``open`` the agent reads from it."""
 
-    def __init__(self, context: agent_rpc.TcpContext, stream: int, opens: list[int]) -> None:
+    def __init__(self, context: rpc.TcpContext, stream: int, opens: list[int]) -> None:
         self._context = context
         self._stream = stream
         self._opens = opens
 
     async def read(self) -> object:
         frame = await self._context.read()
-        if isinstance(frame, agent_rpc.TcpClientFrame) and frame.WhichOneof("kind") == "open":
+        if isinstance(frame, rpc.TcpClientFrame) and frame.WhichOneof("kind") == "open":
             self._opens.append(self._stream)
         return frame
 
@@ -249,7 +248,7 @@ def test_wire_frames_of_a_reused_stream(tmp_path: pathlib.Path) -> None:
             call = rpc.Stub(channel).connect(metadata=rpc.bearer_metadata(TOKEN))
 
             async def open_(port: int) -> None:
-                dest = rpc.encode_address(Endpoint.parse(f"127.0.0.1:{port}"))
+                dest = codec.encode_address(Endpoint.parse(f"127.0.0.1:{port}"))
                 await call.write(rpc.TcpClientFrame(open=rpc.TcpOpen(destination=dest, reuse=True)))
 
             async def frames_until(last: set[str]) -> list[str | None]:
@@ -297,7 +296,7 @@ def test_a_second_open_before_the_connection_ended_is_a_protocol_error(tmp_path:
             grpc.aio.insecure_channel(address) as channel,
         ):
             call = rpc.Stub(channel).connect(metadata=rpc.bearer_metadata(TOKEN))
-            dest = rpc.encode_address(Endpoint.parse(f"127.0.0.1:{echo.port}"))
+            dest = codec.encode_address(Endpoint.parse(f"127.0.0.1:{echo.port}"))
             frame = rpc.TcpClientFrame(open=rpc.TcpOpen(destination=dest, reuse=True))
             await call.write(frame)
             first = await asyncio.wait_for(call.read(), 10)

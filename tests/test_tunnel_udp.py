@@ -1,4 +1,4 @@
-"""UDP sessions through a real agent to a loopback UDP echo server."""
+"""UDP sessions through a real agent to a loopback UDP echo server, and the sessions opened ahead of need."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import socket
 import grpc.aio
 import pytest
 from agent_helpers import TOKEN, UdpEcho, agent, agent_and_client, run, udp_echo
+from ktrace_agent.wire import rpc
 
-from ktrace.tunnel import rpc
-from ktrace.tunnel.call_pool import CallPool
 from ktrace.tunnel.types import Endpoint, TunnelError
-from ktrace.tunnel.udp_session import SessionSpares, UdpSession
+from ktrace.tunnel.udp_mux import UdpMux
+from ktrace.tunnel.udp_session import SessionSpares
 
 
 async def _echo_server(host: str) -> tuple[asyncio.DatagramTransport, UdpEcho, int]:
@@ -111,11 +111,11 @@ def test_udp_sessions_are_opened_ahead_of_need(tmp_path: pathlib.Path) -> None:
                 started: list[rpc.UdpCall] = []
 
                 def start_call() -> rpc.UdpCall:
-                    started.append(rpc.Stub(channel).datagrams(metadata=metadata))
+                    started.append(rpc.Stub(channel).datagram_sessions(metadata=metadata))
                     return started[-1]
 
-                calls = CallPool(start_call, 2)
-                spares = SessionSpares(lambda family: UdpSession.start(calls, family), 2)
+                mux = UdpMux(start_call)
+                spares = SessionSpares(mux.start, 2)
                 first = spares.take(socket.AF_INET)  # none spare yet: opened now
                 assert spares.idle(socket.AF_INET) == ()
                 received: asyncio.Queue[bytes] = asyncio.Queue()
@@ -132,14 +132,12 @@ def test_udp_sessions_are_opened_ahead_of_need(tmp_path: pathlib.Path) -> None:
                 assert second.send(dest, b"two") and await received.get() == b"TWO"
                 assert {addr[1] for addr in echo.sources} == {first.local.port, second.local.port}
 
-                await server.stop(grace=None)  # the agent goes away: every spare ends
+                await server.stop(grace=None)  # the agent goes away: every spare ends with its stream
                 dead = spares.idle(socket.AF_INET)
                 for spare in dead:
                     await asyncio.wait_for(spare.closed.wait(), 10)
-                # The pool's own spare calls end too, once gRPC has heard of it (a call taken in
-                # between would be one a stopped agent still owed an answer to).
-                for call in started:
-                    await asyncio.wait_for(call.code(), 10)
+                assert len(started) == 1  # one stream carried them all
+                await asyncio.wait_for(started[0].code(), 10)
                 await server.start()
                 # A call started while the channel is still backing off from the lost agent fails
                 # at once (UNAVAILABLE); ktrace's client waits for the tunnel the same way.
@@ -149,9 +147,11 @@ def test_udp_sessions_are_opened_ahead_of_need(tmp_path: pathlib.Path) -> None:
                 third.set_receiver(lambda _source, payload: received.put_nowait(payload))
                 await asyncio.wait_for(third.until_answered(), 10)
                 assert third.send(dest, b"three") and await received.get() == b"THREE"
+                assert len(started) == 2  # the next session started the next stream
                 for session in (first, second, third):
                     await session.close()
                 await spares.close()
+                await mux.close()
                 await channel.close()
         finally:
             transport.close()
@@ -168,8 +168,8 @@ def test_spare_sessions_are_replaced_later_unless_none_is_left(tmp_path: pathlib
         async with agent(address, token=TOKEN):
             channel = grpc.aio.insecure_channel(address)
             metadata = rpc.bearer_metadata(TOKEN)
-            calls = CallPool(lambda: rpc.Stub(channel).datagrams(metadata=metadata), 2)
-            spares = SessionSpares(lambda family: UdpSession.start(calls, family), 2)
+            mux = UdpMux(lambda: rpc.Stub(channel).datagram_sessions(metadata=metadata))
+            spares = SessionSpares(mux.start, 2)
             taken = [spares.take(socket.AF_INET)]
             await asyncio.sleep(0)  # one loop turn: the first refill is at once
             assert len(spares.idle(socket.AF_INET)) == 2
@@ -182,6 +182,7 @@ def test_spare_sessions_are_replaced_later_unless_none_is_left(tmp_path: pathlib
             for session in taken:
                 await session.close()
             await spares.close()
+            await mux.close()
             await channel.close()
 
     run(scenario())

@@ -2,13 +2,12 @@
 UDP servers: many sessions on one stream, each with an agent socket and port of its own;
 errors stay with their session; closing frees the agent's socket; a lost stream or a killed
 agent ends every session at once; a malformed frame ends the stream, not the agent; the
-agent's caps; and old agents / old clients keep one stream per session."""
+agent's caps; and an agent without multiplexing (or of another protocol) refused at the handshake."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import pathlib
 import signal
 import socket
@@ -29,17 +28,17 @@ from agent_helpers import (
     udp_echo,
     wait_for_line,
 )
-from ktrace_agent import rpc as agent_rpc
 from ktrace_agent import udp_mux
 from ktrace_agent.server import AgentServer
-from ktrace_agent.udp_relay import QUEUE_DATAGRAMS
+from ktrace_agent.udp_socket import QUEUE_DATAGRAMS
+from ktrace_agent.wire import PROTOCOL_VERSION, codec, rpc
 
+from ktrace import __version__
 from ktrace.tunnel import client as client_module
-from ktrace.tunnel import rpc
 from ktrace.tunnel.client import AgentClient
-from ktrace.tunnel.types import Endpoint, TunnelError
+from ktrace.tunnel.types import AgentUnavailable, Endpoint, TunnelError
 from ktrace.tunnel.udp_mux import MuxSession
-from ktrace.tunnel.udp_session import Session, UdpSession
+from ktrace.tunnel.udp_session import Session
 
 DEADLINE = 10.0
 
@@ -50,14 +49,9 @@ class StreamCountingAgent(AgentServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.datagram_streams = 0  # one per session without multiplexing
         self.session_streams = 0  # DatagramSessions: shared by many sessions
 
-    async def Datagrams(self, request_iterator: object, context: agent_rpc.UdpContext) -> None:
-        self.datagram_streams += 1
-        await super().Datagrams(request_iterator, context)
-
-    async def DatagramSessions(self, request_iterator: object, context: agent_rpc.UdpContext) -> None:
+    async def DatagramSessions(self, request_iterator: object, context: rpc.UdpContext) -> None:
         self.session_streams += 1
         await super().DatagramSessions(request_iterator, context)
 
@@ -122,7 +116,6 @@ def test_many_sessions_share_one_stream_each_with_its_own_agent_socket(tmp_path:
                 server,
                 client,
             ):
-                assert client.info.udp_multiplex
                 sessions = [client.start_udp(socket.AF_INET) for _ in range(40)]
                 assert all(isinstance(session, MuxSession) for session in sessions)
                 inboxes = [_Inbox(session) for session in sessions]
@@ -135,7 +128,7 @@ def test_many_sessions_share_one_stream_each_with_its_own_agent_socket(tmp_path:
                 ports = {session.local.port for session in sessions}
                 assert len(ports) == 40  # one agent socket, one random port, per session
                 assert {addr[1] for addr in echo.sources} == ports
-                assert (counting(server).session_streams, counting(server).datagram_streams) == (1, 0)
+                assert counting(server).session_streams == 1
                 assert server.udp_sessions.open >= 40  # the spares opened ahead of need too
 
                 # A second round on the same sessions: still one stream, still their own ports.
@@ -158,7 +151,7 @@ def test_many_sessions_share_one_stream_each_with_its_own_agent_socket(tmp_path:
                 for i, session in enumerate(sessions[20:]):
                     session.send(dest, b"still %d" % i)
                     assert (await inboxes[20 + i].next())[1] == b"STILL %d from %d" % (i, session.local.port)
-                assert (counting(server).session_streams, counting(server).datagram_streams) == (1, 0)
+                assert counting(server).session_streams == 1
         finally:
             transport.close()
 
@@ -199,7 +192,7 @@ def test_an_error_on_one_session_leaves_the_others_alone(tmp_path: pathlib.Path)
                 three = _Inbox(third)
                 third.send(dest, b"room again")
                 assert (await three.next())[1] == b"ROOM AGAIN from %d" % third.local.port
-                assert (counting(server).session_streams, counting(server).datagram_streams) == (1, 0)
+                assert counting(server).session_streams == 1
         finally:
             transport.close()
 
@@ -249,7 +242,7 @@ def _open(number: int, family: int = rpc.FAMILY_INET) -> rpc.UdpClientFrame:
 
 
 def _datagram(number: int, dest: Endpoint, payload: bytes) -> rpc.UdpClientFrame:
-    return rpc.UdpClientFrame(datagram=rpc.Datagram(peer=rpc.encode_address(dest), payload=payload), session=number)
+    return rpc.UdpClientFrame(datagram=rpc.Datagram(peer=codec.encode_address(dest), payload=payload), session=number)
 
 
 async def _read_frames(call: rpc.UdpCall, count: int) -> list[rpc.UdpServerFrame]:
@@ -382,7 +375,7 @@ def test_a_lost_stream_ends_every_session_at_once_and_the_next_gets_a_new_one(tm
                 inbox = _Inbox(session)
                 session.send(dest, b"new stream")
                 assert (await inbox.next())[1] == b"NEW STREAM from %d" % session.local.port
-                assert (counting(server).session_streams, counting(server).datagram_streams) == (2, 0)
+                assert counting(server).session_streams == 2
         finally:
             if client is not None:
                 await client.close()
@@ -461,57 +454,49 @@ def test_a_killed_agent_fails_sessions_promptly_even_unanswered_ones(tmp_path: p
         end_process(proc)
 
 
-_parse_info = client_module._parse_info
+class AgentOfAnotherKind(AgentServer):
+    """The real agent, answering the handshake as an agent of another protocol version, or one
+    without multiplexing, would."""
+
+    def __init__(self, *args: Any, protocol: int = PROTOCOL_VERSION, multiplex: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.protocol = protocol
+        self.multiplex = multiplex
+
+    async def Handshake(self, request: rpc.HandshakeRequest, context: rpc.HandshakeContext) -> rpc.HandshakeReply:
+        reply = await super().Handshake(request, context)
+        reply.protocol_version = self.protocol
+        reply.udp_multiplex = self.multiplex
+        return reply
 
 
-def _parse_info_ignoring_multiplex(reply: rpc.HandshakeReply) -> client_module.AgentInfo:
-    info = _parse_info(reply)
-    assert info.udp_multiplex  # the agent offers it; this client ignores the offer
-    return dataclasses.replace(info, udp_multiplex=False)
-
-
-@pytest.mark.parametrize("old", ["agent", "client"])
-def test_without_multiplex_on_either_side_each_session_has_its_own_stream(
-    old: str, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        (
+            {"protocol": PROTOCOL_VERSION - 1, "multiplex": False},
+            f"speaks tunnel protocol {PROTOCOL_VERSION - 1}, ktrace {__version__} speaks {PROTOCOL_VERSION}",
+        ),
+        ({"protocol": PROTOCOL_VERSION + 1}, f"speaks tunnel protocol {PROTOCOL_VERSION + 1}, ktrace"),
+        ({"multiplex": False}, f"does not offer DatagramSessions, which ktrace {__version__} needs"),
+    ],
+    ids=["older", "newer", "no-multiplex"],
+)
+def test_an_agent_without_multiplexing_or_of_another_protocol_is_refused_at_the_handshake(
+    kind: dict[str, Any], expected: str, tmp_path: pathlib.Path
 ) -> None:
-    """An agent that does not offer DatagramSessions (an older one), or a client that does not
-    use it (an older one): a Datagrams stream per session, as before, and everything works."""
+    """No fallback: one line that names the agent image to use, and the channel is closed."""
 
-    async def scenario() -> None:
-        if old == "client":
-            monkeypatch.setattr(client_module, "_parse_info", _parse_info_ignoring_multiplex)
-        transport, echo, dest = await _echo_server()
-        try:
-            async with agent_and_client(
-                f"unix:{tmp_path}/a.sock", server_class=StreamCountingAgent, udp_multiplex=old != "agent"
-            ) as (server, client):
-                assert not client.info.udp_multiplex
-                sessions = [await client.open_udp(socket.AF_INET) for _ in range(5)]
-                assert all(isinstance(session, UdpSession) for session in sessions)
-                for i, session in enumerate(sessions):
-                    inbox = _Inbox(session)
-                    session.send(dest, b"old %d" % i)
-                    assert (await inbox.next())[1] == b"OLD %d from %d" % (i, session.local.port)
-                assert len({addr[1] for addr in echo.sources}) == 5
-                assert counting(server).datagram_streams >= 5  # one per session (and spares)
-                assert counting(server).session_streams == 0
-                assert server.udp_sessions.open == 0
-                for session in sessions:
-                    await session.close()
-        finally:
-            transport.close()
-
-    run(scenario())
-
-
-def test_an_agent_without_multiplex_refuses_the_stream(tmp_path: pathlib.Path) -> None:
     async def scenario() -> None:
         address = f"unix:{tmp_path}/a.sock"
-        async with agent(address, token=TOKEN, udp_multiplex=False), grpc.aio.insecure_channel(address) as channel:
-            call = rpc.Stub(channel).datagram_sessions(metadata=rpc.bearer_metadata(TOKEN))
-            with contextlib.suppress(grpc.aio.AioRpcError):  # the agent may have ended it already
-                await call.write(_open(1))
-            assert await asyncio.wait_for(call.code(), DEADLINE) == grpc.StatusCode.UNIMPLEMENTED
+        async with agent(address, AgentOfAnotherKind, token=TOKEN, **kind):
+            with pytest.raises(AgentUnavailable) as refused:
+                await AgentClient.connect(address, TOKEN, timeout=DEADLINE)
+        line = str(refused.value)
+        assert "\n" not in line
+        assert line.startswith(f"the agent at {address} (ktrace-agent {__version__}) ")
+        assert expected in line
+        assert line.endswith(f"(hint: use the agent image of ktrace {__version__}: `ktrace image build` makes it)")
 
     run(scenario())
 
@@ -563,7 +548,7 @@ def test_spares_on_a_shared_stream_are_replaced_several_at_a_time(tmp_path: path
         transport, echo, dest = await _echo_server()
         try:
             async with agent_and_client(f"unix:{tmp_path}/a.sock") as (server, client):
-                size, low = client_module.MUX_SPARE_UDP_SESSIONS, client_module.MUX_SPARE_LOW
+                size, low = client_module.SPARE_UDP_SESSIONS, client_module.SPARE_UDP_LOW
                 assert 0 < low < size - 1
                 first = client.start_udp(socket.AF_INET)  # none spare yet: opened now, spares follow
                 await asyncio.sleep(0)  # one loop turn: with none left, the refill is at once
@@ -617,24 +602,24 @@ def test_the_agents_outbox_bounds_per_session_and_per_stream() -> None:
 
     async def scenario() -> None:
         outbox = udp_mux._Outbox()
-        datagram = agent_rpc.Datagram(peer=agent_rpc.encode_address("10.0.0.1", 53), payload=b"x")
-        assert outbox.put(agent_rpc.UdpServerFrame(opened=agent_rpc.UdpOpened(), session=1), counted=False)
-        per_session = [outbox.put(agent_rpc.UdpServerFrame(datagram=datagram, session=1)) for _ in range(600)]
+        datagram = rpc.Datagram(peer=codec.encode_address(Endpoint.parse("10.0.0.1:53")), payload=b"x")
+        assert outbox.put(rpc.UdpServerFrame(opened=rpc.UdpOpened(), session=1), counted=False)
+        per_session = [outbox.put(rpc.UdpServerFrame(datagram=datagram, session=1)) for _ in range(600)]
         assert per_session.count(True) == QUEUE_DATAGRAMS
         others = [
-            outbox.put(agent_rpc.UdpServerFrame(datagram=datagram, session=n))
+            outbox.put(rpc.UdpServerFrame(datagram=datagram, session=n))
             for n in range(2, 10)
             for _ in range(QUEUE_DATAGRAMS)
         ]
         assert others.count(True) == udp_mux.QUEUE_FRAMES - QUEUE_DATAGRAMS
-        assert outbox.put(agent_rpc.UdpServerFrame(refused=agent_rpc.Failure(), session=99), counted=False)
+        assert outbox.put(rpc.UdpServerFrame(refused=rpc.Failure(), session=99), counted=False)
         assert outbox.answers == 2
-        taken: list[agent_rpc.UdpServerFrame] = []
+        taken: list[rpc.UdpServerFrame] = []
         while len(taken) < udp_mux.QUEUE_FRAMES + 2:
             taken += await outbox.take()
         assert outbox.answers == 0
         assert (taken[0].session, taken[0].WhichOneof("kind")) == (1, "opened")
         assert (taken[-1].session, taken[-1].WhichOneof("kind")) == (99, "refused")
-        assert outbox.put(agent_rpc.UdpServerFrame(datagram=datagram, session=1))  # room again
+        assert outbox.put(rpc.UdpServerFrame(datagram=datagram, session=1))  # room again
 
     run(scenario())

@@ -17,8 +17,8 @@ from collections.abc import Callable
 import grpc.aio
 import pytest
 from agent_helpers import run
+from ktrace_agent.wire import codec, rpc
 
-from ktrace.tunnel import rpc
 from ktrace.tunnel.types import Endpoint
 from ktrace.tunnel.udp_mux import MuxSession, _MuxStream
 from ktrace_proto import tunnel_v1_pb2
@@ -49,16 +49,17 @@ class _Call:
 
 
 def _datagram(session: int, payload: bytes) -> rpc.UdpServerFrame:
-    return rpc.UdpServerFrame(datagram=rpc.Datagram(peer=rpc.encode_address(SERVER), payload=payload), session=session)
+    return rpc.UdpServerFrame(
+        datagram=rpc.Datagram(peer=codec.encode_address(SERVER), payload=payload), session=session
+    )
 
 
-def _batch(session: int, *payloads: bytes) -> rpc.UdpServerFrame:
-    datagrams = [rpc.Datagram(peer=rpc.encode_address(SERVER), payload=p) for p in payloads]
-    return rpc.UdpServerFrame(batch=rpc.DatagramBatch(datagrams=datagrams), session=session)
+def _datagrams(session: int, *payloads: bytes) -> list[rpc.UdpServerFrame]:
+    return [_datagram(session, payload) for payload in payloads]
 
 
 def _opened(session: int) -> rpc.UdpServerFrame:
-    local = rpc.encode_address(Endpoint.parse(f"10.0.0.5:{40000 + session}"))
+    local = codec.encode_address(Endpoint.parse(f"10.0.0.5:{40000 + session}"))
     return rpc.UdpServerFrame(opened=tunnel_v1_pb2.UdpOpened(local=local), session=session)
 
 
@@ -90,7 +91,7 @@ async def _stream_through(messages: list[rpc.UdpServerFrame], sessions: int) -> 
 def test_every_datagram_of_a_message_is_delivered_before_any_follow_up() -> None:
     async def scenario() -> list[tuple[str, bytes]]:
         events: list[tuple[str, bytes]] = []
-        message = _frames(_opened(1), _opened(2), _datagram(1, b"A"), _datagram(2, b"B"), _batch(1, b"C", b"D"))
+        message = _frames(_opened(1), _opened(2), _datagram(1, b"A"), _datagram(2, b"B"), *_datagrams(1, b"C", b"D"))
         call, sessions = await _stream_through([message, _datagram(2, b"E")], 2)
         for session in sessions:
             _recording(session, events)
@@ -118,7 +119,7 @@ def test_every_datagram_of_a_message_is_delivered_before_any_follow_up() -> None
 def test_a_failing_follow_up_is_logged_and_the_others_still_run(caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> list[tuple[str, bytes]]:
         events: list[tuple[str, bytes]] = []
-        _call, sessions = await _stream_through([_frames(_opened(1), _batch(1, b"A", b"B", b"C"))], 1)
+        _call, sessions = await _stream_through([_frames(_opened(1), *_datagrams(1, b"A", b"B", b"C"))], 1)
         _recording(sessions[0], events, fail_after=b"B")
         async with asyncio.timeout(10):
             while len(events) < 5:

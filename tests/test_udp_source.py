@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from ktrace_agent import host_info
+from ktrace_agent.wire import PROTOCOL_VERSION, rpc
 
 from ktrace.tracer import decide, sockaddr
 from ktrace.tracer.decide import AgentSources, UdpSocketName
 from ktrace.tracer.sockaddr import InetAddr
-from ktrace.tunnel import rpc
 from ktrace.tunnel.client import _parse_info
 from ktrace.tunnel.types import Endpoint, SourceRoute
 
@@ -77,7 +77,7 @@ def test_kernel_source_towards_loopback_is_loopback() -> None:
 def test_an_older_agents_handshake_has_no_source_routes() -> None:
     """A reply without the new field (an agent from before it) keeps the old behaviour: the
     kernel answers getsockname() (the relay's loopback address) and no connect() is refused."""
-    info = _parse_info(rpc.HandshakeReply(agent_version="0.1", protocol_version=rpc.PROTOCOL_VERSION))
+    info = _parse_info(rpc.HandshakeReply(agent_version="0.1", protocol_version=PROTOCOL_VERSION))
     assert info.source_routes == ()
     sources = AgentSources.from_routes(info.source_routes, info.addresses)
     assert name(socket.AF_INET, peer("10.96.7.7"), 5000, sources) is None

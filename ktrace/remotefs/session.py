@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 
 import grpc
 import grpc.aio
+from ktrace_agent.wire import rpc
 
-from ktrace.tunnel import rpc
 from ktrace.tunnel.client import AgentClient
 
 from .mirror import DIRECTORY, REGULAR, SYMLINK, Entry, Mirror

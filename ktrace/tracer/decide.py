@@ -13,12 +13,13 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ktrace_agent.wire.values import Endpoint, IPAddress, SourceRoute
+
 from ktrace.rules import Route as Route  # noqa: PLC0414 - re-exported for udp.py
 from ktrace.rules import RouteDecision, RuleSet
 from ktrace.tracer import sockaddr
 from ktrace.tracer.sockaddr import Decoded, InetAddr
 from ktrace.tunnel.dns_map import DnsMap
-from ktrace.tunnel.types import Endpoint, IPAddress, SourceRoute
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17

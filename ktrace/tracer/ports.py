@@ -12,7 +12,7 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from ktrace.tunnel.types import Endpoint
+from ktrace_agent.wire.values import Endpoint
 
 
 class Dialled(Protocol):

@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from ktrace.tunnel.types import Endpoint, IPAddress
+from ktrace_agent.wire.values import Endpoint, IPAddress
 
 AF_UNSPEC: Final = 0
 AF_UNIX: Final = socket.AF_UNIX

@@ -41,6 +41,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ktrace_agent.wire.values import Endpoint, TunnelError
+
 from ktrace.rules import RouteDecision
 from ktrace.tracer import decide, sockaddr, sockops
 from ktrace.tracer.decide import Passthrough, Redirected, RedirectTcp, RoutingPolicy, SocketInfo
@@ -60,7 +62,6 @@ from ktrace.tracer.tracee import (
     TraceeGone,
 )
 from ktrace.tracer.udp import warn_unsupported
-from ktrace.tunnel.types import Endpoint, TunnelError
 
 log = logging.getLogger("ktrace.tcp")
 

@@ -27,6 +27,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ktrace_agent.wire.values import MAX_DATAGRAM, Endpoint
+
 from ktrace.tracer import decide, linux, msghdr, sockaddr, sockops
 from ktrace.tracer.decide import AgentSources, Route, RoutingPolicy, SocketInfo
 from ktrace.tracer.ports import RelayTable
@@ -34,7 +36,6 @@ from ktrace.tracer.sockaddr import InetAddr
 from ktrace.tracer.sockets import SocketTable, UdpRecord
 from ktrace.tracer.threads import ThreadGroups
 from ktrace.tracer.tracee import Complete, Deferred, Outcome, Tracee, TraceeGone
-from ktrace.tunnel.types import MAX_DATAGRAM, Endpoint
 
 log = logging.getLogger("ktrace.udp")
 

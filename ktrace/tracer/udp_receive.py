@@ -23,12 +23,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ktrace_agent.wire.values import MAX_DATAGRAM
+
 from ktrace.tracer import decide, msghdr, sockaddr, sockops
 from ktrace.tracer.decide import SocketInfo
 from ktrace.tracer.ports import RelayTable
 from ktrace.tracer.sockaddr import InetAddr
 from ktrace.tracer.tracee import Complete, Deferred, Memory, Outcome, Resume, Tracee, TraceeGone, WatchExit
-from ktrace.tunnel.types import MAX_DATAGRAM
 
 # ktrace's own receives into preallocated buffers (only the loop's thread receives here):
 # the source comes back as the kernel's sockaddr bytes, as the program would get them.

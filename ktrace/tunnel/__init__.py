@@ -1,3 +1,3 @@
-"""The tunnel to the agent: one gRPC channel, a stream per TCP connection and UDP socket."""
+"""The tunnel to the agent: one gRPC channel, a stream per TCP connection, UDP sessions on shared streams."""
 
-import ktrace_agent.tuning as _tuning  # noqa: F401  # gRPC and malloc settings, before grpc is imported
+import ktrace_agent.wire.tuning as _tuning  # noqa: F401  # gRPC and malloc settings, before grpc is imported

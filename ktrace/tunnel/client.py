@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import grpc
 import grpc.aio
-from ktrace_agent import tuning
-from ktrace_agent.budget import SendBudget
+from ktrace_agent.wire import PROTOCOL_VERSION, codec, rpc, tuning
+from ktrace_agent.wire.budget import SendBudget
 
 from .. import __version__
-from . import rpc
 from .call_pool import CallPool
 from .health import TunnelHealth, short_reason
 from .tcp_stream import TcpStream
 from .types import AgentUnavailable, Endpoint, IPAddress, SourceRoute, TcpStats, TunnelError, TunnelLost
 from .udp_mux import UdpMux
-from .udp_session import Session, SessionSpares, UdpSession
+from .udp_session import Session, SessionSpares
 
 __all__ = [
     "AgentClient",
@@ -34,30 +32,24 @@ __all__ = [
     "TcpStats",
     "TcpStream",
     "TunnelError",
-    "UdpSession",
 ]
 
 
 # How long a new connection waits for a lost tunnel to come back when no connect timeout was
 # given: the agent's own default dial timeout.
 TUNNEL_WAIT = 10.0
-# Streams kept started ahead of need, per kind (see call_pool.py), and UDP sessions kept
-# open ahead of need, per address family in use (see udp_session.SessionSpares).
+# Connect streams kept started ahead of need (see call_pool.py).
 SPARE_CALLS = 2
 # Idle Connect streams kept for reuse after their connection ended (call_pool.py): enough for
 # a program's bursts of short connections; beyond that a stream ends as without reuse.
 KEEP_TCP_CALLS = 16
-SPARE_UDP_SESSIONS = 2
-# On a shared DatagramSessions stream: up to 6 spares, replaced 4 at a time once 2 are left,
-# so their open frames and the agent's answers travel 4 to a message.
-MUX_SPARE_UDP_SESSIONS = 6
-MUX_SPARE_LOW = 2
-# TCP data queued in gRPC by all streams together, and how long a write waits for it
-# (ktrace_agent/budget.py): bounds memory with many busy connections.
-SEND_BUDGET_BYTES = 16 * 1024 * 1024
-SEND_BUDGET_WAIT = 0.5
+# UDP sessions kept open ahead of need, per address family in use (udp_session.SessionSpares):
+# up to 6, replaced 4 at a time once 2 are left, so their open frames and the agent's answers
+# travel 4 to a message on the shared stream.
+SPARE_UDP_SESSIONS = 6
+SPARE_UDP_LOW = 2
 # Seconds without a new stream or UDP session after which ktrace gives its freed memory back
-# to the kernel (ktrace_agent/tuning.py, Trimmer): RSS goes down while the program idles.
+# to the kernel (ktrace_agent/wire/tuning.py, Trimmer): RSS goes down while the program idles.
 TRIM_AFTER_QUIET = 10.0
 
 
@@ -69,11 +61,9 @@ class AgentInfo:
     resolv_conf: str
     hosts: str
     max_message_bytes: int
-    datagram_batches: bool = False  # the agent accepts several datagrams in one frame
-    # Per IP version the agent told (none from an older agent): its source towards the cluster.
+    # Per IP version the agent told: its source towards the cluster.
     source_routes: tuple[SourceRoute, ...] = ()
     tcp_stream_reuse: bool = False  # a Connect stream can carry one connection after another
-    udp_multiplex: bool = False  # UDP sessions can share DatagramSessions streams
     file_roots: tuple[bytes, ...] = ()  # the target container's paths the agent serves (WatchFiles)
 
 
@@ -88,15 +78,32 @@ def _hint(code: grpc.StatusCode, address: str, unreachable: str = DEFAULT_UNREAC
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"the agent at {address} did not answer in time (hint: {unreachable})"
     if code == grpc.StatusCode.UNIMPLEMENTED:
-        return f"{address} is not a ktrace agent, or a too old one (hint: check the agent image version)"
+        return f"{address} is not a ktrace agent, or a too old one (hint: {_IMAGE_HINT})"
     return f"agent handshake failed at {address}: {code.name}"
+
+
+_IMAGE_HINT = f"use the agent image of ktrace {__version__}: `ktrace image build` makes it"
+
+
+def mismatch(reply: rpc.HandshakeReply, address: str) -> str | None:
+    """Why the agent that sent ``reply`` cannot serve this ktrace (one line), or None when it can:
+    another protocol version, or one without what this version requires (ktrace_agent.wire)."""
+    agent = f"the agent at {address} (ktrace-agent {reply.agent_version or 'of unknown version'})"
+    if reply.protocol_version != PROTOCOL_VERSION:
+        return (
+            f"{agent} speaks tunnel protocol {reply.protocol_version}, ktrace {__version__} speaks "
+            f"{PROTOCOL_VERSION} (hint: {_IMAGE_HINT})"
+        )
+    if not reply.udp_multiplex:
+        return f"{agent} does not offer DatagramSessions, which ktrace {__version__} needs (hint: {_IMAGE_HINT})"
+    return None
 
 
 def _parse_info(reply: rpc.HandshakeReply) -> AgentInfo:
     addresses: list[IPAddress] = []
     for raw in reply.addresses:
-        if len(raw) in (4, 16):
-            addresses.append(ipaddress.ip_address(raw))
+        with contextlib.suppress(codec.AddressError):
+            addresses.append(codec.decode_ip(raw))
     return AgentInfo(
         version=reply.agent_version,
         hostname=reply.hostname,
@@ -104,29 +111,27 @@ def _parse_info(reply: rpc.HandshakeReply) -> AgentInfo:
         resolv_conf=reply.resolv_conf,
         hosts=reply.hosts,
         max_message_bytes=reply.max_message_bytes,
-        datagram_batches=reply.datagram_batches,
         source_routes=_parse_source_routes(reply.source_routes),
         tcp_stream_reuse=reply.tcp_stream_reuse,
-        udp_multiplex=reply.udp_multiplex,
         file_roots=tuple(reply.file_roots),
     )
-
-
-_IP_VERSIONS = {rpc.FAMILY_INET: 4, rpc.FAMILY_INET6: 6}
 
 
 def _parse_source_routes(routes: Iterable[rpc.SourceRoute]) -> tuple[SourceRoute, ...]:
     """The first usable entry per IP version; malformed ones are ignored (the kernel answers then)."""
     found: dict[int, SourceRoute] = {}
     for route in routes:
-        version = _IP_VERSIONS.get(route.family)
+        version = codec.ip_version(route.family)
         if version is None or version in found:
             continue
-        if len(route.ip) in (4, 16):
-            ip = ipaddress.ip_address(route.ip)
+        if route.ip:
+            try:
+                ip = codec.decode_ip(route.ip)
+            except codec.AddressError:
+                continue
             if ip.version == version and not ip.is_unspecified:
                 found[version] = SourceRoute(version, ip)
-        elif not route.ip and route.errno_name:
+        elif route.errno_name:
             found[version] = SourceRoute(version, None, route.errno_name)
     return tuple(found[version] for version in sorted(found))
 
@@ -139,23 +144,14 @@ class AgentClient:
         self.info = info
         metadata = self._metadata
         self._tcp_calls = CallPool(lambda: self._stub.connect(metadata=metadata), SPARE_CALLS, KEEP_TCP_CALLS)
-        self._udp_calls = CallPool(lambda: self._stub.datagrams(metadata=metadata), SPARE_CALLS)
-        # With an agent that offers it, every UDP session is one of many on a shared stream;
-        # else each has a stream of its own (the spare calls above). A shared stream started
-        # while the tunnel is down waits for it (wait_for_ready), as a connect does
-        # (open_tcp): its sessions' datagrams, queued and bounded per session, then leave
-        # when the agent is back, where without it the program's datagrams were dropped and
-        # a resolver asked again only after its timeout (glibc: 5 s).
-        self._udp_mux = (
-            UdpMux(lambda: self._stub.datagram_sessions(metadata=metadata, wait_for_ready=True))
-            if info.udp_multiplex
-            else None
-        )
-        if self._udp_mux is not None:
-            self._udp_sessions = SessionSpares(self._new_udp_session, MUX_SPARE_UDP_SESSIONS, MUX_SPARE_LOW)
-        else:
-            self._udp_sessions = SessionSpares(self._new_udp_session, SPARE_UDP_SESSIONS)
-        self.send_budget = SendBudget(SEND_BUDGET_BYTES, SEND_BUDGET_WAIT)
+        # Every UDP session is one of many on a shared stream. A stream started while the tunnel
+        # is down waits for it (wait_for_ready), as a connect does (open_tcp): its sessions'
+        # datagrams, queued and bounded per session, then leave when the agent is back, where
+        # without it the program's datagrams were dropped and a resolver asked again only after
+        # its timeout (glibc: 5 s).
+        self._udp_mux = UdpMux(lambda: self._stub.datagram_sessions(metadata=metadata, wait_for_ready=True))
+        self._udp_sessions = SessionSpares(self._udp_mux.start, SPARE_UDP_SESSIONS, SPARE_UDP_LOW)
+        self.send_budget = SendBudget()  # bounds memory with many busy connections
         self.health = TunnelHealth()
         self._watcher: asyncio.Task[None] | None = None
         self._trimmer = tuning.Trimmer(TRIM_AFTER_QUIET)
@@ -178,7 +174,7 @@ class AgentClient:
         channel = grpc.aio.insecure_channel(rpc.grpc_target(address), options=rpc.CHANNEL_OPTIONS)
         try:
             stub = rpc.Stub(channel)
-            request = rpc.HandshakeRequest(client_version=__version__, protocol_version=rpc.PROTOCOL_VERSION)
+            request = rpc.HandshakeRequest(client_version=__version__, protocol_version=PROTOCOL_VERSION)
             reply = await stub.handshake(
                 request, metadata=rpc.bearer_metadata(token), timeout=timeout, wait_for_ready=wait_for_ready
             )
@@ -188,12 +184,10 @@ class AgentClient:
         except BaseException:
             await channel.close()
             raise
-        if reply.protocol_version != rpc.PROTOCOL_VERSION:
+        problem = mismatch(reply, address)
+        if problem is not None:
             await channel.close()
-            raise AgentUnavailable(
-                f"the agent at {address} speaks tunnel protocol {reply.protocol_version}, ktrace speaks "
-                f"{rpc.PROTOCOL_VERSION} (hint: use an agent image of the same ktrace version)"
-            )
+            raise AgentUnavailable(problem)
         client = cls(channel, token, _parse_info(reply))
         client.prime()
         return client
@@ -201,10 +195,7 @@ class AgentClient:
     def prime(self) -> None:
         """Start the spare streams and the channel's watcher (needs the running loop)."""
         self._tcp_calls.fill()
-        if self._udp_mux is not None:
-            self._udp_mux.prime()
-        else:
-            self._udp_calls.fill()
+        self._udp_mux.prime()
         if self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_channel())
 
@@ -223,7 +214,7 @@ class AgentClient:
     async def ping(self, timeout: float = 10.0) -> None:
         """A handshake on the open channel: proves the path to the agent works and keeps an agent
         started with ``--idle-exit`` from exiting while ktrace runs."""
-        request = rpc.HandshakeRequest(client_version=__version__, protocol_version=rpc.PROTOCOL_VERSION)
+        request = rpc.HandshakeRequest(client_version=__version__, protocol_version=PROTOCOL_VERSION)
         await self._stub.handshake(request, metadata=self._metadata, timeout=timeout)
 
     async def open_tcp(self, dest: Endpoint, timeout: float | None = None) -> TcpStream:
@@ -264,15 +255,8 @@ class AgentClient:
         return self._udp_sessions.take(family)
 
     async def open_udp(self, family: int) -> Session:
-        """A UDP socket on the agent (``socket.AF_INET`` or ``AF_INET6``)."""
-        if self._udp_mux is not None:
-            return await self._udp_mux.open(family)
-        return await UdpSession.open(self._udp_calls, family, self.info.datagram_batches)
-
-    def _new_udp_session(self, family: int) -> Session:
-        if self._udp_mux is not None:
-            return self._udp_mux.start(family)
-        return UdpSession.start(self._udp_calls, family, self.info.datagram_batches)
+        """A UDP socket on the agent (``socket.AF_INET`` or ``AF_INET6``), once the agent answered."""
+        return await self._udp_mux.open(family)
 
     async def close(self) -> None:
         self._trimmer.close()
@@ -281,10 +265,8 @@ class AgentClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
         await self._udp_sessions.close()
-        if self._udp_mux is not None:
-            await self._udp_mux.close()
+        await self._udp_mux.close()
         self._tcp_calls.close()
-        self._udp_calls.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AgentClient:

@@ -27,17 +27,17 @@ from typing import TypeVar
 
 import grpc
 import grpc.aio
-from ktrace_agent.budget import SendBudget
-from ktrace_agent.read_gate import ReadGate
+from ktrace_agent.wire import DATA_CHUNK, codec, rpc
+from ktrace_agent.wire.budget import SendBudget
+from ktrace_agent.wire.read_gate import ReadGate
 
-from . import rpc
 from .call_pool import CallPool
 from .types import Endpoint, TcpStats, TunnelError, TunnelLost
 
 # Bytes per Data frame at most. gRPC's cost is mostly per message: 1 MiB frames move
 # ~1.3x the bytes per second of 256 KiB ones here (docs/performance.md), and still
 # leave at most one frame per direction in flight on a connection.
-CHUNK = 1024 * 1024
+CHUNK = DATA_CHUNK
 OPEN_MARGIN = 10.0  # seconds past the dial timeout before giving up on the agent
 
 T = TypeVar("T")
@@ -118,7 +118,7 @@ class TcpStream:
     ) -> TcpStream:
         timeout_ms = max(1, round(timeout * 1000)) if timeout is not None else 0
         frame = rpc.TcpClientFrame(
-            open=rpc.TcpOpen(destination=rpc.encode_address(dest), timeout_ms=timeout_ms, reuse=reuse_in is not None)
+            open=rpc.TcpOpen(destination=codec.encode_address(dest), timeout_ms=timeout_ms, reuse=reuse_in is not None)
         )
         # The read is in flight while the write completes: the answer is taken as soon
         # as it arrives instead of one event-loop hand-off after the write's completion.
@@ -159,11 +159,11 @@ class TcpStream:
                 reuse_in.give_back(call)  # the agent waits for the next open on it
             else:
                 call.cancel()
-            raise TunnelError(reply.failure.errno_name or "EIO", reply.failure.message)
+            raise codec.decode_failure(reply.failure)
         if kind != "opened":
             call.cancel()
             raise TunnelError("EIO", f"agent answered {kind!r} to open")
-        local, peer = rpc.decode_address(reply.opened.local), rpc.decode_address(reply.opened.peer)
+        local, peer = codec.decode_address(reply.opened.local), codec.decode_address(reply.opened.peer)
         return cls(call, local, peer, reuse_in=reuse_in)
 
     async def abort(self) -> None:

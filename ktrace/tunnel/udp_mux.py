@@ -1,21 +1,19 @@
 """UDP sessions multiplexed on a few long-lived ``DatagramSessions`` streams.
 
-Used when the agent offers it (``HandshakeReply.udp_multiplex``; the protocol is in
-ktrace_agent/udp_mux.py). A ``MuxSession`` behaves as a ``UdpSession`` (udp_session.py):
-its own agent socket with its own random port, ``send`` that never blocks, the same
-receivers. What it saves: opening one is a frame on a stream that is already there,
-closing one is a frame too, where a ``UdpSession`` starts a stream (HTTP/2 headers both
-ways, the agent's auth check and handler start) and cancels it, in both processes, for
-every program socket (every glibc lookup).
+The protocol is in ktrace_agent/udp_mux.py. A ``MuxSession`` (udp_session.py's ``Session``) has
+its own agent socket with its own random port, ``send`` that never blocks, and receivers.
+Opening one is a frame on a stream that is already there, closing one is a frame too, where a
+stream per session would cost a stream start (HTTP/2 headers both ways, the agent's auth check
+and handler start) and end, in both processes, for every program socket (every glibc lookup).
 
 Frames of all sessions of a stream wait in one queue and the ones waiting together leave
-as one ``frames`` message (a resolver's A and AAAA questions, another session's ``open``).
-Every session keeps at most ``QUEUE_DATAGRAMS`` datagrams waiting (more are dropped and
-counted, as a full socket buffer drops them). A session is put on the first stream with
-room (``MAX_SESSIONS_PER_STREAM``, the agent's cap); another stream starts when all are
-full. A stream that ends (the agent went away, the tunnel broke, a protocol error) ends
-every session on it at once: those not answered yet hear ``TunnelLost``, like a lost
-``Datagrams`` stream; the next session starts a new stream.
+as one ``frames`` message (ktrace_agent/wire/batching.py: a resolver's A and AAAA questions,
+another session's ``open``). Every session keeps at most ``QUEUE_DATAGRAMS`` datagrams waiting
+(more are dropped and counted, as a full socket buffer drops them). A session is put on the
+first stream with room (``MAX_SESSIONS_PER_STREAM``, the agent's cap); another stream starts
+when all are full. A stream that ends (the agent went away, the tunnel broke, a protocol error)
+ends every session on it at once: those not answered yet hear ``TunnelLost``; the next session
+starts a new stream.
 """
 
 from __future__ import annotations
@@ -24,15 +22,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import socket
 from collections.abc import Callable
 
 import grpc
 import grpc.aio
-from ktrace_agent.batching import MAX_BATCH_BYTES, MAX_BATCH_DATAGRAMS
-from ktrace_agent.udp_mux import MAX_SESSIONS_PER_STREAM
+from ktrace_agent.wire import MAX_SESSIONS_PER_STREAM, batching, codec, rpc
 
-from . import rpc
 from .types import Endpoint, TunnelError, TunnelLost
 from .udp_session import QUEUE_DATAGRAMS, AfterMessage, SessionBase, end_call, followed_up, server_messages
 
@@ -58,7 +53,7 @@ class MuxSession(SessionBase):
             self.dropped += 1
             return False
         frame = rpc.UdpClientFrame(
-            datagram=rpc.Datagram(peer=rpc.encode_address(dest), payload=payload), session=self.number
+            datagram=rpc.Datagram(peer=codec.encode_address(dest), payload=payload), session=self.number
         )
         self.waiting += 1
         self._stream.put(frame, self)
@@ -80,9 +75,9 @@ class MuxSession(SessionBase):
         if self._received_common(frame, kind, after):
             return
         if kind == "refused":
-            self._end(TunnelError(frame.refused.errno_name or "EIO", frame.refused.message))
+            self._end(codec.decode_failure(frame.refused))
         elif kind == "failure":
-            self._notify(TunnelError(frame.failure.errno_name or "EIO", frame.failure.message))
+            self._notify(codec.decode_failure(frame.failure))
 
     def stream_ended(self, why: str) -> None:
         if not self._answered.is_set():
@@ -119,8 +114,7 @@ class _MuxStream:
     def open_session(self, family: int) -> MuxSession:
         session = MuxSession(self, next(self._numbers))
         self.sessions[session.number] = session
-        wire_family = rpc.FAMILY_INET6 if family == socket.AF_INET6 else rpc.FAMILY_INET
-        self.put(rpc.UdpClientFrame(open=rpc.UdpOpen(family=wire_family), session=session.number), None)
+        self.put(rpc.UdpClientFrame(open=rpc.UdpOpen(family=codec.wire_family(family)), session=session.number), None)
         return session
 
     def put(self, frame: rpc.UdpClientFrame, sender: MuxSession | None) -> None:
@@ -133,15 +127,8 @@ class _MuxStream:
     async def _write_loop(self) -> None:
         try:
             while True:
-                frames = [self._taken(*await self._queue.get())]
-                size = len(frames[0].datagram.payload)
-                while len(frames) < MAX_BATCH_DATAGRAMS and size < MAX_BATCH_BYTES and not self._queue.empty():
-                    frames.append(self._taken(*self._queue.get_nowait()))
-                    size += len(frames[-1].datagram.payload)
-                if len(frames) == 1:
-                    await self._call.write(frames[0])
-                else:
-                    await self._call.write(rpc.UdpClientFrame(frames=rpc.UdpClientFrames(frames=frames)))
+                first = self._taken(*await self._queue.get())
+                await self._call.write(batching.pack_client(batching.gather(first, self._next_waiting)))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, RuntimeError) as exc:
             self._ended(f"tunnel: {exc}")  # the reader sees why too; make sure it stops
             self._call.cancel()
@@ -152,13 +139,17 @@ class _MuxStream:
             sender.waiting -= 1
         return frame
 
+    def _next_waiting(self) -> rpc.UdpClientFrame | None:
+        if self._queue.empty():
+            return None
+        return self._taken(*self._queue.get_nowait())
+
     async def _read_loop(self) -> None:
         why = "the agent ended the stream"
         try:
             async for message in server_messages(self._call):
-                frames = message.frames.frames if message.WhichOneof("kind") == "frames" else (message,)
                 with followed_up() as after:
-                    for frame in frames:
+                    for frame in batching.unpack(message):
                         self._dispatch(frame, after)
         except grpc.aio.AioRpcError as exc:
             why = f"tunnel: {exc.code().name}: {exc.details()}"

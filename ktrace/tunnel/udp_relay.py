@@ -2,8 +2,8 @@
 
 The tracer makes a program's datagrams for ``peer`` arrive at ``relay_for(...)``
 (a UDP socket on 127.0.0.1 or ::1), sent from the program's own socket. The relay
-forwards them through the UDP session of that program socket (one ``Datagrams``
-stream, so the remote side sees one stable source). Replies from ``peer`` leave
+forwards them through the UDP session of that program socket (one agent socket,
+so the remote side sees one stable source). Replies from ``peer`` leave
 through the same relay towards the program socket's address, so a connected
 socket accepts them and ``peer_of`` can restore the real source in recvfrom.
 

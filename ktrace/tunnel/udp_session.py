@@ -1,12 +1,12 @@
-"""A UDP socket on the agent, as one ``Datagrams`` stream.
+"""A UDP session: the agent's UDP socket for one UDP socket of the program.
 
-``send`` never blocks: datagrams wait in a bounded queue for the stream and are
-dropped (and counted) when it is full, as a full socket buffer would drop them.
-Those waiting together go as one ``batch`` frame when the agent accepts batches
-(ktrace_agent/batching.py; a resolver's A and AAAA questions do). Received
-datagrams go to the receiver callback; agent socket errors (ICMP) go to the error
-callback, or to the peer error callback when the agent knows which destination
-they are about; the session stays open.
+What the relays see of one (``Session``), what every session keeps (``SessionBase``), and the
+sessions opened ahead of need (``SessionSpares``); sessions travel many to a ``DatagramSessions``
+stream (udp_mux.py). ``send`` never blocks: datagrams wait in a bounded queue for the stream and
+are dropped (and counted) when it is full, as a full socket buffer would drop them. Received
+datagrams go to the receiver callback; agent socket errors (ICMP) go to the error callback, or to
+the peer error callback when the agent knows which destination they are about; the session stays
+open.
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Protocol
 
 import grpc
 import grpc.aio
-from ktrace_agent.batching import gather
+from ktrace_agent.wire import codec, rpc
 
-from . import rpc
-from .call_pool import CallPool
-from .types import Endpoint, TunnelError, TunnelLost
+from .types import Endpoint, TunnelError
 
 log = logging.getLogger("ktrace.tunnel")
 
@@ -39,8 +36,7 @@ AfterMessage = list[Callable[[], None]]
 
 
 class Session(Protocol):
-    """What the relays use of a UDP session: a ``UdpSession`` (a stream of its own) or a
-    ``udp_mux.MuxSession`` (one of many on a shared stream)."""
+    """What the relays use of a UDP session (a ``udp_mux.MuxSession``)."""
 
     closed: asyncio.Event
     dropped: int
@@ -64,13 +60,9 @@ class Session(Protocol):
     async def close(self) -> None: ...
 
 
-class _CallLost(TunnelLost):
-    """The stream failed before the agent answered ``open``."""
-
-
 class SessionBase:
-    """What a ``UdpSession`` and a ``udp_mux.MuxSession`` share: the agent's answer to
-    ``open``, the agent socket's address, the receivers and their calls."""
+    """What every session keeps: the agent's answer to ``open``, the agent socket's address,
+    the receivers and their calls."""
 
     def __init__(self) -> None:
         self._local: Endpoint | None = None
@@ -114,16 +106,13 @@ class SessionBase:
         self._on_peer_error = callback
 
     def _received_common(self, frame: rpc.UdpServerFrame, kind: str | None, after: AfterMessage) -> bool:
-        """The frames both kinds of stream treat alike (datagrams, the answer to ``open``, a
-        peer's ICMP error); False for any other, which the caller handles. What the receiver
-        leaves for later goes to ``after``, which the caller runs once the message is done."""
+        """The frames of an open session (datagrams, the answer to ``open``, a peer's ICMP
+        error); False for any other, which the caller handles. What the receiver leaves for
+        later goes to ``after``, which the caller runs once the message is done."""
         if kind == "datagram":
             self._deliver(frame.datagram, after)
-        elif kind == "batch":
-            for datagram in frame.batch.datagrams:
-                self._deliver(datagram, after)
         elif kind == "opened" and not self._answered.is_set():
-            self._local = rpc.decode_address(frame.opened.local)
+            self._local = codec.decode_address(frame.opened.local)
             self._answered.set()
         elif kind == "peer_failure":
             self._peer_failed(frame.peer_failure)
@@ -137,7 +126,7 @@ class SessionBase:
         # does besides (the report's and the DNS map's parse, ~40 µs an answer) comes after
         # (``followed_up``), before ktrace's loop turns to anything else.
         if self._receiver is not None and not self.closed.is_set():
-            source = rpc.decode_address(datagram.peer)
+            source = codec.decode_address(datagram.peer)
             try:
                 later = self._receiver(source, datagram.payload)
             except Exception:
@@ -149,8 +138,8 @@ class SessionBase:
     def _peer_failed(self, failure: rpc.PeerFailure) -> None:
         if self._on_peer_error is not None:
             try:
-                peer = rpc.decode_address(failure.peer)
-                self._on_peer_error(peer, TunnelError(failure.failure.errno_name or "EIO", failure.failure.message))
+                peer = codec.decode_address(failure.peer)
+                self._on_peer_error(peer, codec.decode_failure(failure.failure))
             except Exception:
                 log.exception("UDP peer error callback failed")
 
@@ -163,7 +152,7 @@ class SessionBase:
 
 
 async def server_messages(call: rpc.UdpCall) -> AsyncIterator[rpc.UdpServerFrame]:
-    """The agent's messages on a ``Datagrams`` or ``DatagramSessions`` call, until it ends it."""
+    """The agent's messages on a ``DatagramSessions`` call, until it ends it."""
     while True:
         message: object = await call.read()
         if message is grpc.aio.EOF:
@@ -197,116 +186,6 @@ def followed_up() -> Iterator[AfterMessage]:
                 log.exception("UDP receiver's follow-up failed")
 
 
-class UdpSession(SessionBase):
-    """Start with ``start`` (datagrams may be sent at once: they follow the ``open`` frame
-    on the stream, so the first one does not wait for the agent's answer) or ``open``
-    (returns once the agent has answered)."""
-
-    def __init__(self, call: rpc.UdpCall, family: int, batches: bool = False) -> None:
-        """``batches``: the agent accepts ``batch`` frames (its handshake said so)."""
-        super().__init__()
-        self._call = call
-        self._batches = batches
-        self._queue: asyncio.Queue[rpc.UdpClientFrame] = asyncio.Queue(QUEUE_DATAGRAMS)
-        wire_family = rpc.FAMILY_INET6 if family == socket.AF_INET6 else rpc.FAMILY_INET
-        # Always ready to receive batches: the agent sends them only after this says so.
-        self._queue.put_nowait(rpc.UdpClientFrame(open=rpc.UdpOpen(family=wire_family, batches=True)))
-        self._closing = False
-        self._tasks = (asyncio.create_task(self._write_loop()), asyncio.create_task(self._read_loop()))
-
-    @classmethod
-    def start(cls, calls: CallPool[rpc.UdpCall], family: int, batches: bool = False) -> UdpSession:
-        """A session whose ``open`` is on its way; ``send`` works at once. If the agent
-        refuses it, the error receiver hears why and the session closes."""
-        return cls(calls.take()[0], family, batches)
-
-    @classmethod
-    async def open(cls, calls: CallPool[rpc.UdpCall], family: int, batches: bool = False) -> UdpSession:
-        call, spare = calls.take()
-        try:
-            return await cls(call, family, batches)._opened()
-        except _CallLost:
-            if not spare:
-                raise
-        return await cls(calls.fresh(), family, batches)._opened()  # the spare had ended: one retry
-
-    async def _opened(self) -> UdpSession:
-        try:
-            await self._answered.wait()
-        except BaseException:
-            await self.close()
-            raise
-        if self._open_error is not None:
-            await self.close()
-            raise self._open_error
-        return self
-
-    def send(self, dest: Endpoint, payload: bytes) -> bool:
-        """Queue one datagram for ``dest``; False when dropped (queue full or session closed)."""
-        if self.closed.is_set():
-            self.dropped += 1
-            return False
-        frame = rpc.UdpClientFrame(datagram=rpc.Datagram(peer=rpc.encode_address(dest), payload=payload))
-        try:
-            self._queue.put_nowait(frame)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            return False
-        return True
-
-    async def close(self) -> None:
-        self._closing = True
-        self.closed.set()
-        await end_call(self._call, self._tasks)
-
-    async def _write_loop(self) -> None:
-        try:
-            while True:
-                frame = await self._queue.get()
-                for out in gather(frame, self._queue, _batch) if self._batches else (frame,):
-                    await self._call.write(out)
-        except grpc.aio.AioRpcError:
-            self.closed.set()
-        except (asyncio.InvalidStateError, RuntimeError):
-            self.closed.set()  # call already finished
-
-    async def _read_loop(self) -> None:
-        try:
-            async for frame in server_messages(self._call):
-                kind = frame.WhichOneof("kind")
-                with followed_up() as after:
-                    common = self._received_common(frame, kind, after)
-                if common:
-                    continue
-                if kind == "failure":
-                    error = TunnelError(frame.failure.errno_name or "EIO", frame.failure.message)
-                    if not self._answered.is_set():
-                        self._refused(error)
-                        return  # the agent ends the stream after refusing to open
-                    self._notify(error)
-                elif not self._answered.is_set():
-                    self._refused(TunnelError("EIO", f"agent answered {kind!r} to open"))
-                    return
-        except grpc.aio.AioRpcError as exc:
-            if not self._answered.is_set():
-                self._refused(_CallLost("EIO", f"tunnel: {exc.code().name}: {exc.details()}"))
-            elif exc.code() != grpc.StatusCode.CANCELLED:
-                # A lost tunnel is reported once, by whoever watches it (the port-forward
-                # bridge); the next datagram opens a new session.
-                log.debug("UDP session ended: %s: %s", exc.code().name, exc.details())
-        finally:
-            if not self._answered.is_set():
-                self._refused(_CallLost("EIO", "agent ended the stream without an answer"), notify=not self._closing)
-            self.closed.set()
-
-    def _refused(self, error: TunnelError, notify: bool = True) -> None:
-        self._open_error = error
-        self._answered.set()
-        self.closed.set()
-        if notify:
-            self._notify(error)
-
-
 class SessionSpares:
     """UDP sessions opened ahead of need, per address family.
 
@@ -326,9 +205,9 @@ class SessionSpares:
     """
 
     def __init__(self, start: Callable[[int], Session], size: int, low: int | None = None) -> None:
-        """``start(family)``: a new session whose ``open`` is on its way (``UdpSession.start``,
-        ``UdpMux.start``). ``low``: refill when this many are left (default: one less than
-        ``size``, i.e. after every take)."""
+        """``start(family)``: a new session whose ``open`` is on its way (``UdpMux.start``).
+        ``low``: refill when this many are left (default: one less than ``size``, i.e. after
+        every take)."""
         self._start = start
         self._size = size
         self._low = size - 1 if low is None else low
@@ -385,7 +264,3 @@ class SessionSpares:
         self._spares.clear()
         for session in spares:
             await session.close()
-
-
-def _batch(datagrams: Sequence[rpc.Datagram]) -> rpc.UdpClientFrame:
-    return rpc.UdpClientFrame(batch=rpc.DatagramBatch(datagrams=datagrams))

@@ -25,6 +25,7 @@ import grpc.aio
 import pytest
 from e2e_helpers import Deadline, read_line, wait_exited, wait_until, you_are
 from fixture_programs import Programs
+from ktrace_agent.wire import rpc
 from kubecluster import AGENT_SELECTOR, TEST_NS, KubeCluster
 
 from ktrace import __version__
@@ -32,7 +33,6 @@ from ktrace.kube.api import KubeApi
 from ktrace.kube.doctor import check_kube
 from ktrace.kube.errors import ApiCall, KubeApiError, explain
 from ktrace.kube.options import ClusterChoice
-from ktrace.tunnel import rpc
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(300)]
 

@@ -20,9 +20,14 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+# Both processes' budget: TCP data queued in gRPC by all streams together, and how long a write
+# waits when none comes back.
+LIMIT = 16 * 1024 * 1024
+MAX_WAIT = 0.5
+
 
 class SendBudget:
-    def __init__(self, limit: int, max_wait: float) -> None:
+    def __init__(self, limit: int = LIMIT, max_wait: float = MAX_WAIT) -> None:
         self.limit = limit
         self.max_wait = max_wait
         self._free = limit

@@ -1,4 +1,6 @@
-"""Errors → errno names, the only form errors take on the wire (numbers are per-architecture)."""
+"""Errors on the wire are errno *names* ("ECONNREFUSED"): numbers differ between architectures, and
+the agent may run on another one than the program. Names are made where the error happens (the
+agent's sockets) and turned into this system's numbers where the program sees them."""
 
 from __future__ import annotations
 
@@ -15,6 +17,12 @@ def errno_name(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno:
         return errno.errorcode.get(exc.errno, "EIO")
     return "EIO"
+
+
+def errno_number(name: str, default: int) -> int:
+    """This system's errno number for ``name``, or ``default`` when it has no such name."""
+    value = getattr(errno, name, None)
+    return value if isinstance(value, int) and name.startswith("E") else default
 
 
 def describe(exc: BaseException) -> str:
