@@ -15,10 +15,11 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ktrace_agent.wire.values import Endpoint
+
 from ktrace.rules import RouteDecision
 from ktrace.tracer.decide import Redirected
 from ktrace.tracer.sockaddr import InetAddr
-from ktrace.tunnel.types import Endpoint
 
 
 class Phase(enum.Enum):
