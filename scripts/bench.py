@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from bench_env import BenchEnv, BenchError, load_text, machine_info
+from bench_env import BenchEnv, BenchError, agent_of, load_text, machine_info
 from bench_figures import FIGURES, FULL, QUICK
 from bench_report import FIGURE_IDS, Figure, markdown, report_json
 from fixture_programs import Programs
@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few iterations (CI): checks the benchmark runs")
     p.add_argument("--out", default="bench-out", metavar="DIR", help="where bench.md and bench.json go")
     p.add_argument("--only", metavar="IDS", help=f"comma-separated figure ids: {', '.join(FIGURE_IDS)}")
-    p.add_argument("--ktrace", metavar="PATH", help="the ktrace to measure (default: the installed one)")
+    p.add_argument(
+        "--ktrace", metavar="PATH", help="the ktrace to measure, with the ktrace-agent beside it (default: installed)"
+    )
     p.add_argument(
         "--backends",
         default="ptrace,notify",
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     machine = machine_info()
     ktrace = args.ktrace or _tool("ktrace")
+    agent = agent_of(args.ktrace)
     programs = Programs()
     for name in ("csysloop", "cbenchsrv", "cnetbench"):
         programs[name]  # build (or find in the cache) before anything is timed
@@ -89,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     machine["duration_s"] = round(time.monotonic() - started, 1)
     machine["ktrace"] = ktrace
     machine["backends"] = ",".join(backends)
-    machine["agent"] = os.environ.get("KTRACE_AGENT_BIN", "ktrace-agent (installed)")
+    machine["agent"] = agent
     git = subprocess.run(
         ["git", "-C", str(pathlib.Path(__file__).parent), "rev-parse", "--short", "HEAD"],
         capture_output=True,

@@ -56,6 +56,17 @@ def load_text() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def agent_of(ktrace: str | None) -> str:
+    """Make the cluster start the agent of the ktrace being measured: with ``--ktrace PATH`` and no
+    ``$KTRACE_AGENT_BIN``, the ``ktrace-agent`` beside PATH (a ktrace talks to the agent of its own
+    version: another protocol version is refused at the handshake). Returns what runs, for the report."""
+    if ktrace and "KTRACE_AGENT_BIN" not in os.environ:
+        beside = pathlib.Path(ktrace).with_name("ktrace-agent")
+        if beside.exists():
+            os.environ["KTRACE_AGENT_BIN"] = str(beside)
+    return os.environ.get("KTRACE_AGENT_BIN", "ktrace-agent (installed)")
+
+
 def machine_info() -> dict[str, Any]:
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:

@@ -37,7 +37,7 @@ from typing import Any
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
 
-from bench_env import load_text, machine_info
+from bench_env import agent_of, load_text, machine_info
 from e2e_helpers import Deadline, read_line
 from nscluster import ClusterError, NamespaceCluster, _tool, unavailable_reason
 
@@ -292,7 +292,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--settle", type=float, default=8.0, help="seconds waited after each burst (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="20 s of load, 5 s idle, 2 bursts of 200: checks it works")
     p.add_argument("--out", default="soak-out", metavar="DIR", help="where soak.md and soak.json go")
-    p.add_argument("--ktrace", metavar="PATH", help="the ktrace to measure (default: the installed one)")
+    p.add_argument(
+        "--ktrace", metavar="PATH", help="the ktrace to measure, with the ktrace-agent beside it (default: installed)"
+    )
     return p
 
 
@@ -317,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     machine["commit"] = git.stdout.strip() or "?"
     ktrace = args.ktrace or _tool("ktrace")
+    machine["agent"] = agent_of(args.ktrace)
     try:
         c = NamespaceCluster.up()
     except ClusterError as exc:
