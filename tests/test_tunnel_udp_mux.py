@@ -485,7 +485,7 @@ class AgentOfAnotherKind(AgentServer):
 def test_an_agent_without_multiplexing_or_of_another_protocol_is_refused_at_the_handshake(
     kind: dict[str, Any], expected: str, tmp_path: pathlib.Path
 ) -> None:
-    """No fallback: one line that names the agent image to use, and the channel is closed."""
+    """No fallback: one line that names the agent to use."""
 
     async def scenario() -> None:
         address = f"unix:{tmp_path}/a.sock"
@@ -496,7 +496,7 @@ def test_an_agent_without_multiplexing_or_of_another_protocol_is_refused_at_the_
         assert "\n" not in line
         assert line.startswith(f"the agent at {address} (ktrace-agent {__version__}) ")
         assert expected in line
-        assert line.endswith(f"(hint: use the agent image of ktrace {__version__}: `ktrace image build` makes it)")
+        assert line.endswith(f"(hint: use the agent of ktrace {__version__}; `ktrace image build` makes its image)")
 
     run(scenario())
 

@@ -82,7 +82,7 @@ def _hint(code: grpc.StatusCode, address: str, unreachable: str = DEFAULT_UNREAC
     return f"agent handshake failed at {address}: {code.name}"
 
 
-_IMAGE_HINT = f"use the agent image of ktrace {__version__}: `ktrace image build` makes it"
+_IMAGE_HINT = f"use the agent of ktrace {__version__}; `ktrace image build` makes its image"
 
 
 def mismatch(reply: rpc.HandshakeReply, address: str) -> str | None:
