@@ -18,6 +18,7 @@ from ktrace.report.searchlist import SearchList, hosts_names
 from ktrace.rules import Route, RuleSet
 from ktrace.tracer.decide import RoutingPolicy
 from ktrace.tunnel.client import AgentClient
+from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.local_dns import LocalResolver, system_nameserver
 from ktrace.tunnel.types import Endpoint
 
@@ -40,13 +41,14 @@ def open_log(path: str | None) -> TextIO | None:
         raise KtraceError(f"cannot write the JSON log {path}: {exc.strerror}", "check --log-json") from None
 
 
-def recorder(options: RunOptions, client: AgentClient, policy: RoutingPolicy, log_json: TextIO | None) -> Recorder:
-    assert policy.names is not None
+def recorder(
+    options: RunOptions, client: AgentClient, policy: RoutingPolicy, dns_map: DnsMap, log_json: TextIO | None
+) -> Recorder:
     info = client.info
     made = Recorder(
         Renderer(sys.stderr, options.verbosity),
         SearchList.parse(info.resolv_conf),
-        policy.names,
+        dns_map,
         policy.rules.resolve,
         log_json,
         policy.nameservers,

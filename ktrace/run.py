@@ -374,7 +374,7 @@ class _Parts:
         dns_map = DnsMap()
         dns_map.listeners.append(lambda name, found: log.debug("dns answer %s -> %s", name, found))
         policy = RoutingPolicy(options.rules, dns_map, nameservers_of(client.info.resolv_conf))
-        recorder = reporting.recorder(options, client, policy, log_json)
+        recorder = reporting.recorder(options, client, policy, dns_map, log_json)
         threads = ThreadGroups(cache=not notify)
 
         # The tunnel reports back to the handlers made after it (a stream's end, a socket gone):

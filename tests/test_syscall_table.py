@@ -60,3 +60,26 @@ def test_aarch64_has_no_open_and_x86_64_has() -> None:
     assert syscalls.number("open", arch.AARCH64) is None
     assert syscalls.number("open", arch.X86_64) == 2
     assert syscalls.number("mmap", arch.AARCH64) == 222
+
+
+def test_the_tracer_imports_neither_grpc_nor_the_tunnel() -> None:
+    """The tracer sees the agent only through tracer/ports.py: no module of it imports gRPC, the
+    generated stubs or ktrace.tunnel (checked on the source, so a lazy import counts too)."""
+    import ast
+    import pathlib
+
+    import ktrace.tracer
+
+    root = pathlib.Path(ktrace.tracer.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                if name.split(".")[0] in ("grpc", "ktrace_proto") or name.startswith("ktrace.tunnel"):
+                    offenders.append(f"{path.relative_to(root)}: {name}")
+    assert offenders == []

@@ -18,8 +18,8 @@ from ktrace_agent.wire.values import Endpoint, IPAddress, SourceRoute
 from ktrace.rules import Route as Route  # noqa: PLC0414 - re-exported for udp.py
 from ktrace.rules import RouteDecision, RuleSet
 from ktrace.tracer import sockaddr
+from ktrace.tracer.ports import Names
 from ktrace.tracer.sockaddr import Decoded, InetAddr
-from ktrace.tunnel.dns_map import DnsMap
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
@@ -68,7 +68,7 @@ class RoutingPolicy:
     """
 
     rules: RuleSet = field(default_factory=RuleSet)
-    names: DnsMap | None = None
+    names: Names | None = None
     nameservers: frozenset[Endpoint] = frozenset()
     # Decisions are a pure function of (destination, protocol, the names resolved to it) for
     # fixed rules; every connect and UDP connect/send asks, mostly about the same few peers.

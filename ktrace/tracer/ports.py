@@ -1,6 +1,6 @@
 """What the handlers see of the agent: the `Tunnel` protocol.
 
-ktrace/tunnel implements it over gRPC (`tunnel/ports_impl.py` adapts `AgentClient`, the
+ktrace/tunnel implements it over gRPC (`tunnel/adapter.py` adapts `AgentClient`, the
 loopback endpoint and the UDP relays); tests implement it with a scripted fake agent. The
 tracer package imports neither gRPC nor ktrace.tunnel: only these protocols and plain
 values.
@@ -12,7 +12,7 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from ktrace_agent.wire.values import Endpoint
+from ktrace_agent.wire.values import Endpoint, IPAddress
 
 
 class Dialled(Protocol):
@@ -62,3 +62,9 @@ class RelayTable(Protocol):
 # The target's files: (absolute path, whether the call writes, whether it follows a final link)
 # -> the local path to use instead (bytes), an errno to fail with (int), or None (not ours).
 PathLookup = Callable[[bytes, bool, bool], bytes | int | None]
+
+
+class Names(Protocol):
+    """The names the program's lookups gave an address (the tunnel's DNS map): name rules match them."""
+
+    def names_of(self, ip: IPAddress) -> tuple[str, ...]: ...
