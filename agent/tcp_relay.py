@@ -37,6 +37,7 @@ import grpc
 from .wire import DATA_CHUNK, codec, rpc
 from .wire.budget import SendBudget
 from .wire.errnos import describe
+from .wire.pumps import run_both
 from .wire.read_gate import ReadGate
 from .wire.values import Endpoint
 
@@ -160,18 +161,10 @@ class TcpRelay:
 
     async def _relay(self) -> bool:
         """Relay until both directions finished (True) or a reset (False, reset frame sent)."""
-        up = asyncio.create_task(self._upstream())
-        down = asyncio.create_task(self._downstream())
         try:
-            done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()  # re-raise a protocol error or a reset
-            # Both directions finished normally when no task raised.
+            await run_both(self._upstream(), self._downstream())
             return True
         except _Reset as reset:
-            for task in (up, down):
-                task.cancel()
-            await asyncio.gather(up, down, return_exceptions=True)
             self._abort_remote()
             if self._sock is not None:
                 self._sock.close()  # the RST now, not after the frame below is written
@@ -180,10 +173,6 @@ class TcpRelay:
                 with contextlib.suppress(Exception):  # the client may be gone already
                     await self._context.write(rpc.TcpServerFrame(reset=reset.failure))
             return False
-        finally:
-            for task in (up, down):
-                task.cancel()
-            await asyncio.gather(up, down, return_exceptions=True)
 
     async def _upstream(self) -> None:
         """Client → remote."""

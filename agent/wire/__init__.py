@@ -45,6 +45,7 @@ Modules
 ``codec``               values to messages and back: addresses (rule 4), families, failures
 ``batching``            frames waiting together leave as one message
 ``budget``, ``read_gate``  bounded memory for data in flight
+``pumps``               a relay's two directions run together (one TaskGroup for every relay)
 ``tuning``              gRPC, malloc and garbage-collector settings, made before grpc is imported
 
 This module imports nothing: importing ``values`` costs no gRPC.

@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ktrace_agent.wire.pumps import run_both
+
 log = logging.getLogger("ktrace.kube")
 
 PROTOCOL = "v4.channel.k8s.io"
@@ -282,20 +284,13 @@ class PortForwardBridge:
                     except OSError:
                         raise _LocalEnded from None
 
-        up_task = asyncio.create_task(up())
-        down_task = asyncio.create_task(down())
         try:
-            done, _ = await asyncio.wait({up_task, down_task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (up_task, down_task):
-                task.cancel()
-            await asyncio.gather(up_task, down_task, return_exceptions=True)
-        ended = next(iter(done)).exception()
-        if isinstance(ended, _RemoteEnded):
+            await run_both(up(), down())  # neither returns: each ends by raising
+        except _RemoteEnded as ended:
             self.last_error = str(ended)
             return True
-        if ended is not None and not isinstance(ended, _LocalEnded):
-            raise ended
+        except _LocalEnded:
+            pass
         return False
 
 

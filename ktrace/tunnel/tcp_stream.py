@@ -29,6 +29,7 @@ import grpc
 import grpc.aio
 from ktrace_agent.wire import DATA_CHUNK, codec, rpc
 from ktrace_agent.wire.budget import SendBudget
+from ktrace_agent.wire.pumps import run_both
 from ktrace_agent.wire.read_gate import ReadGate
 
 from .call_pool import CallPool
@@ -176,12 +177,8 @@ class TcpStream:
         resets; the socket is closed (with RST after a reset) when this returns."""
         sock.setblocking(False)
         stats = TcpStats()
-        up = asyncio.create_task(self._up(sock, stats))
-        down = asyncio.create_task(self._down(sock, stats))
         try:
-            done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()
+            await run_both(self._up(sock, stats), self._down(sock, stats))
             if self._ended and self._reuse_in is not None:
                 self._given_back = True
                 self._reuse_in.give_back(self._call)
@@ -198,17 +195,12 @@ class TcpStream:
             reset_socket(sock)
             raise
         finally:
-            for task in (up, down):
-                task.cancel()
-            await asyncio.gather(up, down, return_exceptions=True)
-            # Closed only now: both loops have let go of the descriptor (a number closed
-            # while still registered with the event loop could be reused by a new socket).
-            sock.close()
+            sock.close()  # only now: run_both has awaited both directions
         return stats
 
     async def _call_op(self, op: Awaitable[T]) -> T:
         """Await a call operation; after ``abort()`` grpc raises CancelledError in it, which
-        must not look like this task being cancelled (asyncio.wait ignores cancelled tasks)."""
+        must not look like this task being cancelled (a TaskGroup ignores a task that ends cancelled)."""
         try:
             return await op
         except asyncio.CancelledError:
