@@ -39,6 +39,11 @@ class Arch:
     # ENOSYS rather than reach the kernel unseen.
     foreign_audit_arch: int
     foreign_denied: tuple[int, ...]
+    # Re-issuing a syscall from its exit stop (ip rewound over the instruction): the register the
+    # instruction reads the number from, when the kernel overwrote it with the result (x86_64:
+    # rax, the number only survives in orig_rax). None: the number register is left intact
+    # (aarch64's x8; there the result overwrote x0, the first argument, restored with the rest).
+    reissue_number_register: str | None = None
     # x32 syscalls share the native audit arch and set this bit in the number (0: none).
     x32_bit: int = 0
 
@@ -64,6 +69,7 @@ X86_64: Final = Arch(
         372,  # recvmsg
         425,  # io_uring_setup
     ),
+    reissue_number_register="rax",
     x32_bit=0x40000000,
 )
 

@@ -143,6 +143,14 @@ class Registers:
     def ip(self, value: int) -> None:
         setattr(self.raw, self.layout.ip_register, value)
 
+    def rewind_to_reissue(self) -> None:
+        """Turn registers saved at a syscall's entry into those that issue it again when set
+        at an exit stop: the instruction pointer back over the syscall instruction, and the
+        number where the instruction reads it if the result overwrote it there."""
+        self.ip = self.ip - self.layout.syscall_insn_len
+        if self.layout.reissue_number_register is not None:
+            setattr(self.raw, self.layout.reissue_number_register, self.nr & 0xFFFFFFFFFFFFFFFF)
+
     def copy(self) -> Registers:
         clone = type(self.raw)()
         ctypes.pointer(clone)[0] = self.raw

@@ -7,9 +7,12 @@ with its other threads. Instead ktrace maps a page of its own into the process
 the first time it needs one, by injecting an mmap() at a syscall stop:
 
     seccomp stop of syscall S   → registers saved, the syscall becomes mmap(...)
-    exit stop of that mmap      → page address kept; registers restored with the
-                                  instruction pointer rewound over `syscall`
-                                  (2 bytes) and rax = S, so S is issued again
+    exit stop of that mmap      → page address kept; the entry's registers restored
+                                  with the instruction pointer rewound over the
+                                  syscall instruction (x86_64 also needs rax = S
+                                  again, where the kernel put mmap's result; aarch64
+                                  gets x0, the first argument, back), so S is
+                                  issued again
     seccomp stop of S again     → now rewritten using the page
 
 The page belongs to the address space: threads share it, a forked child gets a
@@ -24,7 +27,7 @@ import mmap as _mmap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ktrace.tracer import arch, linux, syscalls
+from ktrace.tracer import linux, syscalls
 from ktrace.tracer.ptrace import kernel
 from ktrace.tracer.ptrace.kernel import Registers
 from ktrace.tracer.threads import ThreadGroups
@@ -77,7 +80,7 @@ class ScratchPages:
         callback that records the page and re-issues the original syscall."""
         saved = regs.copy()
         injected = regs.copy()
-        mmap = syscalls.number("mmap")
+        mmap = syscalls.number("mmap", regs.layout)
         assert mmap is not None
         injected.nr = mmap
         for index, value in enumerate(
@@ -94,8 +97,7 @@ class ScratchPages:
             else:
                 space.address = result
             restored = saved.copy()
-            restored.ip = saved.ip - arch.NATIVE.syscall_insn_len
-            restored.retval = saved.nr
+            restored.rewind_to_reissue()
             kernel.set_registers(tid, restored)
 
         return injected, mapped
