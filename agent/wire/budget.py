@@ -2,8 +2,7 @@
 
 gRPC completes a write once the message is queued in its transport, and each stream's
 HTTP/2 window lets a frame or more queue per stream: with a thousand busy connections,
-ktrace and the agent held ~3 bytes of memory per byte in flight (measured: 1,000
-connections echoing 64 KiB each peaked at ~380 MB RSS in ktrace; docs/performance.md).
+ktrace and the agent held several bytes of memory per byte in flight (docs/performance.md).
 Every data write first takes its size from a ``SendBudget`` and gives it back when the
 write completes, so what all streams together have queued stays near ``limit``.
 

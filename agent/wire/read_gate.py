@@ -2,8 +2,8 @@
 
 A relay that reads eagerly (an asyncio transport reads whatever arrives into its stream
 buffer, up to ~1 MiB here) holds a connection's data in its own memory while the data
-waits for the send budget or for the previous frame's write: with a thousand busy
-connections ktrace peaked at ~470 MB and the agent at ~460 MB (docs/performance.md).
+waits for the send budget or for the previous frame's write, so memory grows with the number of
+busy connections (docs/performance.md, "Memory with many connections").
 
 ``ReadGate.read`` first waits until the socket has data, asks the kernel how much
 (``FIONREAD``), takes that much of the process-wide ``SendBudget`` (at most ``chunk``),

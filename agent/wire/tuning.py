@@ -4,13 +4,11 @@ gRPC
 ----
 
 gRPC core reads ``GRPC_EXPERIMENTS`` from the environment once. With grpcio 1.85 the
-EventEngine-based client and listener endpoints cost ktrace's tunnel about 40 % more
-per message than the endpoints they replace: measured on a 2-core VM, a stream
-message round trip between two Python processes takes ~180 µs instead of ~280 µs, a
-redirected connect → first byte 1.4 ms instead of 2.0 ms, bulk throughput ~25 % more
-(docs/performance.md). Every message of the tunnel pays this, so ktrace and the agent
-turn those two experiments off, but only on grpcio versions where that was measured
-(a later version may drop them) and never over a value the user set.
+EventEngine-based client and listener endpoints make every message of the tunnel dearer than
+the endpoints they replace (round trip, connect → first byte and bulk throughput alike:
+docs/performance.md, "What the profiles showed", item 3), so ktrace and the agent turn those
+two experiments off, but only on grpcio versions where that was measured (a later version may
+drop them) and never over a value the user set.
 
 ``ADDED`` is what was put into ``os.environ``: ``ktrace run`` leaves it out of the traced
 program's environment, which must stay the user's.
@@ -28,9 +26,9 @@ few frames' worth of free memory) removes that; bounded, so RSS grows by at most
 Giving memory back
 ------------------
 With those thresholds glibc returns freed heap memory to the kernel only when 32 MiB are free
-at the top of the heap, and never what is free below a block still in use. After a burst (3,000
-calls rejected at once, a thousand connections that closed) the memory is free but resident:
-the agent went from 43 to 131 MB over six bursts of rejected calls and stayed there. ``Trimmer``
+at the top of the heap, and never what is free below a block still in use. After a burst (many
+calls rejected at once, a thousand connections that closed) the memory is free but resident, and
+more bursts only add to it (docs/performance.md, "Memory over a long run"). ``Trimmer``
 collects cyclic garbage and calls ``malloc_trim(0)`` once the process has been quiet for a few
 seconds (the owner pokes it on activity), which gives back every free page; a busy process is
 never trimmed.
@@ -39,12 +37,11 @@ Garbage collector
 -----------------
 Every stop, frame and datagram allocates short-lived objects (protobuf messages, asyncio
 handles and futures). With CPython's default generation-0 threshold (700 allocations) ktrace
-ran a collection every ~5 lookups of a glibc ``getaddrinfo`` and traversed its ~54,000
-start-up objects in each full one: ~95 µs of its CPU per lookup went to the collector
-(``gc.callbacks`` timing over 2,000 lookups, docs/performance.md), on the event loop that
-every stop and frame waits for. ``tune_gc`` freezes what exists at start-up (modules,
-classes: never garbage) out of the collector's sight and collects generation 0 every
-20,000 allocations: ~20 µs per lookup. Cyclic garbage waits a little longer to be freed;
+collected every few lookups of a glibc ``getaddrinfo`` and traversed all its start-up objects in
+each full collection, on the event loop that every stop and frame waits for (docs/performance.md,
+"What the profiles showed": the collector's share before and after). ``tune_gc`` freezes what
+exists at start-up (modules, classes: never garbage) out of the collector's sight and collects
+generation 0 every 20,000 allocations. Cyclic garbage waits a little longer to be freed;
 reference counting still frees everything else at once.
 
 Imported for its effect by ``ktrace_agent`` and ``ktrace.tunnel`` before they import grpc.
