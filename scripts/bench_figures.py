@@ -8,8 +8,10 @@ its own figure.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +20,9 @@ from dataclasses import dataclass
 
 from bench_env import BENCH_ADDR, BENCH_PORT, BenchEnv, BenchError, load, reset_peak, status_kib
 from bench_report import Figure, median
-from e2e_helpers import Deadline, read_line
+from e2e_helpers import TERMINAL_JOB, Deadline, blocked_in, descendants, read_line, wait_until
+
+from ktrace.tracer import syscalls
 
 MB = 1_000_000
 FLOOR = pathlib.Path(__file__).resolve().parent / "seccomp_floor.py"
@@ -372,6 +376,66 @@ def startup_true(env: BenchEnv, s: Sizes) -> Figure:
     return _runs(fig, s.startup_runs, one)
 
 
+# -- signals --------------------------------------------------------------------------------
+
+_WAIT_IN_CONNECT = "import socket, sys; socket.create_connection((sys.argv[1], 80))"
+
+
+def ctrl_c(env: BenchEnv, s: Sizes) -> Figure:
+    """Ctrl-C while the program waits in connect() to an address that drops SYNs: from the
+    terminal's SIGINT to the process group until the foreground process has exited. Baseline: the
+    same program in the cluster namespace, no ktrace."""
+    fig = Figure(
+        "ctrl_c",
+        "Ctrl-C → exit, program waiting in connect()",
+        "ms",
+        "at_most",
+        100,
+        "the program alone, in the cluster",
+    )
+    c = env.cluster
+    program = [sys.executable, "-c", _WAIT_IN_CONNECT, c.blackhole_v4]
+    connect = syscalls.number("connect")
+
+    def interrupted(ns: str, argv: list[str], env_vars: dict[str, str] | None) -> float:
+        # A process group of its own with SIGINT at its default, as a shell's foreground job.
+        proc = subprocess.Popen(
+            [*TERMINAL_JOB, *c.netns_argv(ns), *argv],
+            env=env_vars,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            wait_until(
+                lambda: any(blocked_in(pid) == connect for pid in [proc.pid, *descendants(proc.pid)]),
+                30,
+                "the program waiting in connect()",
+            )
+            t0 = time.perf_counter()
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=10)
+            elapsed = (time.perf_counter() - t0) * 1000
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            _, err = proc.communicate(timeout=30)
+        if proc.returncode not in (128 + signal.SIGINT, -signal.SIGINT):
+            raise BenchError(f"exited {proc.returncode} after Ctrl-C: {err.decode(errors='replace')[-300:]}")
+        return elapsed
+
+    def one() -> None:
+        fig.baseline_samples.append(interrupted(c.cluster, program, None))
+        traced = env.ktrace_argv(*program, options=("--connect-timeout", "60"))
+        fig.samples.append(interrupted(c.laptop, traced, c.laptop_env()))
+
+    fig.notes.append(
+        "the program: Python's socket.create_connection to a black hole (60 s of dial time left under ktrace); "
+        "the time includes the program's own exit (Python's KeyboardInterrupt) and ktrace's teardown"
+    )
+    return _runs(fig, s.startup_runs, one)
+
+
 FIGURES: dict[str, Callable[[BenchEnv, Sizes], Figure]] = {
     "syscall_getppid": syscall_getppid,
     "syscall_dd": syscall_dd,
@@ -385,4 +449,5 @@ FIGURES: dict[str, Callable[[BenchEnv, Sizes], Figure]] = {
     "dns_lookup": dns_lookup,
     "dns_lookup_uncached": dns_lookup_uncached,
     "startup_true": startup_true,
+    "ctrl_c": ctrl_c,
 }

@@ -33,6 +33,7 @@ FIGURE_IDS = (
     "dns_lookup",
     "dns_lookup_uncached",
     "startup_true",
+    "ctrl_c",
 )
 
 

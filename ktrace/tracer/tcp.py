@@ -38,7 +38,6 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ktrace_agent.wire.values import Endpoint, TunnelError
@@ -62,6 +61,7 @@ from ktrace.tracer.tracee import (
     TraceeGone,
 )
 from ktrace.tracer.udp import warn_unsupported
+from ktrace.tracer.waiting_threads import WaitingThreads
 
 log = logging.getLogger("ktrace.tcp")
 
@@ -73,8 +73,6 @@ MAX_PENDING_LOCAL = 4096
 # says ECONNABORTED): a program that closes such a socket leaves its record; a few hundred bytes
 # each, kept for the most recent ones (a soak of refused connects grew ktrace 6 MB at 4,096).
 MAX_FAILED_KEPT = 1024
-# Threads that wait in a blocking connect() for a program under the notify backend.
-BLOCKING_CONNECT_THREADS = 512
 # How long a failed dial waits for a blocking connect() to reach the kernel (tunnel/parking.py's
 # ATTACH_WAIT for a successful one).
 PARK_WAIT = 30.0
@@ -120,7 +118,8 @@ class TcpConnects:
     # Non-blocking connect()s kept local, by socket inode, until the program learns how they
     # ended (getsockopt SO_ERROR, or connect() again): for the report only.
     _pending_local: dict[int, _PendingLocal] = field(default_factory=dict)
-    _executor: ThreadPoolExecutor | None = None
+    # Blocking calls ktrace makes for the program under the notify backend (waiting_threads.py).
+    _waiting: WaitingThreads = field(default_factory=lambda: WaitingThreads("ktrace-connect"))
     _failed: dict[int, None] = field(default_factory=dict)  # inodes of FAILED/TOLD records, oldest first
 
     # -- connect() ---------------------------------------------------------------------
@@ -333,16 +332,7 @@ class TcpConnects:
     async def _in_thread(self, sock: socket.socket, call: Callable[[int], int]) -> int:
         """``call(fd)`` on a thread of ktrace's, with a descriptor of its own (the caller's may be
         closed meanwhile, and its number reused)."""
-        fd = os.dup(sock.fileno())
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._threads(), call, fd)
-        finally:
-            os.close(fd)
-
-    def _threads(self) -> ThreadPoolExecutor:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(BLOCKING_CONNECT_THREADS, thread_name_prefix="ktrace-connect")
-        return self._executor
+        return await self._waiting.call_with_fd(sock.fileno(), call)
 
     async def _settle(self, record: TcpRecord) -> None:
         """Dial through the agent, then complete or fail the parked connect."""
@@ -541,8 +531,6 @@ class TcpConnects:
         self._pending_local.clear()
         for record in list(self.table.tcp_records()):
             self._forget(record)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _emit(self, event: ConnectEvent) -> None:
         log.debug("connect %s", event)
