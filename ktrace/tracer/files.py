@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -101,7 +102,9 @@ class FileViews:
 
     served: dict[bytes, bytes]
     target: PathLookup | None = None
-    opened: list[bytes] = field(default_factory=list)  # served paths the program opened, for reports
+    # How often the program was served each path: bounded by the served paths (it was a list
+    # with an entry per open, forever: every glibc lookup opens resolv.conf and hosts).
+    opened: Counter[bytes] = field(default_factory=Counter)
 
     def on_open(self, t: Tracee) -> Outcome:
         index = PATH_ARGUMENT.get(t.syscall)
@@ -133,7 +136,7 @@ class FileViews:
             raise
         if slot is None:
             return NeedScratch()
-        self.opened.append(full or b"")
+        self.opened[full or b""] += 1
         return Rewrite(((index, slot),))
 
     def _open_here(self, t: Tracee, full: bytes, replacement: bytes) -> Outcome:
@@ -152,7 +155,7 @@ class FileViews:
             fd = os.open(replacement, flags & 0xFFFFFFFF & ~os.O_CLOEXEC)
         except OSError as exc:
             return Complete(-(exc.errno or errno.EIO))
-        self.opened.append(full)
+        self.opened[full] += 1
         return InstallFd(fd, bool(flags & os.O_CLOEXEC))
 
     # -- the target's files ------------------------------------------------------------
@@ -186,7 +189,7 @@ class FileViews:
                 if call.kind == "write":
                     return Complete(-errno.EROFS)
                 local = found
-                self.opened.append(full)
+                self.opened[full] += 1
         if local is None:
             return Resume()
         path_arg = call.paths[0][1]
