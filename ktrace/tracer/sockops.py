@@ -64,7 +64,9 @@ def take_error(sock: socket.socket) -> int:
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 
-class _Msghdr(ctypes.Structure):
+class Msghdr(ctypes.Structure):
+    """struct msghdr, for the calls ktrace makes itself (msghdr.py decodes the program's)."""
+
     _fields_ = (
         ("name", ctypes.c_void_p),
         ("namelen", ctypes.c_uint32),
@@ -76,7 +78,7 @@ class _Msghdr(ctypes.Structure):
     )
 
 
-class _Iovec(ctypes.Structure):
+class Iovec(ctypes.Structure):
     _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
 
 
@@ -84,10 +86,10 @@ def send(fd: int, payload: bytes, name: bytes | None, control: bytes = b"", flag
     """sendmsg(2) of one datagram: the byte count, or -errno. ``name`` and ``control`` are the
     program's bytes (its struct sockaddr and its cmsg buffer: same ABI as ktrace's)."""
     data = ctypes.create_string_buffer(payload, len(payload)) if payload else None
-    iov = _Iovec(ctypes.cast(data, ctypes.c_void_p) if data is not None else None, len(payload))
+    iov = Iovec(ctypes.cast(data, ctypes.c_void_p) if data is not None else None, len(payload))
     name_buf = ctypes.create_string_buffer(name, len(name)) if name else None
     control_buf = ctypes.create_string_buffer(control, len(control)) if control else None
-    hdr = _Msghdr(
+    hdr = Msghdr(
         ctypes.cast(name_buf, ctypes.c_void_p) if name_buf is not None else None,
         len(name) if name else 0,
         ctypes.addressof(iov),

@@ -43,22 +43,6 @@ _control = ctypes.create_string_buffer(msghdr.MAX_CONTROL)
 MSG_DONTWAIT = socket.MSG_DONTWAIT
 
 
-class _Msghdr(ctypes.Structure):
-    _fields_ = (
-        ("name", ctypes.c_void_p),
-        ("namelen", ctypes.c_uint32),
-        ("iov", ctypes.c_void_p),
-        ("iovlen", ctypes.c_size_t),
-        ("control", ctypes.c_void_p),
-        ("controllen", ctypes.c_size_t),
-        ("flags", ctypes.c_int),
-    )
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
-
-
 @dataclass(frozen=True)
 class Received:
     data: bytes
@@ -70,8 +54,8 @@ class Received:
 
 def receive(fd: int, size: int, control_size: int, flags: int) -> Received | int:
     """One recvmsg() on ktrace's duplicate, never blocking: what arrived, or the errno."""
-    iov = _Iovec(ctypes.addressof(_data), min(size, MAX_DATAGRAM))
-    hdr = _Msghdr(
+    iov = sockops.Iovec(ctypes.addressof(_data), min(size, MAX_DATAGRAM))
+    hdr = sockops.Msghdr(
         ctypes.addressof(_name), ctypes.sizeof(_name), ctypes.addressof(iov), 1,
         ctypes.addressof(_control) if control_size else None, min(control_size, msghdr.MAX_CONTROL), 0,
     )  # fmt: skip

@@ -79,7 +79,7 @@ class Supervisor:
         if name is None:
             self._answer(note, Resume())  # not one the table stops: cannot happen, never wedge it
             return
-        tracee = NotifyTracee(note.pid, name, note.args, self.threads_of)
+        tracee = NotifyTracee(note.pid, self.threads_of, syscall=name, args=note.args)
         try:
             outcome = self.handler.on_syscall(tracee)
         except TraceeGone:

@@ -34,7 +34,8 @@ from ktrace.tracer import linux, syscalls
 from ktrace.tracer.ptrace import kernel
 from ktrace.tracer.ptrace.kernel import Registers
 from ktrace.tracer.ptrace.scratch import ScratchPages
-from ktrace.tracer.ptrace.tracee import PtraceMemory, PtraceTracee
+from ktrace.tracer.ptrace.tracee import PtraceTracee
+from ktrace.tracer.thread_access import ThreadMemory
 from ktrace.tracer.threads import ThreadGroups
 from ktrace.tracer.tracee import (
     Complete,
@@ -248,7 +249,7 @@ class Tracer:
         if name is None:
             kernel.cont(thread.tid)  # a number the filter should not have sent: run it
             return
-        tracee = PtraceTracee(thread.tid, regs, name, self.threads_of, self.scratch)
+        tracee = PtraceTracee(thread.tid, self.threads_of, regs=regs, syscall=name, scratch=self.scratch)
         try:
             outcome = self.handler.on_syscall(tracee)
         except TraceeGone:
@@ -336,7 +337,7 @@ def _exit_hook(on_exit: OnExit) -> _ExitHook:
     """A handler's exit callback (result and memory in, new result out) as the loop runs it."""
 
     def hook(tid: int, regs: Registers) -> None:
-        replaced = on_exit(regs.retval, PtraceMemory(tid))
+        replaced = on_exit(regs.retval, ThreadMemory(tid))
         if replaced is not None and replaced != regs.retval:
             regs.retval = replaced
             kernel.set_registers(tid, regs)
