@@ -65,7 +65,11 @@ class WaitingThreads:
 
             return deliver
 
-        self._submit(run)
+        try:
+            self._submit(run)
+        except BaseException:
+            os.close(own)  # no thread took the call (none could be started)
+            raise
         return await done
 
     def _submit(self, work: Callable[[], Callable[[], None]]) -> None:
