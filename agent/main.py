@@ -12,7 +12,7 @@ from typing import NoReturn
 from . import __version__, files
 from .listen import ConfigError, parse_token_sha256, read_token_file
 from .server import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_CLIENT_STREAMS, AgentServer
-from .wire.tuning import raise_fd_limit, tune_gc
+from .wire.tuning import one_malloc_arena, raise_fd_limit, tune_gc
 
 log = logging.getLogger("ktrace_agent")
 
@@ -86,6 +86,7 @@ async def _serve(server: AgentServer) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = "ktrace-agent") -> int:
+    one_malloc_arena()  # before any thread of gRPC's
     args = _parser(prog).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,

@@ -92,6 +92,7 @@ ADDED: dict[str, str] = apply(os.environ, grpc_version())
 
 M_TRIM_THRESHOLD = -1  # malloc.h
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 MMAP_THRESHOLD = 4 * 1024 * 1024
 TRIM_THRESHOLD = 32 * 1024 * 1024
 
@@ -109,6 +110,20 @@ def tune_malloc() -> bool:
 
 
 tune_malloc()
+
+
+def one_malloc_arena() -> bool:
+    """Every thread allocates from the main arena (glibc only; False elsewhere). Made by the agent
+    before its server starts any thread: after a burst of calls (thousands rejected at once) the
+    memory gRPC core's threads had taken from arenas of their own stayed resident after
+    ``malloc_trim`` (docs/performance.md, "Memory over a long run"); in the main arena it goes back."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_ARENA_MAX, 1))
 
 
 def _malloc_trim() -> Callable[[], None] | None:
