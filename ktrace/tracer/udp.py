@@ -55,10 +55,6 @@ class Outgoing:
     names: tuple[bytes | None, ...]
     unreadable: int | None = None  # the first message whose destination could not be read
 
-    @property
-    def names_ip(self) -> bool:
-        return any(isinstance(addr, InetAddr) for addr in self.destinations)
-
 
 def read_outgoing(t: Tracee) -> Outgoing:
     """The messages of the sendto/sendmsg/sendmmsg ``t`` and where they go; raises OSError or
