@@ -19,6 +19,7 @@ import os
 import pathlib
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -313,10 +314,27 @@ def mirror_dirs(tmp_path: pathlib.Path) -> list[pathlib.Path]:
 
 
 def mirrored(directory: pathlib.Path, name: str) -> str | None:
-    """The content of the first copy named ``name`` (following the volume's links), if any."""
-    for path in sorted(directory.rglob(name)):
-        if path.is_file():
-            return path.read_text()
+    """The content of the first copy named ``name``, read as a program reads it, if any.
+
+    The copy is a kubelet-style volume: ``name -> ..data/name``, ``..data -> ..<timestamp>``. A new
+    version (an edited ConfigMap, a rotated token) is a new timestamped directory, an atomic swap of
+    ``..data`` and the removal of the old directory, so only the visible names are walked (the old
+    directory may vanish mid-walk) and a read that lands in a directory just removed is read again.
+    """
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return _read_visible(directory, name)
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+
+
+def _read_visible(directory: pathlib.Path, name: str) -> str | None:
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".."))
+        if name in files:
+            return pathlib.Path(root, name).read_text()
     return None
 
 
