@@ -159,6 +159,12 @@ def build_parser(prog: str = "ktrace") -> argparse.ArgumentParser:
         type=_positive_float,
         help="the agent exits after this long without ktrace, e.g. if ktrace was killed (default 60)",
     )
+    agent_pod.add_argument(
+        "--port-forward",
+        choices=("auto", "spdy", "websocket"),
+        help="the tunnel's port-forward protocol: SPDY as kubectl's, or a WebSocket (default auto: SPDY, and the "
+        "WebSocket if the API server refuses SPDY)",
+    )
     _add_target_flags(run)
     run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 

@@ -33,6 +33,17 @@ def test_defaults() -> None:
     assert options.agent.image == DEFAULT_IMAGE
     assert options.agent.idle_exit == 60
     assert options.timeout == 60
+    assert options.port_forward == "auto"
+
+
+def test_port_forward_from_flag_environment_and_file(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "ktrace.toml").write_text('port-forward = "WebSocket"\n')
+    from_file = kube_options(settings({}, cwd=str(tmp_path)))
+    from_env = kube_options(settings({}, {"KTRACE_PORT_FORWARD": "spdy"}, cwd=str(tmp_path)))
+    from_flag = kube_options(settings({"port-forward": "auto"}, {"KTRACE_PORT_FORWARD": "spdy"}, cwd=str(tmp_path)))
+    assert [o.port_forward if o else None for o in (from_file, from_env, from_flag)] == ["websocket", "spdy", "auto"]
+    with pytest.raises(config.ConfigError, match="KTRACE_PORT_FORWARD must be one of auto, spdy, websocket"):
+        kube_options(settings({}, {"KTRACE_PORT_FORWARD": "http2"}))
 
 
 def test_flags_environment_and_file(tmp_path: pathlib.Path) -> None:

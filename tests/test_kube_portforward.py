@@ -32,6 +32,7 @@ from ktrace.kube.portforward import (
     Unreachable,
     encode_data,
 )
+from ktrace.kube.portforward_transports import WebSocketForward
 from ktrace.tunnel.client import AgentClient
 from ktrace.tunnel.types import Endpoint, TcpStats, TunnelError
 
@@ -153,13 +154,13 @@ class Forwards:
         self.changed = asyncio.Event()
         self.refuse: Unreachable | None = None
 
-    async def __call__(self) -> LoopbackForward:
+    async def __call__(self) -> WebSocketForward:
         if self.refuse is not None:
             raise self.refuse
         forward = await LoopbackForward(self.port).open()
         self.opened.append(forward)
         self.changed.set()
-        return forward
+        return WebSocketForward(forward, self.port)
 
     async def wait_opened(self, count: int) -> None:
         while len(self.opened) < count:
@@ -178,7 +179,7 @@ def test_bridge_carries_the_channel_to_a_real_agent() -> None:
         async with agent("127.0.0.1:0", token=TOKEN) as server, LoopbackServer(upper_echo) as echo:
             port = int(server.address.rpartition(":")[2])
             lines: list[str] = []
-            bridge = PortForwardBridge(Forwards(port), port, report=lines.append)
+            bridge = PortForwardBridge(Forwards(port), report=lines.append)
             address = await bridge.start()
             assert address.startswith("unix:")
             try:
@@ -208,7 +209,7 @@ def test_bridge_carries_bulk_both_ways_intact() -> None:
 
         async with agent("127.0.0.1:0", token=TOKEN) as server, LoopbackServer(sink_and_source) as target:
             port = int(server.address.rpartition(":")[2])
-            bridge = PortForwardBridge(Forwards(port), port, report=lambda _line: None)
+            bridge = PortForwardBridge(Forwards(port), report=lambda _line: None)
             address = await bridge.start()
             try:
                 client = await AgentClient.connect(address, TOKEN, timeout=10)
@@ -233,7 +234,7 @@ def test_bridge_waits_for_an_agent_that_is_not_listening_yet() -> None:
     async def scenario() -> None:
         port = free_port()
         forwards = Forwards(port)
-        bridge = PortForwardBridge(forwards, port, report=lambda _line: None)
+        bridge = PortForwardBridge(forwards, report=lambda _line: None)
         address = await bridge.start()
         connecting = asyncio.create_task(AgentClient.connect(address, TOKEN, timeout=10))
         # The first attempts find nothing listening (the kubelet's "connection refused" on the error channel).
@@ -255,7 +256,7 @@ def test_bridge_reports_a_drop_and_reconnects() -> None:
             port = int(server.address.rpartition(":")[2])
             forwards = Forwards(port)
             lines: list[str] = []
-            bridge = PortForwardBridge(forwards, port, report=lines.append)
+            bridge = PortForwardBridge(forwards, report=lines.append)
             address = await bridge.start()
             client = await AgentClient.connect(address, TOKEN, timeout=10)
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{echo.port}"))
@@ -298,7 +299,7 @@ def test_bridge_refused_for_good() -> None:
     async def scenario() -> None:
         forwards = Forwards(1)
         forwards.refuse = Unreachable("forbidden: cannot get pods/portforward a in namespace ns", final=True)
-        bridge = PortForwardBridge(forwards, 1, report=lambda _line: None)
+        bridge = PortForwardBridge(forwards, report=lambda _line: None)
         address = await bridge.start()
         connecting = asyncio.create_task(AgentClient.connect(address, TOKEN, timeout=10))
         await asyncio.wait_for(bridge.refused.wait(), 10)
@@ -315,7 +316,7 @@ def test_wrong_token_through_the_bridge_is_rejected() -> None:
     async def scenario() -> None:
         async with agent("127.0.0.1:0", token=TOKEN) as server:
             port = int(server.address.rpartition(":")[2])
-            bridge = PortForwardBridge(Forwards(port), port, report=lambda _line: None)
+            bridge = PortForwardBridge(Forwards(port), report=lambda _line: None)
             address = await bridge.start()
             channel = grpc.aio.insecure_channel(address)
             stub = rpc.Stub(channel)

@@ -11,8 +11,10 @@ Modules (only ``api`` imports the Kubernetes client, lazily, when ``--agent kube
 | ``status`` | a pod's status → the agent's state, progress and failures (pure) |
 | ``errors`` | API failures → one line with a hint (pure) |
 | ``rights`` | the RBAC rights ktrace needs (pure; docs/rbac.yaml must match) |
-| ``portforward`` | the port-forward protocol (pure codec) and the local bridge |
-| ``api`` | the only user of ``kubernetes.aio`` / aiohttp: kubeconfig, requests, watches, WebSockets |
+| ``portforward`` | the local bridge, and the WebSocket port-forward's channel codec (pure) |
+| ``spdy`` | the SPDY/3.1 framing of a port-forward (pure codec) |
+| ``portforward_transports`` | a forwarded connection over SPDY or a WebSocket, as the bridge uses it |
+| ``api`` | the only user of ``kubernetes.aio`` / aiohttp: kubeconfig, requests, watches, WebSockets, upgrades |
 | ``watching`` | follow a pod through API server restarts; wait for the agent |
 | ``session`` | one run's agent: create, wait, tunnel, watch, heartbeat, delete |
 | ``cleanup`` | ``ktrace cleanup`` |

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from .errors import ApiCall, KubeApiError, kubeconfig_error
 log = logging.getLogger("ktrace.kube")
 
 REQUEST_TIMEOUT = 30.0
+UPGRADED_BUFFER = 1024 * 1024  # what an upgraded connection's reader holds before it pauses the socket
 
 
 def kubeconfig_paths(explicit: str | None, env: Mapping[str, str]) -> tuple[str, list[str]]:
@@ -37,6 +39,10 @@ def kubeconfig_paths(explicit: str | None, env: Mapping[str, str]) -> tuple[str,
     listed = env.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
     existing = [p for p in listed.split(":") if p and os.path.exists(os.path.expanduser(p))]
     return listed, existing
+
+
+class UpgradeUnavailable(KubeApiError):
+    """This client cannot make an upgraded connection to the API server (it is behind a proxy)."""
 
 
 class WebSocket:
@@ -270,6 +276,73 @@ class KubeApi:
             await ws.close()
             raise KubeApiError(call, 0, f"the server does not speak {protocol} (it chose {ws.protocol!r})")
         return WebSocket(ws)
+
+    async def upgrade(
+        self,
+        call: ApiCall,
+        path: str,
+        query: Sequence[tuple[str, str]],
+        upgrade_headers: Mapping[str, str],
+        *,
+        timeout: float,
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """An HTTP/1.1 ``POST`` answered by ``101 Switching Protocols``: the raw connection after it.
+
+        aiohttp speaks WebSocket but no other upgraded protocol, so this one request is written on a
+        connection of its own, with the client's TLS context and auth headers. Raises ``KubeApiError``
+        (status 0 when the server was not reached or no HTTP answer came).
+        """
+        configuration = self._client.configuration
+        if configuration.proxy:
+            raise UpgradeUnavailable(call, 0, "an upgraded connection through an HTTP proxy is not supported")
+        url, headers = await self._prepare("POST", path, query, None, accept=None)
+        parts = urllib.parse.urlsplit(url)
+        secure = parts.scheme == "https"
+        ssl_context = self._client.rest_client.ssl_context if secure else None
+        host = parts.hostname or ""
+        headers.update(upgrade_headers)
+        headers.update({"Host": parts.netloc, "Connection": "Upgrade", "Content-Length": "0"})
+        target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+        request = f"POST {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host,
+                    parts.port or (443 if secure else 80),
+                    ssl=ssl_context,
+                    server_hostname=(configuration.tls_server_name or host) if secure else None,
+                    limit=UPGRADED_BUFFER,
+                )
+                writer.write(request.encode("latin-1"))
+                status, reason, answer = await _read_answer(reader)
+                if status != 101:
+                    length = int(answer.get("content-length", "0") or 0)
+                    body = await reader.read(min(length, 65536)) if length else b""
+                    raise KubeApiError(call, status, body.decode("utf-8", "replace"), reason)
+        except KubeApiError:
+            if writer is not None:
+                writer.transport.abort()
+            raise
+        except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            if writer is not None:
+                writer.transport.abort()
+            raise KubeApiError(call, 0, _describe(exc)) from exc
+        return reader, writer
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, str, dict[str, str]]:
+    """An HTTP/1.1 status line and headers (names lower-cased)."""
+    line = (await reader.readuntil(b"\r\n")).decode("latin-1")
+    version, _, rest = line.strip().partition(" ")
+    code, _, reason = rest.partition(" ")
+    if not version.startswith("HTTP/") or not code.isdigit():
+        raise ValueError(f"not an HTTP answer: {line.strip()[:80]!r}")
+    headers: dict[str, str] = {}
+    while (field := (await reader.readuntil(b"\r\n")).decode("latin-1").strip()) != "":
+        name, _, value = field.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(code), reason, headers
 
 
 def _describe(exc: BaseException) -> str:

@@ -40,6 +40,15 @@ def boolean(value: Any) -> bool:
     raise ValueError("must be true or false")
 
 
+PORT_FORWARDS = ("auto", "spdy", "websocket")
+
+
+def port_forward(value: Any) -> str:
+    if isinstance(value, str) and value.strip().lower() in PORT_FORWARDS:
+        return value.strip().lower()
+    raise ValueError(f"must be one of {', '.join(PORT_FORWARDS)}")
+
+
 def pull_policy(value: Any) -> str:
     for policy in PULL_POLICIES:
         if isinstance(value, str) and value.strip().lower() == policy.lower():
@@ -63,6 +72,7 @@ config.register(
     Key(
         "agent-idle-exit", positive_number, f"seconds the agent lives on without ktrace (default {DEFAULT_IDLE_EXIT:g})"
     ),
+    Key("port-forward", port_forward, "the tunnel's port-forward: auto (SPDY, else WebSocket), spdy, websocket"),
     Key("env-include", text_list, "--target: variables (globs) taken from the pod even if they describe the machine"),
     Key("env-exclude", text_list, "--target: variables (globs) that keep their local value"),
     Key("no-env", boolean, "--target: the program gets the local environment only"),
@@ -89,6 +99,7 @@ class KubeOptions:
     env: EnvChoice = field(default_factory=EnvChoice)  # --no-env, --env-include, --env-exclude
     remote_paths: tuple[str, ...] = ()  # --remote-path
     local_paths: tuple[str, ...] = ()  # --local-path
+    port_forward: str = "auto"  # --port-forward
 
 
 def cluster_choice(settings: config.Settings) -> ClusterChoice:
@@ -131,6 +142,7 @@ def kube_options(settings: config.Settings) -> KubeOptions | None:
         env=env_choice(settings),
         remote_paths=remote_paths,
         local_paths=local_paths,
+        port_forward=settings.get("port-forward", "auto"),
     )
 
 

@@ -87,11 +87,15 @@ def encode_data(payload: bytes) -> bytes:
 
 
 class ForwardSocket(Protocol):
-    close_reason: str
+    """One forwarded connection (``portforward_transports``): ``receive`` gives the server's events,
+    ``None`` once it is closed (``close_reason`` says how), and raises ``ProtocolError``."""
+
+    @property
+    def close_reason(self) -> str: ...
 
     async def send(self, data: bytes) -> None: ...
 
-    async def receive(self) -> bytes | None: ...
+    async def receive(self) -> list[Data | Failed] | None: ...
 
     async def close(self) -> None: ...
 
@@ -110,7 +114,7 @@ OpenSocket = Callable[[], Awaitable[ForwardSocket]]
 class PortForwardBridge:
     """``await start()`` gives the local address to dial; ``close()`` ends it and every bridged connection.
 
-    ``open_socket`` opens a new port-forward WebSocket to ``port`` (raising ``Unreachable``).
+    ``open_socket`` opens a new port-forward to the agent's port (raising ``Unreachable``).
     ``report`` gets the lines the user should see (drops, restores).
     ``dial_window``: how long one local connection waits for the agent before it is refused.
     """
@@ -118,14 +122,12 @@ class PortForwardBridge:
     def __init__(
         self,
         open_socket: OpenSocket,
-        port: int,
         *,
         report: Callable[[str], None],
         dial_window: float = 15.0,
         answer_timeout: float = 5.0,
     ) -> None:
         self._open = open_socket
-        self._port = port
         self._report = report
         self._dial_window = dial_window
         self._answer_timeout = answer_timeout
@@ -173,7 +175,7 @@ class PortForwardBridge:
             reached = await self._reach_agent()
             if reached is None:
                 return
-            ws, decoder, first = reached
+            ws, first = reached
             self.connections += 1
             if self._dropped_at is not None:
                 self._report(
@@ -182,7 +184,7 @@ class PortForwardBridge:
                 self._dropped_at = None
             writer.write(first)
             await writer.drain()
-            remote_ended = await self._pump(reader, writer, ws, decoder)
+            remote_ended = await self._pump(reader, writer, ws)
             if remote_ended and not self._closing:
                 self._dropped_at = asyncio.get_running_loop().time()
                 self._report(
@@ -198,7 +200,7 @@ class PortForwardBridge:
             # RST rather than FIN: gRPC must drop this connection at once, not wait for more frames.
             writer.transport.abort()
 
-    async def _reach_agent(self) -> tuple[ForwardSocket, ChannelDecoder, bytes] | None:
+    async def _reach_agent(self) -> tuple[ForwardSocket, bytes] | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._dial_window
         delay = 0.05
@@ -212,10 +214,9 @@ class PortForwardBridge:
                     self.refused.set()
                     return None
             else:
-                decoder = ChannelDecoder(self._port)
-                first = await self._first_answer(ws, decoder)
+                first = await self._first_answer(ws)
                 if first is not None:
-                    return ws, decoder, first
+                    return ws, first
                 with contextlib.suppress(Exception):
                     await ws.close()
             if loop.time() + delay > deadline:
@@ -226,15 +227,15 @@ class PortForwardBridge:
             delay = min(delay * 2, 1.0)
         return None
 
-    async def _first_answer(self, ws: ForwardSocket, decoder: ChannelDecoder) -> bytes | None:
+    async def _first_answer(self, ws: ForwardSocket) -> bytes | None:
         try:
             async with asyncio.timeout(self._answer_timeout):
                 while True:
-                    message = await ws.receive()
-                    if message is None:
+                    events = await ws.receive()
+                    if events is None:
                         self.last_error = f"port-forward {ws.close_reason or 'closed'}"
                         return None
-                    for event in decoder.feed(message):
+                    for event in events:
                         if isinstance(event, Data):
                             return event.payload
                         self.last_error = event.message
@@ -245,9 +246,7 @@ class PortForwardBridge:
             self.last_error = f"port-forward protocol error: {exc}"
         return None
 
-    async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ws: ForwardSocket, decoder: ChannelDecoder
-    ) -> bool:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ws: ForwardSocket) -> bool:
         """Copy until one side ends; True when the port-forward side ended first."""
 
         async def up() -> None:
@@ -259,22 +258,20 @@ class PortForwardBridge:
                 if not data:
                     raise _LocalEnded
                 try:
-                    await ws.send(encode_data(data))
+                    await ws.send(data)
                 except Exception as exc:
                     raise _RemoteEnded(f"port-forward failed: {exc or type(exc).__name__}") from None
 
         async def down() -> None:
             while True:
                 try:
-                    message = await ws.receive()
-                except Exception as exc:
-                    raise _RemoteEnded(f"port-forward failed: {exc or type(exc).__name__}") from None
-                if message is None:
-                    raise _RemoteEnded(f"port-forward {ws.close_reason or 'closed'}")
-                try:
-                    events = decoder.feed(message)
+                    events = await ws.receive()
                 except ProtocolError as exc:
                     raise _RemoteEnded(f"port-forward protocol error: {exc}") from None
+                except Exception as exc:
+                    raise _RemoteEnded(f"port-forward failed: {exc or type(exc).__name__}") from None
+                if events is None:
+                    raise _RemoteEnded(f"port-forward {ws.close_reason or 'closed'}")
                 for event in events:
                     if isinstance(event, Failed):
                         raise _RemoteEnded(event.message)

@@ -37,10 +37,17 @@ RIGHTS: tuple[Right, ...] = (
     Right("watch", "pods", why="wait for the agent to start, notice when it stops"),
     Right("delete", "pods", why="delete the agent pod when the program ends"),
     Right("list", "pods", needed_for="deploy target, cleanup", why="find a Deployment's pods; ktrace cleanup"),
-    # A WebSocket port-forward is a GET: Kubernetes up to 1.34 checks `get`; from 1.35 (feature
-    # AuthorizePodWebsocketUpgradeCreatePermission) it checks `create` as well, as for SPDY's POST.
-    Right("get", "pods", "portforward", why="the tunnel to the agent (WebSocket port-forward)"),
-    Right("create", "pods", "portforward", why="the tunnel, on Kubernetes >= 1.35", since=(1, 35)),
+    # The tunnel is a SPDY port-forward (a POST: `create`) unless that is refused, then a WebSocket
+    # one (a GET: `get`; from Kubernetes 1.35, feature AuthorizePodWebsocketUpgradeCreatePermission,
+    # `create` as well). So before 1.35 `get` alone works, with the WebSocket's higher cost on the node.
+    Right("get", "pods", "portforward", why="the tunnel to the agent (a WebSocket port-forward)"),
+    Right(
+        "create",
+        "pods",
+        "portforward",
+        why="the tunnel to the agent (a SPDY port-forward; without it, before Kubernetes 1.35, a WebSocket one)",
+        since=(1, 35),
+    ),
     Right("patch", "pods", "ephemeralcontainers", needed_for="target", why="--target: add the agent to a pod"),
     Right("get", "deployments", group="apps", needed_for="deploy target", why="--target deploy/NAME"),
     # --target: the target container's environment, read as the kubelet reads it (ktrace/kube/podview.py).

@@ -31,11 +31,12 @@ from ktrace.tunnel.client import AgentClient
 from ktrace.tunnel.types import AgentUnavailable
 
 from . import spec
-from .api import KubeApi
+from .api import KubeApi, UpgradeUnavailable
 from .errors import ApiCall, KubeApiError, explain
 from .options import KubeOptions
 from .podview import TargetView, resolve_target
 from .portforward import PROTOCOL, ForwardSocket, OpenSocket, PortForwardBridge, Unreachable
+from .portforward_transports import SPDY_UPGRADE, SpdyForward, WebSocketForward
 from .status import agent_state
 from .watching import PodGone, follow_pod, wait_running
 
@@ -213,18 +214,41 @@ def _interrupted_by_signals(task: asyncio.Task[Any]) -> Iterator[list[int]]:
         os.close(fd)
 
 
-def _open_socket(api: KubeApi, namespace: str, pod: str, port: int) -> OpenSocket:
-    call = ApiCall("get", "pods/portforward", namespace, pod)
+def _open_socket(api: KubeApi, namespace: str, pod: str, port: int, choice: str) -> OpenSocket:
+    """Port-forwards to ``port`` of ``pod``: SPDY (kubectl's protocol, cheaper for the node) unless
+    ``choice`` says otherwise; with ``auto``, the first SPDY upgrade the API server answers with
+    anything but 101 (no ``create`` right, a proxy or server without SPDY) makes it WebSocket from
+    then on, and the WebSocket's answer is the one reported."""
+    path = f"/api/v1/namespaces/{namespace}/pods/{pod}/portforward"
+    query = [("ports", str(port))]
+    use_spdy = choice != "websocket"
+
+    async def spdy_socket() -> ForwardSocket:
+        call = ApiCall("create", "pods/portforward", namespace, pod)
+        reader, writer = await api.upgrade(call, path, query, SPDY_UPGRADE, timeout=10.0)
+        forward = SpdyForward(reader, writer, port)
+        forward.start()
+        log.debug("port-forward to %s/%s:%d over SPDY/3.1", namespace, pod, port)
+        return forward
+
+    async def websocket() -> ForwardSocket:
+        call = ApiCall("get", "pods/portforward", namespace, pod)
+        ws = await api.websocket(call, path, query, PROTOCOL, timeout=10.0)
+        log.debug("port-forward to %s/%s:%d over a WebSocket (%s)", namespace, pod, port, PROTOCOL)
+        return WebSocketForward(ws, port)
 
     async def open_socket() -> ForwardSocket:
+        nonlocal use_spdy
         try:
-            return await api.websocket(
-                call,
-                f"/api/v1/namespaces/{namespace}/pods/{pod}/portforward",
-                [("ports", str(port))],
-                PROTOCOL,
-                timeout=10.0,
-            )
+            if use_spdy:
+                try:
+                    return await spdy_socket()
+                except KubeApiError as exc:
+                    if choice == "spdy" or (exc.status == 0 and not isinstance(exc, UpgradeUnavailable)):
+                        raise
+                    log.debug("port-forward: SPDY refused (%s); using the WebSocket from now on", exc)
+                    use_spdy = False
+            return await websocket()
         except KubeApiError as exc:
             # 4xx: no rights, the pod is gone, ...: retrying cannot help. Restarts (no answer, 5xx) may pass.
             final = 400 <= exc.status < 500 and exc.status != 429
@@ -303,7 +327,7 @@ async def _agent_in_cluster(api: KubeApi, options: KubeOptions, view: TargetView
                 pods = follow_pod(api, ns, name, str(pod["metadata"]["resourceVersion"]), patient=lambda: started)
                 await wait_running(pods, where, container, ephemeral, options.timeout, spinner)
                 started = True
-                bridge = PortForwardBridge(_open_socket(api, ns, name, port), port, report=report)
+                bridge = PortForwardBridge(_open_socket(api, ns, name, port, options.port_forward), report=report)
                 await bridge.start()
             except asyncio.CancelledError:
                 if not signals:
