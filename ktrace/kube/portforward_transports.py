@@ -17,6 +17,7 @@ from .portforward import CHUNK, ChannelDecoder, Data, Failed, ProtocolError, enc
 SPDY_UPGRADE = {"Upgrade": "SPDY/3.1", "X-Stream-Protocol-Version": "portforward.k8s.io"}
 _ERROR_STREAM = 1
 _DATA_STREAM = 3
+_JOIN_BELOW = 64 * 1024
 
 
 class MessageSocket(Protocol):
@@ -85,8 +86,14 @@ class SpdyForward:
     async def send(self, data: bytes) -> None:
         for at in range(0, len(data), spdy.MAX_LENGTH):
             piece = data[at : at + spdy.MAX_LENGTH]
-            self._writer.write(spdy.data_header(_DATA_STREAM, len(piece)))
-            self._writer.write(piece)
+            header = spdy.data_header(_DATA_STREAM, len(piece))
+            if len(piece) <= _JOIN_BELOW:
+                # One write, one TLS record and one segment for a small message (gRPC's latency);
+                # a large one is not copied to join it.
+                self._writer.write(header + piece)
+            else:
+                self._writer.write(header)
+                self._writer.write(piece)
         await self._writer.drain()
 
     async def receive(self) -> list[Data | Failed] | None:
