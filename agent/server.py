@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 
 from . import __version__, files, host_info
+from .handover import HandoverDesk
 from .listen import ConfigError, TokenCheck, check_policy, claim_unix_path, parse_listen
 from .tcp_relay import TcpRelay
 from .udp_mux import SessionCount, UdpSessions
@@ -63,6 +64,7 @@ class AgentServer:
         resolv_conf_path: str | None = None,
         hosts_path: str | None = None,
         tcp_stream_reuse: bool = True,
+        tcp_handover: bool = True,
         max_client_streams: int = DEFAULT_MAX_CLIENT_STREAMS,
         served_files: Sequence[files.ServedRoot] = (),
         files_interval: float = files.POLL_INTERVAL,
@@ -76,6 +78,9 @@ class AgentServer:
         self._hosts_path = hosts_path
         # False behaves as an agent from before reuse (tests of old agents).
         self._tcp_stream_reuse = tcp_stream_reuse
+        # Offered when listening on a Unix socket (handover.py); False: as an agent from before it.
+        self._tcp_handover = tcp_handover
+        self._desk: HandoverDesk | None = None
         # The only files WatchFiles ever reads (fixed at start: a client cannot name others).
         self._served = {root.path: root for root in served_files}
         self._files_interval = files_interval
@@ -113,6 +118,10 @@ class AgentServer:
                 await server.stop(None)
                 raise ConfigError(f"unix socket {path} is not mode 0600")
             self.address = f"unix:{path}"
+            if self._tcp_handover:
+                desk = HandoverDesk(path)
+                if desk.start():
+                    self._desk = desk
         else:
             try:
                 port = server.add_insecure_port(target)
@@ -131,6 +140,9 @@ class AgentServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        if self._desk is not None:
+            self._desk.close()
+            self._desk = None
         # grpc.aio's stop() returns once gRPC core has ended the calls, while the asyncio tasks
         # that ran their handlers may still have steps to run (a cancelled call's handler
         # unwinding). A process that ends its loop then (asyncio.run cancels what is left:
@@ -224,6 +236,8 @@ class AgentServer:
                 hosts=info.hosts,
                 max_message_bytes=MAX_MESSAGE_BYTES,
                 tcp_stream_reuse=self._tcp_stream_reuse,
+                tcp_handover_path=self._desk.path if self._desk is not None else "",
+                tcp_handover_id=self._desk.id if self._desk is not None else b"",
                 udp_multiplex=True,
                 file_roots=list(self._served),
                 source_routes=[
@@ -254,7 +268,9 @@ class AgentServer:
 
     async def Connect(self, request_iterator: object, context: rpc.TcpContext) -> None:
         def relay() -> Awaitable[None]:
-            return TcpRelay(context, self._connect_timeout, self.send_budget, reuse=self._tcp_stream_reuse).run()
+            return TcpRelay(
+                context, self._connect_timeout, self.send_budget, reuse=self._tcp_stream_reuse, desk=self._desk
+            ).run()
 
         await self._stream(context, "Connect", relay)
 

@@ -34,6 +34,8 @@ import struct
 
 import grpc
 
+from .handover import HandoverDesk, HandoverRefused
+from .socket_relay import relay_sockets
 from .wire import DATA_CHUNK, codec, rpc
 from .wire.budget import SendBudget
 from .wire.errnos import describe
@@ -46,6 +48,9 @@ log = logging.getLogger("ktrace_agent")
 # Bytes per data frame at most; with one frame in flight per direction, what one connection
 # holds here is bounded by ~2 MiB.
 CHUNK = DATA_CHUNK
+# How long a handed-over connection waits for ktrace to send the program's socket (it does so as
+# soon as the program's connect completed, which it may delay as a program may).
+HANDOVER_WAIT = 60.0
 
 
 class _Protocol(Exception):
@@ -89,9 +94,16 @@ def _writable_now(sock: socket.socket) -> bool:
 
 class TcpRelay:
     def __init__(
-        self, context: rpc.TcpContext, connect_timeout: float, budget: SendBudget | None = None, *, reuse: bool = True
+        self,
+        context: rpc.TcpContext,
+        connect_timeout: float,
+        budget: SendBudget | None = None,
+        *,
+        reuse: bool = True,
+        desk: HandoverDesk | None = None,
     ) -> None:
         self._context = context
+        self._desk = desk
         self._budget = budget
         self._connect_timeout = connect_timeout
         self._reuse_offered = reuse
@@ -99,6 +111,7 @@ class TcpRelay:
         # Per connection: the client sent shutdown_write; the stream stays for the next one.
         self._client_done = False
         self._reuse = False
+        self._ticket: bytes | None = None  # this connection's, when it is handed over
 
     async def run(self) -> None:
         try:
@@ -110,7 +123,13 @@ class TcpRelay:
                     raise _Protocol(f"first frame must be 'open', got {first.WhichOneof('kind')!r}")
                 self._client_done = False
                 self._reuse = self._reuse_offered and first.open.reuse
-                if await self._open(first.open):
+                if await self._open(first.open, handover=self._desk is not None and first.open.handover):
+                    if self._ticket is not None:
+                        if not await self._relay_handed_over(self._ticket):
+                            return
+                        if not self._reuse:
+                            return
+                        continue
                     clean = await self._relay()
                     if self._sock is not None:
                         self._sock.close()  # both directions ended: FIN went both ways
@@ -131,6 +150,8 @@ class TcpRelay:
         finally:
             if self._sock is not None:
                 self._sock.close()
+            if self._ticket is not None and self._desk is not None:
+                self._desk.withdraw(self._ticket)  # ended before the socket came: a late one is closed
 
     async def _read_frame(self) -> rpc.TcpClientFrame | None:
         msg: object = await self._context.read()
@@ -139,7 +160,7 @@ class TcpRelay:
         assert isinstance(msg, rpc.TcpClientFrame)
         return msg
 
-    async def _open(self, request: rpc.TcpOpen) -> bool:
+    async def _open(self, request: rpc.TcpOpen, *, handover: bool) -> bool:
         try:
             dest = codec.decode_address(request.destination)
         except codec.AddressError as exc:
@@ -152,11 +173,48 @@ class TcpRelay:
             await self._context.write(rpc.TcpServerFrame(failure=failure))
             return False
         self._sock = sock
+        ticket = self._ticket = self._desk.issue() if handover and self._desk is not None else None
         opened = rpc.TcpOpened(
-            local=codec.encode_sockaddr(sock.getsockname()), peer=codec.encode_sockaddr(sock.getpeername())
+            local=codec.encode_sockaddr(sock.getsockname()),
+            peer=codec.encode_sockaddr(sock.getpeername()),
+            handover_ticket=ticket or b"",
+            handover_desk=self._desk.id if ticket is not None and self._desk is not None else b"",
         )
         # The answer first: the program's connect() waits for it; the socket buffers meanwhile.
         await self._context.write(rpc.TcpServerFrame(opened=opened))
+        return True
+
+    async def _relay_handed_over(self, ticket: bytes) -> bool:
+        """Relay the program's socket, once ktrace sent it with ``ticket``, to the remote's; then
+        ``relayed``. False when it did not come (the remote is reset and a ``reset`` sent).
+        Cancelled (the client went away), both sockets are reset (``relay_sockets``)."""
+        remote = self._sock
+        assert remote is not None and self._desk is not None
+        try:
+            program = await self._desk.take(ticket, HANDOVER_WAIT)
+            self._ticket = None  # spent
+        except (TimeoutError, HandoverRefused) as exc:
+            self._ticket = None
+            self._abort_remote()
+            remote.close()
+            self._sock = None
+            reason = ConnectionAbortedError(errno.ECONNABORTED, f"the program's socket was not handed over: {exc}")
+            with contextlib.suppress(Exception):
+                await self._context.write(rpc.TcpServerFrame(reset=codec.encode_failure(reason)))
+            return False
+        try:
+            relayed = await relay_sockets(program, remote)
+        finally:
+            program.close()  # ktrace closes its copy after `relayed`: only then the last FIN or RST
+            remote.close()
+            self._sock = None
+        await self._context.write(
+            rpc.TcpServerFrame(
+                relayed=rpc.TcpRelayed(
+                    bytes_up=relayed.bytes_up, bytes_down=relayed.bytes_down, outcome=relayed.outcome
+                )
+            )
+        )
         return True
 
     async def _relay(self) -> bool:

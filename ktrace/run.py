@@ -281,6 +281,7 @@ async def _connect(access: _AgentAccess) -> AgentClient:
             access.token,
             wait_for_ready=False,
             unreachable_hint="is an agent listening there? `ktrace agent --listen ADDR` starts one",
+            handover=True,
         )
     except AgentUnavailable as exc:
         raise KtraceError(str(exc)) from None

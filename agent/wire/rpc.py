@@ -28,6 +28,7 @@ TcpClientFrame = pb.TcpClientFrame
 TcpServerFrame = pb.TcpServerFrame
 TcpOpen = pb.TcpOpen
 TcpOpened = pb.TcpOpened
+TcpRelayed = pb.TcpRelayed
 UdpClientFrame = pb.UdpClientFrame
 UdpServerFrame = pb.UdpServerFrame
 UdpClientFrames = pb.UdpClientFrames

@@ -19,6 +19,7 @@ from ktrace_agent.wire.budget import SendBudget
 
 from .. import __version__
 from .call_pool import CallPool
+from .handover import HandoverLine
 from .health import TunnelHealth, short_reason
 from .tcp_stream import TcpStream
 from .types import AgentUnavailable, Endpoint, IPAddress, SourceRoute, TcpStats, TunnelError, TunnelLost
@@ -51,6 +52,7 @@ SPARE_UDP_LOW = 2
 # Seconds without a new stream or UDP session after which ktrace gives its freed memory back
 # to the kernel (ktrace_agent/wire/tuning.py, Trimmer): RSS goes down while the program idles.
 TRIM_AFTER_QUIET = 10.0
+DNS_PORT = 53
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class AgentInfo:
     source_routes: tuple[SourceRoute, ...] = ()
     tcp_stream_reuse: bool = False  # a Connect stream can carry one connection after another
     file_roots: tuple[bytes, ...] = ()  # the target container's paths the agent serves (WatchFiles)
+    tcp_handover_path: str = ""  # where a same-host agent takes connections over (handover.py)
+    tcp_handover_id: bytes = b""
 
 
 DEFAULT_UNREACHABLE_HINT = "is it running, and is the port-forward up?"
@@ -114,6 +118,8 @@ def _parse_info(reply: rpc.HandshakeReply) -> AgentInfo:
         source_routes=_parse_source_routes(reply.source_routes),
         tcp_stream_reuse=reply.tcp_stream_reuse,
         file_roots=tuple(reply.file_roots),
+        tcp_handover_path=reply.tcp_handover_path,
+        tcp_handover_id=reply.tcp_handover_id,
     )
 
 
@@ -155,6 +161,7 @@ class AgentClient:
         self.health = TunnelHealth()
         self._watcher: asyncio.Task[None] | None = None
         self._trimmer = tuning.Trimmer(TRIM_AFTER_QUIET)
+        self._handover: HandoverLine | None = None
 
     @classmethod
     async def connect(
@@ -165,11 +172,14 @@ class AgentClient:
         timeout: float = 10.0,
         wait_for_ready: bool = True,
         unreachable_hint: str = DEFAULT_UNREACHABLE_HINT,
+        handover: bool = False,
     ) -> AgentClient:
         """Open the channel to ``address`` (``unix:/p`` or ``host:port``) and do the handshake.
 
         ``wait_for_ready``: keep trying to connect until ``timeout`` (a port-forward that is
         still being set up); without it an address where nothing listens fails at once.
+        ``handover``: hand the program's connections to an agent on this host that offers it
+        (``handover.py``), so it relays them itself; the others go through the tunnel.
         """
         channel = grpc.aio.insecure_channel(rpc.grpc_target(address), options=rpc.CHANNEL_OPTIONS)
         try:
@@ -189,8 +199,15 @@ class AgentClient:
             await channel.close()
             raise AgentUnavailable(problem)
         client = cls(channel, token, _parse_info(reply))
+        if handover and client.info.tcp_handover_path:
+            client._handover = await HandoverLine.connect(client.info.tcp_handover_path, client.info.tcp_handover_id)
         client.prime()
         return client
+
+    @property
+    def hands_over(self) -> bool:
+        """Connections are handed to the agent (a same-host agent offered it and was reached)."""
+        return self._handover is not None
 
     def prime(self) -> None:
         """Start the spare streams and the channel's watcher (needs the running loop)."""
@@ -230,7 +247,13 @@ class AgentClient:
         while True:
             try:
                 stream = await TcpStream.open(
-                    self._tcp_calls, dest, timeout, self.send_budget, reuse=self.info.tcp_stream_reuse
+                    self._tcp_calls,
+                    dest,
+                    timeout,
+                    self.send_budget,
+                    reuse=self.info.tcp_stream_reuse,
+                    # DNS over TCP stays in the tunnel: ktrace reads its answers (the DNS map).
+                    handover=self._handover if dest.port != DNS_PORT else None,
                 )
             except TunnelLost as lost:
                 self.health.lost(short_reason(lost.message))
@@ -267,6 +290,8 @@ class AgentClient:
         await self._udp_sessions.close()
         await self._udp_mux.close()
         self._tcp_calls.close()
+        if self._handover is not None:
+            self._handover.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AgentClient:

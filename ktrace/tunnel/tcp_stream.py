@@ -33,6 +33,7 @@ from ktrace_agent.wire.pumps import run_both
 from ktrace_agent.wire.read_gate import ReadGate
 
 from .call_pool import CallPool
+from .handover import HandoverLine
 from .types import Endpoint, TcpStats, TunnelError, TunnelLost
 
 # Bytes per Data frame at most. gRPC's cost is mostly per message: 1 MiB frames move
@@ -77,8 +78,10 @@ class TcpStream:
         peer: Endpoint,
         budget: SendBudget | None = None,
         reuse_in: CallPool[rpc.TcpCall] | None = None,
+        handover: tuple[HandoverLine, bytes, bytes] | None = None,
     ) -> None:
         self._call = call
+        self._handover = handover  # the line to the agent, this connection's ticket, the desk's id
         self._budget = budget
         self._reuse_in = reuse_in  # the pool the call goes back to once the connection ended cleanly
         self._ended = False  # the agent said ``ended``
@@ -98,28 +101,40 @@ class TcpStream:
         budget: SendBudget | None = None,
         *,
         reuse: bool = False,
+        handover: HandoverLine | None = None,
     ) -> TcpStream:
-        """``reuse``: the agent offers stream reuse (``HandshakeReply.tcp_stream_reuse``)."""
+        """``reuse``: the agent offers stream reuse (``HandshakeReply.tcp_stream_reuse``);
+        ``handover``: the agent will relay the connection itself (``splice`` hands it over)."""
         call, spare = calls.take()
         reuse_in = calls if reuse else None
         try:
-            stream = await cls._open_on(call, dest, timeout, reuse_in)
+            stream = await cls._open_on(call, dest, timeout, reuse_in, handover)
         except _CallLost:
             if not spare:
                 raise
             # The spare (or reused) call had ended before anything reached the agent on it
             # (channel re-established, agent restarted): one retry on a call started now.
-            stream = await cls._open_on(calls.fresh(), dest, timeout, reuse_in)
+            stream = await cls._open_on(calls.fresh(), dest, timeout, reuse_in, handover)
         stream._budget = budget
         return stream
 
     @classmethod
     async def _open_on(
-        cls, call: rpc.TcpCall, dest: Endpoint, timeout: float | None, reuse_in: CallPool[rpc.TcpCall] | None
+        cls,
+        call: rpc.TcpCall,
+        dest: Endpoint,
+        timeout: float | None,
+        reuse_in: CallPool[rpc.TcpCall] | None,
+        handover: HandoverLine | None,
     ) -> TcpStream:
         timeout_ms = max(1, round(timeout * 1000)) if timeout is not None else 0
         frame = rpc.TcpClientFrame(
-            open=rpc.TcpOpen(destination=codec.encode_address(dest), timeout_ms=timeout_ms, reuse=reuse_in is not None)
+            open=rpc.TcpOpen(
+                destination=codec.encode_address(dest),
+                timeout_ms=timeout_ms,
+                reuse=reuse_in is not None,
+                handover=handover is not None,
+            )
         )
         # The read is in flight while the write completes: the answer is taken as soon
         # as it arrives instead of one event-loop hand-off after the write's completion.
@@ -165,7 +180,9 @@ class TcpStream:
             call.cancel()
             raise TunnelError("EIO", f"agent answered {kind!r} to open")
         local, peer = codec.decode_address(reply.opened.local), codec.decode_address(reply.opened.peer)
-        return cls(call, local, peer, reuse_in=reuse_in)
+        ticket, desk = reply.opened.handover_ticket, reply.opened.handover_desk
+        given = (handover, ticket, desk) if handover and ticket else None
+        return cls(call, local, peer, reuse_in=reuse_in, handover=given)
 
     async def abort(self) -> None:
         """End the stream now; the agent resets its connection."""
@@ -176,6 +193,8 @@ class TcpStream:
         """Relay between the local connection and the stream until both directions end or one
         resets; the socket is closed (with RST after a reset) when this returns."""
         sock.setblocking(False)
+        if self._handover is not None:
+            return await self._relayed_by_agent(sock, *self._handover)
         stats = TcpStats()
         try:
             await run_both(self._up(sock, stats), self._down(sock, stats))
@@ -196,6 +215,50 @@ class TcpStream:
             raise
         finally:
             sock.close()  # only now: run_both has awaited both directions
+        return stats
+
+    async def _relayed_by_agent(self, sock: socket.socket, line: HandoverLine, ticket: bytes, desk: bytes) -> TcpStats:
+        """The agent relays ``sock`` itself: send it with the ticket, then wait for ``relayed``.
+        Our copy stays open until then, so a reset still comes from here if the agent is lost
+        (the kernel only sends FIN or RST once every copy is closed)."""
+        stats = TcpStats()
+        try:
+            try:
+                await line.give(ticket, desk, sock)
+            except OSError as exc:
+                raise _Reset(f"error: handing the connection to the agent failed: {exc}") from None
+            frame: object = await self._call_op(self._call.read())
+            if frame is grpc.aio.EOF:
+                code = await self._call.code()
+                raise _Reset(f"error: {code.name}: {await self._call.details() or 'the agent ended the stream'}")
+            assert isinstance(frame, rpc.TcpServerFrame)
+            kind = frame.WhichOneof("kind")
+            if kind == "relayed":
+                stats.bytes_up, stats.bytes_down = frame.relayed.bytes_up, frame.relayed.bytes_down
+                if frame.relayed.outcome:
+                    stats.outcome = frame.relayed.outcome
+                    reset_socket(sock)  # the agent set it on the shared socket already; our close sends it
+                elif self._reuse_in is not None:
+                    self._given_back = True
+                    self._reuse_in.give_back(self._call)
+            elif kind == "reset":
+                raise _Reset(f"reset: {frame.reset.errno_name or 'ECONNRESET'}")
+            else:
+                raise _Reset(f"error: unexpected {kind!r} frame from agent")
+        except _Reset as reset:
+            stats.outcome = reset.outcome
+            self._call.cancel()
+            reset_socket(sock)
+        except grpc.aio.AioRpcError as exc:
+            stats.outcome = f"error: {exc.code().name}: {exc.details()}"
+            reset_socket(sock)
+        except asyncio.CancelledError:
+            stats.outcome = "aborted"
+            self._call.cancel()
+            reset_socket(sock)
+            raise
+        finally:
+            sock.close()
         return stats
 
     async def _call_op(self, op: Awaitable[T]) -> T:
