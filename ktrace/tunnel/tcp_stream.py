@@ -193,14 +193,14 @@ class TcpStream:
         """Relay between the local connection and the stream until both directions end or one
         resets; the socket is closed (with RST after a reset) when this returns."""
         sock.setblocking(False)
-        if self._handover is not None:
-            return await self._relayed_by_agent(sock, *self._handover)
         stats = TcpStats()
         try:
-            await run_both(self._up(sock, stats), self._down(sock, stats))
-            if self._ended and self._reuse_in is not None:
-                self._given_back = True
-                self._reuse_in.give_back(self._call)
+            if self._handover is not None:
+                await self._relayed_by_agent(sock, stats, *self._handover)
+            else:
+                await run_both(self._up(sock, stats), self._down(sock, stats))
+                if self._ended:
+                    self._give_back()
         except _Reset as reset:
             stats.outcome = reset.outcome
             self._call.cancel()
@@ -214,52 +214,41 @@ class TcpStream:
             reset_socket(sock)
             raise
         finally:
-            sock.close()  # only now: run_both has awaited both directions
+            sock.close()  # only now: both directions (or the agent's relay) are done with it
         return stats
 
-    async def _relayed_by_agent(self, sock: socket.socket, line: HandoverLine, ticket: bytes, desk: bytes) -> TcpStats:
+    def _give_back(self) -> None:
+        """The connection ended cleanly on a reused stream: the call carries the next one."""
+        if self._reuse_in is not None:
+            self._given_back = True
+            self._reuse_in.give_back(self._call)
+
+    async def _relayed_by_agent(
+        self, sock: socket.socket, stats: TcpStats, line: HandoverLine, ticket: bytes, desk: bytes
+    ) -> None:
         """The agent relays ``sock`` itself: send it with the ticket, then wait for ``relayed``.
         Our copy stays open until then, so a reset still comes from here if the agent is lost
         (the kernel only sends FIN or RST once every copy is closed)."""
-        stats = TcpStats()
         try:
-            try:
-                await line.give(ticket, desk, sock)
-            except OSError as exc:
-                raise _Reset(f"error: handing the connection to the agent failed: {exc}") from None
-            frame: object = await self._call_op(self._call.read())
-            if frame is grpc.aio.EOF:
-                code = await self._call.code()
-                raise _Reset(f"error: {code.name}: {await self._call.details() or 'the agent ended the stream'}")
-            assert isinstance(frame, rpc.TcpServerFrame)
-            kind = frame.WhichOneof("kind")
-            if kind == "relayed":
-                stats.bytes_up, stats.bytes_down = frame.relayed.bytes_up, frame.relayed.bytes_down
-                if frame.relayed.outcome:
-                    stats.outcome = frame.relayed.outcome
-                    reset_socket(sock)  # the agent set it on the shared socket already; our close sends it
-                elif self._reuse_in is not None:
-                    self._given_back = True
-                    self._reuse_in.give_back(self._call)
-            elif kind == "reset":
-                raise _Reset(f"reset: {frame.reset.errno_name or 'ECONNRESET'}")
-            else:
-                raise _Reset(f"error: unexpected {kind!r} frame from agent")
-        except _Reset as reset:
-            stats.outcome = reset.outcome
-            self._call.cancel()
-            reset_socket(sock)
-        except grpc.aio.AioRpcError as exc:
-            stats.outcome = f"error: {exc.code().name}: {exc.details()}"
-            reset_socket(sock)
-        except asyncio.CancelledError:
-            stats.outcome = "aborted"
-            self._call.cancel()
-            reset_socket(sock)
-            raise
-        finally:
-            sock.close()
-        return stats
+            await line.give(ticket, desk, sock)
+        except OSError as exc:
+            raise _Reset(f"error: handing the connection to the agent failed: {exc}") from None
+        frame: object = await self._call_op(self._call.read())
+        if frame is grpc.aio.EOF:
+            code = await self._call.code()
+            raise _Reset(f"error: {code.name}: {await self._call.details() or 'the agent ended the stream'}")
+        assert isinstance(frame, rpc.TcpServerFrame)
+        kind = frame.WhichOneof("kind")
+        if kind == "reset":
+            raise _Reset(f"reset: {frame.reset.errno_name or 'ECONNRESET'}")
+        if kind != "relayed":
+            raise _Reset(f"error: unexpected {kind!r} frame from agent")
+        stats.bytes_up, stats.bytes_down = frame.relayed.bytes_up, frame.relayed.bytes_down
+        if frame.relayed.outcome:
+            stats.outcome = frame.relayed.outcome
+            reset_socket(sock)  # the agent set it on the shared socket already; our close sends it
+        else:
+            self._give_back()
 
     async def _call_op(self, op: Awaitable[T]) -> T:
         """Await a call operation; after ``abort()`` grpc raises CancelledError in it, which
