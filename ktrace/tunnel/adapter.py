@@ -12,9 +12,7 @@ from .client import AgentClient
 from .dns_map import DnsMap, DnsTcpTap
 from .parking import ParkingLot, ProgramSocketGone
 from .tcp_stream import TcpStream
-from .types import Endpoint
-
-DNS_PORT = 53
+from .types import DNS_PORT, Endpoint
 
 
 @dataclass

@@ -22,7 +22,7 @@ from .call_pool import CallPool
 from .handover import HandoverLine
 from .health import TunnelHealth, short_reason
 from .tcp_stream import TcpStream
-from .types import AgentUnavailable, Endpoint, IPAddress, SourceRoute, TcpStats, TunnelError, TunnelLost
+from .types import DNS_PORT, AgentUnavailable, Endpoint, IPAddress, SourceRoute, TcpStats, TunnelError, TunnelLost
 from .udp_mux import UdpMux
 from .udp_session import Session, SessionSpares
 
@@ -52,7 +52,6 @@ SPARE_UDP_LOW = 2
 # Seconds without a new stream or UDP session after which ktrace gives its freed memory back
 # to the kernel (ktrace_agent/wire/tuning.py, Trimmer): RSS goes down while the program idles.
 TRIM_AFTER_QUIET = 10.0
-DNS_PORT = 53
 
 
 @dataclass(frozen=True)

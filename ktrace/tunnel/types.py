@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ktrace_agent.wire.values import MAX_DATAGRAM, Endpoint, IPAddress, SourceRoute, TunnelError
 
 __all__ = [
+    "DNS_PORT",
     "MAX_DATAGRAM",
     "AgentUnavailable",
     "Endpoint",
@@ -21,6 +22,9 @@ __all__ = [
     "TunnelError",
     "TunnelLost",
 ]
+
+
+DNS_PORT = 53  # what ktrace reads on its way for the DNS map (UDP and TCP)
 
 
 class TunnelLost(TunnelError):

@@ -38,13 +38,12 @@ from .client import AgentClient
 from .dns_answers import addresses_in_answer
 from .dns_cache import DnsCache
 from .local_dns import LocalResolver
-from .types import MAX_DATAGRAM, Endpoint, IPAddress, TunnelError
+from .types import DNS_PORT, MAX_DATAGRAM, Endpoint, IPAddress, TunnelError
 from .udp_session import REFILL_DELAY, Session
 
 log = logging.getLogger("ktrace.tunnel")
 
 READS_PER_WAKEUP = 64  # bound the work one readable relay can do per loop iteration
-DNS_PORT = 53
 # Program sockets ktrace started to track since the last sweep before the next one runs,
 # whatever the timer says: each holds a relay socket here (and, once it sent, an agent
 # socket) until a sweep sees it closed. A program opening sockets fast (one per DNS lookup)
