@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from agent_helpers import TOKEN, LoopbackServer, agent, drain_all, pump, run, upper_echo
+from agent_helpers import TOKEN, Handler, LoopbackServer, agent, drain_all, pump, run, upper_echo
 from ktrace_agent.handover import HandoverDesk, HandoverRefused
 from ktrace_agent.server import AgentServer
 
@@ -55,6 +55,20 @@ def reset(writer: asyncio.StreamWriter) -> None:
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
+
+
+def ready_then_observe(seen: asyncio.Future[str]) -> Handler:
+    """A server that says ``ready``, then tells ``seen`` how the connection ended: EOF or reset."""
+
+    async def observe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"ready")
+        await writer.drain()
+        try:
+            seen.set_result(f"eof after {len(await reader.read())}")
+        except ConnectionResetError:
+            seen.set_result("reset")
+
+    return observe
 
 
 def test_data_both_ways_relayed_by_the_agent(tmp_path: pathlib.Path) -> None:
@@ -142,20 +156,9 @@ def test_remote_reset_reaches_the_program_as_a_reset(tmp_path: pathlib.Path) -> 
 
 
 def test_program_reset_reaches_the_server_as_a_reset(tmp_path: pathlib.Path) -> None:
-    seen: asyncio.Future[str]
-
-    async def observe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"ready")
-        await writer.drain()
-        try:
-            seen.set_result(f"eof after {len(await reader.read())}")
-        except ConnectionResetError:
-            seen.set_result("reset")
-
     async def scenario() -> None:
-        nonlocal seen
-        seen = asyncio.get_running_loop().create_future()
-        async with LoopbackServer(observe) as target, handing_over(tmp_path) as (_, client):
+        seen: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        async with LoopbackServer(ready_then_observe(seen)) as target, handing_over(tmp_path) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
             (p_reader, p_writer), k_sock = await tcp_pair()
             splice = asyncio.create_task(stream.splice(k_sock))
@@ -168,20 +171,9 @@ def test_program_reset_reaches_the_server_as_a_reset(tmp_path: pathlib.Path) -> 
 
 
 def test_ktrace_aborting_resets_both_sides(tmp_path: pathlib.Path) -> None:
-    seen: asyncio.Future[str]
-
-    async def observe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"ready")
-        await writer.drain()
-        try:
-            seen.set_result(f"eof after {len(await reader.read())}")
-        except ConnectionResetError:
-            seen.set_result("reset")
-
     async def scenario() -> None:
-        nonlocal seen
-        seen = asyncio.get_running_loop().create_future()
-        async with LoopbackServer(observe) as target, handing_over(tmp_path) as (_, client):
+        seen: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        async with LoopbackServer(ready_then_observe(seen)) as target, handing_over(tmp_path) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
             (p_reader, p_writer), k_sock = await tcp_pair()
             splice = asyncio.create_task(stream.splice(k_sock))
