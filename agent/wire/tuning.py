@@ -59,6 +59,7 @@ import pathlib
 import re
 import resource
 from collections.abc import Callable
+from typing import Any
 
 EXPERIMENTS_OFF = "-event_engine_client,-event_engine_listener"
 MEASURED_VERSIONS = ("1.85.",)
@@ -97,16 +98,34 @@ MMAP_THRESHOLD = 4 * 1024 * 1024
 TRIM_THRESHOLD = 32 * 1024 * 1024
 
 
+def _glibc_function(name: str, argtypes: tuple[type, ...]) -> Any:
+    """A glibc function with its C int result, or None elsewhere (musl has no mallopt)."""
+    try:
+        function = getattr(_LIBC, name) if _LIBC is not None else None
+    except AttributeError:
+        return None
+    if function is not None:
+        function.argtypes = argtypes
+        function.restype = ctypes.c_int
+    return function
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:  # find_library runs ldconfig: once per process, not once per function
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+_MALLOPT = _glibc_function("mallopt", (ctypes.c_int, ctypes.c_int))
+
+
 def tune_malloc() -> bool:
     """Keep frame-sized blocks on the heap (glibc only; False elsewhere)."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False  # not glibc (musl has no mallopt)
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    if _MALLOPT is None:
+        return False
+    return bool(_MALLOPT(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(_MALLOPT(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 tune_malloc()
@@ -117,22 +136,13 @@ def one_malloc_arena() -> bool:
     before its server starts any thread: after a burst of calls (thousands rejected at once) the
     memory gRPC core's threads had taken from arenas of their own stayed resident after
     ``malloc_trim`` (docs/performance.md, "Memory over a long run"); in the main arena it goes back."""
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_ARENA_MAX, 1))
+    return _MALLOPT is not None and bool(_MALLOPT(M_ARENA_MAX, 1))
 
 
 def _malloc_trim() -> Callable[[], None] | None:
-    try:
-        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    function = _glibc_function("malloc_trim", (ctypes.c_size_t,))
+    if function is None:
         return None  # not glibc
-    function.argtypes = (ctypes.c_size_t,)
-    function.restype = ctypes.c_int
     return lambda: function(0)
 
 
