@@ -101,7 +101,8 @@ def test_a_configmap_volume_mirrored_and_updated(tmp_path: pathlib.Path, caplog:
                 await until(lambda: read(paths.lookup(ROOT + b"/config.yaml")) == "mode: two\n", 10, "the new version")
                 assert os.readlink(copy / "..data") == "..2026_01_01_00_01_00.2"
                 assert copy.stat().st_ino == inode  # changed in place, as the kubelet changes the volume
-                assert not (copy / "..2026_01_01_00_00_00.1").exists()
+                # The old version goes after the swap (links first, then removals, as the kubelet does).
+                await until(lambda: not (copy / "..2026_01_01_00_00_00.1").exists(), 10, "the old version's removal")
                 assert held.read() == "mode: one\n"  # a file open before the update reads what it opened
                 held.close()
                 assert reports == []
