@@ -27,13 +27,12 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
-import select
 import socket
 import struct
 
 import grpc
 
+from .dial import dial
 from .handover import HandoverDesk, HandoverRefused
 from .socket_relay import relay_sockets
 from .wire import DATA_CHUNK, codec, rpc
@@ -41,7 +40,6 @@ from .wire.budget import SendBudget
 from .wire.errnos import describe
 from .wire.pumps import run_both
 from .wire.read_gate import ReadGate
-from .wire.values import Endpoint
 
 log = logging.getLogger("ktrace_agent")
 
@@ -61,35 +59,6 @@ def reset_socket(sock: socket.socket) -> None:
     """Close with RST instead of FIN (SO_LINGER on, timeout 0)."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
-async def dial(dest: Endpoint, timeout: float) -> socket.socket:
-    sock = socket.socket(dest.family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    address = (str(dest.ip), dest.port)
-    try:
-        # A connect to a nearby host (the same node, often) has its answer by the time
-        # connect() returns EINPROGRESS: take it now rather than one event-loop turn later.
-        err = sock.connect_ex(address)
-        if err == errno.EINPROGRESS and _writable_now(sock):
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err == 0:
-            return sock
-        if err != errno.EINPROGRESS:
-            raise OSError(err, os.strerror(err))
-        async with asyncio.timeout(timeout):  # no extra task, unlike wait_for
-            # connect() again sees EALREADY and waits for the same attempt to finish.
-            await asyncio.get_running_loop().sock_connect(sock, address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _writable_now(sock: socket.socket) -> bool:
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    return bool(poller.poll(0))
 
 
 class TcpRelay:
