@@ -11,22 +11,35 @@ On every connection it first writes its 16-byte id, which the handshake also giv
 knows it reached this agent and not another one at the same path. A descriptor counts only with
 a ticket the agent issued on an authenticated ``Connect`` stream (``TcpOpened.handover_ticket``)
 and is taken once; anything else is closed. So the desk gives nobody anything the token did not.
+
+A line whose first record is not a ticket (tickets are exactly ``TICKET_BYTES`` long) must be a
+``DeskRequest.hello`` with the desk's key (``HandshakeReply.tcp_desk_key``, also given only to an
+authenticated handshake); the line then dials and relays by itself (``desk_line.py``), with
+no ``Connect`` stream. A wrong key ends the line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import secrets
 import socket
 import stat
+from collections.abc import Callable
+
+from google.protobuf.message import DecodeError
+
+from .desk_line import DeskLine
+from .wire import rpc
 
 log = logging.getLogger("ktrace_agent")
 
 TICKET_BYTES = 16
 ID_BYTES = 16
+KEY_BYTES = 32
 SUFFIX = ".fds"  # short: the whole path must fit in sun_path (108 bytes)
 
 
@@ -37,11 +50,23 @@ class HandoverRefused(Exception):
 class HandoverDesk:
     """``start()``; ``issue()`` a ticket per connection, ``await take(ticket, timeout)`` its socket."""
 
-    def __init__(self, agent_path: str) -> None:
+    def __init__(
+        self,
+        agent_path: str,
+        *,
+        connect_timeout: float = 10.0,
+        max_connections: int = 4096,
+        activity: Callable[[int], None] = lambda _: None,
+    ) -> None:
         self.path = agent_path + SUFFIX
         self.id = secrets.token_bytes(ID_BYTES)
+        self.key = secrets.token_bytes(KEY_BYTES)
+        self._connect_timeout = connect_timeout
+        self._max_connections = max_connections  # per keyed line, as the agent's cap per client
+        self._activity = activity
         self._listener: socket.socket | None = None
         self._lines: set[socket.socket] = set()
+        self._keyed: set[DeskLine] = set()
         self._waiting: dict[bytes, asyncio.Future[socket.socket]] = {}
 
     def start(self) -> bool:
@@ -120,6 +145,11 @@ class HandoverDesk:
         if not message and not socks:
             self._drop(line)
             return
+        if len(message) != TICKET_BYTES:
+            for sock in socks:
+                sock.close()
+            self._hello(line, message, bool(socks) or bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)))
+            return
         future = self._waiting.get(message)
         if future is None or future.done() or len(socks) != 1 or flags & socket.MSG_CTRUNC:
             for sock in socks:
@@ -134,6 +164,34 @@ class HandoverDesk:
             return
         future.set_result(sock)
 
+    def _hello(self, line: socket.socket, record: bytes, stray: bool) -> None:
+        """A record that is not a ticket: a keyed line's hello, or the end of this line."""
+        try:
+            hello = rpc.DeskRequest.FromString(record)
+        except DecodeError:
+            hello = None
+        if (
+            stray
+            or hello is None
+            or hello.WhichOneof("kind") != "hello"
+            or not hmac.compare_digest(hello.hello, self.key)
+        ):
+            log.warning("handover: a line to the desk sent a wrong key or a malformed record; it is closed")
+            self._drop(line)
+            return
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(line)
+        self._lines.discard(line)
+        keyed = DeskLine(
+            line,
+            connect_timeout=self._connect_timeout,
+            max_connections=self._max_connections,
+            activity=self._activity,
+            on_closed=self._keyed.discard,
+        )
+        self._keyed.add(keyed)
+        keyed.start()
+
     def _drop(self, line: socket.socket) -> None:
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(line)
@@ -143,6 +201,8 @@ class HandoverDesk:
     def close(self) -> None:
         for line in list(self._lines):
             self._drop(line)
+        for keyed in list(self._keyed):
+            keyed.close()
         if self._listener is not None:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(self._listener)

@@ -65,6 +65,7 @@ class AgentServer:
         hosts_path: str | None = None,
         tcp_stream_reuse: bool = True,
         tcp_handover: bool = True,
+        tcp_desk: bool = True,
         max_client_streams: int = DEFAULT_MAX_CLIENT_STREAMS,
         served_files: Sequence[files.ServedRoot] = (),
         files_interval: float = files.POLL_INTERVAL,
@@ -80,6 +81,8 @@ class AgentServer:
         self._tcp_stream_reuse = tcp_stream_reuse
         # Offered when listening on a Unix socket (handover.py); False: as an agent from before it.
         self._tcp_handover = tcp_handover
+        # False: the desk takes ticketed sockets only, as before it dialled (tests of old agents).
+        self._tcp_desk = tcp_desk
         self._desk: HandoverDesk | None = None
         # The only files WatchFiles ever reads (fixed at start: a client cannot name others).
         self._served = {root.path: root for root in served_files}
@@ -119,7 +122,12 @@ class AgentServer:
                 raise ConfigError(f"unix socket {path} is not mode 0600")
             self.address = f"unix:{path}"
             if self._tcp_handover:
-                desk = HandoverDesk(path)
+                desk = HandoverDesk(
+                    path,
+                    connect_timeout=self._connect_timeout,
+                    max_connections=self._max_client_streams,
+                    activity=self._desk_activity,
+                )
                 if desk.start():
                     self._desk = desk
         else:
@@ -189,6 +197,12 @@ class AgentServer:
             self._activity.set()
             self._trimmer.poke()
 
+    def _desk_activity(self, delta: int) -> None:
+        """A connection on a keyed desk line started (+1) or ended (-1): activity as a call is."""
+        self._active += delta
+        self._activity.set()
+        self._trimmer.poke()
+
     def _log_rejected(self, what: str, peer: str) -> None:
         self._rejected += 1
         now = asyncio.get_running_loop().time()
@@ -238,6 +252,7 @@ class AgentServer:
                 tcp_stream_reuse=self._tcp_stream_reuse,
                 tcp_handover_path=self._desk.path if self._desk is not None else "",
                 tcp_handover_id=self._desk.id if self._desk is not None else b"",
+                tcp_desk_key=self._desk.key if self._desk is not None and self._tcp_desk else b"",
                 udp_multiplex=True,
                 file_roots=list(self._served),
                 source_routes=[

@@ -49,8 +49,7 @@ from ktrace.tunnel.dns_cache import DnsCache
 from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.parking import ParkingLot
 from ktrace.tunnel.socket_table import live_udp_inodes
-from ktrace.tunnel.tcp_stream import TcpStream
-from ktrace.tunnel.types import AgentUnavailable, Endpoint, TcpStats
+from ktrace.tunnel.types import AgentUnavailable, Connection, Endpoint, TcpStats
 from ktrace.tunnel.udp_relay import UdpRelays
 
 if TYPE_CHECKING:
@@ -380,7 +379,7 @@ class _Parts:
 
         # The tunnel reports back to the handlers made after it (a stream's end, a socket gone):
         # through these, once they exist.
-        def closed(stream: TcpStream, stats: TcpStats) -> None:
+        def closed(stream: Connection, stats: TcpStats) -> None:
             tcp.stream_closed(stream)
             recorder.on_stream_closed(stream, stats)
 

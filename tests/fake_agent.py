@@ -19,8 +19,7 @@ from fakes import endpoint
 
 from ktrace.tracer.ports import AttachFailed, Dialled
 from ktrace.tunnel.parking import ParkingLot, ProgramSocketGone
-from ktrace.tunnel.tcp_stream import TcpStream
-from ktrace.tunnel.types import Endpoint, TcpStats, TunnelError
+from ktrace.tunnel.types import Connection, Endpoint, TcpStats, TunnelError
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,9 @@ class FakeDialled:
 
     async def abort(self) -> None:
         self.aborted = True
+
+    def take(self, sock: socket.socket) -> None:
+        pass
 
     async def splice(self, sock: socket.socket) -> TcpStats:
         """What `ParkingLot` runs with ktrace's end of the program's connection."""
@@ -155,12 +157,12 @@ class FakeAgent:
         if self.attach_fails:
             raise AttachFailed("scripted: the program's socket left the parking lot")
         try:
-            # The lot only calls splice() on what it is given: a FakeDialled stands in for a TcpStream.
-            await self.lot.attach(cast(TcpStream, dialled), program)
+            # The lot only calls splice() on what it is given: a FakeDialled stands in for a Connection.
+            await self.lot.attach(cast(Connection, dialled), program)
         except ProgramSocketGone as exc:
             raise AttachFailed(str(exc)) from None
 
-    def _closed(self, stream: TcpStream, stats: TcpStats) -> None:
+    def _closed(self, stream: Connection, stats: TcpStats) -> None:
         self.closed.append((cast(FakeDialled, stream), stats))
 
 

@@ -10,8 +10,8 @@ import pytest
 from agent_helpers import TOKEN, LoopbackServer, agent_command, end_process, run, upper_echo, wait_for_line
 from ktrace_agent.wire import tuning
 
-from ktrace.tunnel.client import AgentClient, TcpStream
-from ktrace.tunnel.types import Endpoint, TunnelError
+from ktrace.tunnel.client import AgentClient
+from ktrace.tunnel.types import Connection, Endpoint, TunnelError
 
 
 def test_sigterm_with_streams_open_ends_without_tracebacks(tmp_path: pathlib.Path) -> None:
@@ -154,7 +154,7 @@ def test_streams_per_client_are_capped_with_a_clear_error(tmp_path: pathlib.Path
         end_process(proc)
 
 
-async def _open_when_allowed(client: AgentClient, dest: Endpoint) -> TcpStream:
+async def _open_when_allowed(client: AgentClient, dest: Endpoint) -> Connection:
     deadline = asyncio.get_running_loop().time() + 10
     while True:
         try:

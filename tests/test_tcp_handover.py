@@ -17,18 +17,31 @@ from typing import Any
 
 import pytest
 from agent_helpers import TOKEN, Handler, LoopbackServer, agent, drain_all, pump, run, upper_echo
+from handler_helpers import until
 from ktrace_agent.handover import HandoverDesk, HandoverRefused
 from ktrace_agent.server import AgentServer
 
 from ktrace.tunnel.client import AgentClient
+from ktrace.tunnel.desk import DeskConnection
 from ktrace.tunnel.handover import HandoverLine
 from ktrace.tunnel.types import Endpoint, TcpStats
 
 pytestmark = pytest.mark.timeout(60)
 
 
+@pytest.fixture(params=["desk", "ticket"])
+def way(request: pytest.FixtureRequest) -> str:
+    """How connections reach the agent: dialled on a keyed line to its desk (agent/desk_line.py),
+    or opened on a Connect stream and handed over with its ticket (an agent from before the
+    keyed line, and this ktrace)."""
+    return str(request.param)
+
+
 @contextlib.asynccontextmanager
-async def handing_over(tmp_path: pathlib.Path, **agent_kwargs: Any) -> AsyncIterator[tuple[AgentServer, AgentClient]]:
+async def handing_over(
+    tmp_path: pathlib.Path, way: str = "desk", **agent_kwargs: Any
+) -> AsyncIterator[tuple[AgentServer, AgentClient]]:
+    agent_kwargs.setdefault("tcp_desk", way == "desk")
     async with agent(f"unix:{tmp_path}/agent.sock", token=TOKEN, **agent_kwargs) as server:
         client = await AgentClient.connect(server.address, TOKEN, timeout=10, handover=True)
         try:
@@ -71,9 +84,9 @@ def ready_then_observe(seen: asyncio.Future[str]) -> Handler:
     return observe
 
 
-def test_data_both_ways_relayed_by_the_agent(tmp_path: pathlib.Path) -> None:
+def test_data_both_ways_relayed_by_the_agent(tmp_path: pathlib.Path, way: str) -> None:
     async def scenario() -> None:
-        async with LoopbackServer(upper_echo) as target, handing_over(tmp_path) as (_, client):
+        async with LoopbackServer(upper_echo) as target, handing_over(tmp_path, way) as (_, client):
             assert client.hands_over
             for _ in range(3):  # one after another on the same (reused) stream
                 stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
@@ -90,14 +103,14 @@ def test_data_both_ways_relayed_by_the_agent(tmp_path: pathlib.Path) -> None:
     run(scenario())
 
 
-def test_bulk_both_ways_intact(tmp_path: pathlib.Path) -> None:
+def test_bulk_both_ways_intact(tmp_path: pathlib.Path, way: str) -> None:
     async def sink_then_send(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         received = await drain_all(reader)
         writer.write(repr(received).encode() + b"\n")
         await pump(writer, 16 << 20, seed=2)
 
     async def scenario() -> None:
-        async with LoopbackServer(sink_then_send) as target, handing_over(tmp_path) as (_, client):
+        async with LoopbackServer(sink_then_send) as target, handing_over(tmp_path, way) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
             (p_reader, p_writer), k_sock = await tcp_pair()
             splice = asyncio.create_task(stream.splice(k_sock))
@@ -116,14 +129,14 @@ def test_bulk_both_ways_intact(tmp_path: pathlib.Path) -> None:
     run(scenario())
 
 
-def test_half_close_server_still_answers(tmp_path: pathlib.Path) -> None:
+def test_half_close_server_still_answers(tmp_path: pathlib.Path, way: str) -> None:
     async def answer_after_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await reader.read()
         writer.write(b"got %d bytes" % len(request))
         await writer.drain()
 
     async def scenario() -> None:
-        async with LoopbackServer(answer_after_eof) as target, handing_over(tmp_path) as (_, client):
+        async with LoopbackServer(answer_after_eof) as target, handing_over(tmp_path, way) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
             (p_reader, p_writer), k_sock = await tcp_pair()
             splice = asyncio.create_task(stream.splice(k_sock))
@@ -136,13 +149,13 @@ def test_half_close_server_still_answers(tmp_path: pathlib.Path) -> None:
     run(scenario())
 
 
-def test_remote_reset_reaches_the_program_as_a_reset(tmp_path: pathlib.Path) -> None:
+def test_remote_reset_reaches_the_program_as_a_reset(tmp_path: pathlib.Path, way: str) -> None:
     async def reset_after_hello(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readexactly(5)
         reset(writer)
 
     async def scenario() -> None:
-        async with LoopbackServer(reset_after_hello) as target, handing_over(tmp_path) as (_, client):
+        async with LoopbackServer(reset_after_hello) as target, handing_over(tmp_path, way) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
             (p_reader, p_writer), k_sock = await tcp_pair()
             splice = asyncio.create_task(stream.splice(k_sock))
@@ -155,10 +168,10 @@ def test_remote_reset_reaches_the_program_as_a_reset(tmp_path: pathlib.Path) -> 
     run(scenario())
 
 
-def test_program_reset_reaches_the_server_as_a_reset(tmp_path: pathlib.Path) -> None:
+def test_program_reset_reaches_the_server_as_a_reset(tmp_path: pathlib.Path, way: str) -> None:
     async def scenario() -> None:
         seen: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        async with LoopbackServer(ready_then_observe(seen)) as target, handing_over(tmp_path) as (_, client):
+        async with LoopbackServer(ready_then_observe(seen)) as target, handing_over(tmp_path, way) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
             (p_reader, p_writer), k_sock = await tcp_pair()
             splice = asyncio.create_task(stream.splice(k_sock))
@@ -170,10 +183,10 @@ def test_program_reset_reaches_the_server_as_a_reset(tmp_path: pathlib.Path) -> 
     run(scenario())
 
 
-def test_ktrace_aborting_resets_both_sides(tmp_path: pathlib.Path) -> None:
+def test_ktrace_aborting_resets_both_sides(tmp_path: pathlib.Path, way: str) -> None:
     async def scenario() -> None:
         seen: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        async with LoopbackServer(ready_then_observe(seen)) as target, handing_over(tmp_path) as (_, client):
+        async with LoopbackServer(ready_then_observe(seen)) as target, handing_over(tmp_path, way) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
             (p_reader, p_writer), k_sock = await tcp_pair()
             splice = asyncio.create_task(stream.splice(k_sock))
@@ -294,6 +307,19 @@ def test_an_agent_restarted_at_the_same_path_gets_the_next_connections(tmp_path:
                     assert await p_reader.read() == b""
                     assert await splice == TcpStats(bytes_up=5, bytes_down=5, outcome="closed")
                     assert second._desk is not None and second._desk.id != old_id
+                    p_writer.close()
+                    # That one went through the tunnel, while ktrace asked the new agent for its desk:
+                    # the next ones are dialled on a line to it.
+                    desk = second._desk
+                    await until(lambda: bool(desk._keyed), "a line to the new agent's desk", timeout=10)
+                    stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"), timeout=10)
+                    assert isinstance(stream, DeskConnection)
+                    (p_reader, p_writer), k_sock = await tcp_pair()
+                    splice = asyncio.create_task(stream.splice(k_sock))
+                    p_writer.write(b"desk")
+                    assert await p_reader.readexactly(4) == b"DESK"
+                    p_writer.write_eof()
+                    assert await splice == TcpStats(bytes_up=4, bytes_down=4, outcome="closed")
                     p_writer.close()
             finally:
                 await client.close()

@@ -17,9 +17,9 @@ import pytest
 from agent_helpers import LoopbackServer, agent_and_client, run, upper_echo
 
 from ktrace.tracer import sockops
+from ktrace.tunnel import parking
 from ktrace.tunnel.parking import ParkingLot, ProgramSocketGone
-from ktrace.tunnel.tcp_stream import TcpStream
-from ktrace.tunnel.types import Endpoint, TcpStats
+from ktrace.tunnel.types import Connection, Endpoint, TcpStats
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,7 +35,7 @@ def _parked(lot: ParkingLot, family: int) -> socket.socket:
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
 def test_a_parked_socket_shows_nothing_then_is_connected_to_the_stream(tmp_path: pathlib.Path, family: int) -> None:
     async def scenario() -> None:
-        closed: asyncio.Queue[tuple[TcpStream, TcpStats]] = asyncio.Queue()
+        closed: asyncio.Queue[tuple[Connection, TcpStats]] = asyncio.Queue()
         lot = ParkingLot(on_closed=lambda stream, stats: closed.put_nowait((stream, stats)))
         await lot.start()
         try:
@@ -174,9 +174,16 @@ def test_nobody_else_gets_through_the_parking_listener() -> None:
     run(scenario())
 
 
-def test_an_attach_given_up_while_completing_the_handshake_closes_ktrace_s_end() -> None:
+def test_an_attach_given_up_while_completing_the_handshake_closes_ktrace_s_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A dial given up during the hand-over (the program disconnected or ended: the tracer cancels
-    the task) must close the socket attach() made, not leave it to the garbage collector."""
+    the task) must close the socket attach() made, not leave it to the garbage collector.
+
+    On loopback the handshake is complete when connect() returns, so attach() has no await there;
+    its answer is withheld here (attach() waits for the event loop instead, as it does when the
+    kernel has not finished the handshake within the call)."""
+    monkeypatch.setattr(parking, "connect_now", lambda sock, address: errno.EINPROGRESS)
 
     async def scenario() -> None:
         lot = ParkingLot()
@@ -186,7 +193,7 @@ def test_an_attach_given_up_while_completing_the_handshake_closes_ktrace_s_end()
                 program.setblocking(False)
                 assert program.connect_ex(lot.address(socket.AF_INET)) == errno.EINPROGRESS
                 before = set(os.listdir("/proc/self/fd"))
-                task = asyncio.ensure_future(lot.attach(cast(TcpStream, None), program))
+                task = asyncio.ensure_future(lot.attach(cast(Connection, None), program))
                 await asyncio.sleep(0)  # one step: it waits for its own connect now
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):

@@ -31,8 +31,7 @@ from ktrace.tracer.tcp import ConnectEvent
 from ktrace.tracer.udp import UdpEvent
 from ktrace.tunnel.dns_map import DnsMap
 from ktrace.tunnel.health import TunnelHealth
-from ktrace.tunnel.tcp_stream import TcpStream
-from ktrace.tunnel.types import Endpoint, TcpStats
+from ktrace.tunnel.types import Connection, Endpoint, TcpStats
 from ktrace.tunnel.udp_relay import RelayTotals
 
 log = logging.getLogger("ktrace.report")
@@ -242,7 +241,7 @@ class Recorder:
         _remember(self._pids, event.sock, event.pid)
         _remember(self._how, (event.sock, event.dest), event.kind)
 
-    def on_stream_closed(self, stream: TcpStream, stats: TcpStats) -> None:
+    def on_stream_closed(self, stream: Connection, stats: TcpStats) -> None:
         """``LoopbackEndpoint(on_closed=...)``."""
         self.closed(stream.peer, stats, stream.opened_at)
 

@@ -9,8 +9,8 @@ values.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Generator
+from typing import Any, Protocol
 
 from ktrace_agent.wire.values import Endpoint, IPAddress
 
@@ -28,9 +28,19 @@ class AttachFailed(Exception):
     """The program's socket could not be handed the agent's connection (it left the parking lot)."""
 
 
+class PendingDial(Protocol):
+    """A dial under way: ``await`` it for the connection (raises ``TunnelError`` with the agent's
+    errno); ``close()`` gives up one that will never be awaited. (A coroutine is one.)"""
+
+    def __await__(self) -> Generator[Any, None, Dialled]: ...
+
+    def close(self) -> None: ...
+
+
 class TcpTunnel(Protocol):
-    async def dial(self, dest: Endpoint, timeout: float | None) -> Dialled:
-        """Have the agent connect to ``dest``; raises ``TunnelError`` with the agent's errno."""
+    def dial(self, dest: Endpoint, timeout: float | None) -> PendingDial:
+        """Have the agent connect to ``dest``. Called at the program's connect() stop: whatever
+        can leave for the agent before the stop ends does (a same-host agent's request)."""
         ...
 
     def parking(self, family: int) -> tuple[str, int]:

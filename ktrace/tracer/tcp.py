@@ -45,7 +45,7 @@ from ktrace_agent.wire.values import Endpoint, TunnelError
 from ktrace.rules import RouteDecision
 from ktrace.tracer import decide, sockaddr, sockops
 from ktrace.tracer.decide import Passthrough, Redirected, RedirectTcp, RoutingPolicy, SocketInfo
-from ktrace.tracer.ports import AttachFailed, Dialled, TcpTunnel
+from ktrace.tracer.ports import AttachFailed, Dialled, PendingDial, TcpTunnel
 from ktrace.tracer.sockaddr import InetAddr
 from ktrace.tracer.sockets import Phase, SocketTable, TcpRecord
 from ktrace.tracer.threads import ThreadGroups
@@ -266,7 +266,7 @@ class TcpConnects:
                 sock.close()
                 return Complete(-err)
         self.table.put(record)
-        record.task = asyncio.get_running_loop().create_task(self._settle(record))
+        self._start_settling(record)
         if not blocking:
             return Complete(-errno.EINPROGRESS)
         if copy is not None:
@@ -334,10 +334,21 @@ class TcpConnects:
         closed meanwhile, and its number reused)."""
         return await self._waiting.call_with_fd(sock.fileno(), call)
 
-    async def _settle(self, record: TcpRecord) -> None:
-        """Dial through the agent, then complete or fail the parked connect."""
+    def _start_settling(self, record: TcpRecord) -> None:
+        """Start the dial now, in the stop, and the task that settles the connect with its answer."""
+        dialling = self.tunnel.dial(record.dest, self.connect_timeout)
+        task = record.task = asyncio.get_running_loop().create_task(self._settle(record, dialling))
+
+        def closed_unawaited(done: asyncio.Task[None]) -> None:
+            if done.cancelled():
+                dialling.close()  # a task cancelled before it ran never awaited it
+
+        task.add_done_callback(closed_unawaited)
+
+    async def _settle(self, record: TcpRecord, dialling: PendingDial) -> None:
+        """Wait for the dial, then complete or fail the parked connect."""
         try:
-            dialled = await self.tunnel.dial(record.dest, self.connect_timeout)
+            dialled = await dialling
         except TunnelError as exc:
             await self._until_parked(record)
             self._fail(record, exc.errno)
@@ -369,14 +380,11 @@ class TcpConnects:
         before that thread (the program's under ptrace, ktrace's under notify) has entered it: the
         disconnect that fails the connect would come first, the connect would then park, and wait
         out the kernel's SYN retries (minutes). attach() waits the same way for a success."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + PARK_WAIT
-        delay = 0.0005
-        while record.waiters and record.sock is not None and self.table.holds(record):
-            if sockops.tcp_state(record.sock) != sockops.TCP_CLOSE or loop.time() >= deadline:
-                return
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        sock = record.sock
+        if sock is not None:
+            await sockops.until_not_closed(
+                sock, PARK_WAIT, lambda: bool(record.waiters) and record.sock is not None and self.table.holds(record)
+            )
 
     def _fail(self, record: TcpRecord, err: int) -> None:
         if not self.table.holds(record) or record.sock is None:
@@ -453,10 +461,10 @@ class TcpConnects:
                 sock.close()
                 return Complete(-err)
             self.table.put(record)
-            record.task = asyncio.get_running_loop().create_task(self._settle(record))
+            self._start_settling(record)
             return Complete(-errno.EINPROGRESS)
         self.table.put(record)
-        record.task = asyncio.get_running_loop().create_task(self._settle(record))
+        self._start_settling(record)
         record.waiters += 1
         return Deferred(self._blocking_fast_open(record, park, payload, t.arg(3) & 0xFFFFFFFF))
 

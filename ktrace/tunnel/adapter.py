@@ -6,9 +6,10 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from ktrace.tracer.ports import AttachFailed, Dialled
+from ktrace.tracer.ports import AttachFailed, Dialled, PendingDial
 
 from .client import AgentClient
+from .desk import DeskConnection
 from .dns_map import DnsMap, DnsTcpTap
 from .parking import ParkingLot, ProgramSocketGone
 from .tcp_stream import TcpStream
@@ -21,15 +22,15 @@ class AgentTunnel:
     lot: ParkingLot
     dns_map: DnsMap | None = None
 
-    async def dial(self, dest: Endpoint, timeout: float | None) -> TcpStream:
-        return await self.client.open_tcp(dest, timeout)
+    def dial(self, dest: Endpoint, timeout: float | None) -> PendingDial:
+        return self.client.start_tcp(dest, timeout)
 
     def parking(self, family: int) -> tuple[str, int]:
         return self.lot.address(family)
 
     async def attach(self, dialled: Dialled, program: socket.socket, dest: Endpoint) -> None:
-        assert isinstance(dialled, TcpStream)
-        if self.dns_map is not None and dest.port == DNS_PORT:
+        assert isinstance(dialled, (TcpStream, DeskConnection))
+        if self.dns_map is not None and dest.port == DNS_PORT and isinstance(dialled, TcpStream):
             dialled.observe_down = DnsTcpTap(self.dns_map).feed
         try:
             await self.lot.attach(dialled, program)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+import logging
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -19,10 +21,21 @@ from ktrace_agent.wire.budget import SendBudget
 
 from .. import __version__
 from .call_pool import CallPool
+from .desk import DeskClient, DeskDial
 from .handover import HandoverLine
 from .health import TunnelHealth, short_reason
 from .tcp_stream import TcpStream
-from .types import DNS_PORT, AgentUnavailable, Endpoint, IPAddress, SourceRoute, TcpStats, TunnelError, TunnelLost
+from .types import (
+    DNS_PORT,
+    AgentUnavailable,
+    Connection,
+    Endpoint,
+    IPAddress,
+    SourceRoute,
+    TcpStats,
+    TunnelError,
+    TunnelLost,
+)
 from .udp_mux import UdpMux
 from .udp_session import Session, SessionSpares
 
@@ -39,6 +52,10 @@ __all__ = [
 # How long a new connection waits for a lost tunnel to come back when no connect timeout was
 # given: the agent's own default dial timeout.
 TUNNEL_WAIT = 10.0
+# How long a lost desk line's replacement waits for the agent to answer a handshake again.
+DESK_RENEWAL_WAIT = 30.0
+
+log = logging.getLogger("ktrace.tunnel")
 # Connect streams kept started ahead of need (see call_pool.py).
 SPARE_CALLS = 2
 # Idle Connect streams kept for reuse after their connection ended (call_pool.py): enough for
@@ -68,6 +85,7 @@ class AgentInfo:
     file_roots: tuple[bytes, ...] = ()  # the target container's paths the agent serves (WatchFiles)
     tcp_handover_path: str = ""  # where a same-host agent takes connections over (handover.py)
     tcp_handover_id: bytes = b""
+    tcp_desk_key: bytes = b""  # the same agent dials on a keyed line to that path (desk.py)
 
 
 DEFAULT_UNREACHABLE_HINT = "is it running, and is the port-forward up?"
@@ -119,6 +137,7 @@ def _parse_info(reply: rpc.HandshakeReply) -> AgentInfo:
         file_roots=tuple(reply.file_roots),
         tcp_handover_path=reply.tcp_handover_path,
         tcp_handover_id=reply.tcp_handover_id,
+        tcp_desk_key=reply.tcp_desk_key,
     )
 
 
@@ -161,6 +180,8 @@ class AgentClient:
         self._watcher: asyncio.Task[None] | None = None
         self._trimmer = tuning.Trimmer(TRIM_AFTER_QUIET)
         self._handover: HandoverLine | None = None
+        self._desk: DeskClient | None = None
+        self._desk_renewal: asyncio.Task[None] | None = None
 
     @classmethod
     async def connect(
@@ -199,14 +220,18 @@ class AgentClient:
             raise AgentUnavailable(problem)
         client = cls(channel, token, _parse_info(reply))
         if handover and client.info.tcp_handover_path:
-            client._handover = await HandoverLine.connect(client.info.tcp_handover_path, client.info.tcp_handover_id)
+            info = client.info
+            if info.tcp_desk_key:
+                client._desk = await DeskClient.connect(info.tcp_handover_path, info.tcp_handover_id, info.tcp_desk_key)
+            if client._desk is None:
+                client._handover = await HandoverLine.connect(info.tcp_handover_path, info.tcp_handover_id)
         client.prime()
         return client
 
     @property
     def hands_over(self) -> bool:
         """Connections are handed to the agent (a same-host agent offered it and was reached)."""
-        return self._handover is not None
+        return self._handover is not None or self._desk is not None
 
     def prime(self) -> None:
         """Start the spare streams and the channel's watcher (needs the running loop)."""
@@ -233,14 +258,56 @@ class AgentClient:
         request = rpc.HandshakeRequest(client_version=__version__, protocol_version=PROTOCOL_VERSION)
         await self._stub.handshake(request, metadata=self._metadata, timeout=timeout)
 
-    async def open_tcp(self, dest: Endpoint, timeout: float | None = None) -> TcpStream:
-        """Have the agent connect to ``dest``; raises ``TunnelError`` with the agent's errno on failure.
+    def _renew_desk(self, lost: TunnelLost) -> None:
+        """Once the line to the desk is lost (the agent went away, or restarted with a new desk):
+        connections go through the tunnel, which waits for an agent, while the agent that answers
+        now is asked for its desk again; a new line to it is used from then on."""
+        log.debug("desk line lost (%s): connections go through the tunnel", lost.message)
+        if self._desk is not None:
+            self._desk.close()
+            self._desk = None
+        if self._desk_renewal is None or self._desk_renewal.done():
+            self._desk_renewal = asyncio.get_running_loop().create_task(self._new_desk())
+
+    async def _new_desk(self) -> None:
+        request = rpc.HandshakeRequest(client_version=__version__, protocol_version=PROTOCOL_VERSION)
+        try:
+            reply = await self._stub.handshake(
+                request, metadata=self._metadata, timeout=DESK_RENEWAL_WAIT, wait_for_ready=True
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.debug("desk: no new handshake (%s); connections stay in the tunnel", exc.code().name)
+            return
+        if reply.tcp_desk_key and reply.tcp_handover_path and self._desk is None:
+            self._desk = await DeskClient.connect(reply.tcp_handover_path, reply.tcp_handover_id, reply.tcp_desk_key)
+
+    def start_tcp(self, dest: Endpoint, timeout: float | None = None) -> DeskDial | Coroutine[Any, Any, Connection]:
+        """``open_tcp``, with what can leave for the agent now already sent (a same-host agent's
+        request: the dial starts while the program's connect() stop is still being handled)."""
+        self._trimmer.poke()
+        # DNS over TCP stays in the tunnel: ktrace reads its answers (the DNS map).
+        if self._desk is not None and dest.port != DNS_PORT:
+            try:
+                return self._desk.dial(dest, timeout, lambda lost: self._desk_lost(lost, dest, timeout))
+            except TunnelLost as lost:
+                self._renew_desk(lost)
+        return self._open_in_tunnel(dest, timeout)
+
+    async def _desk_lost(self, lost: TunnelLost, dest: Endpoint, timeout: float | None) -> Connection:
+        self._renew_desk(lost)
+        return await self._open_in_tunnel(dest, timeout)
+
+    async def open_tcp(self, dest: Endpoint, timeout: float | None = None) -> Connection:
+        """Have the agent connect to ``dest``; raises ``TunnelError`` with the agent's errno on failure."""
+        return await self.start_tcp(dest, timeout)
+
+    async def _open_in_tunnel(self, dest: Endpoint, timeout: float | None) -> Connection:
+        """A ``Connect`` stream to ``dest``.
 
         While the tunnel is down (a port-forward being re-established), the connect waits for
         it, up to ``timeout`` (or the agent's default dial timeout), as a SYN would wait on a
         network that came back; then it fails with ETIMEDOUT, never with a made-up error.
         """
-        self._trimmer.poke()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout if timeout is not None else TUNNEL_WAIT)
         while True:
@@ -251,7 +318,6 @@ class AgentClient:
                     timeout,
                     self.send_budget,
                     reuse=self.info.tcp_stream_reuse,
-                    # DNS over TCP stays in the tunnel: ktrace reads its answers (the DNS map).
                     handover=self._handover if dest.port != DNS_PORT else None,
                 )
             except TunnelLost as lost:
@@ -291,6 +357,12 @@ class AgentClient:
         self._tcp_calls.close()
         if self._handover is not None:
             self._handover.close()
+        if self._desk_renewal is not None:
+            self._desk_renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._desk_renewal
+        if self._desk is not None:
+            self._desk.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AgentClient:

@@ -23,7 +23,7 @@ GREETING_TIMEOUT = 2.0
 _BROKEN = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ECONNREFUSED}
 
 
-async def _dial(path: str, desk_id: bytes) -> socket.socket | None:
+async def dial_desk(path: str, desk_id: bytes) -> socket.socket | None:
     """A connection to the desk at ``path`` if the agent there greets with ``desk_id``."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sock.setblocking(False)
@@ -56,7 +56,7 @@ class HandoverLine:
     async def connect(cls, path: str, desk_id: bytes) -> HandoverLine | None:
         """The line to the agent at ``path``, or None when it is not reachable or not that agent
         (its connections then go through the tunnel)."""
-        sock = await _dial(path, desk_id)
+        sock = await dial_desk(path, desk_id)
         if sock is None:
             log.debug("handover: connections go through the tunnel")
             return None
@@ -80,7 +80,7 @@ class HandoverLine:
         async with self._dialling:
             if fresh or desk_id != self._desk_id or self._sock is None:
                 self.close()
-                self._sock = await _dial(self._path, desk_id)
+                self._sock = await dial_desk(self._path, desk_id)
                 self._desk_id = desk_id
             if self._sock is None:
                 raise OSError(errno.ECONNREFUSED, f"no desk {desk_id.hex()} at {self._path}")

@@ -27,22 +27,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
+import os
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from .tcp_stream import TcpStream
-from .types import TcpStats
+from ktrace_agent.wire.connecting import connect_now
+
+from ktrace.tracer import sockops
+
+from .types import Connection, TcpStats
 
 log = logging.getLogger("ktrace.tunnel")
 
-OnClosed = Callable[[TcpStream, TcpStats], None]
+OnClosed = Callable[[Connection, TcpStats], None]
 # How long attach() waits for a program socket to reach SYN_SENT (a blocking connect whose
 # thread has not yet entered the kernel: the agent answered faster than it was scheduled).
 ATTACH_WAIT = 30.0
-TCP_SYN_SENT, TCP_CLOSE = 2, 7  # include/net/tcp_states.h
 
 
 class ProgramSocketGone(Exception):
@@ -90,23 +94,16 @@ class ParkingLot:
             return "::ffff:127.0.0.1", self._listeners[socket.AF_INET].getsockname()[1]
         return "127.0.0.1", self._listeners[socket.AF_INET].getsockname()[1]
 
-    async def attach(self, stream: TcpStream, program: socket.socket) -> None:
+    async def attach(self, stream: Connection, program: socket.socket) -> None:
         """Complete ``program``'s parked connect towards ktrace and splice it to ``stream``.
 
         ``program`` is ktrace's duplicate of the program's socket (the caller keeps and
         closes it). Raises ProgramSocketGone when it is not (or no longer) parked here."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + ATTACH_WAIT
-        delay = 0.0005
-        while True:
-            state = program.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]  # tcpi_state
-            if state == TCP_SYN_SENT:
-                break
-            if state != TCP_CLOSE or loop.time() >= deadline or self._closing:
-                raise ProgramSocketGone(f"the program's socket is in TCP state {state}, not parked")
-            # CLOSE: its blocking connect() has not reached the kernel yet.
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        # CLOSE: its blocking connect() has not reached the kernel yet.
+        state = await sockops.until_not_closed(program, ATTACH_WAIT, lambda: not self._closing)
+        if state != sockops.TCP_SYN_SENT:
+            raise ProgramSocketGone(f"the program's socket is in TCP state {state}, not parked")
         if self._closing:
             raise ProgramSocketGone("ktrace is shutting down")
         family, target = self._ends(program)
@@ -116,13 +113,19 @@ class ParkingLot:
             end.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             end.bind(listener.getsockname())
             end.setblocking(False)
-            await loop.sock_connect(end, target)
+            # On loopback the two SYNs meet within this call: connected already, as a rule.
+            err = connect_now(end, target)
+            if err == errno.EINPROGRESS:
+                await loop.sock_connect(end, target)
+            elif err:
+                raise OSError(err, os.strerror(err))
         except OSError as exc:
             end.close()
             raise ProgramSocketGone(f"completing the program's connect failed: {exc}") from None
         except BaseException:
             end.close()
             raise
+        stream.take(end)  # a same-host agent relays it from now, before the splice's task runs
         self._spawn(self._serve(end, stream))
 
     def _ends(self, program: socket.socket) -> tuple[int, tuple[str, int]]:
@@ -136,7 +139,7 @@ class ParkingLot:
         mapped = ipaddress.IPv6Address(own[0].split("%", 1)[0]).ipv4_mapped
         return socket.AF_INET, (str(mapped or "127.0.0.1"), own[1])
 
-    async def _serve(self, sock: socket.socket, stream: TcpStream) -> None:
+    async def _serve(self, sock: socket.socket, stream: Connection) -> None:
         stats = await stream.splice(sock)
         if self._on_closed is not None:
             try:

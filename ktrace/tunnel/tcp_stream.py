@@ -189,6 +189,9 @@ class TcpStream:
         if not self._given_back:  # else the call carries another connection now
             self._call.cancel()
 
+    def take(self, sock: socket.socket) -> None:
+        """Nothing to do before ``splice`` (``Connection.take``)."""
+
     async def splice(self, sock: socket.socket) -> TcpStats:
         """Relay between the local connection and the stream until both directions end or one
         resets; the socket is closed (with RST after a reset) when this returns."""

@@ -7,7 +7,9 @@ the client's.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
+from typing import Protocol
 
 from ktrace_agent.wire.values import MAX_DATAGRAM, Endpoint, IPAddress, SourceRoute, TunnelError
 
@@ -15,6 +17,7 @@ __all__ = [
     "DNS_PORT",
     "MAX_DATAGRAM",
     "AgentUnavailable",
+    "Connection",
     "Endpoint",
     "IPAddress",
     "SourceRoute",
@@ -46,3 +49,25 @@ class TcpStats:
     # "closed" when both directions finished; "reset: ENAME" when either side reset;
     # "aborted" when ktrace ended it; "error: ..." when the tunnel itself failed.
     outcome: str = "closed"
+
+
+class Connection(Protocol):
+    """A TCP connection the agent made, before and while it carries the program's: a ``Connect``
+    stream (tcp_stream.py) or a connection on the desk line of a same-host agent (desk.py)."""
+
+    local: Endpoint  # the agent socket's address
+    peer: Endpoint
+    opened_at: float  # time.monotonic() when the agent had connected
+
+    async def abort(self) -> None: ...
+
+    def take(self, sock: socket.socket) -> None:
+        """``sock`` (ktrace's end of the program's connection) is this connection's from now on;
+        ``splice`` follows. (A same-host agent starts relaying it here, without waiting for the
+        task that runs ``splice``; a ``Connect`` stream only starts in ``splice``.)"""
+        ...
+
+    async def splice(self, sock: socket.socket) -> TcpStats:
+        """Carry ``sock`` (ktrace's end of the program's connection) until both directions
+        ended or one reset; ``sock`` is closed on return."""
+        ...
