@@ -323,3 +323,45 @@ def test_any_records_leave_the_agent_serving(tmp_path: pathlib.Path, records: li
             fresh.close()
 
     run(scenario())
+
+
+def test_a_burst_beyond_the_kernels_queue_waits_its_turn(tmp_path: pathlib.Path) -> None:
+    """The kernel holds a line's records up to the sender's SO_SNDBUF (a few hundred small ones by
+    default; 1,000 connects at once go past it): the rest of a burst of opens and attaches (and of
+    the agent's answers) must wait in order, not fail the line. The buffers are made small here so
+    that 120 are a burst."""
+
+    async def scenario() -> None:
+        async with LoopbackServer(upper_echo) as target, desk_agent(tmp_path) as (server, reply):
+            line = await DeskClient.connect(reply.tcp_handover_path, reply.tcp_handover_id, reply.tcp_desk_key)
+            assert line is not None
+            desk = server._desk
+            assert desk is not None
+            await until(lambda: bool(desk._keyed), "the agent to take the line")
+            for sock in (line._sock, next(iter(desk._keyed))._sock):  # both ways
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # the kernel's minimum
+            dest = Endpoint.parse(f"127.0.0.1:{target.port}")
+            dials = [line.dial(dest, 5, _no_fallback) for _ in range(BURST)]  # all sent (or queued) now
+            connections = [await dial for dial in dials]
+            pairs = [await tcp_pair() for _ in range(BURST)]
+            for connection, (_, k_sock) in zip(connections, pairs, strict=True):
+                connection.take(k_sock)  # all handed over at once
+            splices = [
+                asyncio.create_task(connection.splice(k_sock))
+                for connection, (_, k_sock) in zip(connections, pairs, strict=True)
+            ]
+            for n, ((_, p_writer), _) in enumerate(pairs):
+                p_writer.write(b"n%03d" % n)
+                p_writer.write_eof()
+            for n, ((p_reader, p_writer), _) in enumerate(pairs):
+                assert await asyncio.wait_for(p_reader.read(), 10) == b"N%03d" % n
+                p_writer.close()
+            stats = await asyncio.gather(*splices)
+            assert stats == [TcpStats(bytes_up=4, bytes_down=4, outcome="closed")] * BURST
+            assert line.lost is None
+            line.close()
+
+    run(scenario())
+
+
+BURST = 120  # > 10 records of each kind, well within the test's descriptors

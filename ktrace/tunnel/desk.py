@@ -12,9 +12,11 @@ through the tunnel, which waits for an agent that comes back (``AgentClient.open
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -47,6 +49,7 @@ class DeskClient:
         self._path = path
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[rpc.DeskAnswer]] = {}
+        self._outbox: collections.deque[tuple[bytes, int | None]] = collections.deque()
         self.lost: str | None = None
         asyncio.get_running_loop().add_reader(sock, self._readable)
 
@@ -103,17 +106,46 @@ class DeskClient:
         return future
 
     def _send(self, request: rpc.DeskRequest, fd: int | None = None) -> None:
-        """One record, now. A line the agent does not read (a SEQPACKET socket's buffer holds a
-        few hundred records) is as good as lost: ktrace does not queue behind it."""
+        """One record: now, or after those still waiting. The kernel holds a line's records not
+        yet read up to our SO_SNDBUF (a few hundred small ones), which a burst of connects fills
+        (1,000 at once in scripts/bench); the rest wait here, in order, each descriptor as a
+        duplicate of its own (the caller may close its socket meanwhile, and the number be
+        reused)."""
         record = request.SerializeToString()
+        if not self._outbox:
+            try:
+                self._send_now(record, fd)
+                return
+            except BlockingIOError:
+                asyncio.get_running_loop().add_writer(self._sock, self._writable)
+        self._outbox.append((record, None if fd is None else os.dup(fd)))
+
+    def _send_now(self, record: bytes, fd: int | None) -> None:
+        """Raises BlockingIOError when the agent's queue is full; ``TunnelLost`` when the line failed."""
         try:
             if fd is None:
                 self._sock.send(record)
             else:
                 socket.send_fds(self._sock, [record], [fd])
+        except (BlockingIOError, InterruptedError):
+            raise BlockingIOError from None
         except OSError as exc:
             self._lose(f"the agent's desk line failed: {exc}")
             raise TunnelLost("EIO", self.lost or "the agent's desk line failed") from None
+
+    def _writable(self) -> None:
+        while self._outbox:
+            record, fd = self._outbox[0]
+            try:
+                self._send_now(record, fd)
+            except BlockingIOError:
+                return
+            except TunnelLost:
+                return  # _lose emptied the outbox
+            self._outbox.popleft()
+            if fd is not None:
+                os.close(fd)
+        asyncio.get_running_loop().remove_writer(self._sock)
 
     def _send_for(
         self, answer: asyncio.Future[rpc.DeskAnswer], request: rpc.DeskRequest, fd: int | None = None
@@ -168,8 +200,15 @@ class DeskClient:
             return
         self.lost = why
         log.debug("desk: %s", why)
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, OSError):
-            asyncio.get_running_loop().remove_reader(self._sock)
+            loop.remove_reader(self._sock)
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_writer(self._sock)
+        for _, fd in self._outbox:
+            if fd is not None:
+                os.close(fd)
+        self._outbox.clear()
         self._sock.close()
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
