@@ -226,6 +226,27 @@ def tunnel_round_trip(env: BenchEnv, s: Sizes) -> Figure:
     return fig
 
 
+def tunnel_connect(env: BenchEnv, s: Sizes) -> Figure:
+    """The floor under connect → first byte on a same-host agent: the connection as ktrace makes it,
+    without a program, its stops or the parking."""
+    fig = Figure("tunnel_connect", "tunnel connection, dial → first byte echoed", "µs", "none", None, "")
+    script = str(pathlib.Path(__file__).resolve().parent / "bench_tunnel_rtt.py")
+    c = env.cluster
+    argv = [sys.executable, script, c.agent_addr, c.token_file, BENCH_ADDR, str(BENCH_PORT), str(s.connects), "connect"]
+
+    def one() -> None:
+        fig.samples += _samples(env.run("laptop", argv))
+
+    _runs(fig, s.runs, one)
+    fig.notes.append(
+        "ktrace's tunnel code in the laptop namespace without a program or tracer "
+        "(scripts/bench_tunnel_rtt.py connect): the agent dials (on its desk line when it offers one), "
+        "ktrace's end of a loopback TCP pair is handed over, a byte goes out and back. What "
+        "connect → first byte adds beyond it is the program's stops and the parking"
+    )
+    return fig
+
+
 def _throughput(env: BenchEnv, s: Sizes, direction: str) -> Figure:
     title = "bulk TCP, program → cluster" if direction == "up" else "bulk TCP, cluster → program"
     fig = Figure(f"throughput_{direction}", title, "MB/s", "at_least", 400, "direct, in the cluster")
@@ -442,6 +463,7 @@ FIGURES: dict[str, Callable[[BenchEnv, Sizes], Figure]] = {
     "open_loop": open_loop,
     "connect_latency": connect_latency,
     "tunnel_round_trip": tunnel_round_trip,
+    "tunnel_connect": tunnel_connect,
     "throughput_up": throughput_up,
     "throughput_down": throughput_down,
     "concurrent_1000": concurrent_1000,

@@ -26,6 +26,7 @@ FIGURE_IDS = (
     "open_loop",
     "connect_latency",
     "tunnel_round_trip",
+    "tunnel_connect",
     "throughput_up",
     "throughput_down",
     "concurrent_1000",
