@@ -231,7 +231,8 @@ def thread_group_of(tid: int) -> int:
             for line in f:
                 if line.startswith(b"Tgid:"):
                     return int(line.split()[1])
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # A thread that exits as its status is read: the file opened, the read says ESRCH.
         raise TraceeGone(tid) from None
     raise TraceeGone(tid)
 
