@@ -33,15 +33,21 @@ from google.protobuf.message import DecodeError
 from .dial import finish_dial, start_dial
 from .socket_relay import relay_sockets, reset_at_close
 from .wire import codec, rpc
+from .wire.connecting import TCP_SYN_SENT, connect_now, handshake_target, until_not_closed
 from .wire.values import Endpoint
 
 log = logging.getLogger("ktrace_agent")
 
 # The largest record a client sends (an ``open`` with an IPv6 address is ~40 bytes).
 MAX_RECORD = 512
+MAX_FDS = 2  # `complete`: the socket bound to the parking address and the program's
 # How long a dialled connection waits for the program's socket (``attach``): the client sends it
 # as soon as the program's connect() completed, which a program may delay (tcp_relay's wait).
 ATTACH_WAIT = 60.0
+
+
+def _is_tcp(sock: socket.socket) -> bool:
+    return sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6)
 
 
 class LineBroken(Exception):
@@ -51,6 +57,9 @@ class LineBroken(Exception):
 @dataclass
 class _Connection:
     remote: socket.socket
+    # DeskRequest.complete: the socket bound to ktrace's parking address and the program's parked
+    # socket, until the agent has completed the program's connect (``_complete``).
+    parked: tuple[socket.socket, socket.socket] | None = None
     task: asyncio.Task[None] | None = None
     program: asyncio.Future[socket.socket] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -88,7 +97,7 @@ class DeskLine:
     def _readable(self) -> None:
         while not self._closed:
             try:
-                record, fds, flags, _ = socket.recv_fds(self._sock, MAX_RECORD, 1)
+                record, fds, flags, _ = socket.recv_fds(self._sock, MAX_RECORD, MAX_FDS)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -120,6 +129,13 @@ class DeskLine:
                     raise LineBroken("attach without exactly one descriptor")
                 self._attach(request.id, programs.pop())
                 return
+            if kind == "open" and request.complete:
+                if len(programs) != 2 or not all(map(_is_tcp, programs)):
+                    raise LineBroken("complete without two TCP sockets")
+                end, program = programs
+                programs.clear()
+                self._open(request.id, request.open, (end, program))
+                return
             if programs:
                 raise LineBroken(f"a descriptor with {kind!r}")
             if kind == "open":
@@ -132,7 +148,19 @@ class DeskLine:
             for sock in programs:
                 sock.close()
 
-    def _open(self, conn_id: int, request: rpc.TcpOpen) -> None:
+    def _open(
+        self, conn_id: int, request: rpc.TcpOpen, parked: tuple[socket.socket, socket.socket] | None = None
+    ) -> None:
+        try:
+            self._start(conn_id, request, parked)
+        finally:
+            if parked is not None and (
+                conn_id not in self._connections or self._connections[conn_id].parked is not parked
+            ):
+                for sock in parked:
+                    sock.close()  # not taken by a connection: ended at once, or refused
+
+    def _start(self, conn_id: int, request: rpc.TcpOpen, parked: tuple[socket.socket, socket.socket] | None) -> None:
         if conn_id in self._connections:
             raise LineBroken(f"connection {conn_id} is open already")
         try:
@@ -157,7 +185,7 @@ class DeskLine:
             return
         if err == 0 and not self._opened(conn_id, remote, dest):
             return
-        connection = self._connections[conn_id] = _Connection(remote)
+        connection = self._connections[conn_id] = _Connection(remote, parked)
         self._activity(+1)
         run = self._run(conn_id, connection, dest, remote, timeout, connected=err == 0)
         task = connection.task = asyncio.get_running_loop().create_task(run)
@@ -170,6 +198,8 @@ class DeskLine:
         if task.cancelled():
             reset_at_close(connection.remote)  # cancelled before it ran: its finally never did
         connection.remote.close()
+        for sock in connection.parked or ():
+            sock.close()
         if connection.program.done() and not connection.program.cancelled():
             connection.program.result().close()  # no-op when the task had it (closed there)
         self._activity(-1)
@@ -179,8 +209,10 @@ class DeskLine:
         if connection is None or connection.program.done():
             program.close()  # given up meanwhile (abort, the attach wait): not an error of the line
             return
-        if program.type != socket.SOCK_STREAM or program.family not in (socket.AF_INET, socket.AF_INET6):
+        if not _is_tcp(program):
             raise LineBroken("the descriptor is not a TCP socket")
+        if connection.parked is not None:
+            raise LineBroken(f"attach to connection {conn_id}, which the agent completes itself")
         connection.program.set_result(program)
 
     def _abort(self, conn_id: int) -> None:
@@ -227,6 +259,8 @@ class DeskLine:
                     return
                 if not self._opened(conn_id, remote, dest):
                     return
+            if connection.parked is not None and not await self._complete(conn_id, connection):
+                return
             try:
                 async with asyncio.timeout(ATTACH_WAIT):
                     program = await connection.program
@@ -255,6 +289,37 @@ class DeskLine:
             if program is not None:
                 program.close()  # the client closes its copy after `relayed`: only then FIN or RST
             remote.close()
+
+    async def _complete(self, conn_id: int, connection: _Connection) -> bool:
+        """Complete the program's parked connect from ktrace's parking address (``opened`` is
+        answered before: ktrace must know before the program can), then answer ``attached``;
+        the socket that completed it is then the program's end of the relay. False (the remote
+        reset, ``failure`` answered) when the program's socket is not, or no longer, parked."""
+        assert connection.parked is not None
+        end, program = connection.parked
+        loop = asyncio.get_running_loop()
+        try:
+            # CLOSE: its blocking connect() has not reached the kernel yet.
+            state = await until_not_closed(program, ATTACH_WAIT, lambda: not self._closed)
+            if state != TCP_SYN_SENT:
+                raise OSError(errno.ECONNABORTED, f"the program's socket is not connecting (TCP state {state})")
+            target = handshake_target(program, end.family)
+            err = connect_now(end, target)
+            if err == errno.EINPROGRESS:
+                async with asyncio.timeout(ATTACH_WAIT):
+                    await loop.sock_connect(end, target)
+            elif err:
+                raise OSError(err, os.strerror(err))
+        except (OSError, TimeoutError) as exc:
+            reset_at_close(connection.remote)
+            reason = ConnectionAbortedError(errno.ECONNABORTED, f"completing the program's connect failed: {exc}")
+            self._answer(rpc.DeskAnswer(id=conn_id, failure=codec.encode_failure(reason)))
+            return False
+        connection.parked = None
+        program.close()  # ktrace's duplicate, needed only to find and watch the parked socket
+        connection.program.set_result(end)
+        self._answer(rpc.DeskAnswer(id=conn_id, attached=True))
+        return True
 
     # -- records out -----------------------------------------------------------------
 

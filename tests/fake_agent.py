@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, cast
 
@@ -139,7 +140,12 @@ class FakeAgent:
 
     # -- TcpTunnel --
 
-    async def dial(self, dest: Endpoint, timeout: float | None) -> Dialled:
+    def catch_up(self) -> None:
+        pass  # answers reach the handlers through the awaited dial only
+
+    async def dial(
+        self, dest: Endpoint, timeout: float | None, program: socket.socket, on_opened: Callable[[Endpoint], None]
+    ) -> Dialled:
         if self.lost:
             raise TunnelError("ETIMEDOUT", "the tunnel to the agent is down (agent gone)")
         for dial in self.expected:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import pathlib
 import socket
 from collections.abc import AsyncIterator
@@ -27,9 +28,10 @@ from ktrace_agent.server import AgentServer
 from ktrace_agent.wire import PROTOCOL_VERSION, codec, rpc
 
 from ktrace.tunnel.client import AgentClient
-from ktrace.tunnel.desk import DeskClient
+from ktrace.tunnel.desk import DeskClient, DeskConnection
 from ktrace.tunnel.handover import dial_desk
-from ktrace.tunnel.types import Connection, Endpoint, TcpStats, TunnelLost
+from ktrace.tunnel.parking import ParkingLot
+from ktrace.tunnel.types import Connection, Endpoint, TcpStats, TunnelError, TunnelLost
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -365,3 +367,92 @@ def test_a_burst_beyond_the_kernels_queue_waits_its_turn(tmp_path: pathlib.Path)
 
 
 BURST = 120  # > 10 records of each kind, well within the test's descriptors
+
+
+def test_the_agent_completes_a_parked_connect_and_says_opened_first(tmp_path: pathlib.Path) -> None:
+    """DeskRequest.complete: the program's parked socket and one bound to the parking address go
+    with ``open``; the agent connects the program's socket itself. ``opened`` is on the line before
+    the program can see its connect complete, so reading the line at that moment (``catch_up``, as a
+    names stop does) always finds it."""
+
+    async def scenario() -> None:
+        lot = ParkingLot()
+        await lot.start()
+        try:
+            async with LoopbackServer(upper_echo) as target, desk_agent(tmp_path) as (_, reply):
+                line = await DeskClient.connect(reply.tcp_handover_path, reply.tcp_handover_id, reply.tcp_desk_key)
+                assert line is not None
+                for _ in range(20):
+                    program = socket.socket()
+                    program.setblocking(False)
+                    assert program.connect_ex(lot.address(socket.AF_INET)) == errno.EINPROGRESS  # parked
+                    heard: list[Endpoint] = []
+                    dest = Endpoint.parse(f"127.0.0.1:{target.port}")
+                    dial = line.dial(
+                        dest, 5, _no_fallback, parked=(lot.end_for(program), program), on_opened=heard.append
+                    )
+                    await _writable(program)  # the program's connect completed, by the agent
+                    line.catch_up()
+                    assert len(heard) == 1 and heard[0].port != 0  # known before the program could ask
+                    assert program.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                    connection = await dial
+                    assert isinstance(connection, DeskConnection) and connection.end is not None
+                    await connection.attached()
+                    splice = asyncio.create_task(connection.splice(connection.end))
+                    loop = asyncio.get_running_loop()
+                    await loop.sock_sendall(program, b"parked")
+                    assert await loop.sock_recv(program, 6) == b"PARKED"
+                    program.shutdown(socket.SHUT_WR)
+                    assert await loop.sock_recv(program, 6) == b""
+                    assert await splice == TcpStats(bytes_up=6, bytes_down=6, outcome="closed")
+                    program.close()
+                line.close()
+        finally:
+            await lot.close()
+
+    run(scenario())
+
+
+def test_a_program_socket_that_never_parks_fails_the_connection(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(desk_line, "ATTACH_WAIT", 0.2)
+
+    async def scenario() -> None:
+        lot = ParkingLot()
+        await lot.start()
+        loop = asyncio.get_running_loop()
+        seen: asyncio.Future[str] = loop.create_future()
+        try:
+            async with observing(seen) as watched, desk_agent(tmp_path) as (_, reply):
+                line = await DeskClient.connect(reply.tcp_handover_path, reply.tcp_handover_id, reply.tcp_desk_key)
+                assert line is not None
+                with socket.socket() as program:  # never connected: its connect() never came
+                    dest = Endpoint.parse(f"127.0.0.1:{watched.port}")
+                    connection = await line.dial(dest, 5, _no_fallback, parked=(lot.end_for(program), program))
+                    assert isinstance(connection, DeskConnection)
+                    with pytest.raises(TunnelError) as failed:
+                        await connection.attached()
+                    assert failed.value.errno_name == "ECONNABORTED"
+                    assert await asyncio.wait_for(seen, 10) == "reset"  # the remote is not left open
+                    await connection.abort()
+                line.close()
+        finally:
+            await lot.close()
+
+    run(scenario())
+
+
+async def _writable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def writable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(sock, writable)
+    try:
+        await asyncio.wait_for(ready, 10)
+    finally:
+        loop.remove_writer(sock)

@@ -33,6 +33,7 @@ from handler_helpers import (
     until,
     wired,
 )
+from ktrace_agent.wire.connecting import tcp_state
 
 from ktrace.tracer import sockops
 from ktrace.tracer.sockets import Phase
@@ -88,7 +89,7 @@ def test_a_nonblocking_connect_parks_then_the_agent_s_connection_is_the_program_
                 dial = w.agent.expect_dial(dialled).answer(HANG)
                 assert decide(w, proc, "connect", fd, address, len(name)) == Complete(-errno.EINPROGRESS)
                 assert await dial.arrived is None  # no --connect-timeout: the agent's own
-                assert sockops.tcp_state(program) == sockops.TCP_SYN_SENT  # parked, as towards a far host
+                assert tcp_state(program) == sockops.TCP_SYN_SENT  # parked, as towards a far host
                 assert await poll_events(program, select.POLLOUT, timeout=0) == 0
                 # Asked again while the agent dials: the kernel's own EALREADY.
                 assert decide(w, proc, "connect", fd, address, len(name)) == Complete(-errno.EALREADY)
@@ -138,7 +139,7 @@ def test_a_blocking_connect_waits_in_the_kernel_and_returns_0(can_rewrite: bool,
                     outcome = first
                 task = asyncio.ensure_future(returned(proc.memory, t, outcome, program))
                 if answered == "once parked":
-                    await until(lambda: sockops.tcp_state(program) == sockops.TCP_SYN_SENT, "the connect to park")
+                    await until(lambda: tcp_state(program) == sockops.TCP_SYN_SENT, "the connect to park")
                     assert not task.done()
                     dial.release(OK)
                 assert await task == 0
@@ -181,11 +182,11 @@ def test_a_blocking_connect_the_agent_fails_returns_the_agent_s_errno(
                 assert await dial.arrived == 7.5  # --connect-timeout is the agent's dial timeout
                 call = asyncio.ensure_future(returned(proc.memory, t, outcome, program))
                 if not early:
-                    await until(lambda: sockops.tcp_state(program) == sockops.TCP_SYN_SENT, "the connect to park")
+                    await until(lambda: tcp_state(program) == sockops.TCP_SYN_SENT, "the connect to park")
                     dial.release(answer)
                 assert await call == -expected
                 assert tcp_records(w) == []  # told: forgotten, the socket is free for another connect
-                assert sockops.tcp_state(program) == sockops.TCP_CLOSE
+                assert tcp_state(program) == sockops.TCP_CLOSE
                 assert w.connects[-1].outcome == errno.errorcode[expected]
 
     with no_fd_leak():
@@ -386,7 +387,7 @@ def test_af_unspec_on_a_connecting_socket_gives_the_dial_up_and_frees_the_socket
                 assert decide(w, proc, "connect", fd, unspec, 16) == Complete(0)
                 await dial.cancelled
                 assert tcp_records(w) == []
-                assert sockops.tcp_state(program) == sockops.TCP_CLOSE
+                assert tcp_state(program) == sockops.TCP_CLOSE
                 # Free for another destination.
                 w.agent.expect_dial("10.96.1.11:7").answer(OK)
                 other = proc.memory.put(name_of("10.96.1.11", 7))

@@ -15,6 +15,7 @@ from typing import cast
 
 import pytest
 from agent_helpers import LoopbackServer, agent_and_client, run, upper_echo
+from ktrace_agent.wire.connecting import tcp_state
 
 from ktrace.tracer import sockops
 from ktrace.tunnel import parking
@@ -48,7 +49,7 @@ def test_a_parked_socket_shows_nothing_then_is_connected_to_the_stream(tmp_path:
                 poller.register(program.fileno(), select.EPOLLIN | select.EPOLLOUT | select.EPOLLET)
                 # Parked: in SYN_SENT as towards a distant host, no event, no pending error.
                 assert poller.poll(0.2) == []
-                assert sockops.tcp_state(program) == sockops.TCP_SYN_SENT
+                assert tcp_state(program) == sockops.TCP_SYN_SENT
                 assert sockops.take_error(program) == 0
                 stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
                 duplicate = socket.socket(fileno=os.dup(program.fileno()))

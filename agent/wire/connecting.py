@@ -8,9 +8,12 @@ of the program's connect(); a poll() with no timeout costs ~2 µs.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import ipaddress
 import select
 import socket
+from collections.abc import Callable
 
 
 def connect_now(sock: socket.socket, address: tuple[str, int] | tuple[str, int, int, int]) -> int:
@@ -27,3 +30,57 @@ def _writable_now(sock: socket.socket) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
     return bool(poller.poll(0))
+
+
+# -- the parking lot's handshake (ktrace/tunnel/parking.py), completed by ktrace or by a same-host
+# agent (agent/desk_line.py) --------------------------------------------------------------------
+
+TCP_SYN_SENT = 2  # include/net/tcp_states.h
+TCP_CLOSE = 7
+# Event-loop turns taken at once before waiting by the clock: a blocking connect() that ktrace
+# has just resumed is on its way into the kernel (microseconds), and the loop's timers round a
+# sleep up to a millisecond (epoll's resolution).
+_TURNS_AT_ONCE = 200
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The TCP state of ``sock`` (``tcpi_state``, the first byte of struct tcp_info)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+async def until_not_closed(sock: socket.socket, wait: float, waiting: Callable[[], bool]) -> int:
+    """The TCP state of ``sock`` once it has left CLOSE (a blocking connect() that had not reached
+    the kernel yet has parked it), or CLOSE after ``wait`` seconds or once ``waiting()`` is false."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    turns, delay = 0, 0.0005
+    while True:
+        state = tcp_state(sock)
+        if state != TCP_CLOSE or not waiting() or loop.time() >= deadline:
+            return state
+        if turns < _TURNS_AT_ONCE:
+            turns += 1
+            await asyncio.sleep(0)
+        else:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+
+def end_family(program_family: int, has_ipv6_loopback: bool) -> int:
+    """The family of the socket that completes a parked program socket's handshake: its own, but
+    an AF_INET6 socket parks at ``::ffff:127.0.0.1`` where there is no IPv6 loopback."""
+    if program_family == socket.AF_INET or has_ipv6_loopback:
+        return program_family
+    return socket.AF_INET
+
+
+def handshake_target(program: socket.socket, family: int) -> tuple[str, int]:
+    """Where a socket of ``family`` (``end_family``) connects to meet the parked ``program``: the
+    program socket's own address, seen from that family. (Its peer cannot be asked: getpeername()
+    says ENOTCONN in SYN_SENT.)"""
+    own = program.getsockname()
+    if family == program.family:
+        return own[0], own[1]
+    # An AF_INET6 socket at ::ffff:127.0.0.1: its own address is v4-mapped too.
+    mapped = ipaddress.IPv6Address(own[0].split("%", 1)[0]).ipv4_mapped
+    return str(mapped or "127.0.0.1"), own[1]

@@ -8,6 +8,7 @@ values.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
@@ -25,7 +26,12 @@ class Dialled(Protocol):
 
 
 class AttachFailed(Exception):
-    """The program's socket could not be handed the agent's connection (it left the parking lot)."""
+    """The program's socket could not be handed the agent's connection (it left the parking lot,
+    or ktrace is out of descriptors: ``errno`` says what its connect() fails with)."""
+
+    def __init__(self, message: str, err: int = errno.ECONNABORTED) -> None:
+        super().__init__(message)
+        self.errno = err
 
 
 class PendingDial(Protocol):
@@ -38,9 +44,19 @@ class PendingDial(Protocol):
 
 
 class TcpTunnel(Protocol):
-    def dial(self, dest: Endpoint, timeout: float | None) -> PendingDial:
-        """Have the agent connect to ``dest``. Called at the program's connect() stop: whatever
-        can leave for the agent before the stop ends does (a same-host agent's request)."""
+    def dial(
+        self, dest: Endpoint, timeout: float | None, program: socket.socket, on_opened: Callable[[Endpoint], None]
+    ) -> PendingDial:
+        """Have the agent connect to ``dest`` for ``program`` (ktrace's duplicate of the program's
+        socket, parked or about to be). Called at the program's connect() stop: whatever can leave
+        for the agent before the stop ends does (a same-host agent's request). ``on_opened`` hears
+        the agent socket's address as soon as it is known: a same-host agent may complete the
+        program's connect before the dial's awaiter runs."""
+        ...
+
+    def catch_up(self) -> None:
+        """Take the agent's answers that have arrived, now: a stop that asks a connecting socket's
+        names must see every ``on_opened`` the program could already have observed."""
         ...
 
     def parking(self, family: int) -> tuple[str, int]:

@@ -10,14 +10,13 @@ could let another thread change them in between.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import errno
 import fcntl
 import os
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Final
 
 from ktrace.tracer import msghdr
@@ -53,35 +52,6 @@ def disconnect(fd: int) -> int:
 def nonblocking(fd: int) -> bool:
     """Whether the open file description has O_NONBLOCK (shared by every duplicate of it)."""
     return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
-
-
-def tcp_state(sock: socket.socket) -> int:
-    """The TCP state of ``sock`` (``tcpi_state``, the first byte of struct tcp_info)."""
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
-
-
-# Event-loop turns taken at once before waiting by the clock: a blocking connect() that ktrace
-# has just resumed is on its way into the kernel (microseconds), and the loop's timers round a
-# sleep up to a millisecond (epoll's resolution).
-_TURNS_AT_ONCE = 200
-
-
-async def until_not_closed(sock: socket.socket, wait: float, waiting: Callable[[], bool]) -> int:
-    """The TCP state of ``sock`` once it has left CLOSE (a blocking connect() that had not reached
-    the kernel yet has parked it), or CLOSE after ``wait`` seconds or once ``waiting()`` is false."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait
-    turns, delay = 0, 0.0005
-    while True:
-        state = tcp_state(sock)
-        if state != TCP_CLOSE or not waiting() or loop.time() >= deadline:
-            return state
-        if turns < _TURNS_AT_ONCE:
-            turns += 1
-            await asyncio.sleep(0)
-        else:
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
 
 
 def take_error(sock: socket.socket) -> int:

@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ktrace_agent.wire.connecting import until_not_closed
 from ktrace_agent.wire.values import Endpoint, TunnelError
 
 from ktrace.rules import RouteDecision
@@ -336,7 +337,10 @@ class TcpConnects:
 
     def _start_settling(self, record: TcpRecord) -> None:
         """Start the dial now, in the stop, and the task that settles the connect with its answer."""
-        dialling = self.tunnel.dial(record.dest, self.connect_timeout)
+        assert record.sock is not None
+        dialling = self.tunnel.dial(
+            record.dest, self.connect_timeout, record.sock, lambda local: self._opened(record, local)
+        )
         task = record.task = asyncio.get_running_loop().create_task(self._settle(record, dialling))
 
         def closed_unawaited(done: asyncio.Task[None]) -> None:
@@ -344,6 +348,13 @@ class TcpConnects:
                 dialling.close()  # a task cancelled before it ran never awaited it
 
         task.add_done_callback(closed_unawaited)
+
+    def _opened(self, record: TcpRecord, local: Endpoint) -> None:
+        """The agent has connected: the program may see its connect() succeed from now on (a
+        same-host agent completes it without waiting for ``_settle``)."""
+        if self.table.holds(record) and record.phase is Phase.CONNECTING and record.sock is not None:
+            record.phase = Phase.CONNECTED
+            record.local = local
 
     async def _settle(self, record: TcpRecord, dialling: PendingDial) -> None:
         """Wait for the dial, then complete or fail the parked connect."""
@@ -367,7 +378,7 @@ class TcpConnects:
             await dialled.abort()
             if self.table.holds(record):
                 record.phase = Phase.CONNECTING
-                self._fail(record, errno.ECONNABORTED)
+                self._fail(record, exc.errno)
             return
         record.close_sock()
         self._by_dialled[id(dialled)] = record.inode
@@ -382,7 +393,7 @@ class TcpConnects:
         out the kernel's SYN retries (minutes). attach() waits the same way for a success."""
         sock = record.sock
         if sock is not None:
-            await sockops.until_not_closed(
+            await until_not_closed(
                 sock, PARK_WAIT, lambda: bool(record.waiters) and record.sock is not None and self.table.holds(record)
             )
 
@@ -500,9 +511,13 @@ class TcpConnects:
         try:
             dup = t.duplicate(t.arg(0))
         except OSError:
+            dup = None  # out of descriptors: the kernel keeps its pending error (ktrace's disconnect's)
+        if dup is None and not (record is not None and record.phase is Phase.FAILED):
             return Resume()
-        with socket.socket(fileno=dup) as sock:
-            err = sockops.take_error(sock)
+        err = 0
+        if dup is not None:
+            with socket.socket(fileno=dup) as sock:
+                err = sockops.take_error(sock)
         if record is not None and record.phase is Phase.FAILED:
             err = record.error
             record.phase = Phase.TOLD
@@ -516,6 +531,8 @@ class TcpConnects:
 
     def redirected(self, inode: int) -> Redirected | None:
         record = self.table.tcp(inode)
+        if record is not None and record.phase is Phase.CONNECTING:
+            self.tunnel.catch_up()  # an `opened` the program's socket may already show
         return record.redirected() if record is not None else None
 
     def stream_closed(self, dialled: Dialled) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine, Iterable
+import socket
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,17 +282,39 @@ class AgentClient:
         if reply.tcp_desk_key and reply.tcp_handover_path and self._desk is None:
             self._desk = await DeskClient.connect(reply.tcp_handover_path, reply.tcp_handover_id, reply.tcp_desk_key)
 
-    def start_tcp(self, dest: Endpoint, timeout: float | None = None) -> DeskDial | Coroutine[Any, Any, Connection]:
+    def start_tcp(
+        self,
+        dest: Endpoint,
+        timeout: float | None = None,
+        *,
+        parked: Callable[[], tuple[socket.socket, socket.socket] | None] | None = None,
+        on_opened: Callable[[Endpoint], None] | None = None,
+    ) -> DeskDial | Coroutine[Any, Any, Connection]:
         """``open_tcp``, with what can leave for the agent now already sent (a same-host agent's
-        request: the dial starts while the program's connect() stop is still being handled)."""
+        request: the dial starts while the program's connect() stop is still being handled).
+
+        ``parked`` (a socket bound to the parking address, and the program's parked socket; or
+        None) is asked for when a same-host agent can complete the program's connect itself
+        (desk.py); ``on_opened`` then hears the agent's address as soon as the agent has connected."""
         self._trimmer.poke()
         # DNS over TCP stays in the tunnel: ktrace reads its answers (the DNS map).
         if self._desk is not None and dest.port != DNS_PORT:
             try:
-                return self._desk.dial(dest, timeout, lambda lost: self._desk_lost(lost, dest, timeout))
+                return self._desk.dial(
+                    dest,
+                    timeout,
+                    lambda lost: self._desk_lost(lost, dest, timeout),
+                    parked=None if parked is None else parked(),
+                    on_opened=on_opened,
+                )
             except TunnelLost as lost:
                 self._renew_desk(lost)
         return self._open_in_tunnel(dest, timeout)
+
+    def catch_up(self) -> None:
+        """Take what a same-host agent has answered on its desk line, now (``DeskClient.catch_up``)."""
+        if self._desk is not None:
+            self._desk.catch_up()
 
     async def _desk_lost(self, lost: TunnelLost, dest: Endpoint, timeout: float | None) -> Connection:
         self._renew_desk(lost)

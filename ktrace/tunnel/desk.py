@@ -1,12 +1,18 @@
 """ktrace's keyed line to a same-host agent's desk: connections dialled and relayed without gRPC
 (the agent's side, and why, in ``agent/desk_line.py``).
 
-``DeskClient.dial`` sends ``open`` and waits for ``opened``; the ``DeskConnection`` it returns
-is then attached like a ``TcpStream`` (``parking.py``): its ``splice`` sends ktrace's end of the
-program's connection with ``attach`` and waits for ``relayed``. ktrace keeps its copy of that
-socket until then, so when the line is lost (the agent died) the program's connection is reset
-from here, and a dial waiting on the line fails with ``TunnelLost``: the client then dials
-through the tunnel, which waits for an agent that comes back (``AgentClient.open_tcp``).
+``DeskClient.dial`` sends ``open`` at once (from the program's connect() stop) and its
+``DeskDial`` waits for ``opened``. Two ways on from there:
+- ``parked`` given (the program's parked socket and one bound to ktrace's parking address, sent
+  with ``open``): the agent completes the program's connect itself, so the path from its dial to
+  the program's first byte does not cross ktrace; ``DeskConnection.attached`` waits for its word.
+  The program may see its connect() succeed before ktrace's event loop took ``opened`` (the agent
+  sends it first), so ``on_opened`` runs as soon as it is read, and ``catch_up`` reads the line at
+  once for a stop that asks a connecting socket's names;
+- otherwise ktrace completes it (``parking.py``) and ``take`` sends its end with ``attach``.
+Either way ``splice`` waits for ``relayed``. ktrace keeps its copy of its end until then, so when
+the line is lost (the agent died) the program's connection is reset from here, and a dial waiting
+on the line becomes one through the tunnel, which waits for an agent that comes back.
 """
 
 from __future__ import annotations
@@ -41,6 +47,42 @@ class _Aborted(Exception):
     """ktrace gave the connection up while it waited for the agent's answer."""
 
 
+class _Answers:
+    """One connection's answers, in the order they came; ``next()`` takes the first."""
+
+    def __init__(self, on_opened: Callable[[Endpoint], None] | None) -> None:
+        self._on_opened = on_opened
+        self._pending: collections.deque[rpc.DeskAnswer] = collections.deque()
+        self._waiter: asyncio.Future[rpc.DeskAnswer] | None = None
+        self._error: BaseException | None = None
+
+    def put(self, answer: rpc.DeskAnswer) -> None:
+        if self._on_opened is not None and answer.WhichOneof("kind") == "opened":
+            with contextlib.suppress(codec.AddressError):
+                self._on_opened(codec.decode_address(answer.opened.local))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(answer)
+            self._waiter = None
+        else:
+            self._pending.append(answer)
+
+    def fail(self, error: BaseException) -> None:
+        """Every later ``next()`` raises ``error`` (after the answers that came before it)."""
+        self._error = error
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(error)
+            self._waiter.exception()  # retrieved: its awaiter may be gone (a dial given up)
+            self._waiter = None
+
+    async def next(self) -> rpc.DeskAnswer:
+        if self._pending:
+            return self._pending.popleft()
+        if self._error is not None:
+            raise self._error
+        self._waiter = asyncio.get_running_loop().create_future()
+        return await self._waiter
+
+
 class DeskClient:
     """The line; ``lost`` is set once it broke (every later call raises ``TunnelLost``)."""
 
@@ -48,8 +90,8 @@ class DeskClient:
         self._sock = sock
         self._path = path
         self._ids = itertools.count(1)
-        self._waiting: dict[int, asyncio.Future[rpc.DeskAnswer]] = {}
-        self._outbox: collections.deque[tuple[bytes, int | None]] = collections.deque()
+        self._connections: dict[int, _Answers] = {}
+        self._outbox: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
         self.lost: str | None = None
         asyncio.get_running_loop().add_reader(sock, self._readable)
 
@@ -67,22 +109,50 @@ class DeskClient:
             return None
         return cls(sock, path)
 
-    def dial(self, dest: Endpoint, timeout: float | None, lost: Fallback) -> DeskDial:
-        """Ask the agent, now, to connect to ``dest``; raises ``TunnelLost`` when the line is lost
-        (and the dial, when it is lost while waiting, becomes ``lost(why)``'s)."""
+    def dial(
+        self,
+        dest: Endpoint,
+        timeout: float | None,
+        lost: Fallback,
+        *,
+        parked: tuple[socket.socket, socket.socket] | None = None,
+        on_opened: Callable[[Endpoint], None] | None = None,
+    ) -> DeskDial:
+        """Ask the agent, now, to connect to ``dest`` (and, with ``parked``, to complete the
+        program's connect: ``(the socket bound to the parking address, the program's)``, the first
+        then ktrace's copy of its end, closed by the connection). Raises ``TunnelLost`` when the
+        line is lost; a dial lost while waiting becomes ``lost(why)``'s."""
+        if self.lost is not None:
+            if parked is not None:
+                parked[0].close()
+            raise TunnelLost("EIO", self.lost)
         conn_id = next(self._ids) & 0xFFFFFFFF
         timeout_ms = max(1, round(timeout * 1000)) if timeout is not None else 0
-        request = rpc.TcpOpen(destination=codec.encode_address(dest), timeout_ms=timeout_ms)
-        answer = self._expect(conn_id)
-        self._send_for(answer, rpc.DeskRequest(id=conn_id, open=request))
-        return DeskDial(self, conn_id, dest, timeout, answer, lost)
+        request = rpc.DeskRequest(
+            id=conn_id,
+            open=rpc.TcpOpen(destination=codec.encode_address(dest), timeout_ms=timeout_ms),
+            complete=parked is not None,
+        )
+        answers = self._connections[conn_id] = _Answers(on_opened)
+        fds = () if parked is None else (parked[0].fileno(), parked[1].fileno())
+        try:
+            self._send(request, fds)
+        except TunnelLost:
+            self._connections.pop(conn_id, None)
+            if parked is not None:
+                parked[0].close()
+            raise
+        except OSError as exc:  # out of descriptors: this connect fails as the kernel's would
+            self._connections.pop(conn_id, None)
+            answers.fail(TunnelError("ENOBUFS", f"ktrace cannot queue the request: {exc}"))
+        return DeskDial(self, conn_id, dest, timeout, answers, lost, None if parked is None else parked[0])
 
     async def opened(
-        self, conn_id: int, dest: Endpoint, timeout: float | None, answer: asyncio.Future[rpc.DeskAnswer]
+        self, conn_id: int, dest: Endpoint, timeout: float | None, answers: _Answers, end: socket.socket | None
     ) -> DeskConnection:
         """The connection once the agent answered; raises ``TunnelError`` with its errno, or ``TunnelLost``."""
         try:
-            reply = await asyncio.wait_for(answer, timeout + OPEN_MARGIN if timeout is not None else None)
+            reply = await asyncio.wait_for(answers.next(), timeout + OPEN_MARGIN if timeout is not None else None)
         except TimeoutError:
             self.abort(conn_id)
             raise TunnelError("ETIMEDOUT", f"no answer from the agent for {dest} in time") from None
@@ -91,21 +161,15 @@ class DeskClient:
             raise
         kind = reply.WhichOneof("kind")
         if kind == "failure":
+            self._connections.pop(conn_id, None)
             raise codec.decode_failure(reply.failure)
         if kind != "opened":
             self.abort(conn_id)
             raise TunnelError("EIO", f"agent answered {kind!r} to open")
         local, peer = codec.decode_address(reply.opened.local), codec.decode_address(reply.opened.peer)
-        return DeskConnection(self, conn_id, local, peer)
+        return DeskConnection(self, conn_id, answers, local, peer, end)
 
-    def _expect(self, conn_id: int) -> asyncio.Future[rpc.DeskAnswer]:
-        if self.lost is not None:
-            raise TunnelLost("EIO", self.lost)
-        future: asyncio.Future[rpc.DeskAnswer] = asyncio.get_running_loop().create_future()
-        self._waiting[conn_id] = future
-        return future
-
-    def _send(self, request: rpc.DeskRequest, fd: int | None = None) -> None:
+    def _send(self, request: rpc.DeskRequest, fds: tuple[int, ...] = ()) -> None:
         """One record: now, or after those still waiting. The kernel holds a line's records not
         yet read up to our SO_SNDBUF (a few hundred small ones), which a burst of connects fills
         (1,000 at once in scripts/bench); the rest wait here, in order, each descriptor as a
@@ -114,19 +178,26 @@ class DeskClient:
         record = request.SerializeToString()
         if not self._outbox:
             try:
-                self._send_now(record, fd)
+                self._send_now(record, fds)
                 return
             except BlockingIOError:
                 asyncio.get_running_loop().add_writer(self._sock, self._writable)
-        self._outbox.append((record, None if fd is None else os.dup(fd)))
+        dups: list[int] = []
+        try:
+            dups.extend(os.dup(fd) for fd in fds)
+        except OSError:  # EMFILE: this record cannot wait; the line stays as it is
+            for fd in dups:
+                os.close(fd)
+            raise
+        self._outbox.append((record, tuple(dups)))
 
-    def _send_now(self, record: bytes, fd: int | None) -> None:
+    def _send_now(self, record: bytes, fds: tuple[int, ...]) -> None:
         """Raises BlockingIOError when the agent's queue is full; ``TunnelLost`` when the line failed."""
         try:
-            if fd is None:
-                self._sock.send(record)
+            if fds:
+                socket.send_fds(self._sock, [record], list(fds))
             else:
-                socket.send_fds(self._sock, [record], [fd])
+                self._sock.send(record)
         except (BlockingIOError, InterruptedError):
             raise BlockingIOError from None
         except OSError as exc:
@@ -135,44 +206,33 @@ class DeskClient:
 
     def _writable(self) -> None:
         while self._outbox:
-            record, fd = self._outbox[0]
+            record, fds = self._outbox[0]
             try:
-                self._send_now(record, fd)
+                self._send_now(record, fds)
             except BlockingIOError:
                 return
             except TunnelLost:
                 return  # _lose emptied the outbox
             self._outbox.popleft()
-            if fd is not None:
+            for fd in fds:
                 os.close(fd)
         asyncio.get_running_loop().remove_writer(self._sock)
 
-    def _send_for(
-        self, answer: asyncio.Future[rpc.DeskAnswer], request: rpc.DeskRequest, fd: int | None = None
-    ) -> None:
-        """``_send`` a request whose answer is awaited: when the line breaks on it, the answer's
-        TunnelLost is the one raised (and so retrieved)."""
-        try:
-            self._send(request, fd)
-        except TunnelLost:
-            if answer.done():
-                answer.exception()
-            raise
-
-    def attach(self, conn_id: int, program: socket.socket) -> asyncio.Future[rpc.DeskAnswer]:
-        """Send ``program`` for the connection; its ``relayed`` (or ``failure``) answer."""
-        answer = self._expect(conn_id)
-        self._send_for(answer, rpc.DeskRequest(id=conn_id, attach=True), program.fileno())
-        return answer
+    def attach(self, conn_id: int, program: socket.socket) -> None:
+        """Send ``program`` (ktrace's end of the program's connection) for the connection."""
+        self._send(rpc.DeskRequest(id=conn_id, attach=True), (program.fileno(),))
 
     def abort(self, conn_id: int) -> None:
-        future = self._waiting.pop(conn_id, None)
-        if future is not None and not future.done():
-            future.set_exception(_Aborted())
-            future.exception()  # retrieved: nobody may be waiting (a dial given up unawaited)
+        answers = self._connections.pop(conn_id, None)
+        if answers is not None:
+            answers.fail(_Aborted())
         if self.lost is None:
             with contextlib.suppress(TunnelLost):
                 self._send(rpc.DeskRequest(id=conn_id, abort=True))
+
+    def catch_up(self) -> None:
+        """Take what the agent has sent, now, rather than at the event loop's next turn."""
+        self._readable()
 
     def _readable(self) -> None:
         while self.lost is None:
@@ -191,9 +251,13 @@ class DeskClient:
             except DecodeError:
                 self._lose("a malformed answer on the agent's desk line")
                 return
-            future = self._waiting.pop(answer.id, None)
-            if future is not None and not future.done():
-                future.set_result(answer)
+            kind = answer.WhichOneof("kind")
+            if kind in ("relayed", "failure"):
+                answers = self._connections.pop(answer.id, None)  # its last answer
+            else:
+                answers = self._connections.get(answer.id)
+            if answers is not None:
+                answers.put(answer)
 
     def _lose(self, why: str) -> None:
         if self.lost is not None:
@@ -205,15 +269,14 @@ class DeskClient:
             loop.remove_reader(self._sock)
         with contextlib.suppress(ValueError, OSError):
             loop.remove_writer(self._sock)
-        for _, fd in self._outbox:
-            if fd is not None:
+        for _, fds in self._outbox:
+            for fd in fds:
                 os.close(fd)
         self._outbox.clear()
         self._sock.close()
-        waiting, self._waiting = self._waiting, {}
-        for future in waiting.values():
-            if not future.done():
-                future.set_exception(TunnelLost("EIO", why))
+        connections, self._connections = self._connections, {}
+        for answers in connections.values():
+            answers.fail(TunnelLost("EIO", why))
 
     def close(self) -> None:
         self._lose("closed")
@@ -229,15 +292,17 @@ class DeskDial:
         conn_id: int,
         dest: Endpoint,
         timeout: float | None,
-        answer: asyncio.Future[rpc.DeskAnswer],
+        answers: _Answers,
         lost: Fallback,
+        end: socket.socket | None,
     ) -> None:
         self._lost = lost
         self._line = line
         self._id = conn_id
         self._dest = dest
         self._timeout = timeout
-        self._answer = answer
+        self._answers = answers
+        self._end = end
         self._awaited = False
 
     def __await__(self) -> Generator[Any, None, Connection]:
@@ -246,51 +311,93 @@ class DeskDial:
 
     async def _result(self) -> Connection:
         try:
-            return await self._line.opened(self._id, self._dest, self._timeout, self._answer)
+            return await self._line.opened(self._id, self._dest, self._timeout, self._answers, self._end)
         except TunnelLost as lost:
+            self._close_end()  # the tunnel's way completes the connect from a socket of its own
             return await self._lost(lost)
+        except BaseException:
+            self._close_end()
+            raise
+
+    def _close_end(self) -> None:
+        if self._end is not None:
+            self._end.close()
 
     def close(self) -> None:
         if not self._awaited:
             self._awaited = True
             self._line.abort(self._id)
+            self._close_end()
 
 
 class DeskConnection:
-    """A connection the agent dialled on the line; ``local``: its socket's address there."""
+    """A connection the agent dialled on the line; ``local``: its socket's address there.
+    ``end``: ktrace's copy of the program's end, when the agent completes the program's connect."""
 
-    def __init__(self, line: DeskClient, conn_id: int, local: Endpoint, peer: Endpoint) -> None:
+    def __init__(
+        self,
+        line: DeskClient,
+        conn_id: int,
+        answers: _Answers,
+        local: Endpoint,
+        peer: Endpoint,
+        end: socket.socket | None,
+    ) -> None:
         self._line = line
         self._id = conn_id
-        self._relayed: asyncio.Future[rpc.DeskAnswer] | None = None  # once taken
-        self._lost: TunnelLost | None = None  # the line broke as it was taken
+        self._answers = answers
+        self._taken = False
+        self._lost: TunnelLost | None = None  # the line broke as the end was sent
+        self.end = end
         self.local = local
         self.peer = peer
         self.opened_at = time.monotonic()  # for the report: how long the connection lived
 
+    async def attached(self) -> None:
+        """Once the agent completed the program's connect (``end`` given); raises ``TunnelError``
+        (``TunnelLost`` included) when it could not."""
+        try:
+            answer = await self._answers.next()
+        except _Aborted:
+            raise TunnelError("ECONNABORTED", "the connection was given up") from None
+        kind = answer.WhichOneof("kind")
+        if kind == "failure":
+            raise codec.decode_failure(answer.failure)
+        if kind != "attached":
+            self._line.abort(self._id)
+            raise TunnelError("EIO", f"agent answered {kind!r} to complete")
+
     async def abort(self) -> None:
-        """Give the connection up: the agent resets it (and the program's end, once attached)."""
+        """Give the connection up: the agent resets it (and the program's end, once it has it)."""
         self._line.abort(self._id)
+        if self.end is not None and not self._taken:
+            self.end.close()
 
     def take(self, sock: socket.socket) -> None:
-        """Hand ``sock`` (ktrace's end of the program's connection) to the agent now."""
+        """``sock`` (ktrace's end of the program's connection) is the agent's to relay now: sent
+        with ``attach``, or already there (``end``)."""
+        self._taken = True
+        if sock is self.end:
+            return
         try:
-            self._relayed = self._line.attach(self._id, sock)
+            self._line.attach(self._id, sock)
         except TunnelLost as lost:
             self._lost = lost
+        except OSError as exc:  # out of descriptors to queue it: the connection is reset
+            self._line.abort(self._id)
+            self._lost = TunnelLost("ENOBUFS", f"ktrace cannot hand the connection over: {exc}")
 
     async def splice(self, sock: socket.socket) -> TcpStats:
         """Wait until the agent relayed ``sock`` (handed over by ``take``, or now); ``sock`` is
         closed on return, with RST when the connection was reset."""
-        if self._relayed is None and self._lost is None:
+        if not self._taken:
             self.take(sock)
         stats = TcpStats()
         outcome = ""  # empty: both directions ended with a FIN
         try:
             if self._lost is not None:
                 raise self._lost
-            assert self._relayed is not None
-            answer = await self._relayed
+            answer = await self._answers.next()
             kind = answer.WhichOneof("kind")
             if kind == "relayed":
                 stats.bytes_up, stats.bytes_down = answer.relayed.bytes_up, answer.relayed.bytes_down

@@ -28,16 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ktrace_agent.wire.connecting import connect_now
-
-from ktrace.tracer import sockops
+from ktrace_agent.wire.connecting import TCP_SYN_SENT, connect_now, end_family, handshake_target, until_not_closed
 
 from .types import Connection, TcpStats
 
@@ -50,7 +47,12 @@ ATTACH_WAIT = 30.0
 
 
 class ProgramSocketGone(Exception):
-    """The program's socket left the parking lot before the agent's connection could be handed to it."""
+    """The program's socket left the parking lot before the agent's connection could be handed to it
+    (or, ``errno`` ENOBUFS, ktrace had no descriptor left to complete its connect from)."""
+
+    def __init__(self, message: str, err: int = errno.ECONNABORTED) -> None:
+        super().__init__(message)
+        self.errno = err
 
 
 class ParkingLot:
@@ -101,18 +103,17 @@ class ParkingLot:
         closes it). Raises ProgramSocketGone when it is not (or no longer) parked here."""
         loop = asyncio.get_running_loop()
         # CLOSE: its blocking connect() has not reached the kernel yet.
-        state = await sockops.until_not_closed(program, ATTACH_WAIT, lambda: not self._closing)
-        if state != sockops.TCP_SYN_SENT:
+        state = await until_not_closed(program, ATTACH_WAIT, lambda: not self._closing)
+        if state != TCP_SYN_SENT:
             raise ProgramSocketGone(f"the program's socket is in TCP state {state}, not parked")
         if self._closing:
             raise ProgramSocketGone("ktrace is shutting down")
-        family, target = self._ends(program)
-        listener = self._listeners[family]
-        end = socket.socket(family, socket.SOCK_STREAM)
         try:
-            end.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            end.bind(listener.getsockname())
-            end.setblocking(False)
+            end = self.end_for(program)
+        except OSError as exc:  # EMFILE: the connect fails as one ktrace cannot look at (ENOBUFS)
+            raise ProgramSocketGone(f"no socket to complete the program's connect from: {exc}", errno.ENOBUFS) from None
+        try:
+            target = handshake_target(program, end.family)
             # On loopback the two SYNs meet within this call: connected already, as a rule.
             err = connect_now(end, target)
             if err == errno.EINPROGRESS:
@@ -128,16 +129,24 @@ class ParkingLot:
         stream.take(end)  # a same-host agent relays it from now, before the splice's task runs
         self._spawn(self._serve(end, stream))
 
-    def _ends(self, program: socket.socket) -> tuple[int, tuple[str, int]]:
-        """For a program socket parked by `address(program.family)`: the family of the listener it
-        waits at, and its own address as seen from that family (where ktrace's end connects to).
-        (Its peer cannot be asked: getpeername() says ENOTCONN in SYN_SENT.)"""
-        own = program.getsockname()
-        if program.family == socket.AF_INET or socket.AF_INET6 in self._listeners:
-            return program.family, (own[0], own[1])
-        # An AF_INET6 socket at ::ffff:127.0.0.1 (no IPv6 loopback here): its own address is v4-mapped too.
-        mapped = ipaddress.IPv6Address(own[0].split("%", 1)[0]).ipv4_mapped
-        return socket.AF_INET, (str(mapped or "127.0.0.1"), own[1])
+    def end_for(self, program: socket.socket) -> socket.socket:
+        """A socket bound to the parking address ``program`` waits at, to complete its handshake
+        from (here, or by a same-host agent: ``adopt``)."""
+        family = end_family(program.family, socket.AF_INET6 in self._listeners)
+        end = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            end.bind(self._listeners[family].getsockname())
+            end.setblocking(False)
+        except BaseException:
+            end.close()
+            raise
+        return end
+
+    def adopt(self, stream: Connection, end: socket.socket) -> None:
+        """``end`` completed the program's connect elsewhere (a same-host agent did): carry it."""
+        stream.take(end)
+        self._spawn(self._serve(end, stream))
 
     async def _serve(self, sock: socket.socket, stream: Connection) -> None:
         stats = await stream.splice(sock)
