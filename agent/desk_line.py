@@ -6,8 +6,12 @@ loop in both processes, on the path of the program's connect(). A client that kn
 key (``HandshakeReply.tcp_desk_key``, given only to an authenticated handshake) says it first
 on its line, then asks for connections there: ``DeskRequest.open`` → the agent dials →
 ``DeskAnswer.opened`` (or ``failure``); ``attach`` with the program's end (``SCM_RIGHTS``) → the
-agent relays the two sockets (``socket_relay.py``) → ``relayed`` at the end. Each record is one
-message (``SOCK_SEQPACKET`` keeps their bounds); ``id`` is the client's name for a connection.
+agent relays the two sockets (``socket_relay.py``) → ``relayed`` at the end. Or, with
+``complete``, the client sends a socket bound to its parking address and the program's parked
+socket along with ``open``: the agent answers ``opened`` (first: the client must know before the
+program can), completes the program's connect itself (``_complete``), answers ``attached`` and
+relays, so the program's first byte does not wait for the client. Each record is one message
+(``SOCK_SEQPACKET`` keeps their bounds); ``id`` is the client's name for a connection.
 
 Faults stay on their line: a malformed record or a broken order ends the line and everything
 on it, as a malformed frame ends its gRPC stream, never the agent. When the line ends (the
