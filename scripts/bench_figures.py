@@ -209,41 +209,44 @@ def connect_latency(env: BenchEnv, s: Sizes) -> Figure:
 def tunnel_round_trip(env: BenchEnv, s: Sizes) -> Figure:
     """The floor under connect → first byte: the tunnel's own round trip, no tracer, no stops."""
     fig = Figure("tunnel_round_trip", "tunnel round trip, 1 byte echoed on an open stream", "µs", "none", None, "")
-    script = str(pathlib.Path(__file__).resolve().parent / "bench_tunnel_rtt.py")
-    c = env.cluster
-    argv = [sys.executable, script, c.agent_addr, c.token_file, BENCH_ADDR, str(BENCH_PORT), str(s.connects)]
-
-    def one() -> None:
-        fig.samples += _samples(env.run("laptop", argv))
-
-    _runs(fig, s.runs, one)
-    fig.notes.append(
+    return _tunnel_floor(
+        env,
+        s,
+        fig,
+        "echo",
         "ktrace's tunnel code in the laptop namespace without a program or tracer (scripts/bench_tunnel_rtt.py): "
         "a byte through a socketpair, the splice, a Connect stream, the agent, the echo server and back. A "
         "connection's first byte needs two such round trips (open/opened, then the data): the floor of "
-        "connect → first byte in this design"
+        "connect → first byte in this design",
     )
-    return fig
 
 
 def tunnel_connect(env: BenchEnv, s: Sizes) -> Figure:
     """The floor under connect → first byte on a same-host agent: the connection as ktrace makes it,
     without a program, its stops or the parking."""
     fig = Figure("tunnel_connect", "tunnel connection, dial → first byte echoed", "µs", "none", None, "")
+    return _tunnel_floor(
+        env,
+        s,
+        fig,
+        "connect",
+        "ktrace's tunnel code in the laptop namespace without a program or tracer "
+        "(scripts/bench_tunnel_rtt.py connect): the agent dials (on its desk line when it offers one), "
+        "ktrace's end of a loopback TCP pair is handed over, a byte goes out and back. What "
+        "connect → first byte adds beyond it is the program's stops and the parking",
+    )
+
+
+def _tunnel_floor(env: BenchEnv, s: Sizes, fig: Figure, mode: str, note: str) -> Figure:
     script = str(pathlib.Path(__file__).resolve().parent / "bench_tunnel_rtt.py")
     c = env.cluster
-    argv = [sys.executable, script, c.agent_addr, c.token_file, BENCH_ADDR, str(BENCH_PORT), str(s.connects), "connect"]
+    argv = [sys.executable, script, c.agent_addr, c.token_file, BENCH_ADDR, str(BENCH_PORT), str(s.connects), mode]
 
     def one() -> None:
         fig.samples += _samples(env.run("laptop", argv))
 
     _runs(fig, s.runs, one)
-    fig.notes.append(
-        "ktrace's tunnel code in the laptop namespace without a program or tracer "
-        "(scripts/bench_tunnel_rtt.py connect): the agent dials (on its desk line when it offers one), "
-        "ktrace's end of a loopback TCP pair is handed over, a byte goes out and back. What "
-        "connect → first byte adds beyond it is the program's stops and the parking"
-    )
+    fig.notes.append(note)
     return fig
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 
 from ktrace.tunnel.client import AgentClient
-from ktrace.tunnel.types import Endpoint
+from ktrace.tunnel.types import Endpoint, TcpStats
 
 
 async def echo(agent: str, token: str, dest: Endpoint, n: int) -> list[int]:
@@ -41,11 +41,7 @@ async def echo(agent: str, token: str, dest: Endpoint, n: int) -> list[int]:
             if await loop.sock_recv(program, 1) != b"x":
                 raise SystemExit("echo: wrong byte back")
             echoes.append(time.perf_counter_ns() - start)
-        program.shutdown(socket.SHUT_WR)
-        while await loop.sock_recv(program, 4096):
-            pass
-        program.close()
-        await splice
+        await _end(program, splice)
         return echoes
     finally:
         await client.close()
@@ -72,15 +68,21 @@ async def connect(agent: str, token: str, dest: Endpoint, n: int) -> list[int]:
             if await loop.sock_recv(program, 1) != b"e":
                 raise SystemExit("connect: wrong byte back")
             firsts.append(time.perf_counter_ns() - start)
-            program.shutdown(socket.SHUT_WR)
-            while await loop.sock_recv(program, 4096):
-                pass
-            program.close()
-            await splice
+            await _end(program, splice)
         return firsts
     finally:
         listener.close()
         await client.close()
+
+
+async def _end(program: socket.socket, splice: asyncio.Task[TcpStats]) -> None:
+    """Close the connection as a program does (FIN, then the rest until EOF) and wait for its splice."""
+    loop = asyncio.get_running_loop()
+    program.shutdown(socket.SHUT_WR)
+    while await loop.sock_recv(program, 4096):
+        pass
+    program.close()
+    await splice
 
 
 def main() -> None:

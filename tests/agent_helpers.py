@@ -203,3 +203,31 @@ def wait_for_line(proc: subprocess.Popen[bytes], needle: str, deadline: float) -
             for line in buffered.decode(errors="replace").splitlines():
                 if needle in line:
                     return line
+
+
+async def tcp_pair() -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter], socket.socket]:
+    """A loopback TCP connection: (the program's end as streams, ktrace's end as a socket)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    try:
+        loop = asyncio.get_running_loop()
+        accepting = asyncio.ensure_future(loop.sock_accept(listener))
+        program = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1], limit=1 << 20)
+        ktrace_end, _ = await accepting
+    finally:
+        listener.close()
+    return program, ktrace_end
+
+
+def ready_then_observe(seen: asyncio.Future[str]) -> Handler:
+    """A server that says ``ready``, then tells ``seen`` how the connection ended: EOF or reset."""
+
+    async def observe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"ready")
+        await writer.drain()
+        try:
+            seen.set_result(f"eof after {len(await reader.read())}")
+        except ConnectionResetError:
+            seen.set_result("reset")
+
+    return observe

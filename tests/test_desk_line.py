@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from agent_helpers import TOKEN, LoopbackServer, agent, run, upper_echo
+from agent_helpers import TOKEN, LoopbackServer, agent, ready_then_observe, run, tcp_pair, upper_echo
 from handler_helpers import until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -69,33 +69,6 @@ async def answer(sock: socket.socket) -> rpc.DeskAnswer | None:
 
 def open_request(conn_id: int, dest: Endpoint) -> bytes:
     return rpc.DeskRequest(id=conn_id, open=rpc.TcpOpen(destination=codec.encode_address(dest))).SerializeToString()
-
-
-async def tcp_pair() -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter], socket.socket]:
-    """A loopback TCP connection: (the program's end as streams, ktrace's end as a socket)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setblocking(False)
-    try:
-        accepting = asyncio.ensure_future(asyncio.get_running_loop().sock_accept(listener))
-        program = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
-        ktrace_end, _ = await accepting
-    finally:
-        listener.close()
-    return program, ktrace_end
-
-
-def observing(seen: asyncio.Future[str]) -> LoopbackServer:
-    """A server that says ``ready``, then tells ``seen`` how its connection ended."""
-
-    async def observe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"ready")
-        await writer.drain()
-        try:
-            seen.set_result(f"eof after {len(await reader.read())}")
-        except ConnectionResetError:
-            seen.set_result("reset")
-
-    return LoopbackServer(observe)
 
 
 def test_a_connection_dialled_attached_and_relayed_record_by_record(tmp_path: pathlib.Path) -> None:
@@ -178,7 +151,11 @@ def test_a_broken_record_ends_its_line_and_resets_its_connections_only(tmp_path:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         seen: asyncio.Future[str] = loop.create_future()
-        async with observing(seen) as watched, LoopbackServer(upper_echo) as target, desk_agent(tmp_path) as (_, reply):
+        async with (
+            LoopbackServer(ready_then_observe(seen)) as watched,
+            LoopbackServer(upper_echo) as target,
+            desk_agent(tmp_path) as (_, reply),
+        ):
             other = DeskClient.connect(reply.tcp_handover_path, reply.tcp_handover_id, reply.tcp_desk_key)
             good = await other
             assert good is not None
@@ -228,7 +205,7 @@ def test_a_client_that_leaves_resets_its_connections(tmp_path: pathlib.Path) -> 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         seen: asyncio.Future[str] = loop.create_future()
-        async with observing(seen) as watched, desk_agent(tmp_path) as (server, reply):
+        async with LoopbackServer(ready_then_observe(seen)) as watched, desk_agent(tmp_path) as (server, reply):
             line = await raw_line(reply)
             await loop.sock_sendall(line, open_request(5, Endpoint.parse(f"127.0.0.1:{watched.port}")))
             assert (await answer(line)) is not None
@@ -254,7 +231,7 @@ def test_a_socket_never_attached_is_reset_after_the_wait(
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         seen: asyncio.Future[str] = loop.create_future()
-        async with observing(seen) as watched, desk_agent(tmp_path) as (_, reply):
+        async with LoopbackServer(ready_then_observe(seen)) as watched, desk_agent(tmp_path) as (_, reply):
             line = await raw_line(reply)
             await loop.sock_sendall(line, open_request(9, Endpoint.parse(f"127.0.0.1:{watched.port}")))
             assert (await answer(line)) is not None
@@ -424,7 +401,7 @@ def test_a_program_socket_that_never_parks_fails_the_connection(
         loop = asyncio.get_running_loop()
         seen: asyncio.Future[str] = loop.create_future()
         try:
-            async with observing(seen) as watched, desk_agent(tmp_path) as (_, reply):
+            async with LoopbackServer(ready_then_observe(seen)) as watched, desk_agent(tmp_path) as (_, reply):
                 line = await DeskClient.connect(reply.tcp_handover_path, reply.tcp_handover_id, reply.tcp_desk_key)
                 assert line is not None
                 with socket.socket() as program:  # never connected: its connect() never came

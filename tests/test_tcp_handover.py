@@ -16,7 +16,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from agent_helpers import TOKEN, Handler, LoopbackServer, agent, drain_all, pump, run, upper_echo
+from agent_helpers import (
+    TOKEN,
+    LoopbackServer,
+    agent,
+    drain_all,
+    pump,
+    ready_then_observe,
+    run,
+    tcp_pair,
+    upper_echo,
+)
 from handler_helpers import until
 from ktrace_agent.handover import HandoverDesk, HandoverRefused
 from ktrace_agent.server import AgentServer
@@ -50,38 +60,10 @@ async def handing_over(
             await client.close()
 
 
-async def tcp_pair() -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter], socket.socket]:
-    """A loopback TCP connection: (the program's end as streams, ktrace's end as a socket)."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.setblocking(False)
-    try:
-        loop = asyncio.get_running_loop()
-        accepting = asyncio.ensure_future(loop.sock_accept(listener))
-        program = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1], limit=1 << 20)
-        ktrace_end, _ = await accepting
-    finally:
-        listener.close()
-    return program, ktrace_end
-
-
 def reset(writer: asyncio.StreamWriter) -> None:
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
-
-
-def ready_then_observe(seen: asyncio.Future[str]) -> Handler:
-    """A server that says ``ready``, then tells ``seen`` how the connection ended: EOF or reset."""
-
-    async def observe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"ready")
-        await writer.drain()
-        try:
-            seen.set_result(f"eof after {len(await reader.read())}")
-        except ConnectionResetError:
-            seen.set_result("reset")
-
-    return observe
 
 
 def test_data_both_ways_relayed_by_the_agent(tmp_path: pathlib.Path, way: str) -> None:
