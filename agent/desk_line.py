@@ -136,9 +136,8 @@ class DeskLine:
             if kind == "open" and request.complete:
                 if len(programs) != 2 or not all(map(_is_tcp, programs)):
                     raise LineBroken("complete without two TCP sockets")
-                end, program = programs
-                programs.clear()
-                self._open(request.id, request.open, (end, program))
+                if self._open(request.id, request.open, (programs[0], programs[1])):
+                    programs.clear()  # the connection has them now
                 return
             if programs:
                 raise LineBroken(f"a descriptor with {kind!r}")
@@ -154,17 +153,8 @@ class DeskLine:
 
     def _open(
         self, conn_id: int, request: rpc.TcpOpen, parked: tuple[socket.socket, socket.socket] | None = None
-    ) -> None:
-        try:
-            self._start(conn_id, request, parked)
-        finally:
-            if parked is not None and (
-                conn_id not in self._connections or self._connections[conn_id].parked is not parked
-            ):
-                for sock in parked:
-                    sock.close()  # not taken by a connection: ended at once, or refused
-
-    def _start(self, conn_id: int, request: rpc.TcpOpen, parked: tuple[socket.socket, socket.socket] | None) -> None:
+    ) -> bool:
+        """Start the connection; True when it took ``parked`` (else the caller closes them)."""
         if conn_id in self._connections:
             raise LineBroken(f"connection {conn_id} is open already")
         try:
@@ -174,7 +164,7 @@ class DeskLine:
         if len(self._connections) >= self._max:
             refused = OSError(errno.ENOBUFS, f"too many connections on this line: {self._max} open")
             self._answer(rpc.DeskAnswer(id=conn_id, failure=codec.encode_failure(refused)))
-            return
+            return False
         timeout = request.timeout_ms / 1000 if request.timeout_ms else self._connect_timeout
         # Started here, not in the task: the dial is on its way one event-loop turn sooner, and
         # a connect answered at once (a nearby host) is answered to the client at once too.
@@ -182,19 +172,20 @@ class DeskLine:
             remote, err = start_dial(dest)
         except OSError as exc:  # no socket (EMFILE, an unsupported family)
             self._dial_failed(conn_id, dest, exc)
-            return
+            return False
         if err not in (0, errno.EINPROGRESS):
             remote.close()
             self._dial_failed(conn_id, dest, OSError(err, os.strerror(err)))
-            return
+            return False
         if err == 0 and not self._opened(conn_id, remote, dest):
-            return
+            return False
         connection = self._connections[conn_id] = _Connection(remote, parked)
         self._activity(+1)
         run = self._run(conn_id, connection, dest, remote, timeout, connected=err == 0)
         task = connection.task = asyncio.get_running_loop().create_task(run)
         # A done callback, not the coroutine's ``finally``: a task cancelled before it ran never enters it.
         task.add_done_callback(lambda done: self._ended(conn_id, connection, done))
+        return True
 
     def _ended(self, conn_id: int, connection: _Connection, task: asyncio.Task[None]) -> None:
         if self._connections.get(conn_id) is connection:
