@@ -367,10 +367,9 @@ class TcpConnects:
         if not self.table.holds(record) or record.sock is None:
             await dialled.abort()  # the program disconnected or closed meanwhile
             return
-        # Connected from here on: the program may see its connect() succeed (and ask its names)
-        # before attach() returns, as soon as the handshake it starts completes.
-        record.phase = Phase.CONNECTED
-        record.local = dialled.local
+        # Connected from here on (if on_opened did not say so already): the program may see its
+        # connect() succeed (and ask its names) before attach() returns.
+        self._opened(record, dialled.local)
         try:
             await self.tunnel.attach(dialled, record.sock, record.dest)
         except AttachFailed as exc:

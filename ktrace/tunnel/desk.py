@@ -147,28 +147,6 @@ class DeskClient:
             answers.fail(TunnelError("ENOBUFS", f"ktrace cannot queue the request: {exc}"))
         return DeskDial(self, conn_id, dest, timeout, answers, lost, None if parked is None else parked[0])
 
-    async def opened(
-        self, conn_id: int, dest: Endpoint, timeout: float | None, answers: _Answers, end: socket.socket | None
-    ) -> DeskConnection:
-        """The connection once the agent answered; raises ``TunnelError`` with its errno, or ``TunnelLost``."""
-        try:
-            reply = await asyncio.wait_for(answers.next(), timeout + OPEN_MARGIN if timeout is not None else None)
-        except TimeoutError:
-            self.abort(conn_id)
-            raise TunnelError("ETIMEDOUT", f"no answer from the agent for {dest} in time") from None
-        except BaseException:
-            self.abort(conn_id)
-            raise
-        kind = reply.WhichOneof("kind")
-        if kind == "failure":
-            self._connections.pop(conn_id, None)
-            raise codec.decode_failure(reply.failure)
-        if kind != "opened":
-            self.abort(conn_id)
-            raise TunnelError("EIO", f"agent answered {kind!r} to open")
-        local, peer = codec.decode_address(reply.opened.local), codec.decode_address(reply.opened.peer)
-        return DeskConnection(self, conn_id, answers, local, peer, end)
-
     def _send(self, request: rpc.DeskRequest, fds: tuple[int, ...] = ()) -> None:
         """One record: now, or after those still waiting. The kernel holds a line's records not
         yet read up to our SO_SNDBUF (a few hundred small ones), which a burst of connects fills
@@ -311,13 +289,33 @@ class DeskDial:
 
     async def _result(self) -> Connection:
         try:
-            return await self._line.opened(self._id, self._dest, self._timeout, self._answers, self._end)
+            return await self._opened()
         except TunnelLost as lost:
             self._close_end()  # the tunnel's way completes the connect from a socket of its own
             return await self._lost(lost)
         except BaseException:
             self._close_end()
             raise
+
+    async def _opened(self) -> DeskConnection:
+        """The connection once the agent answered; raises ``TunnelError`` with its errno, or ``TunnelLost``."""
+        line, conn_id, timeout = self._line, self._id, self._timeout
+        try:
+            reply = await asyncio.wait_for(self._answers.next(), timeout + OPEN_MARGIN if timeout is not None else None)
+        except TimeoutError:
+            line.abort(conn_id)
+            raise TunnelError("ETIMEDOUT", f"no answer from the agent for {self._dest} in time") from None
+        except BaseException:
+            line.abort(conn_id)
+            raise
+        kind = reply.WhichOneof("kind")
+        if kind == "failure":
+            raise codec.decode_failure(reply.failure)
+        if kind != "opened":
+            line.abort(conn_id)
+            raise TunnelError("EIO", f"agent answered {kind!r} to open")
+        local, peer = codec.decode_address(reply.opened.local), codec.decode_address(reply.opened.peer)
+        return DeskConnection(line, conn_id, self._answers, local, peer, self._end)
 
     def _close_end(self) -> None:
         if self._end is not None:
