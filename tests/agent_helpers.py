@@ -20,6 +20,7 @@ from typing import Any, TypeVar, cast
 from ktrace_agent.server import AgentServer
 
 from ktrace.tunnel.client import AgentClient
+from ktrace.tunnel.types import Connection, TcpStats
 
 T = TypeVar("T")
 
@@ -231,3 +232,12 @@ def ready_then_observe(seen: asyncio.Future[str]) -> Handler:
             seen.set_result("reset")
 
     return observe
+
+
+async def spliced(
+    stream: Connection,
+) -> tuple[tuple[asyncio.StreamReader, asyncio.StreamWriter], asyncio.Task[TcpStats]]:
+    """A program's connection (``tcp_pair``) carried by ``stream``: the program's end as streams,
+    and the splice's task (its stats once the connection ended)."""
+    program, ktrace_end = await tcp_pair()
+    return program, asyncio.create_task(stream.splice(ktrace_end))

@@ -24,6 +24,7 @@ from agent_helpers import (
     pump,
     ready_then_observe,
     run,
+    spliced,
     tcp_pair,
     upper_echo,
 )
@@ -72,8 +73,7 @@ def test_data_both_ways_relayed_by_the_agent(tmp_path: pathlib.Path, way: str) -
             assert client.hands_over
             for _ in range(3):  # one after another on the same (reused) stream
                 stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-                (p_reader, p_writer), k_sock = await tcp_pair()
-                splice = asyncio.create_task(stream.splice(k_sock))
+                (p_reader, p_writer), splice = await spliced(stream)
                 p_writer.write(b"hello agent")
                 assert await p_reader.readexactly(11) == b"HELLO AGENT"
                 p_writer.write_eof()
@@ -94,8 +94,7 @@ def test_bulk_both_ways_intact(tmp_path: pathlib.Path, way: str) -> None:
     async def scenario() -> None:
         async with LoopbackServer(sink_then_send) as target, handing_over(tmp_path, way) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), k_sock = await tcp_pair()
-            splice = asyncio.create_task(stream.splice(k_sock))
+            (p_reader, p_writer), splice = await spliced(stream)
             sent = await pump(p_writer, 32 << 20, seed=1)
             assert (await p_reader.readline()).decode().strip() == repr((32 << 20, sent))
             count, _ = await drain_all(p_reader)
@@ -120,8 +119,7 @@ def test_half_close_server_still_answers(tmp_path: pathlib.Path, way: str) -> No
     async def scenario() -> None:
         async with LoopbackServer(answer_after_eof) as target, handing_over(tmp_path, way) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), k_sock = await tcp_pair()
-            splice = asyncio.create_task(stream.splice(k_sock))
+            (p_reader, p_writer), splice = await spliced(stream)
             p_writer.write(b"x" * 1000)
             p_writer.write_eof()
             assert await p_reader.read() == b"got 1000 bytes"
@@ -139,8 +137,7 @@ def test_remote_reset_reaches_the_program_as_a_reset(tmp_path: pathlib.Path, way
     async def scenario() -> None:
         async with LoopbackServer(reset_after_hello) as target, handing_over(tmp_path, way) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), k_sock = await tcp_pair()
-            splice = asyncio.create_task(stream.splice(k_sock))
+            (p_reader, p_writer), splice = await spliced(stream)
             p_writer.write(b"hello")
             assert (await splice).outcome == "reset: ECONNRESET"
             with pytest.raises(ConnectionResetError):
@@ -155,8 +152,7 @@ def test_program_reset_reaches_the_server_as_a_reset(tmp_path: pathlib.Path, way
         seen: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         async with LoopbackServer(ready_then_observe(seen)) as target, handing_over(tmp_path, way) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), k_sock = await tcp_pair()
-            splice = asyncio.create_task(stream.splice(k_sock))
+            (p_reader, p_writer), splice = await spliced(stream)
             assert await p_reader.readexactly(5) == b"ready"
             reset(p_writer)
             assert await asyncio.wait_for(seen, 10) == "reset"
@@ -170,8 +166,7 @@ def test_ktrace_aborting_resets_both_sides(tmp_path: pathlib.Path, way: str) -> 
         seen: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         async with LoopbackServer(ready_then_observe(seen)) as target, handing_over(tmp_path, way) as (_, client):
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), k_sock = await tcp_pair()
-            splice = asyncio.create_task(stream.splice(k_sock))
+            (p_reader, p_writer), splice = await spliced(stream)
             assert await p_reader.readexactly(5) == b"ready"
             await stream.abort()
             assert await asyncio.wait_for(seen, 10) == "reset"
@@ -190,8 +185,7 @@ def test_a_stopped_agent_resets_the_program_promptly(tmp_path: pathlib.Path) -> 
         async with LoopbackServer(upper_echo) as target, agent(f"unix:{tmp_path}/agent.sock", token=TOKEN) as server:
             client = await AgentClient.connect(server.address, TOKEN, timeout=10, handover=True)
             stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
-            (p_reader, p_writer), k_sock = await tcp_pair()
-            splice = asyncio.create_task(stream.splice(k_sock))
+            (p_reader, p_writer), splice = await spliced(stream)
             p_writer.write(b"hi")
             assert await p_reader.readexactly(2) == b"HI"
             await server.stop(grace=None)
@@ -281,8 +275,7 @@ def test_an_agent_restarted_at_the_same_path_gets_the_next_connections(tmp_path:
             try:
                 async with agent(path, token=TOKEN) as second:
                     stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"), timeout=10)
-                    (p_reader, p_writer), k_sock = await tcp_pair()
-                    splice = asyncio.create_task(stream.splice(k_sock))
+                    (p_reader, p_writer), splice = await spliced(stream)
                     p_writer.write(b"again")
                     assert await p_reader.readexactly(5) == b"AGAIN"
                     p_writer.write_eof()
@@ -296,8 +289,7 @@ def test_an_agent_restarted_at_the_same_path_gets_the_next_connections(tmp_path:
                     await until(lambda: bool(desk._keyed), "a line to the new agent's desk", timeout=10)
                     stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"), timeout=10)
                     assert isinstance(stream, DeskConnection)
-                    (p_reader, p_writer), k_sock = await tcp_pair()
-                    splice = asyncio.create_task(stream.splice(k_sock))
+                    (p_reader, p_writer), splice = await spliced(stream)
                     p_writer.write(b"desk")
                     assert await p_reader.readexactly(4) == b"DESK"
                     p_writer.write_eof()
