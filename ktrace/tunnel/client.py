@@ -55,8 +55,6 @@ __all__ = [
 TUNNEL_WAIT = 10.0
 # How long a lost desk line's replacement waits for the agent to answer a handshake again.
 DESK_RENEWAL_WAIT = 30.0
-
-log = logging.getLogger("ktrace.tunnel")
 # Connect streams kept started ahead of need (see call_pool.py).
 SPARE_CALLS = 2
 # Idle Connect streams kept for reuse after their connection ended (call_pool.py): enough for
@@ -88,6 +86,8 @@ class AgentInfo:
     tcp_handover_id: bytes = b""
     tcp_desk_key: bytes = b""  # the same agent dials on a keyed line to that path (desk.py)
 
+
+log = logging.getLogger("ktrace.tunnel")
 
 DEFAULT_UNREACHABLE_HINT = "is it running, and is the port-forward up?"
 
@@ -253,11 +253,13 @@ class AgentClient:
             elif state is grpc.ChannelConnectivity.READY:
                 self.health.back()
 
-    async def ping(self, timeout: float = 10.0) -> None:
+    async def ping(self, timeout: float = 10.0, *, wait_for_ready: bool = False) -> rpc.HandshakeReply:
         """A handshake on the open channel: proves the path to the agent works and keeps an agent
         started with ``--idle-exit`` from exiting while ktrace runs."""
         request = rpc.HandshakeRequest(client_version=__version__, protocol_version=PROTOCOL_VERSION)
-        await self._stub.handshake(request, metadata=self._metadata, timeout=timeout)
+        return await self._stub.handshake(
+            request, metadata=self._metadata, timeout=timeout, wait_for_ready=wait_for_ready
+        )
 
     def _renew_desk(self, lost: TunnelLost) -> None:
         """Once the line to the desk is lost (the agent went away, or restarted with a new desk):
@@ -271,11 +273,8 @@ class AgentClient:
             self._desk_renewal = asyncio.get_running_loop().create_task(self._new_desk())
 
     async def _new_desk(self) -> None:
-        request = rpc.HandshakeRequest(client_version=__version__, protocol_version=PROTOCOL_VERSION)
         try:
-            reply = await self._stub.handshake(
-                request, metadata=self._metadata, timeout=DESK_RENEWAL_WAIT, wait_for_ready=True
-            )
+            reply = await self.ping(DESK_RENEWAL_WAIT, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             log.debug("desk: no new handshake (%s); connections stay in the tunnel", exc.code().name)
             return

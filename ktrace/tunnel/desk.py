@@ -86,9 +86,8 @@ class _Answers:
 class DeskClient:
     """The line; ``lost`` is set once it broke (every later call raises ``TunnelLost``)."""
 
-    def __init__(self, sock: socket.socket, path: str) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._path = path
         self._ids = itertools.count(1)
         self._connections: dict[int, _Answers] = {}
         self._outbox: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
@@ -107,7 +106,7 @@ class DeskClient:
             sock.close()
             log.debug("desk: hello failed (%s)", exc)
             return None
-        return cls(sock, path)
+        return cls(sock)
 
     def dial(
         self,
