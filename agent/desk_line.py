@@ -50,7 +50,7 @@ MAX_FDS = 2  # `complete`: the socket bound to the parking address and the progr
 ATTACH_WAIT = 60.0
 
 
-def _is_tcp(sock: socket.socket) -> bool:
+def is_tcp(sock: socket.socket) -> bool:
     return sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6)
 
 
@@ -134,7 +134,7 @@ class DeskLine:
                 self._attach(request.id, programs.pop())
                 return
             if kind == "open" and request.complete:
-                if len(programs) != 2 or not all(map(_is_tcp, programs)):
+                if len(programs) != 2 or not all(map(is_tcp, programs)):
                     raise LineBroken("complete without two TCP sockets")
                 if self._open(request.id, request.open, (programs[0], programs[1])):
                     programs.clear()  # the connection has them now
@@ -204,7 +204,7 @@ class DeskLine:
         if connection is None or connection.program.done():
             program.close()  # given up meanwhile (abort, the attach wait): not an error of the line
             return
-        if not _is_tcp(program):
+        if not is_tcp(program):
             raise LineBroken("the descriptor is not a TCP socket")
         if connection.parked is not None:
             raise LineBroken(f"attach to connection {conn_id}, which the agent completes itself")

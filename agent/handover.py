@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
 
-from .desk_line import DeskLine
+from .desk_line import DeskLine, is_tcp
 from .wire import rpc
 
 log = logging.getLogger("ktrace_agent")
@@ -158,7 +158,7 @@ class HandoverDesk:
                 future.set_exception(HandoverRefused("no single descriptor came with the ticket"))
             return
         (sock,) = socks
-        if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        if not is_tcp(sock):
             sock.close()
             future.set_exception(HandoverRefused("the descriptor is not a TCP socket"))
             return
