@@ -181,7 +181,7 @@ class DeskLine:
             return False
         connection = self._connections[conn_id] = _Connection(remote, parked)
         self._activity(+1)
-        run = self._run(conn_id, connection, dest, remote, timeout, connected=err == 0)
+        run = self._run(conn_id, connection, dest, timeout, connected=err == 0)
         task = connection.task = asyncio.get_running_loop().create_task(run)
         # A done callback, not the coroutine's ``finally``: a task cancelled before it ran never enters it.
         task.add_done_callback(lambda done: self._ended(conn_id, connection, done))
@@ -239,11 +239,11 @@ class DeskLine:
         conn_id: int,
         connection: _Connection,
         dest: Endpoint,
-        remote: socket.socket,
         timeout: float,
         *,
         connected: bool,
     ) -> None:
+        remote = connection.remote
         program: socket.socket | None = None
         try:
             if not connected:
