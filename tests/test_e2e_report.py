@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import jsonschema
 import pytest
-from e2e_helpers import read_line
+from e2e_helpers import read_line, wait_until
 from fixture_programs import Programs
 from nscluster import LAPTOP_V4, NamespaceCluster
 
@@ -247,10 +247,16 @@ def laptop_dns(ktrace_cluster: NamespaceCluster) -> Iterator[str]:
         "--log-queries",
     ]
     proc = ktrace_cluster.popen_laptop(argv)
+    probe = ["dig", "+time=1", "+tries=1", "+short", "@127.0.0.1", LAPTOP_NAME]
+
+    def answers() -> bool:
+        # dig's retries are instant while nothing listens yet (a refusal, no timeout): ask again
+        # until dnsmasq has bound its port; a dnsmasq that exited is a failure, with its reason.
+        assert proc.poll() is None, f"dnsmasq exited {proc.returncode}: {proc.communicate(timeout=10)}"
+        return ktrace_cluster.run_laptop(probe, timeout=10).stdout.strip() == LAPTOP_V4
+
     try:
-        probe = ["dig", "+time=1", "+tries=20", "+short", "@127.0.0.1", LAPTOP_NAME]
-        answer = ktrace_cluster.run_laptop(probe, timeout=30)
-        assert answer.stdout.strip() == LAPTOP_V4, answer
+        wait_until(answers, 30, f"dnsmasq in the laptop namespace to answer {LAPTOP_NAME}")
         yield LAPTOP_NAME
     finally:
         proc.kill()
