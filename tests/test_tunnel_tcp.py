@@ -490,3 +490,34 @@ def test_read_gate_leaves_the_servers_data_in_the_agents_kernel_buffers(tmp_path
             p_writer.close()
 
     run(scenario())
+
+
+def test_a_dial_through_the_tunnel_leaves_before_anyone_awaits_it(listen: str) -> None:
+    """The tracer starts a dial in the program's connect() stop and awaits it from a task one
+    loop turn later: on a started spare stream (every dial's, once ktrace runs), the open frame
+    must already be on its way (the agent dials meanwhile)."""
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):  # each dial is aborted: a reset
+            await reader.read()
+
+    async def scenario() -> None:
+        async with LoopbackServer(hold) as target, agent_and_client(listen) as (_, client):
+            dest = Endpoint.parse(f"127.0.0.1:{target.port}")
+            client.prime()  # as ktrace does at start: spare streams, started ahead of need
+            first = await client.open_tcp(dest)  # by its end, a spare's stream has started
+            await first.abort()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while target.accepted < 1:  # the server's accept callback may run late
+                assert loop.time() < deadline, "the first dial never reached the server"
+                await asyncio.sleep(0.001)
+            pending = client.start_tcp(dest)
+            while target.accepted < 2:  # the loop runs; nothing awaits the dial
+                assert loop.time() < deadline, "the agent never dialled: the open frame did not leave"
+                await asyncio.sleep(0.001)
+            stream = await pending
+            assert stream.peer == dest
+            await stream.abort()
+
+    run(scenario())

@@ -11,9 +11,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import grpc.aio
@@ -23,6 +22,7 @@ from ktrace_agent.wire.budget import SendBudget
 from .. import __version__
 from .call_pool import CallPool
 from .desk import DeskClient, DeskDial
+from .eager import StartedNow
 from .handover import HandoverLine
 from .health import TunnelHealth, short_reason
 from .tcp_stream import TcpStream
@@ -288,7 +288,7 @@ class AgentClient:
         *,
         parked: Callable[[], tuple[socket.socket, socket.socket] | None] | None = None,
         on_opened: Callable[[Endpoint], None] | None = None,
-    ) -> DeskDial | Coroutine[Any, Any, Connection]:
+    ) -> DeskDial | StartedNow[Connection]:
         """``open_tcp``, with what can leave for the agent now already sent (a same-host agent's
         request: the dial starts while the program's connect() stop is still being handled).
 
@@ -308,7 +308,8 @@ class AgentClient:
                 )
             except TunnelLost as lost:
                 self._renew_desk(lost)
-        return self._open_in_tunnel(dest, timeout)
+        # The open frame's write starts now, in the stop, ahead of what else the loop has ready.
+        return StartedNow(self._open_in_tunnel(dest, timeout))
 
     def catch_up(self) -> None:
         """Take what a same-host agent has answered on its desk line, now (``DeskClient.catch_up``)."""
