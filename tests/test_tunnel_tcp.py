@@ -521,3 +521,40 @@ def test_a_dial_through_the_tunnel_leaves_before_anyone_awaits_it(listen: str) -
             await stream.abort()
 
     run(scenario())
+
+
+def test_a_dial_given_up_before_anyone_awaits_it_leaves_nothing_open(listen: str) -> None:
+    """The program closed its socket (or ktrace stopped) between the connect() stop and the
+    settling task: close() ends the dial whose open already left, and the agent resets what it
+    dialled instead of keeping it."""
+
+    ended: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            data = await reader.read()
+        except ConnectionError:
+            data = b"reset"
+        ended.put_nowait(data or b"eof")
+
+    async def scenario() -> None:
+        async with LoopbackServer(hold) as target, agent_and_client(listen) as (_, client):
+            dest = Endpoint.parse(f"127.0.0.1:{target.port}")
+            client.prime()
+            first = await client.open_tcp(dest)
+            await first.abort()
+            assert await asyncio.wait_for(ended.get(), 10) in (b"reset", b"eof")
+            pending = client.start_tcp(dest)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while target.accepted < 2:  # the agent has dialled: the case that could leak
+                assert loop.time() < deadline, "the agent never dialled"
+                await asyncio.sleep(0.001)
+            pending.close()
+            assert await asyncio.wait_for(ended.get(), 10) in (b"reset", b"eof")
+            # The tunnel carries the next dial as usual.
+            stream = await client.open_tcp(dest)
+            assert stream.peer == dest
+            await stream.abort()
+
+    run(scenario())
