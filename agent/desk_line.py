@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError
 from .dial import finish_dial, start_dial
 from .socket_relay import relay_sockets, reset_at_close
 from .wire import codec, rpc
-from .wire.connecting import TCP_SYN_SENT, connect_now, handshake_target, until_not_closed
+from .wire.connecting import TCP_SYN_SENT, meet_parked, until_not_closed
 from .wire.values import Endpoint
 
 log = logging.getLogger("ktrace_agent")
@@ -292,19 +292,12 @@ class DeskLine:
         reset, ``failure`` answered) when the program's socket is not, or no longer, parked."""
         assert connection.parked is not None
         end, program = connection.parked
-        loop = asyncio.get_running_loop()
         try:
             # CLOSE: its blocking connect() has not reached the kernel yet.
             state = await until_not_closed(program, ATTACH_WAIT, lambda: not self._closed)
             if state != TCP_SYN_SENT:
                 raise OSError(errno.ECONNABORTED, f"the program's socket is not connecting (TCP state {state})")
-            target = handshake_target(program, end.family)
-            err = connect_now(end, target)
-            if err == errno.EINPROGRESS:
-                async with asyncio.timeout(ATTACH_WAIT):
-                    await loop.sock_connect(end, target)
-            elif err:
-                raise OSError(err, os.strerror(err))
+            await meet_parked(end, program, ATTACH_WAIT)
         except (OSError, TimeoutError) as exc:
             reset_at_close(connection.remote)
             reason = ConnectionAbortedError(errno.ECONNABORTED, f"completing the program's connect failed: {exc}")

@@ -15,10 +15,10 @@ from typing import cast
 
 import pytest
 from agent_helpers import LoopbackServer, agent_and_client, run, upper_echo
+from ktrace_agent.wire import connecting
 from ktrace_agent.wire.connecting import tcp_state
 
 from ktrace.tracer import sockops
-from ktrace.tunnel import parking
 from ktrace.tunnel.parking import ParkingLot, ProgramSocketGone
 from ktrace.tunnel.types import Connection, Endpoint, TcpStats
 
@@ -184,7 +184,7 @@ def test_an_attach_given_up_while_completing_the_handshake_closes_ktrace_s_end(
     On loopback the handshake is complete when connect() returns, so attach() has no await there;
     its answer is withheld here (attach() waits for the event loop instead, as it does when the
     kernel has not finished the handshake within the call)."""
-    monkeypatch.setattr(parking, "connect_now", lambda sock, address: errno.EINPROGRESS)
+    monkeypatch.setattr(connecting, "connect_now", lambda sock, address: errno.EINPROGRESS)
 
     async def scenario() -> None:
         lot = ParkingLot()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import select
 import socket
 from collections.abc import Callable
@@ -72,6 +73,20 @@ def end_family(program_family: int, has_ipv6_loopback: bool) -> int:
     if program_family == socket.AF_INET or has_ipv6_loopback:
         return program_family
     return socket.AF_INET
+
+
+async def meet_parked(end: socket.socket, program: socket.socket, timeout: float | None) -> None:
+    """Complete the parked ``program``'s handshake from ``end`` (a non-blocking socket bound to
+    the parking address): the two SYNs cross. On loopback they meet within connect(), as a rule;
+    otherwise this waits, up to ``timeout`` (None: as long as it takes). Raises OSError or
+    TimeoutError."""
+    target = handshake_target(program, end.family)
+    err = connect_now(end, target)
+    if err == errno.EINPROGRESS:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(end, target)
+    elif err:
+        raise OSError(err, os.strerror(err))
 
 
 def handshake_target(program: socket.socket, family: int) -> tuple[str, int]:

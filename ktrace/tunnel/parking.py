@@ -29,12 +29,11 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ktrace_agent.wire.connecting import TCP_SYN_SENT, connect_now, end_family, handshake_target, until_not_closed
+from ktrace_agent.wire.connecting import TCP_SYN_SENT, end_family, meet_parked, until_not_closed
 
 from .types import Connection, TcpStats
 
@@ -101,7 +100,6 @@ class ParkingLot:
 
         ``program`` is ktrace's duplicate of the program's socket (the caller keeps and
         closes it). Raises ProgramSocketGone when it is not (or no longer) parked here."""
-        loop = asyncio.get_running_loop()
         # CLOSE: its blocking connect() has not reached the kernel yet.
         state = await until_not_closed(program, ATTACH_WAIT, lambda: not self._closing)
         if state != TCP_SYN_SENT:
@@ -113,13 +111,7 @@ class ParkingLot:
         except OSError as exc:  # EMFILE: the connect fails as one ktrace cannot look at (ENOBUFS)
             raise ProgramSocketGone(f"no socket to complete the program's connect from: {exc}", errno.ENOBUFS) from None
         try:
-            target = handshake_target(program, end.family)
-            # On loopback the two SYNs meet within this call: connected already, as a rule.
-            err = connect_now(end, target)
-            if err == errno.EINPROGRESS:
-                await loop.sock_connect(end, target)
-            elif err:
-                raise OSError(err, os.strerror(err))
+            await meet_parked(end, program, None)
         except OSError as exc:
             end.close()
             raise ProgramSocketGone(f"completing the program's connect failed: {exc}") from None
