@@ -23,7 +23,6 @@ resets the program's connections from the client's side too.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import errno
 import logging
@@ -38,6 +37,7 @@ from .dial import finish_dial, start_dial
 from .socket_relay import relay_sockets, reset_at_close
 from .wire import codec, rpc
 from .wire.connecting import TCP_SYN_SENT, meet_parked, until_not_closed
+from .wire.outbox import RecordOutbox
 from .wire.values import Endpoint
 
 log = logging.getLogger("ktrace_agent")
@@ -89,7 +89,8 @@ class DeskLine:
         self._activity = activity
         self._on_closed = on_closed
         self._connections: dict[int, _Connection] = {}
-        self._outbox: collections.deque[bytes] = collections.deque()
+        # The client reads later: the answers wait there, in order (a few per connection).
+        self._outbox = RecordOutbox(sock, self._broken)
         self._closed = False
 
     def start(self) -> None:
@@ -314,40 +315,22 @@ class DeskLine:
     def _answer(self, answer: rpc.DeskAnswer) -> None:
         if self._closed:
             return
-        self._outbox.append(answer.SerializeToString())
-        if len(self._outbox) == 1:
-            self._flush()
+        failed = self._outbox.send(answer.SerializeToString())
+        if failed is not None:
+            self._broken(failed)
 
-    def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._outbox:
-            try:
-                self._sock.send(self._outbox[0])
-            except (BlockingIOError, InterruptedError):
-                # The client reads later: the answers wait here, in order (a few per connection).
-                loop.add_writer(self._sock, self._writable)
-                return
-            except OSError as exc:
-                log.debug("desk line: %s", exc)
-                self.close()
-                return
-            self._outbox.popleft()
-
-    def _writable(self) -> None:
-        asyncio.get_running_loop().remove_writer(self._sock)
-        self._flush()
+    def _broken(self, exc: OSError) -> None:
+        log.debug("desk line: %s", exc)
+        self.close()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, OSError):
-            loop.remove_reader(self._sock)
-        with contextlib.suppress(ValueError, OSError):
-            loop.remove_writer(self._sock)
-        self._sock.close()
+            asyncio.get_running_loop().remove_reader(self._sock)
         self._outbox.clear()
+        self._sock.close()
         for connection in list(self._connections.values()):
             if connection.task is not None:
                 connection.task.cancel()

@@ -22,7 +22,6 @@ import collections
 import contextlib
 import itertools
 import logging
-import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -30,6 +29,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 from ktrace_agent.wire import codec, rpc
+from ktrace_agent.wire.outbox import RecordOutbox
 
 from .handover import dial_desk
 from .tcp_stream import OPEN_MARGIN, reset_socket
@@ -90,7 +90,7 @@ class DeskClient:
         self._sock = sock
         self._ids = itertools.count(1)
         self._connections: dict[int, _Answers] = {}
-        self._outbox: collections.deque[tuple[bytes, tuple[int, ...]]] = collections.deque()
+        self._outbox = RecordOutbox(sock, self._broken)
         self.lost: str | None = None
         asyncio.get_running_loop().add_reader(sock, self._readable)
 
@@ -147,53 +147,15 @@ class DeskClient:
         return DeskDial(self, conn_id, dest, timeout, answers, lost, None if parked is None else parked[0])
 
     def _send(self, request: rpc.DeskRequest, fds: tuple[int, ...] = ()) -> None:
-        """One record: now, or after those still waiting. The kernel holds a line's records not
-        yet read up to our SO_SNDBUF (a few hundred small ones), which a burst of connects fills
-        (1,000 at once in scripts/bench); the rest wait here, in order, each descriptor as a
-        duplicate of its own (the caller may close its socket meanwhile, and the number be
-        reused)."""
-        record = request.SerializeToString()
-        if not self._outbox:
-            try:
-                self._send_now(record, fds)
-                return
-            except BlockingIOError:
-                asyncio.get_running_loop().add_writer(self._sock, self._writable)
-        dups: list[int] = []
-        try:
-            dups.extend(os.dup(fd) for fd in fds)
-        except OSError:  # EMFILE: this record cannot wait; the line stays as it is
-            for fd in dups:
-                os.close(fd)
-            raise
-        self._outbox.append((record, tuple(dups)))
+        """One record, now or after those still waiting (wire/outbox.py). Raises ``TunnelLost``
+        when the line failed; OSError when a descriptor cannot wait (EMFILE)."""
+        failed = self._outbox.send(request.SerializeToString(), fds)
+        if failed is not None:
+            self._broken(failed)
+            raise TunnelLost("EIO", self.lost or "the agent's desk line failed")
 
-    def _send_now(self, record: bytes, fds: tuple[int, ...]) -> None:
-        """Raises BlockingIOError when the agent's queue is full; ``TunnelLost`` when the line failed."""
-        try:
-            if fds:
-                socket.send_fds(self._sock, [record], list(fds))
-            else:
-                self._sock.send(record)
-        except (BlockingIOError, InterruptedError):
-            raise BlockingIOError from None
-        except OSError as exc:
-            self._lose(f"the agent's desk line failed: {exc}")
-            raise TunnelLost("EIO", self.lost or "the agent's desk line failed") from None
-
-    def _writable(self) -> None:
-        while self._outbox:
-            record, fds = self._outbox[0]
-            try:
-                self._send_now(record, fds)
-            except BlockingIOError:
-                return
-            except TunnelLost:
-                return  # _lose emptied the outbox
-            self._outbox.popleft()
-            for fd in fds:
-                os.close(fd)
-        asyncio.get_running_loop().remove_writer(self._sock)
+    def _broken(self, exc: OSError) -> None:
+        self._lose(f"the agent's desk line failed: {exc}")
 
     def attach(self, conn_id: int, program: socket.socket) -> None:
         """Send ``program`` (ktrace's end of the program's connection) for the connection."""
@@ -244,11 +206,6 @@ class DeskClient:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, OSError):
             loop.remove_reader(self._sock)
-        with contextlib.suppress(ValueError, OSError):
-            loop.remove_writer(self._sock)
-        for _, fds in self._outbox:
-            for fd in fds:
-                os.close(fd)
         self._outbox.clear()
         self._sock.close()
         connections, self._connections = self._connections, {}
