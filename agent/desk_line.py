@@ -192,12 +192,13 @@ class DeskLine:
         if self._connections.get(conn_id) is connection:
             del self._connections[conn_id]
         if task.cancelled():
-            reset_at_close(connection.remote)  # cancelled before it ran: its finally never did
+            reset_at_close(connection.remote)  # as _run does when cancelled (it may not have run)
         connection.remote.close()
         for sock in connection.parked or ():
             sock.close()
         if connection.program.done() and not connection.program.cancelled():
-            connection.program.result().close()  # no-op when the task had it (closed there)
+            # The client closes its copy after `relayed`: only then FIN or RST.
+            connection.program.result().close()
         self._activity(-1)
 
     def _attach(self, conn_id: int, program: socket.socket) -> None:
@@ -244,8 +245,7 @@ class DeskLine:
         *,
         connected: bool,
     ) -> None:
-        remote = connection.remote
-        program: socket.socket | None = None
+        remote = connection.remote  # closed by _ended, with the program's socket, once this ends
         try:
             if not connected:
                 try:
@@ -279,12 +279,6 @@ class DeskLine:
             # (relay_sockets has set both to reset when it was relaying).
             reset_at_close(remote)
             raise
-        finally:
-            if program is None and connection.program.done() and not connection.program.cancelled():
-                program = connection.program.result()  # came as this gave up
-            if program is not None:
-                program.close()  # the client closes its copy after `relayed`: only then FIN or RST
-            remote.close()
 
     async def _complete(self, conn_id: int, connection: _Connection) -> bool:
         """Complete the program's parked connect from ktrace's parking address (``opened`` is
