@@ -49,6 +49,7 @@ __all__ = [
     "TunnelError",
 ]
 
+log = logging.getLogger("ktrace.tunnel")
 
 # How long a new connection waits for a lost tunnel to come back when no connect timeout was
 # given: the agent's own default dial timeout.
@@ -86,8 +87,6 @@ class AgentInfo:
     tcp_handover_id: bytes = b""
     tcp_desk_key: bytes = b""  # the same agent dials on a keyed line to that path (desk.py)
 
-
-log = logging.getLogger("ktrace.tunnel")
 
 DEFAULT_UNREACHABLE_HINT = "is it running, and is the port-forward up?"
 
