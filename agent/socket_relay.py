@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from .wire.errnos import errno_name
 
 CHUNK = 256 * 1024
+READS_PER_WAKE = 4
 
 
 @dataclass
@@ -135,36 +136,45 @@ class _Direction:
             self._writing = writing
 
     def _read(self) -> None:
-        if self._done.done():
-            return
-        try:
-            count = self._source.recv_into(self._buffer)
-        except (BlockingIOError, InterruptedError):
-            self._want(reading=True, writing=False)
-            return
-        except OSError as exc:
-            self._end(_Ended(_failed(exc, program_side=self._up), self._sink))
-            return
-        if not count:
-            # Nothing is pending (a read only follows a complete send): the FIN can go now.
-            with contextlib.suppress(OSError):
-                self._sink.shutdown(socket.SHUT_WR)
-            self._want(reading=False, writing=False)
-            self._finished()
-            return
-        self._pending = self._view[:count]
-        self._write()
+        # Read again at once after a complete send, as a task's loop would (a bulk transfer finds
+        # more waiting), but a few times only: then the loop's other callbacks get their turn.
+        for _ in range(READS_PER_WAKE):
+            if self._done.done():
+                return
+            try:
+                count = self._source.recv_into(self._buffer)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._end(_Ended(_failed(exc, program_side=self._up), self._sink))
+                return
+            if not count:
+                # Nothing is pending (a read only follows a complete send): the FIN can go now.
+                with contextlib.suppress(OSError):
+                    self._sink.shutdown(socket.SHUT_WR)
+                self._want(reading=False, writing=False)
+                self._finished()
+                return
+            self._pending = self._view[:count]
+            if not self._send_pending():
+                return
+        self._want(reading=True, writing=False)
 
     def _write(self) -> None:
+        if self._send_pending():
+            self._read()
+
+    def _send_pending(self) -> bool:
+        """Send what is pending; True when all of it went, else the writer waits for the sink."""
         if self._done.done():
-            return
+            return False
         try:
             sent = self._sink.send(self._pending)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
             self._end(_Ended(_failed(exc, program_side=not self._up), self._source))
-            return
+            return False
         if self._up:
             self._relayed.bytes_up += sent
         else:
@@ -172,8 +182,8 @@ class _Direction:
         self._pending = self._pending[sent:]
         if self._pending:
             self._want(reading=False, writing=True)
-        else:
-            self._want(reading=True, writing=False)
+            return False
+        return True
 
     def _end(self, ended: _Ended) -> None:
         self._want(reading=False, writing=False)
