@@ -7,15 +7,14 @@ import errno
 import os
 import socket
 
-from .wire.connecting import connect_now
+from .wire.connecting import connect_now, relay_leg
 from .wire.values import Endpoint
 
 
 def start_dial(dest: Endpoint) -> tuple[socket.socket, int]:
     """A socket connecting to ``dest`` and ``connect_now``'s answer (0, EINPROGRESS or an errno;
     the caller closes the socket after an errno)."""
-    sock = socket.socket(dest.family, socket.SOCK_STREAM)
-    sock.setblocking(False)
+    sock = relay_leg(dest.family)
     try:
         return sock, connect_now(sock, (str(dest.ip), dest.port))
     except BaseException:

@@ -17,6 +17,27 @@ import socket
 from collections.abc import Callable
 
 
+def relay_leg(family: int) -> socket.socket:
+    """A non-blocking TCP socket for a relay's own leg of a program's connection: the agent's to the
+    destination, or ktrace's end of the program's loopback connection.
+
+    With TCP_NODELAY: the relay reads whatever the program (or the server) has written so far and
+    sends it on at once, so Nagle's algorithm on its legs adds nothing but waiting. With it on, a
+    second small write that follows an unacknowledged first one (a request's head then its body,
+    an answer's two parts) waited for the peer's delayed ACK, ~40 ms, where the program in a pod,
+    whose own socket decides (Go's, curl's, asyncio's have TCP_NODELAY), sees no wait. The
+    program's and the server's own sockets keep their own setting.
+    """
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def connect_now(sock: socket.socket, address: tuple[str, int] | tuple[str, int, int, int]) -> int:
     """connect() ``sock`` (non-blocking): 0 when connected, ``errno.EINPROGRESS`` while the
     answer is still to come (then ``loop.sock_connect`` with the same address waits for it), or

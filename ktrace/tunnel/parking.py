@@ -33,7 +33,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ktrace_agent.wire.connecting import TCP_SYN_SENT, end_family, meet_parked, until_not_closed
+from ktrace_agent.wire.connecting import TCP_SYN_SENT, end_family, meet_parked, relay_leg, until_not_closed
 
 from .types import Connection, TcpStats
 
@@ -125,11 +125,10 @@ class ParkingLot:
         """A socket bound to the parking address ``program`` waits at, to complete its handshake
         from (here, or by a same-host agent: ``adopt``)."""
         family = end_family(program.family, socket.AF_INET6 in self._listeners)
-        end = socket.socket(family, socket.SOCK_STREAM)
+        end = relay_leg(family)
         try:
             end.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             end.bind(self._listeners[family].getsockname())
-            end.setblocking(False)
         except BaseException:
             end.close()
             raise
