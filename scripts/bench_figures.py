@@ -206,6 +206,27 @@ def connect_latency(env: BenchEnv, s: Sizes) -> Figure:
     return fig
 
 
+def split_writes(env: BenchEnv, s: Sizes) -> Figure:
+    """A request and its answer each in two writes, as an HTTP client sends a head then a body: the
+    relay must not hold the second write back (Nagle on its own sockets)."""
+    fig = Figure(
+        "split_writes", "request and answer in two writes each (median)", "µs", "delta", None, "direct, in the cluster"
+    )
+    argv = [env.programs["cnetbench"], "split", BENCH_ADDR, str(BENCH_PORT), str(s.connects)]
+
+    def one() -> None:
+        fig.baseline_samples += _samples(env.run("cluster", argv))
+        fig.samples += _samples(env.run("laptop", env.ktrace_argv(*argv)))
+
+    fig.notes.append(
+        "one connection, TCP_NODELAY on both programs' sockets (as Go's and curl's are): each time the "
+        "client's second 1-byte write, 1 ms after its first, to the server's 2-byte answer, which it also "
+        "writes 1 ms apart (so the figure includes 1 ms of the server's own); a relay leg with Nagle's "
+        "algorithm on holds a second write until the first is acknowledged, ~40 ms with delayed ACKs"
+    )
+    return _runs(fig, s.runs, one)
+
+
 def tunnel_round_trip(env: BenchEnv, s: Sizes) -> Figure:
     """The floor under connect → first byte: the tunnel's own round trip, no tracer, no stops."""
     fig = Figure("tunnel_round_trip", "tunnel round trip, 1 byte echoed on an open stream", "µs", "none", None, "")
@@ -465,6 +486,7 @@ FIGURES: dict[str, Callable[[BenchEnv, Sizes], Figure]] = {
     "syscall_dd": syscall_dd,
     "open_loop": open_loop,
     "connect_latency": connect_latency,
+    "split_writes": split_writes,
     "tunnel_round_trip": tunnel_round_trip,
     "tunnel_connect": tunnel_connect,
     "throughput_up": throughput_up,

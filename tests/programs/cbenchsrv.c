@@ -7,6 +7,8 @@
  *   'u' + u64 N   upload: read N bytes (or until EOF), then answer the byte count (u64) and close;
  *                 no half-close needed (SOCKS servers such as microsocks do not pass one on)
  *   'd' + u64 N   download: N bytes are sent, then the connection is closed
+ *   'p'           pairs, with TCP_NODELAY (as a Go server has it): read a request of 2 bytes, answer
+ *                 1 byte, 1 ms later another; again until EOF (scripts/bench's split_writes)
  * Integers are little-endian.
  * Prints "READY" once listening; runs until killed.
  */
@@ -20,6 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 #include "netutil.h"
 
@@ -76,6 +79,18 @@ static void serve(int fd, unsigned char *buf, size_t cap)
         if (r < 0)
             return;
         write_all(fd, (unsigned char *)&total, sizeof total);
+    } else if (cmd == 'p') {
+        int on = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+        unsigned char request[2];
+        const struct timespec pause = {0, 1000 * 1000};
+        while (read_full(fd, request, sizeof request) == 0) {
+            if (write_all(fd, request, 1) < 0)
+                return;
+            nanosleep(&pause, NULL);
+            if (write_all(fd, request + 1, 1) < 0)
+                return;
+        }
     } else if (cmd == 'd') {
         uint64_t want;
         if (read_full(fd, (unsigned char *)&want, sizeof want) < 0)

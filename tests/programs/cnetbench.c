@@ -11,11 +11,17 @@
  *                               echo through every one of them together and read them back.
  *                               Prints "ok <K> of <C> elapsed_ns <T>"; with --hold it then
  *                               waits for EOF on stdin (so the caller can sample memory use).
+ *   split HOST PORT N           one connection with TCP_NODELAY (as Go's and curl's have), N times: a
+ *                               2-byte request written as two 1-byte writes 1 ms apart, and the
+ *                               server's 2-byte answer, which it writes 1 ms apart too ('p').
+ *                               Prints "lat_ns ..." (the second write → the whole answer, the
+ *                               server's pause included).
  *   dns NAME N                  N getaddrinfo(NAME) calls; prints "lat_ns <t1> ... <tN>".
  * A failure prints "error <ERRNO> <what>" and exits 1.
  */
 #include <fcntl.h>
 #include <netdb.h>
+#include <netinet/tcp.h>
 #include <stdint.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
@@ -88,6 +94,45 @@ static int latency(long n)
             ;
         close(fd);
     }
+    printf("lat_ns");
+    for (long i = 0; i < n; i++)
+        printf(" %llu", (unsigned long long)samples[i]);
+    printf("\n");
+    return 0;
+}
+
+static int split(long n)
+{
+    uint64_t *samples = calloc((size_t)n, sizeof *samples);
+    if (!samples)
+        return fail("calloc");
+    int fd = dial();
+    if (fd < 0)
+        return fail("connect");
+    int on = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+    unsigned char c = 'p';
+    if (write(fd, &c, 1) != 1)
+        return fail("mode");
+    const struct timespec pause = {0, 1000 * 1000};
+    for (long i = 0; i < n; i++) {
+        unsigned char answer[2];
+        if (write(fd, &c, 1) != 1)
+            return fail("first write");
+        nanosleep(&pause, NULL);
+        uint64_t t0 = now_ns();
+        if (write(fd, &c, 1) != 1)
+            return fail("second write");
+        size_t got = 0;
+        while (got < sizeof answer) {
+            ssize_t r = read(fd, answer + got, sizeof answer - got);
+            if (r <= 0)
+                return fail("answer");
+            got += (size_t)r;
+        }
+        samples[i] = now_ns() - t0;
+    }
+    close(fd);
     printf("lat_ns");
     for (long i = 0; i < n; i++)
         printf(" %llu", (unsigned long long)samples[i]);
@@ -289,7 +334,7 @@ int main(int argc, char **argv)
     if (argc == 4 && strcmp(argv[1], "dns") == 0)
         return dns(argv[2], strtol(argv[3], NULL, 10));
     if (argc < 5) {
-        fprintf(stderr, "usage: cnetbench latency|up|down|concurrent|dns ...\n");
+        fprintf(stderr, "usage: cnetbench latency|split|up|down|concurrent|dns ...\n");
         return 2;
     }
     dstlen = parse_addr(argv[2], argv[3], &dst);
@@ -300,6 +345,8 @@ int main(int argc, char **argv)
     const char *mode = argv[1];
     if (strcmp(mode, "latency") == 0)
         return latency(strtol(argv[4], NULL, 10));
+    if (strcmp(mode, "split") == 0)
+        return split(strtol(argv[4], NULL, 10));
     if (strcmp(mode, "up") == 0 || strcmp(mode, "down") == 0)
         return bulk(mode[0] == 'u', strtoull(argv[4], NULL, 10));
     if (strcmp(mode, "concurrent") == 0 && argc >= 6)
