@@ -8,7 +8,7 @@ request as kubectl opens one for each local connection, but with the request sen
 SYN_STREAMs instead of after their replies. The node's runtime dials PORT in the pod when the data
 stream arrives, so a request is the streams' setup, that dial and the request's round trip in one
 exchange: the least any design pays that reaches the pod with a new stream per connection
-(docs/performance.md, "A stream per connection: measured before building it"). Run in the laptop
+(docs/performance.md, "A stream per connection through the API server"). Run in the laptop
 namespace with KUBECONFIG set; prints one JSON object with the samples in microseconds.
 """
 
