@@ -22,8 +22,8 @@ def relay_leg(family: int) -> socket.socket:
     destination, or ktrace's end of the program's loopback connection.
 
     With TCP_NODELAY: the relay reads whatever the program (or the server) has written so far and
-    sends it on at once, so Nagle's algorithm on its legs adds nothing but waiting. With it on, a
-    second small write that follows an unacknowledged first one (a request's head then its body,
+    sends it on at once, so Nagle's algorithm on its legs adds nothing but waiting. With Nagle on,
+    a second small write that follows an unacknowledged first one (a request's head then its body,
     an answer's two parts) waited for the peer's delayed ACK, ~40 ms, where the program in a pod,
     whose own socket decides (Go's, curl's, asyncio's have TCP_NODELAY), sees no wait. The
     program's and the server's own sockets keep their own setting.
