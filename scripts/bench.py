@@ -16,9 +16,11 @@ import argparse
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
+from types import FrameType
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
@@ -46,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unwind(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM or SIGHUP: unwind as Ctrl-C does, so the namespace cluster, its servers and the peers
+    are torn down (Python's default for these signals exits without running any ``finally``)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     reason = unavailable_reason()
@@ -71,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         programs[name]  # build (or find in the cache) before anything is timed
     figures: list[Figure] = []
     started = time.monotonic()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _unwind)
     try:
         with BenchEnv.up(programs, ktrace) as env:
             for fid, backend in ((fid, backend) for fid in ids for backend in backends):

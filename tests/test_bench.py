@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import pathlib
+import signal
 import subprocess
 import sys
 
 import pytest
+from e2e_helpers import read_line
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BENCH = REPO / "scripts" / "bench.py"
@@ -55,3 +57,63 @@ def test_quick_bench_measures_every_figure(ns_cluster: object, tmp_path: pathlib
     rows = [line for line in table if line.startswith("| ") and not line.startswith("| figure")]
     assert len(rows) == 2 * len(FIGURE_IDS)
     assert all(line.count("|") == 10 for line in rows), rows
+
+
+def namespaces() -> set[str]:
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10, check=True).stdout
+    return {line.split()[0] for line in listing.splitlines() if line.strip()}
+
+
+@pytest.mark.netns
+@pytest.mark.bench
+@pytest.mark.timeout(300)
+def test_a_terminated_bench_leaves_no_namespace_or_server(ns_cluster: object, tmp_path: pathlib.Path) -> None:
+    before = namespaces()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(BENCH),
+            "--quick",
+            "--backends",
+            "ptrace",
+            "--out",
+            str(tmp_path),
+            "--only",
+            "startup_true,throughput_up,throughput_down,concurrent_1000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        # Its first figure done: its namespaces, servers and peers are all up.
+        line = ""
+        while "startup_true[ptrace]" not in line:
+            line = read_line(proc, 240)
+        ours = namespaces() - before
+        assert ours, "the bench made no namespace"
+        # Everything running in them: the bench's servers, the agent, the SOCKS peers.
+        pids = set()
+        for name in ours:
+            listed = subprocess.run(
+                ["ip", "netns", "pids", name], capture_output=True, text=True, timeout=10, check=True
+            )
+            pids |= {int(pid) for pid in listed.stdout.split()}
+        assert pids, "nothing runs in the bench's namespaces"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert not namespaces() & ours
+    assert [pid for pid in pids if alive(pid)] == []
+
+
+def alive(pid: int) -> bool:
+    """Running: a zombie whose parent is gone has ended, it is only not reaped yet."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
