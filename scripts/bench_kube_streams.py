@@ -38,20 +38,10 @@ class Streams:
 
     def open_pair(self, first: bytes) -> int:
         """A new error and data stream pair with ``first`` on the data stream, in one write."""
-        request_id = str(self._next // 4)
         error, data = self._next, self._next + 2
         self._next += 4
-
-        def headers(kind: str) -> list[tuple[str, str]]:
-            return [("streamtype", kind), ("port", str(self._port)), ("requestid", request_id)]
-
-        self._writer.write(
-            self._encoder.syn_stream(error, headers("error"))
-            + spdy.data_header(error, 0, fin=True)
-            + self._encoder.syn_stream(data, headers("data"))
-            + spdy.data_header(data, len(first))
-            + first
-        )
+        opening = self._encoder.forward_pair(error, self._port, error // 4)
+        self._writer.write(opening + spdy.data_header(data, len(first)) + first)
         return data
 
     def reset(self, stream: int) -> None:

@@ -74,14 +74,7 @@ class SpdyForward:
         self.close_reason = ""
 
     def start(self) -> None:
-        def headers(kind: str) -> list[tuple[str, str]]:
-            return [("streamtype", kind), ("port", str(self._port)), ("requestid", "0")]
-
-        self._writer.write(
-            self._encoder.syn_stream(_ERROR_STREAM, headers("error"))
-            + spdy.data_header(_ERROR_STREAM, 0, fin=True)
-            + self._encoder.syn_stream(_DATA_STREAM, headers("data"))
-        )
+        self._writer.write(self._encoder.forward_pair(_ERROR_STREAM, self._port, 0))
 
     async def send(self, data: bytes) -> None:
         for at in range(0, len(data), spdy.MAX_LENGTH):

@@ -143,6 +143,17 @@ class Encoder:
         body = struct.pack(">IIBB", stream, 0, 0, 0) + block
         return _control(SYN_STREAM, FLAG_FIN if fin else 0, body)
 
+    def forward_pair(self, error: int, port: int, request_id: int) -> bytes:
+        """The frames that open one forwarded connection: the ``error`` stream (closed for writing
+        at once, as kubectl does: only the server writes there) and the ``data`` stream after it
+        (``error`` + 2), both for ``port`` under ``request_id``."""
+        common = [("port", str(port)), ("requestid", str(request_id))]
+        return (
+            self.syn_stream(error, [("streamtype", "error"), *common])
+            + data_header(error, 0, fin=True)
+            + self.syn_stream(error + 2, [("streamtype", "data"), *common])
+        )
+
     @staticmethod
     def ping(ping_id: bytes) -> bytes:
         return _control(PING, 0, ping_id)
