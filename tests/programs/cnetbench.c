@@ -75,6 +75,15 @@ static int dial(void)
     return fd;
 }
 
+/* The samples line scripts/bench reads: "lat_ns <t1> ... <tN>". */
+static void print_samples(const uint64_t *samples, long n)
+{
+    printf("lat_ns");
+    for (long i = 0; i < n; i++)
+        printf(" %llu", (unsigned long long)samples[i]);
+    printf("\n");
+}
+
 static int latency(long n)
 {
     uint64_t *samples = calloc((size_t)n, sizeof *samples);
@@ -94,10 +103,7 @@ static int latency(long n)
             ;
         close(fd);
     }
-    printf("lat_ns");
-    for (long i = 0; i < n; i++)
-        printf(" %llu", (unsigned long long)samples[i]);
-    printf("\n");
+    print_samples(samples, n);
     return 0;
 }
 
@@ -133,10 +139,7 @@ static int split(long n)
         samples[i] = now_ns() - t0;
     }
     close(fd);
-    printf("lat_ns");
-    for (long i = 0; i < n; i++)
-        printf(" %llu", (unsigned long long)samples[i]);
-    printf("\n");
+    print_samples(samples, n);
     return 0;
 }
 
@@ -321,10 +324,7 @@ static int dns(const char *name, long n)
         }
         freeaddrinfo(res);
     }
-    printf("lat_ns");
-    for (long i = 0; i < n; i++)
-        printf(" %llu", (unsigned long long)samples[i]);
-    printf("\n");
+    print_samples(samples, n);
     return 0;
 }
 
