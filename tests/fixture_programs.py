@@ -49,6 +49,7 @@ class Spec:
 SPECS: dict[str, Spec] = {
     "goclient": Spec("go", "goclient"),
     "goclient-stripped": Spec("go", "goclient", ("-ldflags=-s -w",)),
+    "gobench": Spec("go", "gobench"),  # the Go client scripts/bench-kube times
     # client-go with rest.InClusterConfig(), as an operator is (tests/kube/test_kube_target_pod.py)
     "incluster": Spec("go", "incluster", ("-ldflags=-s -w",)),
     "cconnect": Spec("gcc", "cconnect.c"),

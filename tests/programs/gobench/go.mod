@@ -1,0 +1,3 @@
+module ktrace.test/gobench
+
+go 1.19
