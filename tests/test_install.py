@@ -237,3 +237,20 @@ def test_installed_ktrace_reaches_a_cluster_service_by_short_name(
         assert traced.stdout.startswith("ok 1/1 hello from cluster, you are "), traced
     finally:
         cluster.teardown()
+
+
+def test_agent_wheels_package_the_source_not_a_stale_build_dir(tmp_path: pathlib.Path) -> None:
+    """scripts/agent-wheels makes the wheel the agent image installs. A build/ (or egg-info) left in the
+    tree by an earlier build, or carried along when the tree was copied, must not leak old files into it."""
+    src = tmp_path / "src"
+    fresh_copy(src)
+    stale = src / "build" / "lib" / "ktrace_agent"
+    stale.mkdir(parents=True)
+    (stale / "left_over_module.py").write_text("raise SystemExit('an old build')\n")
+    _run(["bash", str(src / "scripts" / "agent-wheels"), "--python", sys.executable], timeout=300)
+    (wheel,) = (src / "dist" / "agent").glob("ktrace-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    assert "ktrace_agent/main.py" in names
+    assert "ktrace_agent/left_over_module.py" not in names
+    assert list(src.glob("build/lib/ktrace_agent/*.py")) == [stale / "left_over_module.py"], "the tree was built in"
