@@ -11,17 +11,29 @@ import sys
 import pytest
 from e2e_helpers import read_line, wait_until
 from kubecluster import KubeCluster
+from test_kube_agent import agent_pods
 
 pytestmark = [pytest.mark.kube, pytest.mark.timeout(300)]
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_sigterm_stops_its_port_forward(kube_cluster: KubeCluster) -> None:
+def test_sigterm_stops_its_port_forward_and_its_ktrace(kube_cluster: KubeCluster) -> None:
     """Python's default for SIGTERM exits without running any ``finally``: the `kubectl port-forward` the
-    bench compares ktrace with would be left running (as a CI job's or a terminal's end sends)."""
+    bench compares ktrace with would be left running, and a `ktrace run` it was timing killed, its agent
+    pod left until the agent's idle exit (as a CI job's or a terminal's end sends)."""
+    kube_cluster.build_agent_image()
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "bench-kube"), "--only", "requests", "--runs", "1", "--requests", "1"],
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench-kube"),
+            "--only",
+            "requests",
+            "--runs",
+            "1",
+            "--requests",
+            "300",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -34,6 +46,12 @@ def test_sigterm_stops_its_port_forward(kube_cluster: KubeCluster) -> None:
         assert match, line
         forward = pathlib.Path(f"/proc/{match.group(1)}")
         assert "port-forward" in (forward / "cmdline").read_bytes().decode(errors="replace")
+        # Stopped while a `ktrace run` it times has its agent pod (starting, or up).
+        wait_until(
+            lambda: any("deletionTimestamp" not in p["metadata"] for p in agent_pods(kube_cluster)),
+            timeout=120,
+            what="an agent pod of the bench's ktrace",
+        )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 128 + signal.SIGTERM
     finally:
@@ -42,3 +60,5 @@ def test_sigterm_stops_its_port_forward(kube_cluster: KubeCluster) -> None:
             proc.wait(30)
     # Reaped by the bench (terminate, then wait): its /proc entry is gone.
     wait_until(lambda: not forward.exists(), timeout=10, what="kubectl port-forward to end")
+    # The ktrace it was timing got a SIGTERM too and deleted its agent pod (killed, it could not).
+    wait_until(lambda: not agent_pods(kube_cluster), timeout=30, what="the agent pod to be deleted")
