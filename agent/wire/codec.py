@@ -16,7 +16,11 @@ import socket
 
 from . import rpc
 from .errnos import describe, errno_name
-from .values import Endpoint, IPAddress, TunnelError
+from .values import Endpoint, IPAddress, TcpOptions, TunnelError
+
+# setsockopt takes a C int: larger numbers from the wire are cut to the largest (the kernel
+# refuses them, or caps them, as it would the program's own).
+_INT_MAX = 0x7FFFFFFF
 
 
 class AddressError(ValueError):
@@ -89,3 +93,27 @@ def encode_failure(exc: BaseException, context: str = "") -> rpc.Failure:
 def decode_failure(failure: rpc.Failure) -> TunnelError:
     """The ``TunnelError`` of a ``Failure`` (EIO when it names no errno)."""
     return TunnelError(failure.errno_name or "EIO", failure.message)
+
+
+def encode_tcp_options(options: TcpOptions) -> rpc.TcpOptions:
+    return rpc.TcpOptions(
+        keepalive=options.keepalive,
+        keepalive_idle_s=_uint32(options.idle_s),
+        keepalive_interval_s=_uint32(options.interval_s),
+        keepalive_count=_uint32(options.count),
+        user_timeout_ms=_uint32(options.user_timeout_ms),
+    )
+
+
+def decode_tcp_options(message: rpc.TcpOptions) -> TcpOptions:
+    return TcpOptions(
+        message.keepalive,
+        min(message.keepalive_idle_s, _INT_MAX),
+        min(message.keepalive_interval_s, _INT_MAX),
+        min(message.keepalive_count, _INT_MAX),
+        min(message.user_timeout_ms, _INT_MAX),
+    )
+
+
+def _uint32(value: int) -> int:
+    return max(0, min(value, 0xFFFFFFFF))

@@ -29,6 +29,7 @@ TcpServerFrame = pb.TcpServerFrame
 TcpOpen = pb.TcpOpen
 TcpOpened = pb.TcpOpened
 TcpRelayed = pb.TcpRelayed
+TcpOptions = pb.TcpOptions
 DeskRequest = pb.DeskRequest
 DeskAnswer = pb.DeskAnswer
 UdpClientFrame = pb.UdpClientFrame

@@ -80,6 +80,20 @@ class SourceRoute:
         return errno_number(self.errno_name, _errno.ENETUNREACH)
 
 
+@dataclass(frozen=True)
+class TcpOptions:
+    """Options of a program's TCP socket that act on the path to its peer, which the agent's socket
+    to the destination must carry (``tcp_options.py``): SO_KEEPALIVE, TCP_KEEPIDLE and
+    TCP_KEEPINTVL (seconds), TCP_KEEPCNT, TCP_USER_TIMEOUT (milliseconds). A number at 0 is "the
+    kernel's default" (for ``user_timeout_ms``, the kernel's own 0: none)."""
+
+    keepalive: bool = False
+    idle_s: int = 0
+    interval_s: int = 0
+    count: int = 0
+    user_timeout_ms: int = 0
+
+
 class TunnelError(Exception):
     """A dial or stream failure reported by the agent, by errno name (numbers differ per architecture)."""
 
