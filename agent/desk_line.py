@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
+from . import remote_options
 from .dial import finish_dial, start_dial
 from .socket_relay import relay_sockets, reset_at_close
 from .wire import codec, rpc
@@ -146,6 +147,8 @@ class DeskLine:
                 self._open(request.id, request.open)
             elif kind == "abort":
                 self._abort(request.id)
+            elif kind == "options":
+                self._options(request.id, request.options)
             else:
                 raise LineBroken(f"unexpected {kind!r}")
         finally:
@@ -216,6 +219,11 @@ class DeskLine:
         connection = self._connections.get(conn_id)
         if connection is not None and connection.task is not None:
             connection.task.cancel()
+
+    def _options(self, conn_id: int, options: rpc.TcpOptions) -> None:
+        connection = self._connections.get(conn_id)
+        if connection is not None:  # else it ended meanwhile: nothing to set them on
+            remote_options.apply(connection.remote, codec.decode_tcp_options(options))
 
     # -- one connection ------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ class AgentServer:
         tcp_stream_reuse: bool = True,
         tcp_handover: bool = True,
         tcp_desk: bool = True,
+        tcp_options: bool = True,
         max_client_streams: int = DEFAULT_MAX_CLIENT_STREAMS,
         served_files: Sequence[files.ServedRoot] = (),
         files_interval: float = files.POLL_INTERVAL,
@@ -83,6 +84,8 @@ class AgentServer:
         self._tcp_handover = tcp_handover
         # False: the desk takes ticketed sockets only, as before it dialled (tests of old agents).
         self._tcp_desk = tcp_desk
+        # False: the handshake does not offer to apply the program's socket options (tests of old agents).
+        self._tcp_options = tcp_options
         self._desk: HandoverDesk | None = None
         # The only files WatchFiles ever reads (fixed at start: a client cannot name others).
         self._served = {root.path: root for root in served_files}
@@ -253,6 +256,7 @@ class AgentServer:
                 tcp_handover_path=self._desk.path if self._desk is not None else "",
                 tcp_handover_id=self._desk.id if self._desk is not None else b"",
                 tcp_desk_key=self._desk.key if self._desk is not None and self._tcp_desk else b"",
+                tcp_options=self._tcp_options,
                 udp_multiplex=True,
                 file_roots=list(self._served),
                 source_routes=[

@@ -29,12 +29,14 @@ import errno
 import logging
 import socket
 import struct
+from typing import Any
 
 import grpc
 
+from . import remote_options
 from .dial import dial
 from .handover import HandoverDesk, HandoverRefused
-from .socket_relay import relay_sockets
+from .socket_relay import Relayed, relay_sockets
 from .wire import DATA_CHUNK, codec, rpc
 from .wire.budget import SendBudget
 from .wire.errnos import describe
@@ -81,6 +83,9 @@ class TcpRelay:
         self._client_done = False
         self._reuse = False
         self._ticket: bytes | None = None  # this connection's, when it is handed over
+        # A read of the client's next frame started while a handed-over connection was relayed
+        # (``_follow_options``); the next ``_read_frame`` takes its frame.
+        self._reading: asyncio.Future[Any] | None = None
 
     async def run(self) -> None:
         try:
@@ -88,6 +93,8 @@ class TcpRelay:
                 first = await self._read_frame()
                 if first is None:
                     return  # client gave up before opening (or after a connection): nothing to do
+                if first.WhichOneof("kind") == "options":
+                    continue  # about a connection that ended meanwhile (the proto's TcpClientFrame)
                 if first.WhichOneof("kind") != "open":
                     raise _Protocol(f"first frame must be 'open', got {first.WhichOneof('kind')!r}")
                 self._client_done = False
@@ -117,13 +124,16 @@ class TcpRelay:
             self._abort_remote()  # the client cancelled: the remote sees a reset
             raise
         finally:
+            if self._reading is not None:
+                self._reading.cancel()
             if self._sock is not None:
                 self._sock.close()
             if self._ticket is not None and self._desk is not None:
                 self._desk.withdraw(self._ticket)  # ended before the socket came: a late one is closed
 
     async def _read_frame(self) -> rpc.TcpClientFrame | None:
-        msg: object = await self._context.read()
+        reading, self._reading = self._reading, None
+        msg: object = await (reading if reading is not None else self._context.read())
         if msg is grpc.aio.EOF:
             return None
         assert isinstance(msg, rpc.TcpClientFrame)
@@ -171,8 +181,15 @@ class TcpRelay:
             with contextlib.suppress(Exception):
                 await self._context.write(rpc.TcpServerFrame(reset=codec.encode_failure(reason)))
             return False
+        relay = asyncio.ensure_future(relay_sockets(program, remote))
         try:
-            relayed = await relay_sockets(program, remote)
+            await self._follow_options(relay, remote)
+            relayed = await relay
+        except BaseException:
+            relay.cancel()  # the client went away: relay_sockets resets both sockets
+            with contextlib.suppress(BaseException):
+                await relay
+            raise
         finally:
             program.close()  # ktrace closes its copy after `relayed`: only then the last FIN or RST
             remote.close()
@@ -185,6 +202,23 @@ class TcpRelay:
             )
         )
         return True
+
+    async def _follow_options(self, relay: asyncio.Future[Relayed], remote: socket.socket) -> None:
+        """While the agent relays a handed-over connection, ktrace may still send ``options``
+        (it reads them from the program's socket after the connect): apply them until the relay
+        ends. Any other frame (the next ``open`` on a reused stream, the stream's end) and a read
+        still pending then are left for ``run``, which reads them next: none is lost."""
+        while not relay.done():
+            reading: asyncio.Future[Any] = self._reading or asyncio.ensure_future(self._context.read())
+            self._reading = reading
+            await asyncio.wait((relay, reading), return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done() or reading.cancelled() or reading.exception() is not None:
+                return
+            frame = reading.result()
+            if not isinstance(frame, rpc.TcpClientFrame) or frame.WhichOneof("kind") != "options":
+                return
+            self._reading = None
+            remote_options.apply(remote, codec.decode_tcp_options(frame.options))
 
     async def _relay(self) -> bool:
         """Relay until both directions finished (True) or a reset (False, reset frame sent)."""
@@ -225,6 +259,8 @@ class TcpRelay:
                     sock.shutdown(socket.SHUT_WR)  # sock_sendall returned: nothing is left to flush
                 # Frames after this point would be a protocol error; we just stop reading.
                 return
+            elif kind == "options":
+                remote_options.apply(sock, codec.decode_tcp_options(frame.options))
             elif kind == "open":
                 raise _Protocol("second 'open' frame on an open stream")
             else:
