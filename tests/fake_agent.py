@@ -20,7 +20,7 @@ from fakes import endpoint
 
 from ktrace.tracer.ports import AttachFailed, Dialled
 from ktrace.tunnel.parking import ParkingLot, ProgramSocketGone
-from ktrace.tunnel.types import Connection, Endpoint, TcpStats, TunnelError
+from ktrace.tunnel.types import Connection, Endpoint, TcpOptions, TcpStats, TunnelError
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,13 @@ class FakeDialled:
     local: Endpoint
     dest: Endpoint
     aborted: bool = False
+    options: list[TcpOptions] = field(default_factory=list)  # what set_options said, in order
 
     async def abort(self) -> None:
         self.aborted = True
+
+    def set_options(self, options: TcpOptions) -> None:
+        self.options.append(options)
 
     def take(self, sock: socket.socket) -> None:
         pass

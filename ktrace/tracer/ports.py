@@ -13,7 +13,7 @@ import socket
 from collections.abc import Callable, Generator
 from typing import Any, Protocol
 
-from ktrace_agent.wire.values import Endpoint, IPAddress
+from ktrace_agent.wire.values import Endpoint, IPAddress, TcpOptions
 
 
 class Dialled(Protocol):
@@ -23,6 +23,12 @@ class Dialled(Protocol):
     def local(self) -> Endpoint: ...
 
     async def abort(self) -> None: ...
+
+    def set_options(self, options: TcpOptions) -> None:
+        """Have the agent set the program's ``options`` on its socket to the destination (the
+        options that act on the path to the peer: ``ktrace_agent.wire.tcp_options``). Returns at
+        once; nothing happens when the agent does not offer it or the connection has ended."""
+        ...
 
 
 class AttachFailed(Exception):

@@ -86,6 +86,7 @@ class AgentInfo:
     tcp_handover_path: str = ""  # where a same-host agent takes connections over (handover.py)
     tcp_handover_id: bytes = b""
     tcp_desk_key: bytes = b""  # the same agent dials on a keyed line to that path (desk.py)
+    tcp_options: bool = False  # it sets the program's keepalive options on its own sockets
 
 
 DEFAULT_UNREACHABLE_HINT = "is it running, and is the port-forward up?"
@@ -138,6 +139,7 @@ def _parse_info(reply: rpc.HandshakeReply) -> AgentInfo:
         tcp_handover_path=reply.tcp_handover_path,
         tcp_handover_id=reply.tcp_handover_id,
         tcp_desk_key=reply.tcp_desk_key,
+        tcp_options=reply.tcp_options,
     )
 
 
@@ -222,7 +224,9 @@ class AgentClient:
         if handover and client.info.tcp_handover_path:
             info = client.info
             if info.tcp_desk_key:
-                client._desk = await DeskClient.connect(info.tcp_handover_path, info.tcp_handover_id, info.tcp_desk_key)
+                client._desk = await DeskClient.connect(
+                    info.tcp_handover_path, info.tcp_handover_id, info.tcp_desk_key, options=info.tcp_options
+                )
             if client._desk is None:
                 client._handover = await HandoverLine.connect(info.tcp_handover_path, info.tcp_handover_id)
         client.prime()
@@ -278,7 +282,9 @@ class AgentClient:
             log.debug("desk: no new handshake (%s); connections stay in the tunnel", exc.code().name)
             return
         if reply.tcp_desk_key and reply.tcp_handover_path and self._desk is None:
-            self._desk = await DeskClient.connect(reply.tcp_handover_path, reply.tcp_handover_id, reply.tcp_desk_key)
+            self._desk = await DeskClient.connect(
+                reply.tcp_handover_path, reply.tcp_handover_id, reply.tcp_desk_key, options=reply.tcp_options
+            )
 
     def start_tcp(
         self,
@@ -341,6 +347,7 @@ class AgentClient:
                     self.send_budget,
                     reuse=self.info.tcp_stream_reuse,
                     handover=self._handover if dest.port != DNS_PORT else None,
+                    options=self.info.tcp_options,
                 )
             except TunnelLost as lost:
                 self.health.lost(short_reason(lost.message))

@@ -33,7 +33,7 @@ from ktrace_agent.wire.outbox import RecordOutbox
 
 from .handover import dial_desk
 from .tcp_stream import OPEN_MARGIN, reset_socket
-from .types import Connection, Endpoint, TcpStats, TunnelError, TunnelLost
+from .types import Connection, Endpoint, TcpOptions, TcpStats, TunnelError, TunnelLost
 
 log = logging.getLogger("ktrace.tunnel")
 
@@ -86,8 +86,9 @@ class _Answers:
 class DeskClient:
     """The line; ``lost`` is set once it broke (every later call raises ``TunnelLost``)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, options: bool = False) -> None:
         self._sock = sock
+        self._options = options  # the agent takes DeskRequest.options (HandshakeReply.tcp_options)
         self._ids = itertools.count(1)
         self._connections: dict[int, _Answers] = {}
         self._outbox = RecordOutbox(sock, self._broken)
@@ -95,8 +96,9 @@ class DeskClient:
         asyncio.get_running_loop().add_reader(sock, self._readable)
 
     @classmethod
-    async def connect(cls, path: str, desk_id: bytes, key: bytes) -> DeskClient | None:
-        """A keyed line to the desk at ``path``, or None when it is not reachable or not that agent."""
+    async def connect(cls, path: str, desk_id: bytes, key: bytes, *, options: bool = False) -> DeskClient | None:
+        """A keyed line to the desk at ``path``, or None when it is not reachable or not that agent.
+        ``options``: the agent offers to apply the program's socket options (``set_options``)."""
         sock = await dial_desk(path, desk_id)
         if sock is None:
             return None
@@ -106,7 +108,7 @@ class DeskClient:
             sock.close()
             log.debug("desk: hello failed (%s)", exc)
             return None
-        return cls(sock)
+        return cls(sock, options=options)
 
     def dial(
         self,
@@ -160,6 +162,14 @@ class DeskClient:
     def attach(self, conn_id: int, program: socket.socket) -> None:
         """Send ``program`` (ktrace's end of the program's connection) for the connection."""
         self._send(rpc.DeskRequest(id=conn_id, attach=True), (program.fileno(),))
+
+    def set_options(self, conn_id: int, options: TcpOptions) -> None:
+        """Have the agent set ``options`` on connection ``conn_id``'s socket (it ignores an id
+        whose connection ended); nothing on a lost line, or towards an agent that does not offer it."""
+        if not self._options or self.lost is not None or conn_id not in self._connections:
+            return
+        with contextlib.suppress(TunnelLost, OSError):  # a lost line resets the connection anyway
+            self._send(rpc.DeskRequest(id=conn_id, options=codec.encode_tcp_options(options)))
 
     def abort(self, conn_id: int) -> None:
         answers = self._connections.pop(conn_id, None)
@@ -320,6 +330,9 @@ class DeskConnection:
         if kind != "attached":
             self._line.abort(self._id)
             raise TunnelError("EIO", f"agent answered {kind!r} to complete")
+
+    def set_options(self, options: TcpOptions) -> None:
+        self._line.set_options(self._id, options)
 
     async def abort(self) -> None:
         """Give the connection up: the agent resets it (and the program's end, once it has it)."""

@@ -34,7 +34,7 @@ from ktrace_agent.wire.read_gate import ReadGate
 
 from .call_pool import CallPool
 from .handover import HandoverLine
-from .types import Endpoint, TcpStats, TunnelError, TunnelLost
+from .types import Endpoint, TcpOptions, TcpStats, TunnelError, TunnelLost
 
 # Bytes per Data frame at most. gRPC's cost is mostly per message: 1 MiB frames move
 # ~1.3x the bytes per second of 256 KiB ones here (docs/performance.md), and still
@@ -79,6 +79,7 @@ class TcpStream:
         budget: SendBudget | None = None,
         reuse_in: CallPool[rpc.TcpCall] | None = None,
         handover: tuple[HandoverLine, bytes, bytes] | None = None,
+        options: bool = False,
     ) -> None:
         self._call = call
         self._handover = handover  # the line to the agent, this connection's ticket, the desk's id
@@ -86,6 +87,12 @@ class TcpStream:
         self._reuse_in = reuse_in  # the pool the call goes back to once the connection ended cleanly
         self._ended = False  # the agent said ``ended``
         self._given_back = False
+        # The agent applies ``options`` frames (HandshakeReply.tcp_options); False once this
+        # connection's last frame left (shutdown_write, a reset, the call given back).
+        self._options = options
+        # One write at a time on the call: ``set_options`` comes between the splice's own writes.
+        self._writing = asyncio.Lock()
+        self._sending: set[asyncio.Task[None]] = set()
         self.local = local
         self.peer = peer
         self.opened_at = time.monotonic()  # for the report: how long the connection lived
@@ -102,9 +109,11 @@ class TcpStream:
         *,
         reuse: bool = False,
         handover: HandoverLine | None = None,
+        options: bool = False,
     ) -> TcpStream:
         """``reuse``: the agent offers stream reuse (``HandshakeReply.tcp_stream_reuse``);
-        ``handover``: the agent will relay the connection itself (``splice`` hands it over)."""
+        ``handover``: the agent will relay the connection itself (``splice`` hands it over);
+        ``options``: the agent applies ``options`` frames (``HandshakeReply.tcp_options``)."""
         call, spare = calls.take()
         reuse_in = calls if reuse else None
         try:
@@ -116,6 +125,7 @@ class TcpStream:
             # (channel re-established, agent restarted): one retry on a call started now.
             stream = await cls._open_on(calls.fresh(), dest, timeout, reuse_in, handover)
         stream._budget = budget
+        stream._options = options
         return stream
 
     @classmethod
@@ -186,8 +196,26 @@ class TcpStream:
 
     async def abort(self) -> None:
         """End the stream now; the agent resets its connection."""
+        self._options = False
         if not self._given_back:  # else the call carries another connection now
             self._call.cancel()
+
+    def set_options(self, options: TcpOptions) -> None:
+        """An ``options`` frame for the agent, written after the splice's write in flight (if any)."""
+        if not self._options:
+            return
+        task = asyncio.get_running_loop().create_task(self._write_options(options))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _write_options(self, options: TcpOptions) -> None:
+        frame = rpc.TcpClientFrame(options=codec.encode_tcp_options(options))
+        async with self._writing:
+            if not self._options:
+                return  # the connection's last frame left meanwhile: the agent would take it for the next one's
+            # A failed write is the splice's to see (its next read or write fails the same way).
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
+                await self._call.write(frame)
 
     def take(self, sock: socket.socket) -> None:
         """Nothing to do before ``splice`` (``Connection.take``)."""
@@ -206,6 +234,7 @@ class TcpStream:
                     self._give_back()
         except _Reset as reset:
             stats.outcome = reset.outcome
+            self._options = False
             self._call.cancel()
             reset_socket(sock)
         except grpc.aio.AioRpcError as exc:
@@ -217,11 +246,13 @@ class TcpStream:
             reset_socket(sock)
             raise
         finally:
+            self._options = False
             sock.close()  # only now: both directions (or the agent's relay) are done with it
         return stats
 
     def _give_back(self) -> None:
         """The connection ended cleanly on a reused stream: the call carries the next one."""
+        self._options = False
         if self._reuse_in is not None:
             self._given_back = True
             self._reuse_in.give_back(self._call)
@@ -276,10 +307,13 @@ class TcpStream:
             if not data:
                 # No done_writing(): the agent reads nothing after this frame, and the call
                 # ends with its status; one gRPC operation less per connection.
-                await self._call_op(self._call.write(rpc.TcpClientFrame(shutdown_write=True)))
+                async with self._writing:
+                    self._options = False  # the agent reads no frame of this connection's after it
+                    await self._call_op(self._call.write(rpc.TcpClientFrame(shutdown_write=True)))
                 return
             try:
-                await self._call_op(self._call.write(rpc.TcpClientFrame(data=data)))
+                async with self._writing:
+                    await self._call_op(self._call.write(rpc.TcpClientFrame(data=data)))
             finally:
                 gate.release(taken)
             stats.bytes_up += len(data)

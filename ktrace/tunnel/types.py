@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol
 
-from ktrace_agent.wire.values import MAX_DATAGRAM, Endpoint, IPAddress, SourceRoute, TunnelError
+from ktrace_agent.wire.values import MAX_DATAGRAM, Endpoint, IPAddress, SourceRoute, TcpOptions, TunnelError
 
 __all__ = [
     "DNS_PORT",
@@ -21,6 +21,7 @@ __all__ = [
     "Endpoint",
     "IPAddress",
     "SourceRoute",
+    "TcpOptions",
     "TcpStats",
     "TunnelError",
     "TunnelLost",
@@ -60,6 +61,12 @@ class Connection(Protocol):
     opened_at: float  # time.monotonic() when the agent had connected
 
     async def abort(self) -> None: ...
+
+    def set_options(self, options: TcpOptions) -> None:
+        """Have the agent set ``options`` (the program's keepalive and user timeout) on its
+        socket to the destination; nothing when the agent does not offer it, or the connection
+        ended. Returns at once."""
+        ...
 
     def take(self, sock: socket.socket) -> None:
         """``sock`` (ktrace's end of the program's connection) is this connection's from now on;
