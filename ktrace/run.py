@@ -37,6 +37,7 @@ from ktrace.tracer.files import FileViews
 from ktrace.tracer.launcher import LaunchError
 from ktrace.tracer.network import NetworkHandler
 from ktrace.tracer.notify.loop import Supervisor
+from ktrace.tracer.options_follow import OptionsFollower
 from ktrace.tracer.ports import PathLookup
 from ktrace.tracer.ptrace.loop import FORWARDED_SIGNALS, Tracer, TraceResult
 from ktrace.tracer.sockets import SocketTable
@@ -408,6 +409,7 @@ class _Parts:
             on_event=recorder.on_connect,
             threads=threads,
             table=table,
+            options=OptionsFollower(threads) if client.info.tcp_options else None,
         )
         udp = UdpRedirector(
             relays,

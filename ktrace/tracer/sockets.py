@@ -47,6 +47,7 @@ class TcpRecord:
     waiters: int = 0  # threads blocked in the kernel's connect() on it (ptrace) or in ours (notify)
     settled: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     task: asyncio.Task[None] | None = None
+    fd: int = -1  # the descriptor the program connected it with (options_follow.py reads it again)
 
     def redirected(self) -> Redirected | None:
         if self.phase is not Phase.CONNECTED or self.local is None:

@@ -46,6 +46,7 @@ from ktrace_agent.wire.values import Endpoint, TunnelError
 from ktrace.rules import RouteDecision
 from ktrace.tracer import decide, sockaddr, sockops
 from ktrace.tracer.decide import Passthrough, Redirected, RedirectTcp, RoutingPolicy, SocketInfo
+from ktrace.tracer.options_follow import OptionsFollower
 from ktrace.tracer.ports import AttachFailed, Dialled, PendingDial, TcpTunnel
 from ktrace.tracer.sockaddr import InetAddr
 from ktrace.tracer.sockets import Phase, SocketTable, TcpRecord
@@ -115,6 +116,9 @@ class TcpConnects:
     on_event: Callable[[ConnectEvent], None] | None = None
     threads: ThreadGroups = field(default_factory=ThreadGroups)
     table: SocketTable = field(default_factory=SocketTable)
+    # Reads the program's keepalive options after connect, for the agent's socket (None: an agent
+    # that does not take them).
+    options: OptionsFollower | None = None
     _by_dialled: dict[int, int] = field(default_factory=dict)  # id(dialled) -> inode
     # Non-blocking connect()s kept local, by socket inode, until the program learns how they
     # ended (getsockopt SO_ERROR, or connect() again): for the report only.
@@ -259,6 +263,7 @@ class TcpConnects:
         record = TcpRecord(
             info.inode, info.family, decision.original, decision.dest, decision.decision, t.tid, time.monotonic(), sock
         )
+        record.fd = t.arg(0)
         if not blocking:
             err = sockops.connect(sock.fileno(), park)
             if err != errno.EINPROGRESS:
@@ -381,6 +386,8 @@ class TcpConnects:
             return
         record.close_sock()
         self._by_dialled[id(dialled)] = record.inode
+        if self.options is not None:
+            self.options.follow(record.tid, record.fd, record.family, record.inode, dialled)
         if not record.settled.done():
             record.settled.set_result(0)
         self._emit(self._event(record, "ok", dialled.local))
@@ -465,6 +472,7 @@ class TcpConnects:
         record = TcpRecord(
             info.inode, info.family, decision.original, decision.dest, decision.decision, t.tid, time.monotonic(), sock
         )
+        record.fd = t.arg(0)
         if nonblocking:
             err = sockops.connect(sock.fileno(), park)
             if err != errno.EINPROGRESS:
@@ -535,6 +543,8 @@ class TcpConnects:
         return record.redirected() if record is not None else None
 
     def stream_closed(self, dialled: Dialled) -> None:
+        if self.options is not None:
+            self.options.forget(dialled)
         inode = self._by_dialled.pop(id(dialled), None)
         if inode is not None:
             record = self.table.tcp(inode)
@@ -544,6 +554,8 @@ class TcpConnects:
 
     def cancel_dials(self) -> None:
         """The program is gone: dials still going have no one to serve."""
+        if self.options is not None:
+            self.options.close()
         for record in self.table.tcp_records():
             if record.task is not None and not record.task.done():
                 record.task.cancel()

@@ -1,0 +1,185 @@
+"""The program's keepalive options for the agent's socket: what is read, what travels, what the
+agent sets (ktrace_agent/wire/tcp_options.py, codec.py, agent/remote_options.py), and how ktrace
+follows a connection's options (ktrace/tracer/options_follow.py). No ptrace: the sockets read
+are this process's own."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+
+import pytest
+from fake_agent import FakeDialled
+from fakes import endpoint
+from handler_helpers import until
+from ktrace_agent import remote_options
+from ktrace_agent.wire import codec, rpc, tcp_options
+from ktrace_agent.wire.tcp_options import NOTHING
+from ktrace_agent.wire.values import TcpOptions
+
+from ktrace.tracer.options_follow import OptionsFollower, kernel_defaults, read_options
+from ktrace.tracer.threads import ThreadGroups
+
+pytestmark = pytest.mark.timeout(30)
+
+# A namespace's usual defaults: keepalive off, 7200 s idle, 75 s interval, 9 probes, no user timeout.
+DEFAULTS = TcpOptions(False, 7200, 75, 9, 0)
+# What Go sets on every connection (net.Dialer's default KeepAliveConfig).
+GO = TcpOptions(True, 15, 15, 9, 0)
+
+
+def test_readings_are_taken_in_the_order_read_names_them() -> None:
+    assert tcp_options.READ[0] == (socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    assert tcp_options.from_readings([1, 15, 16, 4, 30000]) == TcpOptions(True, 15, 16, 4, 30000)
+    assert tcp_options.from_readings([8, 1, 1, 1, 0]).keepalive is True  # any non-zero int is on
+
+
+def test_a_program_that_sets_nothing_sends_nothing() -> None:
+    assert tcp_options.news(DEFAULTS, DEFAULTS) is None
+    assert tcp_options.news(DEFAULTS, DEFAULTS, NOTHING) is None
+
+
+def test_go_sends_keepalive_and_what_differs_from_the_defaults() -> None:
+    # The count equals the default: it travels as 0, the agent's (the pod's) default.
+    assert tcp_options.news(GO, DEFAULTS) == TcpOptions(True, 15, 15, 0, 0)
+
+
+def test_nothing_new_is_not_sent_again_and_a_change_is() -> None:
+    told = tcp_options.news(GO, DEFAULTS)
+    assert told is not None
+    assert tcp_options.news(GO, DEFAULTS, told) is None
+    # The program turned keepalive off again: the agent must hear it.
+    assert tcp_options.news(DEFAULTS, DEFAULTS, told) == NOTHING
+    assert tcp_options.news(TcpOptions(True, 1, 1, 2, 0), DEFAULTS, told) == TcpOptions(True, 1, 1, 2, 0)
+
+
+def test_intervals_without_keepalive_and_a_user_timeout_alone_travel_too() -> None:
+    # Intervals set before keepalive is switched on still shape the probes once it is.
+    assert tcp_options.news(TcpOptions(False, 30, 75, 9, 0), DEFAULTS) == TcpOptions(False, 30, 0, 0, 0)
+    assert tcp_options.news(TcpOptions(False, 7200, 75, 9, 5000), DEFAULTS) == TcpOptions(user_timeout_ms=5000)
+
+
+def test_the_agent_sets_the_numbers_first_and_keepalive_last() -> None:
+    tcp = socket.IPPROTO_TCP
+    assert tcp_options.settings(TcpOptions(True, 1, 2, 3, 4000)) == (
+        (tcp, socket.TCP_KEEPIDLE, 1),
+        (tcp, socket.TCP_KEEPINTVL, 2),
+        (tcp, socket.TCP_KEEPCNT, 3),
+        (tcp, socket.TCP_USER_TIMEOUT, 4000),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    )
+    # 0: the agent's default, left alone (setsockopt refuses 0 for these); the user timeout's 0 is "none".
+    assert tcp_options.settings(NOTHING) == (
+        (tcp, socket.TCP_USER_TIMEOUT, 0),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0),
+    )
+
+
+def test_codec_round_trip_and_bounds() -> None:
+    options = TcpOptions(True, 15, 16, 4, 30000)
+    message = codec.encode_tcp_options(options)
+    assert codec.decode_tcp_options(rpc.TcpOptions.FromString(message.SerializeToString())) == options
+    assert codec.decode_tcp_options(rpc.TcpOptions()) == NOTHING
+    # Numbers a C int cannot hold are cut to the largest: setsockopt then refuses or caps them.
+    big = rpc.TcpOptions(keepalive_idle_s=0xFFFFFFFF, user_timeout_ms=0x80000000)
+    assert codec.decode_tcp_options(big) == TcpOptions(False, 0x7FFFFFFF, 0, 0, 0x7FFFFFFF)
+    assert codec.encode_tcp_options(TcpOptions(idle_s=1 << 40)).keepalive_idle_s == 0xFFFFFFFF
+
+
+def _options_of(sock: socket.socket) -> TcpOptions:
+    return tcp_options.from_readings([sock.getsockopt(level, name) for level, name in tcp_options.READ])
+
+
+def test_the_agent_applies_them_and_skips_what_the_kernel_refuses() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        defaults = _options_of(sock)
+        remote_options.apply(sock, TcpOptions(True, 1, 2, 3, 4000))
+        assert _options_of(sock) == TcpOptions(True, 1, 2, 3, 4000)
+        # TCP_KEEPCNT above 127 is refused (EINVAL): the others still apply.
+        remote_options.apply(sock, TcpOptions(True, 5, 0, 1000, 0))
+        assert _options_of(sock) == TcpOptions(True, 5, 2, 3, 0)
+        remote_options.apply(sock, NOTHING)
+        assert _options_of(sock).keepalive is False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as fresh:
+        assert kernel_defaults() == _options_of(fresh) == defaults
+    closed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    closed.close()
+    remote_options.apply(closed, TcpOptions(True, 1, 1, 1, 1))  # EBADF: logged, not raised
+
+
+def _connected_pair() -> tuple[socket.socket, socket.socket, socket.socket]:
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname()[:2])
+    server, _ = listener.accept()
+    return listener, client, server
+
+
+def test_read_options_reads_the_socket_at_that_descriptor_only_if_it_is_the_same_socket() -> None:
+    listener, client, server = _connected_pair()
+    with listener, client, server:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 3)
+        inode = os.fstat(client.fileno()).st_ino
+        threads = ThreadGroups()
+        fds_before = sorted(os.listdir("/proc/self/fd"))
+        found = read_options(os.getpid(), client.fileno(), socket.AF_INET, inode, threads.of)
+        assert found is not None and (found.keepalive, found.idle_s) == (True, 3)
+        assert sorted(os.listdir("/proc/self/fd")) == fds_before  # the duplicate was closed at once
+        # The number now holds another socket (closed and reused): not read.
+        assert read_options(os.getpid(), server.fileno(), socket.AF_INET, inode, threads.of) is None
+        # Nothing at that number.
+        assert read_options(os.getpid(), 0x7FFFFFF0, socket.AF_INET, inode, threads.of) is None
+
+
+def _follower(readings: list[TcpOptions | None]) -> tuple[OptionsFollower, list[tuple[int, int]]]:
+    asked: list[tuple[int, int]] = []
+
+    def read(tid: int, fd: int, family: int, inode: int, _group: object) -> TcpOptions | None:
+        asked.append((tid, fd))
+        return readings.pop(0) if readings else None
+
+    follower = OptionsFollower(ThreadGroups(), read_after=(0.001, 0.002), read=read)
+    follower._defaults = DEFAULTS  # a namespace whose sysctls are the usual ones
+    return follower, asked
+
+
+def test_the_follower_tells_the_agent_only_what_is_new() -> None:
+    async def scenario() -> None:
+        dialled = FakeDialled(endpoint("10.244.0.7:41000"), endpoint("10.96.1.10:80"))
+        follower, asked = _follower([GO, GO])
+        follower.follow(42, 7, socket.AF_INET, 1234, dialled)
+        await until(lambda: len(asked) == 2 and not follower._followed, "both reads")
+        assert asked == [(42, 7), (42, 7)]
+        assert dialled.options == [TcpOptions(True, 15, 15, 0, 0)]  # once: the second read saw no change
+
+        quiet = FakeDialled(endpoint("10.244.0.7:41001"), endpoint("10.96.1.10:80"))
+        follower, asked = _follower([DEFAULTS, DEFAULTS])
+        follower.follow(42, 8, socket.AF_INET, 1235, quiet)
+        await until(lambda: len(asked) == 2 and not follower._followed, "both reads")
+        assert quiet.options == []  # a program that sets nothing: no message at all
+
+        gone = FakeDialled(endpoint("10.244.0.7:41002"), endpoint("10.96.1.10:80"))
+        follower, asked = _follower([None])
+        follower.follow(42, 9, socket.AF_INET, 1236, gone)
+        await until(lambda: not follower._followed, "the socket found gone")
+        assert (asked, gone.options) == ([(42, 9)], [])  # not looked for again
+
+    asyncio.run(scenario())
+
+
+def test_a_connection_that_ended_is_not_read() -> None:
+    async def scenario() -> None:
+        follower, asked = _follower([GO, GO])
+        dialled = FakeDialled(endpoint("10.244.0.7:41000"), endpoint("10.96.1.10:80"))
+        other = FakeDialled(endpoint("10.244.0.7:41001"), endpoint("10.96.1.10:80"))
+        follower.follow(42, 7, socket.AF_INET, 1234, dialled)
+        follower.follow(42, 8, socket.AF_INET, 1235, other)
+        timers = [followed.timer for followed in follower._followed.values()]
+        follower.forget(dialled)  # its connection ended
+        follower.close()  # the program ended
+        assert all(timer is not None and timer.cancelled() for timer in timers)
+        assert not follower._followed
+        assert (asked, dialled.options, other.options) == ([], [], [])
+
+    asyncio.run(scenario())
