@@ -53,6 +53,7 @@ SPECS: dict[str, Spec] = {
     # client-go with rest.InClusterConfig(), as an operator is (tests/kube/test_kube_target_pod.py)
     "incluster": Spec("go", "incluster", ("-ldflags=-s -w",)),
     "cconnect": Spec("gcc", "cconnect.c"),
+    "ckeepalive": Spec("gcc", "ckeepalive.c"),  # keepalive on an idle connection (test_e2e_keepalive.py)
     "cthreads": Spec("gcc", "cthreads.c", ("-pthread",)),
     "cbulk": Spec("gcc", "cbulk.c"),
     "iouring": Spec("gcc", "iouring.c"),
