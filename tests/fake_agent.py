@@ -54,8 +54,13 @@ class FakeDialled:
     async def abort(self) -> None:
         self.aborted = True
 
+    on_timed_out: Callable[[socket.socket], None] | None = None
+
     def set_options(self, options: TcpOptions) -> None:
         self.options.append(options)
+
+    def when_timed_out(self, handler: Callable[[socket.socket], None]) -> None:
+        self.on_timed_out = handler
 
     def take(self, sock: socket.socket) -> None:
         pass

@@ -18,8 +18,9 @@ from ktrace_agent.wire import codec, rpc, tcp_options
 from ktrace_agent.wire.tcp_options import NOTHING
 from ktrace_agent.wire.values import TcpOptions
 
-from ktrace.tracer.options_follow import OptionsFollower, kernel_defaults, read_options
+from ktrace.tracer.options_follow import OptionsFollower, kernel_defaults, read_options, time_out
 from ktrace.tracer.threads import ThreadGroups
+from ktrace.tunnel.tcp_stream import TIMED_OUT, give_timed_out
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -183,3 +184,53 @@ def test_a_connection_that_ended_is_not_read() -> None:
         assert (asked, dialled.options, other.options) == ([], [], [])
 
     asyncio.run(scenario())
+
+
+def test_a_timed_out_agent_connection_times_the_programs_socket_out() -> None:
+    """ktrace's end goes silent and the program's socket gets a short keepalive: the program's
+    blocked read fails with ETIMEDOUT, as the agent's did (and as in a pod)."""
+
+    async def scenario() -> None:
+        listener, program, end = _connected_pair()
+        listener.close()
+        with program:
+            program.setblocking(False)
+            dialled = FakeDialled(endpoint("10.244.0.7:41000"), endpoint("10.96.1.10:80"))
+            follower = OptionsFollower(ThreadGroups(), read_after=())
+            follower.follow(os.getpid(), program.fileno(), socket.AF_INET, os.fstat(program.fileno()).st_ino, dialled)
+            assert dialled.on_timed_out is not None
+            reading = asyncio.ensure_future(asyncio.get_running_loop().sock_recv(program, 10))
+            dialled.on_timed_out(end)  # ktrace's end is the follower's now
+            assert end in follower._silent and end.fileno() >= 0  # kept open: a close would say FIN or RST
+            with pytest.raises(TimeoutError):  # ETIMEDOUT is TimeoutError in Python
+                await asyncio.wait_for(reading, 15)
+            follower.close()
+            assert end.fileno() == -1
+
+    asyncio.run(scenario())
+
+
+def test_a_program_socket_that_is_gone_is_reset_as_before() -> None:
+    listener, program, end = _connected_pair()
+    with listener, program:
+        inode = os.fstat(program.fileno()).st_ino
+        threads = ThreadGroups()
+        # Another socket at that number by now: nothing is set on it; the caller resets the end.
+        assert not time_out(end, os.getpid(), listener.fileno(), inode, threads.of)
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+        end.close()
+
+
+def test_only_a_timed_out_connection_is_given_to_the_handler() -> None:
+    taken: list[socket.socket] = []
+    with socket.socket() as sock:
+        assert not give_timed_out(None, sock, TIMED_OUT)
+        assert not give_timed_out(taken.append, sock, "reset: ECONNRESET")
+        assert not give_timed_out(taken.append, sock, "closed")
+        assert taken == []
+        assert give_timed_out(taken.append, sock, TIMED_OUT) and taken == [sock]
+
+        def broken(_: socket.socket) -> None:
+            raise RuntimeError("bug")
+
+        assert not give_timed_out(broken, sock, TIMED_OUT)  # logged; the caller resets as before

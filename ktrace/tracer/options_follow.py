@@ -17,6 +17,14 @@ connected and by the descriptor number it connected with), checks it is still th
 once. ktrace never keeps one: the kernel ends a connection (FIN) only when the last descriptor
 of its socket closes, so a kept duplicate would stop the program's close() from ending it.
 
+When the agent's socket times out (its keepalive or user timeout found the peer gone), the
+program's socket is made to time out too, so the program sees ETIMEDOUT as in a pod rather than
+a reset (``time_out``): ktrace's end of the program's connection (loopback) goes silent, a socket
+filter dropping every packet that reaches it (so the program's probes, data and even its reset go
+unanswered), and the program's socket gets keepalive and a user timeout of one second: its
+kernel gives the connection up within ~2 s with ETIMEDOUT, which its next (or blocked) read or
+write returns. ktrace's end is closed ``TIMEOUT_GRACE`` later, with a reset.
+
 Not followed: a socket the program moved to another descriptor number (dup2, then close), or
 whose connecting thread has exited by the time of the read: finding it then would take a scan
 of /proc/PID/fd.
@@ -25,9 +33,12 @@ of /proc/PID/fd.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -44,6 +55,28 @@ log = logging.getLogger("ktrace.tcp")
 
 # Seconds after the connection is established at which its options are read.
 READ_AFTER: Final = (0.05, 1.0)
+
+# What the program's socket is given when the agent's timed out, so that its kernel gives up soon:
+# keepalive from 1 s idle, one probe 1 s later (tcp_keepalive_timer: ETIMEDOUT once the probes
+# are out and unanswered), and a 1 s user timeout for data it sends meanwhile (which stops
+# keepalive; the retransmissions then give up after the user timeout instead of ~15 minutes).
+GIVE_UP: Final = (
+    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 1),
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+)
+# How long ktrace's silent end waits for the program's kernel to give up (~2 s) before it is
+# closed with a reset (which a program socket still alive then sees: ECONNRESET).
+TIMEOUT_GRACE: Final = 5.0
+
+_SO_ATTACH_FILTER: Final = 26  # asm-generic/socket.h (x86_64 and aarch64 alike)
+# One classic BPF instruction, BPF_RET|BPF_K 0: keep 0 bytes of every packet. TCP runs a socket's
+# filter on every segment it receives (tcp_filter() in tcp_v4_rcv/tcp_v6_rcv) and drops the
+# segment, unanswered, when it keeps nothing: the socket hears nothing more from its peer.
+_DROP_ALL = ctypes.create_string_buffer(struct.pack("=HBBI", 0x06, 0, 0, 0), 8)
+_DROP_ALL_PROG = struct.pack("@HP", 1, ctypes.addressof(_DROP_ALL))  # struct sock_fprog
 
 
 @dataclass(eq=False, slots=True)
@@ -80,6 +113,43 @@ def read_options(tid: int, fd: int, family: int, inode: int, thread_group: Calla
         os.close(dup)
 
 
+def time_out(end: socket.socket, tid: int, fd: int, inode: int, thread_group: Callable[[int], int]) -> bool:
+    """Make the program's socket (``fd`` of thread ``tid``, if still socket ``inode``), connected to
+    ``end`` on loopback, time out as the agent's did: ``end`` goes silent, the program's socket
+    gets ``GIVE_UP``. False (nothing done that matters: ``end`` is to be reset as before) when
+    either cannot be changed; ``end`` must then stay open until the program's kernel gave up."""
+    try:
+        end.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, _DROP_ALL_PROG)
+    except OSError as exc:
+        log.debug("cannot silence ktrace's end of a timed-out connection: %s", exc)
+        return False
+    try:
+        dup = linux.duplicate_fd(tid, fd, thread_group)
+    except (OSError, TraceeGone):
+        return False
+    try:
+        if os.fstat(dup).st_ino != inode:
+            return False
+        sock = socket.socket(end.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=dup)
+        try:
+            for level, name, value in GIVE_UP:
+                sock.setsockopt(level, name, value)
+        finally:
+            sock.detach()
+    except OSError as exc:
+        log.debug("cannot time the program's socket %d out: %s", inode, exc)
+        return False
+    finally:
+        os.close(dup)  # at once: a kept duplicate would keep the connection from ending
+    return True
+
+
+def _reset_and_close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 def kernel_defaults() -> TcpOptions:
     """The options of a fresh TCP socket: this network namespace's defaults, the program's too."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -100,11 +170,13 @@ class OptionsFollower:
         self._read = read
         self._defaults: TcpOptions | None = None
         self._followed: dict[int, _Followed] = {}  # id(dialled) -> (the dialled is held: its id stays its own)
+        self._silent: dict[socket.socket, asyncio.TimerHandle] = {}  # ktrace's ends of timed-out connections
 
     def follow(self, tid: int, fd: int, family: int, inode: int, dialled: Dialled) -> None:
         """``dialled`` carries the program socket ``inode`` (``fd`` of thread ``tid``) from now on."""
         followed = _Followed(tid, fd, family, inode, dialled)
         self._followed[id(dialled)] = followed
+        dialled.when_timed_out(lambda end: self._timed_out(tid, fd, inode, end))
         self._schedule(followed)
 
     def forget(self, dialled: Dialled) -> None:
@@ -118,6 +190,22 @@ class OptionsFollower:
             if followed.timer is not None:
                 followed.timer.cancel()
         self._followed.clear()
+        for end, timer in list(self._silent.items()):
+            timer.cancel()
+            self._close_silent(end)
+
+    def _timed_out(self, tid: int, fd: int, inode: int, end: socket.socket) -> None:
+        """The agent's connection timed out: ``end`` (ktrace's end of the program's connection) is
+        ours; the program's socket is timed out too, else reset as before."""
+        if not time_out(end, tid, fd, inode, self._threads.of):
+            _reset_and_close(end)
+            return
+        log.debug("connection of socket %d timed out: so does the program's", inode)
+        self._silent[end] = asyncio.get_running_loop().call_later(TIMEOUT_GRACE, self._close_silent, end)
+
+    def _close_silent(self, end: socket.socket) -> None:
+        self._silent.pop(end, None)
+        _reset_and_close(end)
 
     def _schedule(self, followed: _Followed) -> None:
         if followed.reads >= len(self._read_after):

@@ -30,6 +30,12 @@ class Dialled(Protocol):
         once; nothing happens when the agent does not offer it or the connection has ended."""
         ...
 
+    def when_timed_out(self, handler: Callable[[socket.socket], None]) -> None:
+        """Should the agent's connection time out (ETIMEDOUT: its keepalive or user timeout found
+        the peer gone), ``handler`` takes ktrace's end of the program's connection over, to time
+        the program's socket out too, instead of it being reset."""
+        ...
+
 
 class AttachFailed(Exception):
     """The program's socket could not be handed the agent's connection (it left the parking lot,

@@ -32,7 +32,7 @@ from ktrace_agent.wire import codec, rpc
 from ktrace_agent.wire.outbox import RecordOutbox
 
 from .handover import dial_desk
-from .tcp_stream import OPEN_MARGIN, reset_socket
+from .tcp_stream import OPEN_MARGIN, TimedOut, give_timed_out, reset_socket
 from .types import Connection, Endpoint, TcpOptions, TcpStats, TunnelError, TunnelLost
 
 log = logging.getLogger("ktrace.tunnel")
@@ -312,6 +312,7 @@ class DeskConnection:
         self._answers = answers
         self._taken = False
         self._lost: TunnelLost | None = None  # the line broke as the end was sent
+        self._on_timed_out: TimedOut | None = None
         self.end = end
         self.local = local
         self.peer = peer
@@ -333,6 +334,9 @@ class DeskConnection:
 
     def set_options(self, options: TcpOptions) -> None:
         self._line.set_options(self._id, options)
+
+    def when_timed_out(self, handler: TimedOut) -> None:
+        self._on_timed_out = handler
 
     async def abort(self) -> None:
         """Give the connection up: the agent resets it (and the program's end, once it has it)."""
@@ -386,5 +390,6 @@ class DeskConnection:
         if outcome:
             stats.outcome = outcome
             reset_socket(sock)  # the agent set it on the shared socket already when it reset
-        sock.close()
+        if not give_timed_out(self._on_timed_out, sock, stats.outcome):
+            sock.close()
         return stats

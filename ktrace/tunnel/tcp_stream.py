@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import struct
 import time
@@ -35,6 +36,8 @@ from ktrace_agent.wire.read_gate import ReadGate
 from .call_pool import CallPool
 from .handover import HandoverLine
 from .types import Endpoint, TcpOptions, TcpStats, TunnelError, TunnelLost
+
+log = logging.getLogger("ktrace.tunnel")
 
 # Bytes per Data frame at most. gRPC's cost is mostly per message: 1 MiB frames move
 # ~1.3x the bytes per second of 256 KiB ones here (docs/performance.md), and still
@@ -60,6 +63,26 @@ class _Reset(Exception):
     def __init__(self, outcome: str) -> None:
         super().__init__(outcome)
         self.outcome = outcome
+
+
+# The outcome of a connection whose agent socket timed out (keepalive, TCP_USER_TIMEOUT).
+TIMED_OUT = "reset: ETIMEDOUT"
+TimedOut = Callable[[socket.socket], None]
+
+
+def give_timed_out(handler: TimedOut | None, sock: socket.socket, outcome: str) -> bool:
+    """After a connection ended with ``outcome``: when the agent's socket timed out and ``handler``
+    is given, it takes ``sock`` (ktrace's end of the program's connection) over to time the
+    program's socket out too (``ktrace/tracer/options_follow.py``); True then. Else the caller
+    closes ``sock`` (a reset: SO_LINGER 0 is set by then)."""
+    if handler is None or outcome != TIMED_OUT:
+        return False
+    try:
+        handler(sock)
+    except Exception:
+        log.exception("timing the program's connection out failed; it is reset")
+        return False
+    return True
 
 
 def reset_socket(sock: socket.socket) -> None:
@@ -93,6 +116,7 @@ class TcpStream:
         # One write at a time on the call: ``set_options`` comes between the splice's own writes.
         self._writing = asyncio.Lock()
         self._sending: set[asyncio.Task[None]] = set()
+        self._on_timed_out: TimedOut | None = None
         self.local = local
         self.peer = peer
         self.opened_at = time.monotonic()  # for the report: how long the connection lived
@@ -208,6 +232,9 @@ class TcpStream:
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
+    def when_timed_out(self, handler: TimedOut) -> None:
+        self._on_timed_out = handler
+
     async def _write_options(self, options: TcpOptions) -> None:
         frame = rpc.TcpClientFrame(options=codec.encode_tcp_options(options))
         async with self._writing:
@@ -247,7 +274,8 @@ class TcpStream:
             raise
         finally:
             self._options = False
-            sock.close()  # only now: both directions (or the agent's relay) are done with it
+            if not give_timed_out(self._on_timed_out, sock, stats.outcome):
+                sock.close()  # only now: both directions (or the agent's relay) are done with it
         return stats
 
     def _give_back(self) -> None:

@@ -8,6 +8,7 @@ the client's.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -66,6 +67,11 @@ class Connection(Protocol):
         """Have the agent set ``options`` (the program's keepalive and user timeout) on its
         socket to the destination; nothing when the agent does not offer it, or the connection
         ended. Returns at once."""
+        ...
+
+    def when_timed_out(self, handler: Callable[[socket.socket], None]) -> None:
+        """``handler`` takes ktrace's end of the program's connection (and closes it) when the agent's
+        connection times out, instead of the reset (``tcp_stream.give_timed_out``)."""
         ...
 
     def take(self, sock: socket.socket) -> None:
