@@ -42,7 +42,8 @@ Modules
 ``errnos``              errno names and numbers; exceptions to names
 ``rpc``                 the only user of the generated code: messages, typed stub, servicer protocol,
                         call and context types, channel and server options, the bearer token
-``codec``               values to messages and back: addresses (rule 4), families, failures
+``codec``               values to messages and back: addresses (rule 4), families, failures, TCP options
+``tcp_options``         which of a program's socket options act on the agent's socket, and how (pure)
 ``batching``            frames waiting together leave as one message
 ``budget``, ``read_gate``  bounded memory for data in flight
 ``pumps``               a relay's two directions run together (one TaskGroup for every relay)
