@@ -24,6 +24,8 @@ from handler_helpers import until
 from ktrace_agent.wire import codec, rpc, tcp_options
 from ktrace_agent.wire.values import TcpOptions
 
+from ktrace.tracer import options_follow
+from ktrace.tracer.threads import ThreadGroups
 from ktrace.tunnel.client import AgentClient
 from ktrace.tunnel.types import Endpoint, TcpStats
 
@@ -60,19 +62,33 @@ def has_options(local: tuple[Any, ...], peer: tuple[Any, ...], wanted: TcpOption
     return agent_socket_options(local, peer) == wanted
 
 
+def silence(sock: socket.socket) -> None:
+    """Everything that reaches ``sock`` is dropped unanswered (the filter ktrace's own ends use)."""
+    sock.setsockopt(socket.SOL_SOCKET, options_follow._SO_ATTACH_FILTER, options_follow._DROP_ALL_PROG)
+
+
 class Target:
     """A loopback server that keeps each connection open until the client ends it; ``peers``:
-    the client addresses it accepted (the agent's sockets)."""
+    the client addresses it accepted (the agent's sockets). ``silent``: after its first answer it
+    goes silent, a socket filter dropping everything that reaches it, as a peer that vanished."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, silent: bool = False) -> None:
         self.peers: list[tuple[Any, ...]] = []
         self.port = 0
+        self.silent = silent
 
     async def __aenter__(self) -> Target:
         async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.peers.append(writer.get_extra_info("peername"))
-            while data := await reader.read(65536):
-                writer.write(data.upper())
+            with contextlib.suppress(OSError):
+                while data := await reader.read(65536):
+                    writer.write(data.upper())
+                    await writer.drain()
+                    if self.silent:
+                        sock = writer.get_extra_info("socket")
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, options_follow._SO_ATTACH_FILTER, options_follow._DROP_ALL_PROG
+                        )
             writer.close()
 
         self._server = await asyncio.start_server(hold, "127.0.0.1", 0)
@@ -171,5 +187,29 @@ def test_options_for_an_ended_connection_are_ignored_where_open_is_expected(tmp_
             answer = await call.read()
             assert isinstance(answer, rpc.TcpServerFrame) and answer.data == b"OK"
             call.cancel()
+
+    run(scenario())
+
+
+def test_a_peer_gone_silent_times_the_program_out(tmp_path: pathlib.Path, way: str) -> None:
+    """The agent's keepalive (the program's options) finds the peer gone: ETIMEDOUT on the agent's
+    socket, and then on the program's own (ktrace's part: tracer/options_follow.py)."""
+
+    async def scenario() -> None:
+        async with Target(silent=True) as target, connected(tmp_path, way) as client:
+            stream = await client.open_tcp(Endpoint.parse(f"127.0.0.1:{target.port}"))
+            (p_reader, p_writer), splice = await spliced(stream)
+            program = p_writer.get_extra_info("socket")
+            follower = options_follow.OptionsFollower(ThreadGroups(), read_after=())
+            inode = os.fstat(program.fileno()).st_ino
+            follower.follow(os.getpid(), program.fileno(), socket.AF_INET, inode, stream)
+            stream.set_options(TcpOptions(True, 1, 1, 1, 0))
+            p_writer.write(b"hi")
+            assert await p_reader.readexactly(2) == b"HI"
+            with pytest.raises(TimeoutError):  # ETIMEDOUT
+                await asyncio.wait_for(p_reader.read(), 30)
+            assert (await splice).outcome == "reset: ETIMEDOUT"
+            follower.close()
+            p_writer.close()
 
     run(scenario())
