@@ -282,6 +282,11 @@ class TcpStream:
         """The connection ended cleanly on a reused stream: the call carries the next one."""
         self._options = False
         if self._reuse_in is not None:
+            if any(not task.done() for task in self._sending):
+                # An options frame is still being written: the next connection's `open` could not
+                # follow it on the call (one write at a time). Rare: the stream ends instead.
+                self._call.cancel()
+                return
             self._given_back = True
             self._reuse_in.give_back(self._call)
 
