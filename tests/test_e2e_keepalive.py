@@ -37,7 +37,8 @@ SERVER_IP = "10.97.0.1"  # on the namespace's lo: not loopback, so ktrace sends 
 DESK_PORT = 7070
 TUNNEL_PORT = 53
 KEEPALIVE = ("1", "1", "2")  # idle, interval, probes: ETIMEDOUT 3 s after the last answer
-# Well past idle + interval * probes (3 s), the options' read after connect (50 ms), a slow VM.
+# Well past idle + interval * probes (3 s), the options' read after connect (1 s), the program's own
+# time-out after the agent's (~2 s), a slow VM.
 NOTICED_WITHIN = 20.0
 
 SERVER = textwrap.dedent(

@@ -171,17 +171,36 @@ def test_the_follower_tells_the_agent_only_what_is_new() -> None:
 
 def test_a_connection_that_ended_is_not_read() -> None:
     async def scenario() -> None:
-        follower, asked = _follower([GO, GO])
+        follower, asked = _follower([GO, GO, GO])
         dialled = FakeDialled(endpoint("10.244.0.7:41000"), endpoint("10.96.1.10:80"))
         other = FakeDialled(endpoint("10.244.0.7:41001"), endpoint("10.96.1.10:80"))
         follower.follow(42, 7, socket.AF_INET, 1234, dialled)
         follower.follow(42, 8, socket.AF_INET, 1235, other)
-        timers = [followed.timer for followed in follower._followed.values()]
         follower.forget(dialled)  # its connection ended
-        follower.close()  # the program ended
-        assert all(timer is not None and timer.cancelled() for timer in timers)
-        assert not follower._followed
-        assert (asked, dialled.options, other.options) == ([], [], [])
+        await until(lambda: len(asked) == 2, "the other's two reads")
+        assert asked == [(42, 8), (42, 8)] and dialled.options == []
+        # The program ended with a connection still followed: its timer goes.
+        third = FakeDialled(endpoint("10.244.0.7:41002"), endpoint("10.96.1.10:80"))
+        follower.follow(42, 9, socket.AF_INET, 1236, third)
+        timer = follower._timer
+        follower.close()
+        assert timer is not None and timer.cancelled() and not follower._followed
+        assert third.options == []
+
+    asyncio.run(scenario())
+
+
+def test_one_timer_serves_a_burst_of_connections() -> None:
+    async def scenario() -> None:
+        follower, asked = _follower([GO] * 200)
+        dialled = [FakeDialled(endpoint(f"10.244.0.7:{41000 + i}"), endpoint("10.96.1.10:80")) for i in range(100)]
+        for i, each in enumerate(dialled):
+            follower.follow(42, i, socket.AF_INET, 5000 + i, each)
+        scheduled: list[asyncio.TimerHandle] = asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
+        assert [handle for handle in scheduled if not handle.cancelled()] == [follower._timer]
+        await until(lambda: len(asked) == 200, "two reads of each")
+        assert all(each.options == [TcpOptions(True, 15, 15, 0, 0)] for each in dialled)
+        assert not follower._followed and follower._timer is None
 
     asyncio.run(scenario())
 

@@ -9,7 +9,7 @@ after the connection is established (``READ_AFTER``): Go, and most libraries, se
 connect() returns; the later read catches a program that sets them after a first exchange (a TLS
 handshake, a login). When they differ from what the agent was told (at first: the kernel's
 defaults), the agent is told (``Dialled.set_options``). A connection that ended before a read
-costs only its timer, cancelled at its end (``forget``), so short requests pay nothing.
+costs only its place in a queue (``forget``), so short requests pay nothing.
 
 Each read takes a new duplicate of the program's descriptor (pidfd_getfd, from the thread that
 connected and by the descriptor number it connected with), checks it is still the same socket
@@ -33,6 +33,7 @@ of /proc/PID/fd.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import logging
@@ -53,8 +54,12 @@ from ktrace.tracer.tracee import TraceeGone
 
 log = logging.getLogger("ktrace.tcp")
 
-# Seconds after the connection is established at which its options are read.
-READ_AFTER: Final = (0.05, 1.0)
+# Seconds after the connection is established at which its options are read. Not sooner: with
+# reads at 50 ms, scripts/bench's 1,000 concurrent connections (each lives under a second) took
+# ~10 % longer (0.83-0.93 s against 0.75-0.80 s), ktrace reading sockets the program was busy
+# with; a connection that ends before its first read costs nothing. Keepalive idle times and user
+# timeouts are seconds to minutes (Go's: 15 s), so a second's delay in applying them is noise.
+READ_AFTER: Final = (1.0, 5.0)
 
 # What the program's socket is given when the agent's timed out, so that its kernel gives up soon:
 # keepalive from 1 s idle, one probe 1 s later (tcp_keepalive_timer: ETIMEDOUT once the probes
@@ -81,14 +86,20 @@ _DROP_ALL_PROG = struct.pack("@HP", 1, ctypes.addressof(_DROP_ALL))  # struct so
 
 @dataclass(eq=False, slots=True)
 class _Followed:
+    """A connection whose options are read (``reads`` so far), and the handler of its time-out."""
+
+    follower: OptionsFollower
     tid: int  # the thread that connected
     fd: int  # the descriptor it connected
     family: int
     inode: int
-    dialled: Dialled
+    dialled: Dialled | None  # None once the connection ended (``forget``)
     told: TcpOptions = tcp_options.NOTHING
-    reads: int = 0  # done so far (an index into READ_AFTER)
-    timer: asyncio.TimerHandle | None = None
+    reads: int = 0
+
+    def __call__(self, end: socket.socket) -> None:
+        """``Dialled.when_timed_out``'s handler (an object rather than a closure: one per connection)."""
+        self.follower._timed_out(self, end)
 
 
 def read_options(tid: int, fd: int, family: int, inode: int, thread_group: Callable[[int], int]) -> TcpOptions | None:
@@ -157,7 +168,11 @@ def kernel_defaults() -> TcpOptions:
 
 
 class OptionsFollower:
-    """Connections whose options are read ``read_after`` seconds after ``follow``."""
+    """Connections whose options are read ``read_after`` seconds after ``follow``.
+
+    One timer for all of them: the delays are the same for every connection, so each read of a
+    connection waits in a queue per read (FIFO: in the order the connections were followed), and
+    the timer is set for the earliest head. A burst of connections costs no timer each."""
 
     def __init__(
         self,
@@ -170,58 +185,76 @@ class OptionsFollower:
         self._read = read
         self._defaults: TcpOptions | None = None
         self._followed: dict[int, _Followed] = {}  # id(dialled) -> (the dialled is held: its id stays its own)
+        self._queues: list[collections.deque[tuple[float, _Followed]]] = [collections.deque() for _ in read_after]
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._silent: dict[socket.socket, asyncio.TimerHandle] = {}  # ktrace's ends of timed-out connections
 
     def follow(self, tid: int, fd: int, family: int, inode: int, dialled: Dialled) -> None:
         """``dialled`` carries the program socket ``inode`` (``fd`` of thread ``tid``) from now on."""
-        followed = _Followed(tid, fd, family, inode, dialled)
-        self._followed[id(dialled)] = followed
-        dialled.when_timed_out(lambda end: self._timed_out(tid, fd, inode, end))
-        self._schedule(followed)
+        followed = _Followed(self, tid, fd, family, inode, dialled)
+        dialled.when_timed_out(followed)
+        if self._read_after:
+            self._followed[id(dialled)] = followed
+            self._enqueue(followed)
 
     def forget(self, dialled: Dialled) -> None:
-        """The connection ended: no more reads."""
+        """The connection ended: no more reads (its queued ones are skipped)."""
         followed = self._followed.pop(id(dialled), None)
-        if followed is not None and followed.timer is not None:
-            followed.timer.cancel()
+        if followed is not None:
+            followed.dialled = None
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for queue in self._queues:
+            queue.clear()
         for followed in self._followed.values():
-            if followed.timer is not None:
-                followed.timer.cancel()
+            followed.dialled = None
         self._followed.clear()
         for end, timer in list(self._silent.items()):
             timer.cancel()
             self._close_silent(end)
 
-    def _timed_out(self, tid: int, fd: int, inode: int, end: socket.socket) -> None:
-        """The agent's connection timed out: ``end`` (ktrace's end of the program's connection) is
-        ours; the program's socket is timed out too, else reset as before."""
-        if not time_out(end, tid, fd, inode, self._threads.of):
-            _reset_and_close(end)
-            return
-        log.debug("connection of socket %d timed out: so does the program's", inode)
-        self._silent[end] = asyncio.get_running_loop().call_later(TIMEOUT_GRACE, self._close_silent, end)
+    # -- reads ------------------------------------------------------------------------------
 
-    def _close_silent(self, end: socket.socket) -> None:
-        self._silent.pop(end, None)
-        _reset_and_close(end)
-
-    def _schedule(self, followed: _Followed) -> None:
-        if followed.reads >= len(self._read_after):
+    def _enqueue(self, followed: _Followed) -> None:
+        """Queue ``followed``'s next read, or let it go after its last."""
+        step = followed.reads
+        if step >= len(self._read_after):
             self._followed.pop(id(followed.dialled), None)
             return
-        wait = self._read_after[followed.reads] - (self._read_after[followed.reads - 1] if followed.reads else 0.0)
-        followed.timer = asyncio.get_running_loop().call_later(max(wait, 0.0), self._read_now, followed)
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self._read_after[step] - (self._read_after[step - 1] if step else 0.0)
+        self._queues[step].append((due, followed))
+        if self._timer is None or due < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(due, self._run)
+            self._timer_at = due
+
+    def _run(self) -> None:
+        """Every read due by now, then the timer for the next one."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for queue in self._queues:
+            while queue and queue[0][0] <= now:
+                self._read_now(queue.popleft()[1])
+        heads = [queue[0][0] for queue in self._queues if queue]
+        if heads and self._timer is None:
+            self._timer_at = min(heads)
+            self._timer = loop.call_at(self._timer_at, self._run)
 
     def _read_now(self, followed: _Followed) -> None:
-        followed.timer = None
         followed.reads += 1
-        if self._followed.get(id(followed.dialled)) is not followed:
-            return
+        dialled = followed.dialled
+        if dialled is None:
+            return  # ended meanwhile
         options = self._read(followed.tid, followed.fd, followed.family, followed.inode, self._threads.of)
         if options is None:
-            self._followed.pop(id(followed.dialled), None)  # gone, or out of reach for good
+            self._followed.pop(id(dialled), None)  # gone, or out of reach for good
             return
         if self._defaults is None:
             self._defaults = kernel_defaults()
@@ -229,5 +262,20 @@ class OptionsFollower:
         if news is not None:
             log.debug("connection of socket %d: the agent sets %s", followed.inode, news)
             followed.told = news
-            followed.dialled.set_options(news)
-        self._schedule(followed)
+            dialled.set_options(news)
+        self._enqueue(followed)
+
+    # -- time-outs ----------------------------------------------------------------------------
+
+    def _timed_out(self, followed: _Followed, end: socket.socket) -> None:
+        """The agent's connection timed out: ``end`` (ktrace's end of the program's connection) is
+        ours; the program's socket is timed out too, else reset as before."""
+        if not time_out(end, followed.tid, followed.fd, followed.inode, self._threads.of):
+            _reset_and_close(end)
+            return
+        log.debug("connection of socket %d timed out: so does the program's", followed.inode)
+        self._silent[end] = asyncio.get_running_loop().call_later(TIMEOUT_GRACE, self._close_silent, end)
+
+    def _close_silent(self, end: socket.socket) -> None:
+        self._silent.pop(end, None)
+        _reset_and_close(end)
