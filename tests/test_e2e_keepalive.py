@@ -142,7 +142,7 @@ def _run(*argv: str) -> None:
 def peer() -> Iterator[SilentPeer]:
     reason = unavailable_reason()
     if reason is None and not os.path.exists("/usr/sbin/iptables"):
-        reason = "iptables is missing (scripts/test installs it)"
+        reason = "iptables is missing (scripts/setup installs it)"
     if reason is not None:
         pytest.skip(reason)
     peer = SilentPeer()
@@ -168,7 +168,7 @@ def test_without_ktrace_the_kernel_times_the_connection_out(peer: SilentPeer, pr
 
 @pytest.mark.parametrize("port", [DESK_PORT, TUNNEL_PORT], ids=["desk", "tunnel"])
 @pytest.mark.parametrize("backend", ["ptrace", "notify"])
-def test_under_ktrace_the_agents_keepalive_resets_the_program(
+def test_under_ktrace_the_agents_keepalive_times_the_program_out(
     peer: SilentPeer, programs: Programs, backend: str, port: int
 ) -> None:
     # Started first, so it has been idle at least as long as the other when that one is reset.
