@@ -30,6 +30,7 @@ import pytest
 from e2e_helpers import Deadline, read_line
 from fixture_programs import Programs
 from nscluster import _tool, unavailable_reason
+from test_e2e_unprivileged import NOBODY, unprivileged
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 
@@ -98,12 +99,19 @@ class SilentPeer:
             for match in ("--dport", "--sport"):
                 _run(*self._in_ns(), "iptables", "-A", "INPUT", "-p", "tcp", match, str(port), "-j", "DROP")
 
-    def client(self, programs: Programs, port: int, *, keepalive: bool, backend: str | None) -> subprocess.Popen[str]:
-        """``ckeepalive`` against the server, once it said ``ready``; under ktrace with ``backend``."""
+    def client(
+        self, programs: Programs, port: int, *, keepalive: bool, backend: str | None, as_nobody: bool = False
+    ) -> subprocess.Popen[str]:
+        """``ckeepalive`` against the server, once it said ``ready``; under ktrace with ``backend``
+        (run by uid 65534 with ``as_nobody``, as test_e2e_unprivileged.py runs it)."""
         argv = [programs["ckeepalive"], SERVER_IP, str(port), *(KEEPALIVE if keepalive else ())]
         env = {**os.environ, "TMPDIR": self.tmp, "KUBECONFIG": os.path.join(self.tmp, "no-kubeconfig")}
         if backend is not None:
             argv = [_tool("ktrace"), "run", "-q", "--agent", "local", "--backend", backend, "--", *argv]
+        if as_nobody:
+            os.chown(self.tmp, NOBODY, NOBODY)
+            env["HOME"] = self.tmp
+            argv = unprivileged(argv)
         proc = subprocess.Popen(
             [*self._in_ns(), *argv],
             env=env,
@@ -180,3 +188,12 @@ def test_under_ktrace_the_agents_keepalive_times_the_program_out(
     # Without keepalive nothing notices the silence: the read still waits.
     assert quiet.poll() is None
     assert _result(quiet, 0.1) == "still waiting"
+
+
+@pytest.mark.parametrize("port", [DESK_PORT, TUNNEL_PORT], ids=["desk", "tunnel"])
+def test_unprivileged_ktrace_times_the_program_out_too(peer: SilentPeer, programs: Programs, port: int) -> None:
+    """ktrace needs no capability to time the program's socket out (a socket filter on its end would:
+    Linux 6.x asks CAP_NET_ADMIN for one on a TCP socket, and the program would see a reset)."""
+    client = peer.client(programs, port, keepalive=True, backend="ptrace", as_nobody=True)
+    peer.drop()
+    assert _result(client, NOTICED_WITHIN) == "read: ETIMEDOUT"

@@ -206,8 +206,9 @@ def test_one_timer_serves_a_burst_of_connections() -> None:
 
 
 def test_a_timed_out_agent_connection_times_the_programs_socket_out() -> None:
-    """ktrace's end goes silent and the program's socket gets a short keepalive: the program's
-    blocked read fails with ETIMEDOUT, as the agent's did (and as in a pod)."""
+    """ktrace's end closes its window and the program's socket, holding bytes it cannot send, gets a
+    short user timeout: the program's blocked read fails with ETIMEDOUT, as the agent's did (and as
+    in a pod)."""
 
     async def scenario() -> None:
         listener, program, end = _connected_pair()
@@ -236,7 +237,7 @@ def test_a_program_socket_that_is_gone_is_reset_as_before() -> None:
         threads = ThreadGroups()
         # Another socket at that number by now: nothing is set on it; the caller resets the end.
         assert not time_out(end, os.getpid(), listener.fileno(), inode, threads.of)
-        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
         end.close()
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import functools
 import os
 import pathlib
 import socket
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -62,9 +64,17 @@ def has_options(local: tuple[Any, ...], peer: tuple[Any, ...], wanted: TcpOption
     return agent_socket_options(local, peer) == wanted
 
 
+# A socket filter that keeps nothing (BPF_RET|BPF_K 0): TCP drops every segment that reaches the
+# socket, unanswered (tcp_filter), as if its host had vanished. Attaching one to a TCP socket takes
+# CAP_NET_ADMIN on Linux 6.x: the suite runs as root.
+SO_ATTACH_FILTER = 26  # asm-generic/socket.h
+_DROP_ALL = ctypes.create_string_buffer(struct.pack("=HBBI", 0x06, 0, 0, 0), 8)
+DROP_ALL_PROG = struct.pack("@HP", 1, ctypes.addressof(_DROP_ALL))  # struct sock_fprog
+
+
 def silence(sock: socket.socket) -> None:
-    """Everything that reaches ``sock`` is dropped unanswered (the filter ktrace's own ends use)."""
-    sock.setsockopt(socket.SOL_SOCKET, options_follow._SO_ATTACH_FILTER, options_follow._DROP_ALL_PROG)
+    """Everything that reaches ``sock`` is dropped unanswered."""
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, DROP_ALL_PROG)
 
 
 class Target:
@@ -85,10 +95,7 @@ class Target:
                     writer.write(data.upper())
                     await writer.drain()
                     if self.silent:
-                        sock = writer.get_extra_info("socket")
-                        sock.setsockopt(
-                            socket.SOL_SOCKET, options_follow._SO_ATTACH_FILTER, options_follow._DROP_ALL_PROG
-                        )
+                        silence(writer.get_extra_info("socket"))
             writer.close()
 
         self._server = await asyncio.start_server(hold, "127.0.0.1", 0)

@@ -19,11 +19,15 @@ of its socket closes, so a kept duplicate would stop the program's close() from 
 
 When the agent's socket times out (its keepalive or user timeout found the peer gone), the
 program's socket is made to time out too, so the program sees ETIMEDOUT as in a pod rather than
-a reset (``time_out``): ktrace's end of the program's connection (loopback) goes silent, a socket
-filter dropping every packet that reaches it (so the program's probes, data and even its reset go
-unanswered), and the program's socket gets keepalive and a user timeout of one second: its
-kernel gives the connection up within ~2 s with ETIMEDOUT, which its next (or blocked) read or
-write returns. ktrace's end is closed ``TIMEOUT_GRACE`` later, with a reset.
+a reset (``time_out``). ktrace's end of the program's connection (loopback) is never read again
+and its receive buffer is cut to the kernel's minimum, so the window it offers closes; ktrace then
+queues bytes on the program's socket (its duplicate) until some stay unsent, and gives it a 1 s
+TCP_USER_TIMEOUT. Zero-window probes are answered, but the user timeout also bounds how long a
+sender may probe a closed window (tcp_probe_timer): the program's kernel gives the connection up
+with ETIMEDOUT ~1.5 s later, which its next (or blocked) read or write returns. The bytes reach
+only ktrace's end, which is closed with a reset ``TIMEOUT_GRACE`` later. All of it works
+unprivileged (silencing ktrace's end with a socket filter would not: Linux 6.x asks
+CAP_NET_ADMIN to attach one to a TCP socket).
 
 Not followed: a socket the program moved to another descriptor number (dup2, then close), or
 whose connecting thread has exited by the time of the read: finding it then would take a scan
@@ -35,9 +39,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
+import fcntl
 import logging
 import os
+import select
 import socket
 import struct
 from collections.abc import Callable
@@ -61,27 +66,20 @@ log = logging.getLogger("ktrace.tcp")
 # timeouts are seconds to minutes (Go's: 15 s), so a second's delay in applying them is noise.
 READ_AFTER: Final = (1.0, 5.0)
 
-# What the program's socket is given when the agent's timed out, so that its kernel gives up soon:
-# keepalive from 1 s idle, one probe 1 s later (tcp_keepalive_timer: ETIMEDOUT once the probes
-# are out and unanswered), and a 1 s user timeout for data it sends meanwhile (which stops
-# keepalive; the retransmissions then give up after the user timeout instead of ~15 minutes).
-GIVE_UP: Final = (
-    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 1000),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 1),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1),
-    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 1),
-    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
-)
-# How long ktrace's silent end waits for the program's kernel to give up (~2 s) before it is
+# The program's socket's TCP_USER_TIMEOUT once the agent's timed out: how long its kernel probes
+# the closed window before it gives up (ETIMEDOUT).
+GIVE_UP_MS: Final = 1000
+# How long ktrace's silent end waits for the program's kernel to give up (~1.5 s) before it is
 # closed with a reset (which a program socket still alive then sees: ECONNRESET).
 TIMEOUT_GRACE: Final = 5.0
-
-_SO_ATTACH_FILTER: Final = 26  # asm-generic/socket.h (x86_64 and aarch64 alike)
-# One classic BPF instruction, BPF_RET|BPF_K 0: keep 0 bytes of every packet. TCP runs a socket's
-# filter on every segment it receives (tcp_filter() in tcp_v4_rcv/tcp_v6_rcv) and drops the
-# segment, unanswered, when it keeps nothing: the socket hears nothing more from its peer.
-_DROP_ALL = ctypes.create_string_buffer(struct.pack("=HBBI", 0x06, 0, 0, 0), 8)
-_DROP_ALL_PROG = struct.pack("@HP", 1, ctypes.addressof(_DROP_ALL))  # struct sock_fprog
+# Queued on the program's socket until its send queue holds bytes its peer's window has no room
+# for; bounded (ktrace's end offers at most its largest receive window, a few MiB by default).
+_FILL: Final = bytes(65536)
+_FILL_LIMIT: Final = 64 << 20
+# After a send found the queue full: this long without room means the window is closed (on
+# loopback the peer's ACKs free room within microseconds while it has window left).
+_STUCK_MS: Final = 5
+_SIOCOUTQNSD: Final = 0x894B  # linux/sockios.h: bytes in the send queue not yet sent
 
 
 @dataclass(eq=False, slots=True)
@@ -126,13 +124,13 @@ def read_options(tid: int, fd: int, family: int, inode: int, thread_group: Calla
 
 def time_out(end: socket.socket, tid: int, fd: int, inode: int, thread_group: Callable[[int], int]) -> bool:
     """Make the program's socket (``fd`` of thread ``tid``, if still socket ``inode``), connected to
-    ``end`` on loopback, time out as the agent's did: ``end`` goes silent, the program's socket
-    gets ``GIVE_UP``. False (nothing done that matters: ``end`` is to be reset as before) when
-    either cannot be changed; ``end`` must then stay open until the program's kernel gave up."""
+    ``end`` on loopback, time out as the agent's did (module docstring). False (nothing done that
+    matters: ``end`` is to be reset as before) when it cannot be; else ``end`` must stay open, and
+    unread, until the program's kernel gave up."""
     try:
-        end.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, _DROP_ALL_PROG)
+        end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # the kernel's minimum
     except OSError as exc:
-        log.debug("cannot silence ktrace's end of a timed-out connection: %s", exc)
+        log.debug("cannot close the window of ktrace's end of a timed-out connection: %s", exc)
         return False
     try:
         dup = linux.duplicate_fd(tid, fd, thread_group)
@@ -143,8 +141,8 @@ def time_out(end: socket.socket, tid: int, fd: int, inode: int, thread_group: Ca
             return False
         sock = socket.socket(end.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=dup)
         try:
-            for level, name, value in GIVE_UP:
-                sock.setsockopt(level, name, value)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, GIVE_UP_MS)
+            return _fill_until_stuck(sock)
         finally:
             sock.detach()
     except OSError as exc:
@@ -152,7 +150,25 @@ def time_out(end: socket.socket, tid: int, fd: int, inode: int, thread_group: Ca
         return False
     finally:
         os.close(dup)  # at once: a kept duplicate would keep the connection from ending
-    return True
+
+
+def _fill_until_stuck(sock: socket.socket) -> bool:
+    """Queue bytes on ``sock`` until some stay unsent because its peer's window is closed: True
+    then (its kernel probes the window and its user timeout runs). MSG_DONTWAIT per call: the
+    duplicate shares the program's file, whose O_NONBLOCK is the program's own."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    sent = 0
+    while sent < _FILL_LIMIT:
+        try:
+            sent += sock.send(_FILL, socket.MSG_DONTWAIT)
+            continue
+        except BlockingIOError:
+            pass
+        if not poller.poll(_STUCK_MS):
+            break
+    unsent = struct.unpack("i", fcntl.ioctl(sock.fileno(), _SIOCOUTQNSD, struct.pack("i", 0)))[0]
+    return bool(unsent > 0)
 
 
 def _reset_and_close(sock: socket.socket) -> None:
