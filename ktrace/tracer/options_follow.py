@@ -45,7 +45,7 @@ import os
 import select
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -100,26 +100,46 @@ class _Followed:
         self.follower._timed_out(self, end)
 
 
-def read_options(tid: int, fd: int, family: int, inode: int, thread_group: Callable[[int], int]) -> TcpOptions | None:
-    """The options of the socket that thread ``tid``'s descriptor ``fd`` holds, if it still is
-    socket ``inode``; None when it is not (closed, reused) or cannot be looked at."""
+@contextlib.contextmanager
+def _program_socket(
+    tid: int, fd: int, family: int, inode: int, thread_group: Callable[[int], int]
+) -> Iterator[socket.socket | None]:
+    """A new duplicate of the socket thread ``tid``'s descriptor ``fd`` holds, if it still is socket
+    ``inode`` (None when it is not: closed, reused, or out of reach), closed as the block ends: a
+    kept duplicate would keep the program's close() from ending the connection."""
     try:
         dup = linux.duplicate_fd(tid, fd, thread_group)
     except (OSError, TraceeGone):
-        return None
+        yield None
+        return
     try:
-        if os.fstat(dup).st_ino != inode:
-            return None
+        try:
+            same = os.fstat(dup).st_ino == inode
+        except OSError:
+            same = False
+        if not same:
+            yield None
+            return
         # Family, type and protocol given: CPython asks the kernel nothing more of the descriptor.
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=dup)
         try:
-            return tcp_options.from_readings([sock.getsockopt(level, name) for level, name in tcp_options.READ])
+            yield sock
         finally:
             sock.detach()  # closed below, exactly once
-    except OSError:
-        return None
     finally:
         os.close(dup)
+
+
+def read_options(tid: int, fd: int, family: int, inode: int, thread_group: Callable[[int], int]) -> TcpOptions | None:
+    """The options of the socket that thread ``tid``'s descriptor ``fd`` holds, if it still is
+    socket ``inode``; None when it is not (closed, reused) or cannot be looked at."""
+    with _program_socket(tid, fd, family, inode, thread_group) as sock:
+        if sock is None:
+            return None
+        try:
+            return tcp_options.from_readings([sock.getsockopt(level, name) for level, name in tcp_options.READ])
+        except OSError:
+            return None
 
 
 def time_out(end: socket.socket, tid: int, fd: int, inode: int, thread_group: Callable[[int], int]) -> bool:
@@ -132,24 +152,15 @@ def time_out(end: socket.socket, tid: int, fd: int, inode: int, thread_group: Ca
     except OSError as exc:
         log.debug("cannot close the window of ktrace's end of a timed-out connection: %s", exc)
         return False
-    try:
-        dup = linux.duplicate_fd(tid, fd, thread_group)
-    except (OSError, TraceeGone):
-        return False
-    try:
-        if os.fstat(dup).st_ino != inode:
+    with _program_socket(tid, fd, end.family, inode, thread_group) as sock:
+        if sock is None:
             return False
-        sock = socket.socket(end.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fileno=dup)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, GIVE_UP_MS)
             return _fill_until_stuck(sock)
-        finally:
-            sock.detach()
-    except OSError as exc:
-        log.debug("cannot time the program's socket %d out: %s", inode, exc)
-        return False
-    finally:
-        os.close(dup)  # at once: a kept duplicate would keep the connection from ending
+        except OSError as exc:
+            log.debug("cannot time the program's socket %d out: %s", inode, exc)
+            return False
 
 
 def _fill_until_stuck(sock: socket.socket) -> bool:
