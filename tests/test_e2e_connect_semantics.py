@@ -10,6 +10,7 @@ ktrace, and the two outputs are compared; timings are never asserted, only their
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -185,7 +186,17 @@ def test_a_non_blocking_connect_reports_its_outcome_as_in_the_pod(
         for extra in (f"'{prefix}POLLIN', ", f", '{prefix}POLLRDHUP'"):
             assert extra in pod, in_pod
             pod = pod.replace(extra, "")
-    assert traced.stdout == pod, (traced, in_pod)
+    traced_out = traced.stdout
+    if where != "hello" and mode == "epoll-et":
+        # A failed connect wakes its waiters twice in the kernel (tcp_write_err: the error report,
+        # then tcp_done's state change), so edge-triggered epoll reports it once or twice, as the
+        # first epoll_wait ran after both wake-ups or between them: either is what a pod shows.
+        once_or_twice = re.compile(r"^again-edge (\[\]|\[\(\d+, \d+\)\])$", re.MULTILINE)
+        assert once_or_twice.search(pod), in_pod
+        assert once_or_twice.search(traced_out), traced
+        pod = once_or_twice.sub("again-edge <once or twice>", pod)
+        traced_out = once_or_twice.sub("again-edge <once or twice>", traced_out)
+    assert traced_out == pod, (traced, in_pod)
     assert traced.stdout.startswith("connect EINPROGRESS\n"), traced
     outcome = {"hello": "OK", "refused": "ECONNREFUSED", "blackhole": "ETIMEDOUT"}[where]
     assert f"so_error {outcome}\n" in traced.stdout, traced
