@@ -35,9 +35,9 @@ from google.protobuf.message import DecodeError
 
 from . import remote_options
 from .dial import finish_dial, start_dial
-from .socket_relay import relay_sockets, reset_at_close
+from .socket_relay import relay_sockets
 from .wire import codec, rpc
-from .wire.connecting import TCP_SYN_SENT, meet_parked, until_not_closed
+from .wire.connecting import TCP_SYN_SENT, meet_parked, reset_at_close, until_not_closed
 from .wire.outbox import RecordOutbox
 from .wire.values import Endpoint
 

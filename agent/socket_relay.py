@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import struct
 from dataclasses import dataclass
 
+from .wire.connecting import reset_at_close
 from .wire.errnos import errno_name
 from .wire.pumps import run_both
 
@@ -34,11 +34,6 @@ class _Ended(Exception):
         super().__init__(outcome)
         self.outcome = outcome
         self.reset = reset  # the socket whose peer must see a reset
-
-
-def reset_at_close(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 async def relay_sockets(program: socket.socket, remote: socket.socket) -> Relayed:

@@ -28,7 +28,6 @@ import contextlib
 import errno
 import logging
 import socket
-import struct
 from typing import Any
 
 import grpc
@@ -39,6 +38,7 @@ from .handover import HandoverDesk, HandoverRefused
 from .socket_relay import Relayed, relay_sockets
 from .wire import DATA_CHUNK, codec, rpc
 from .wire.budget import SendBudget
+from .wire.connecting import reset_at_close
 from .wire.errnos import describe
 from .wire.pumps import run_both
 from .wire.read_gate import ReadGate
@@ -55,12 +55,6 @@ HANDOVER_WAIT = 60.0
 
 class _Protocol(Exception):
     """The client broke the frame order; ends this stream with INVALID_ARGUMENT."""
-
-
-def reset_socket(sock: socket.socket) -> None:
-    """Close with RST instead of FIN (SO_LINGER on, timeout 0)."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 class TcpRelay:
@@ -290,7 +284,7 @@ class TcpRelay:
     def _abort_remote(self) -> None:
         # RST at close; the socket is closed in run() once both loops have let go of it.
         if self._sock is not None:
-            reset_socket(self._sock)
+            reset_at_close(self._sock)
 
 
 class _Reset(Exception):

@@ -9,11 +9,13 @@ of the program's connect(); a poll() with no timeout costs ~2 µs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import os
 import select
 import socket
+import struct
 from collections.abc import Callable
 
 
@@ -36,6 +38,13 @@ def relay_leg(family: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def reset_at_close(sock: socket.socket) -> None:
+    """Make ``sock``'s close send RST rather than FIN (SO_LINGER on, timeout 0): how a relay passes
+    a reset on, in either process."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def connect_now(sock: socket.socket, address: tuple[str, int] | tuple[str, int, int, int]) -> int:

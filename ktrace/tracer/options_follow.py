@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ktrace_agent.wire import tcp_options
+from ktrace_agent.wire.connecting import reset_at_close
 from ktrace_agent.wire.values import TcpOptions
 
 from ktrace.tracer import linux
@@ -182,12 +183,6 @@ def _fill_until_stuck(sock: socket.socket) -> bool:
     return bool(unsent > 0)
 
 
-def _reset_and_close(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
-
-
 def kernel_defaults() -> TcpOptions:
     """The options of a fresh TCP socket: this network namespace's defaults, the program's too."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -298,11 +293,13 @@ class OptionsFollower:
         """The agent's connection timed out: ``end`` (ktrace's end of the program's connection) is
         ours; the program's socket is timed out too, else reset as before."""
         if not time_out(end, followed.tid, followed.fd, followed.inode, self._threads.of):
-            _reset_and_close(end)
+            reset_at_close(end)
+            end.close()
             return
         log.debug("connection of socket %d timed out: so does the program's", followed.inode)
         self._silent[end] = asyncio.get_running_loop().call_later(TIMEOUT_GRACE, self._close_silent, end)
 
     def _close_silent(self, end: socket.socket) -> None:
         self._silent.pop(end, None)
-        _reset_and_close(end)
+        reset_at_close(end)
+        end.close()

@@ -29,10 +29,11 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 from ktrace_agent.wire import codec, rpc
+from ktrace_agent.wire.connecting import reset_at_close
 from ktrace_agent.wire.outbox import RecordOutbox
 
 from .handover import dial_desk
-from .tcp_stream import OPEN_MARGIN, TimedOut, give_timed_out, reset_socket
+from .tcp_stream import OPEN_MARGIN, TimedOut, give_timed_out
 from .types import Connection, Endpoint, TcpOptions, TcpStats, TunnelError, TunnelLost
 
 log = logging.getLogger("ktrace.tunnel")
@@ -384,12 +385,12 @@ class DeskConnection:
         except asyncio.CancelledError:
             stats.outcome = "aborted"
             self._line.abort(self._id)
-            reset_socket(sock)
+            reset_at_close(sock)
             sock.close()
             raise
         if outcome:
             stats.outcome = outcome
-            reset_socket(sock)  # the agent set it on the shared socket already when it reset
+            reset_at_close(sock)  # the agent set it on the shared socket already when it reset
         if not give_timed_out(self._on_timed_out, sock, stats.outcome):
             sock.close()
         return stats

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -30,6 +29,7 @@ import grpc
 import grpc.aio
 from ktrace_agent.wire import DATA_CHUNK, codec, rpc
 from ktrace_agent.wire.budget import SendBudget
+from ktrace_agent.wire.connecting import reset_at_close
 from ktrace_agent.wire.pumps import run_both
 from ktrace_agent.wire.read_gate import ReadGate
 
@@ -83,12 +83,6 @@ def give_timed_out(handler: TimedOut | None, sock: socket.socket, outcome: str) 
         log.exception("timing the program's connection out failed; it is reset")
         return False
     return True
-
-
-def reset_socket(sock: socket.socket) -> None:
-    """Make the socket's close send RST rather than FIN (SO_LINGER on, timeout 0)."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 class TcpStream:
@@ -263,14 +257,14 @@ class TcpStream:
             stats.outcome = reset.outcome
             self._options = False
             self._call.cancel()
-            reset_socket(sock)
+            reset_at_close(sock)
         except grpc.aio.AioRpcError as exc:
             stats.outcome = f"error: {exc.code().name}: {exc.details()}"
-            reset_socket(sock)
+            reset_at_close(sock)
         except asyncio.CancelledError:
             stats.outcome = "aborted"
             self._call.cancel()
-            reset_socket(sock)
+            reset_at_close(sock)
             raise
         finally:
             self._options = False
@@ -313,7 +307,7 @@ class TcpStream:
         stats.bytes_up, stats.bytes_down = frame.relayed.bytes_up, frame.relayed.bytes_down
         if frame.relayed.outcome:
             stats.outcome = frame.relayed.outcome
-            reset_socket(sock)  # the agent set it on the shared socket already; our close sends it
+            reset_at_close(sock)  # the agent set it on the shared socket already; our close sends it
         else:
             self._give_back()
 
