@@ -18,7 +18,7 @@ from ktrace_agent.wire import codec, rpc, tcp_options
 from ktrace_agent.wire.tcp_options import NOTHING
 from ktrace_agent.wire.values import TcpOptions
 
-from ktrace.tracer.options_follow import OptionsFollower, kernel_defaults, read_options, time_out
+from ktrace.tracer.options_follow import OptionsFollower, kernel_defaults, options_of, read_options, time_out
 from ktrace.tracer.threads import ThreadGroups
 from ktrace.tunnel.tcp_stream import TIMED_OUT, give_timed_out
 
@@ -88,22 +88,18 @@ def test_codec_round_trip_and_bounds() -> None:
     assert codec.encode_tcp_options(TcpOptions(idle_s=1 << 40)).keepalive_idle_s == 0xFFFFFFFF
 
 
-def _options_of(sock: socket.socket) -> TcpOptions:
-    return tcp_options.from_readings([sock.getsockopt(level, name) for level, name in tcp_options.READ])
-
-
 def test_the_agent_applies_them_and_skips_what_the_kernel_refuses() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        defaults = _options_of(sock)
+        defaults = options_of(sock)
         remote_options.apply(sock, TcpOptions(True, 1, 2, 3, 4000))
-        assert _options_of(sock) == TcpOptions(True, 1, 2, 3, 4000)
+        assert options_of(sock) == TcpOptions(True, 1, 2, 3, 4000)
         # TCP_KEEPCNT above 127 is refused (EINVAL): the others still apply.
         remote_options.apply(sock, TcpOptions(True, 5, 0, 1000, 0))
-        assert _options_of(sock) == TcpOptions(True, 5, 2, 3, 0)
+        assert options_of(sock) == TcpOptions(True, 5, 2, 3, 0)
         remote_options.apply(sock, NOTHING)
-        assert _options_of(sock).keepalive is False
+        assert options_of(sock).keepalive is False
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as fresh:
-        assert kernel_defaults() == _options_of(fresh) == defaults
+        assert kernel_defaults() == options_of(fresh) == defaults
     closed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     closed.close()
     remote_options.apply(closed, TcpOptions(True, 1, 1, 1, 1))  # EBADF: logged, not raised

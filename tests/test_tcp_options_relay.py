@@ -23,7 +23,7 @@ import grpc
 import pytest
 from agent_helpers import TOKEN, agent, run, spliced
 from handler_helpers import until
-from ktrace_agent.wire import codec, rpc, tcp_options
+from ktrace_agent.wire import codec, rpc
 from ktrace_agent.wire.values import TcpOptions
 
 from ktrace.tracer import options_follow
@@ -56,7 +56,7 @@ def agent_socket_options(local: tuple[Any, ...], peer: tuple[Any, ...]) -> TcpOp
                     continue
             except OSError:
                 continue
-            return tcp_options.from_readings([sock.getsockopt(level, opt) for level, opt in tcp_options.READ])
+            return options_follow.options_of(sock)
     return None
 
 
@@ -137,7 +137,7 @@ def test_the_agents_socket_gets_the_options(tmp_path: pathlib.Path, way: str) ->
                 p_writer.write(b"hi")
                 assert await p_reader.readexactly(2) == b"HI"
                 peer = target.peers[round_]
-                assert agent_socket_options(peer, target.address) == _defaults()  # nothing set yet
+                assert agent_socket_options(peer, target.address) == options_follow.kernel_defaults()  # nothing set yet
                 stream.set_options(WANTED)
                 await until(functools.partial(has_options, peer, target.address, WANTED), "the agent socket's options")
                 p_writer.write(b"still")  # the connection goes on as before
@@ -151,11 +151,6 @@ def test_the_agents_socket_gets_the_options(tmp_path: pathlib.Path, way: str) ->
     run(scenario())
 
 
-def _defaults() -> TcpOptions:
-    with socket.socket() as sock:
-        return tcp_options.from_readings([sock.getsockopt(level, opt) for level, opt in tcp_options.READ])
-
-
 def test_an_agent_that_does_not_offer_it_is_sent_nothing(tmp_path: pathlib.Path, way: str) -> None:
     async def scenario() -> None:
         async with Target() as target, connected(tmp_path, way, tcp_options=False) as client:
@@ -165,7 +160,7 @@ def test_an_agent_that_does_not_offer_it_is_sent_nothing(tmp_path: pathlib.Path,
             stream.set_options(WANTED)
             p_writer.write(b"hi")
             assert await p_reader.readexactly(2) == b"HI"
-            assert agent_socket_options(target.peers[0], target.address) == _defaults()
+            assert agent_socket_options(target.peers[0], target.address) == options_follow.kernel_defaults()
             p_writer.write_eof()
             assert await p_reader.read() == b""
             assert await splice == TcpStats(bytes_up=2, bytes_down=2, outcome="closed")

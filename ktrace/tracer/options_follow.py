@@ -138,7 +138,7 @@ def read_options(tid: int, fd: int, family: int, inode: int, thread_group: Calla
         if sock is None:
             return None
         try:
-            return tcp_options.from_readings([sock.getsockopt(level, name) for level, name in tcp_options.READ])
+            return options_of(sock)
         except OSError:
             return None
 
@@ -186,7 +186,12 @@ def _fill_until_stuck(sock: socket.socket) -> bool:
 def kernel_defaults() -> TcpOptions:
     """The options of a fresh TCP socket: this network namespace's defaults, the program's too."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        return tcp_options.from_readings([sock.getsockopt(level, name) for level, name in tcp_options.READ])
+        return options_of(sock)
+
+
+def options_of(sock: socket.socket) -> TcpOptions:
+    """``sock``'s options that travel to the agent (``tcp_options.READ``), as getsockopt answers them."""
+    return tcp_options.from_readings([sock.getsockopt(level, name) for level, name in tcp_options.READ])
 
 
 class OptionsFollower:
