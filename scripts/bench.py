@@ -16,15 +16,13 @@ import argparse
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
-from types import FrameType
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from bench_env import BenchEnv, BenchError, agent_of, load_text, machine_info
+from bench_env import BenchEnv, BenchError, agent_of, load_text, machine_info, unwind_on_termination
 from bench_figures import FIGURES, FULL, QUICK
 from bench_report import FIGURE_IDS, Figure, markdown, report_json
 from fixture_programs import Programs
@@ -46,12 +44,6 @@ def _parser() -> argparse.ArgumentParser:
         help="interception backends to measure, each figure once per backend in turn (default: ptrace,notify)",
     )
     return p
-
-
-def _unwind(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM or SIGHUP: unwind as Ctrl-C does, so the namespace cluster, its servers and the peers
-    are torn down (Python's default for these signals exits without running any ``finally``)."""
-    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         programs[name]  # build (or find in the cache) before anything is timed
     figures: list[Figure] = []
     started = time.monotonic()
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _unwind)
+    unwind_on_termination()  # the namespace cluster, its servers and the peers are torn down
     try:
         with BenchEnv.up(programs, ktrace) as env:
             for fid, backend in ((fid, backend) for fid in ids for backend in backends):

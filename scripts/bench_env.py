@@ -20,11 +20,13 @@ import os
 import pathlib
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
@@ -32,6 +34,19 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests")
 from e2e_helpers import read_line
 from fixture_programs import Programs
 from nscluster import AGENT_POD_IP, NamespaceCluster, ip
+
+
+def unwind_on_termination() -> None:
+    """From now on SIGTERM and SIGHUP unwind as Ctrl-C does, so a benchmark stopped by a job's or a
+    terminal's end still tears down what it started (its ``finally`` blocks run); Python's default
+    for these signals exits without running any."""
+
+    def unwind(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, unwind)
+
 
 BENCH_ADDR = "10.96.1.13"
 BENCH_PORT = 9100
